@@ -1,0 +1,41 @@
+"""Configuration defaults. Every key can be set from the environment as
+``AGENT_SESSIONS_<KEY>`` (values are parsed as JSON when they parse, as with
+Flask's ``from_prefixed_env``), or by the mapping given to ``create_app``.
+"""
+
+from __future__ import annotations
+
+
+class Config:
+    # Storage: None means a SQLite file in the instance folder.
+    STORAGE_URL: str | None = None
+    SQLITE_BUSY_TIMEOUT_MS = 5000
+    # NORMAL survives a killed process; only FULL also survives power loss.
+    SQLITE_SYNCHRONOUS = "NORMAL"
+
+    # Requests
+    MAX_CONTENT_LENGTH = 64 * 1024
+    METADATA_MAX_KEYS = 64
+    METADATA_MAX_KEY_LENGTH = 128
+    METADATA_MAX_DEPTH = 8
+    METADATA_MAX_BYTES = 16 * 1024
+    FILTER_MAX_LENGTH = 256
+    # Number of trusted reverse proxies in front of the service (for client addresses).
+    PROXY_COUNT = 0
+
+    # Rate limits (Flask-Limiter reads the RATELIMIT_* keys itself).
+    RATELIMIT_STORAGE_URI = "memory://"
+    RATELIMIT_STRATEGY = "fixed-window"
+    RATELIMIT_KEY_PREFIX = "agent-sessions"
+    SESSION_CREATE_LIMIT = "120/minute"
+    AUTH_FAILURE_LIMIT = "20/minute"
+    # What to do when the rate-limit storage is unreachable: "open" serves the
+    # request and logs a warning, "closed" answers 503.
+    RATELIMIT_FAILURE_POLICY = "open"
+
+    DEBUG = False
+    TESTING = False
+
+
+class TestingConfig(Config):
+    TESTING = True

@@ -1,0 +1,21 @@
+"""gunicorn defaults for ``gunicorn wsgi:app``; each can be overridden on the command line."""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("AGENT_SESSIONS_BIND", "127.0.0.1:8000")
+workers = int(
+    os.environ.get("WEB_CONCURRENCY")
+    or os.environ.get("AGENT_SESSIONS_WORKERS")
+    or min(4, multiprocessing.cpu_count() * 2)
+)
+threads = int(os.environ.get("AGENT_SESSIONS_THREADS", "1"))
+timeout = int(os.environ.get("AGENT_SESSIONS_TIMEOUT", "30"))
+graceful_timeout = 10
+keepalive = 5
+# Bound request lines and headers (huge headers get a 4xx from gunicorn itself).
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+accesslog = "-"
+errorlog = "-"

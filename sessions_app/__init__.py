@@ -1,0 +1,90 @@
+"""Agent Sessions: conversational sessions between users and AI agents, over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+import config as default_config
+from storage_backends import Storage, StorageConfigError, storage_from_url
+
+from . import errors
+from .limits import RateLimits
+
+log = logging.getLogger("agent_sessions")
+
+ENV_PREFIX = "AGENT_SESSIONS"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be served; the message is one line for the operator."""
+
+
+@dataclasses.dataclass
+class AgentSessions:
+    """Per-app state, kept in ``app.extensions["agent_sessions"]``."""
+
+    storage: Storage
+    limits: RateLimits
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the standalone service.
+
+    Configuration comes from ``config.Config``, then the environment
+    (``AGENT_SESSIONS_*``), then ``config``. Nothing connects to storage here:
+    connections open lazily in each worker, so the app is safe to fork.
+    Raises :class:`ConfigError` for a configuration that cannot work.
+    """
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_object(default_config.Config)
+    app.config.from_prefixed_env(ENV_PREFIX)
+    if config:
+        app.config.update(config)
+    app.json.sort_keys = False  # keep the schemas' field order
+    app.json.ensure_ascii = False
+    errors.register(app)
+    app.after_request(_common_headers)
+    init_app(app)
+    return app
+
+
+def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
+    """Add the service to ``app``: storage, limits, the /v2 blueprint, health routes, CLI.
+
+    A host application calls this with its own configuration; missing keys
+    take the defaults of ``config.Config``.
+    """
+    from .api import bp
+    from .cli import register_commands
+    from .ops import ops
+
+    for key in dir(default_config.Config):
+        if key.isupper():
+            app.config.setdefault(key, getattr(default_config.Config, key))
+    url = app.config["STORAGE_URL"] or default_storage_url(app)
+    try:
+        storage = storage_from_url(url, app.config)
+        limits = RateLimits(app)
+    except (StorageConfigError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    app.extensions["agent_sessions"] = AgentSessions(storage=storage, limits=limits)
+    app.register_blueprint(bp, url_prefix=url_prefix)
+    app.register_blueprint(ops)
+    register_commands(app)
+
+
+def default_storage_url(app: Flask) -> str:
+    return "sqlite:///" + os.path.join(app.instance_path, "sessions.db")
+
+
+def _common_headers(response: Any) -> Any:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if "X-Request-ID" not in response.headers:
+        response.headers["X-Request-ID"] = errors.request_id()
+    return response

@@ -1,0 +1,126 @@
+"""API keys: minting, hashing, authentication hook and permission checks."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from flask import current_app, g, request
+
+from storage_backends import ApiKey, ApiKeyNotFound, Grant, Storage
+from storage_backends.base import utcnow
+
+from .errors import ApiError
+
+KEY_ID_PREFIX = "ak_"
+_DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mint_key() -> tuple[str, str, str]:
+    """A new key as (key id, full token shown once, hash of its secret)."""
+    key_id = KEY_ID_PREFIX + secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return key_id, f"{key_id}.{secret}", hash_secret(secret)
+
+
+def resolve(storage: Storage, token: str) -> ApiKey | None:
+    """The active key behind ``token``, or None. One lookup by id, then a constant-time compare."""
+    key_id, _, secret = token.partition(".")
+    if not key_id.startswith(KEY_ID_PREFIX) or not secret or len(token) > 200:
+        return None
+    try:
+        key = storage.get_api_key(key_id=key_id)
+    except ApiKeyNotFound:
+        hmac.compare_digest(hash_secret(secret), _DUMMY_HASH)
+        return None
+    if not hmac.compare_digest(hash_secret(secret), key.secret_hash):
+        return None
+    return key if key.active(utcnow()) else None
+
+
+def presented_token() -> str:
+    """The key from ``x-api-key`` or ``Authorization: Bearer``; never from the query string."""
+    token = request.headers.get("x-api-key")
+    if token is None:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            token = value.strip()
+    return token or ""
+
+
+def public(view: Callable) -> Callable:
+    """Mark a view as answering without an API key."""
+    view.public = True  # type: ignore[attr-defined]
+    return view
+
+
+def authenticate() -> None:
+    """Blueprint before-request hook: every non-public view needs a valid key (else 401)."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    if view is None or getattr(view, "public", False):
+        return
+    state = current_app.extensions["agent_sessions"]
+    key = resolve(state.storage, presented_token())
+    if key is None:
+        state.limits.count_auth_failure()
+        raise ApiError(401, "unauthorized", "Missing or invalid API key.")
+    g.api_key = key
+
+
+def require(scope: str) -> Callable:
+    """The key must hold ``scope`` on the agent in the URL (else 403, whether it exists or not)."""
+
+    def decorator(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapper(agent_key: str, **kwargs: Any) -> Any:
+            if not g.api_key.allows(agent_key, scope):
+                raise ApiError(403, "forbidden", f"This key lacks {scope} on this agent.")
+            return view(agent_key, **kwargs)
+
+        wrapper.scope = scope  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorator
+
+
+def require_admin(view: Callable) -> Callable:
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        if not g.api_key.admin:
+            raise ApiError(403, "forbidden", "This operation needs an admin key.")
+        return view(**kwargs)
+
+    wrapper.scope = "admin"  # type: ignore[attr-defined]
+    return wrapper
+
+
+def new_api_key(
+    *,
+    name: str,
+    grants: list[Grant],
+    admin: bool = False,
+    create_limit: str | None = None,
+    expires_at: Any = None,
+) -> tuple[ApiKey, str]:
+    """Store a new key; return it with its token (the only time the token exists)."""
+    key_id, token, secret_hash = mint_key()
+    key = ApiKey(
+        id=key_id,
+        name=name,
+        secret_hash=secret_hash,
+        grants=grants,
+        admin=admin,
+        create_limit=create_limit,
+        created_at=utcnow(),
+        expires_at=expires_at,
+    )
+    storage = current_app.extensions["agent_sessions"].storage
+    return storage.create_api_key(api_key=key), token

@@ -1,0 +1,186 @@
+"""The ``agent-sessions`` operator CLI: a Flask CLI group over the same factory and storage."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, FlaskGroup
+
+from storage_backends import Agent, Grant, StorageError
+from storage_backends.base import utcnow
+
+from .auth import new_api_key
+from .limits import parse_limit
+from .schemas import SCOPES, is_key
+
+agents = AppGroup("agents", help="Manage agents.")
+keys = AppGroup("keys", help="Manage API keys.")
+sessions = AppGroup("sessions", help="Maintain sessions.")
+
+
+def one_line_errors(command: Callable) -> Callable:
+    """Storage and input errors end the command with one line and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StorageError as err:
+            raise click.ClickException(describe(err)) from None
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def describe(err: StorageError) -> str:
+    kind = type(err).__name__
+    messages = {
+        "Conflict": f"{err} already exists",
+        "AgentNotFound": f"agent {err} not found",
+        "ApiKeyNotFound": f"API key {err} not found",
+        "Unavailable": f"storage unavailable: {err}",
+    }
+    return messages.get(kind, f"{kind}: {err}")
+
+
+def storage() -> Any:
+    return current_app.extensions["agent_sessions"].storage
+
+
+def iterate(list_page: Callable[..., Any]) -> Any:
+    after = None
+    while True:
+        page = list_page(limit=100, after=after)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        after = page.next_cursor
+
+
+@agents.command("create")
+@click.argument("agent_key")
+@click.option("--name", required=True, help="Human-readable name.")
+@click.option("--description", default=None)
+@one_line_errors
+def create_agent(agent_key: str, name: str, description: str | None) -> None:
+    """Create an agent."""
+    if not is_key(agent_key):
+        raise ValueError("AGENT_KEY must be 1 to 64 letters, digits, '_' or '-'")
+    now = utcnow()
+    agent = Agent(key=agent_key, name=name, description=description, created_at=now, updated_at=now)
+    storage().create_agent(agent=agent)
+    click.echo(f"created agent {agent_key}")
+
+
+@agents.command("list")
+@one_line_errors
+def list_agents() -> None:
+    """List agents: key, name, state."""
+    for agent in iterate(storage().list_agents):
+        state = "enabled" if agent.enabled else "disabled"
+        click.echo(f"{agent.key}\t{agent.name}\t{state}")
+
+
+def parse_grant(value: str) -> Grant:
+    agent, sep, scopes = value.partition("=")
+    scope_list = tuple(s.strip() for s in scopes.split(",") if s.strip())
+    if not sep or not scope_list or (agent != "*" and not is_key(agent)):
+        raise ValueError(f"--grant {value!r}: expected AGENT=SCOPE[,SCOPE...]")
+    unknown = [s for s in scope_list if s not in SCOPES]
+    if unknown:
+        raise ValueError(
+            f"--grant {value!r}: unknown scope {unknown[0]!r}; use {', '.join(SCOPES)}"
+        )
+    return Grant(agent, scope_list)
+
+
+def format_grants(key: Any) -> str:
+    grants = [f"{g.agent}={','.join(g.scopes)}" for g in key.grants]
+    if key.admin:
+        grants.insert(0, "admin")
+    return " ".join(grants) or "-"
+
+
+@keys.command("create")
+@click.option("--name", required=True)
+@click.option("--grant", "grants", multiple=True, metavar="AGENT=SCOPE[,SCOPE...]")
+@click.option("--admin", is_flag=True, help="May also manage agents and API keys.")
+@click.option("--create-limit", default=None, help="Own session-creation limit, e.g. 30/minute.")
+@one_line_errors
+def create_key(name: str, grants: tuple[str, ...], admin: bool, create_limit: str | None) -> None:
+    """Create an API key; its secret is printed once, alone on the last line."""
+    if create_limit is not None:
+        parse_limit(create_limit)
+    key, token = new_api_key(
+        name=name,
+        grants=[parse_grant(g) for g in grants],
+        admin=admin,
+        create_limit=create_limit,
+    )
+    click.echo(f"created API key {key.id} ({format_grants(key)}); the secret is shown only now:")
+    click.echo(token)
+
+
+@keys.command("list")
+@one_line_errors
+def list_keys() -> None:
+    """List keys: id, name, grants, state (never the secret)."""
+    now = utcnow()
+    for key in iterate(storage().list_api_keys):
+        if key.revoked_at is not None:
+            state = "revoked"
+        else:
+            state = "active" if key.active(now) else "expired"
+        click.echo(f"{key.id}\t{key.name}\t{format_grants(key)}\t{state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@one_line_errors
+def revoke_key(key_id: str) -> None:
+    """Revoke a key; refused from the next request on, by every worker."""
+    storage().revoke_api_key(key_id=key_id, now=utcnow())
+    click.echo(f"revoked API key {key_id}")
+
+
+@sessions.command("purge-expired")
+@one_line_errors
+def purge_expired() -> None:
+    """Remove sessions idle past their TTI (suitable for cron)."""
+    removed = storage().purge_expired_sessions(now=utcnow())
+    click.echo(f"removed {removed} expired sessions")
+
+
+def register_commands(app: Flask) -> None:
+    for group in (agents, keys, sessions):
+        app.cli.add_command(group)
+
+
+def _create_app() -> Flask:
+    from . import create_app
+
+    return create_app()
+
+
+cli = FlaskGroup(
+    create_app=_create_app,
+    add_version_option=False,
+    load_dotenv=False,
+    help="Operate the Agent Sessions service (same configuration as the server).",
+)
+
+
+def main() -> None:
+    from . import ConfigError
+
+    try:
+        cli.main(prog_name="agent-sessions")
+    except ConfigError as err:
+        click.echo(f"Error: configuration: {err}", err=True)
+        sys.exit(2)

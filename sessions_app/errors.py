@@ -1,0 +1,188 @@
+"""One JSON error shape for the whole application, and the handlers that build it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, g, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from storage_backends import (
+    AgentNotFound,
+    ApiKeyNotFound,
+    Conflict,
+    NotFound,
+    SessionNotFound,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+
+# Werkzeug's HTTP errors that reach the handler, by status.
+HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
+    503: "unavailable",
+}
+
+HTTP_MESSAGES = {
+    404: "The requested URL was not found.",
+    405: "The method is not allowed for the requested URL.",
+    413: "The request body is too large.",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client as it is."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        *,
+        field_errors: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.messages = [message] if isinstance(message, str) else list(message)
+        self.field_errors = field_errors
+        self.headers = headers or {}
+
+
+def request_id() -> str:
+    """This request's id: the client's X-Request-ID when sane, else a new one."""
+    rid = g.get("request_id")
+    if rid is None:
+        sent = request.headers.get("X-Request-ID", "")
+        rid = sent if _SANE_REQUEST_ID.match(sent) else uuid.uuid4().hex
+        g.request_id = rid
+    return rid
+
+
+def error_response(
+    status: int,
+    error: str,
+    messages: list[str],
+    field_errors: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"error": error, "messages": messages}
+    if field_errors is not None:
+        body["field_errors"] = field_errors
+    body["request_id"] = request_id()
+    response = current_app.json.response(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
+    """Marshmallow's nested error dict as {"dotted.path": "first message"}."""
+    flat: dict[str, str] = {}
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            flat.update(flatten_messages(value, path))
+    elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
+        flat[prefix or "_schema"] = " ".join(messages)
+    elif isinstance(messages, list):
+        for index, value in enumerate(messages):
+            flat.update(flatten_messages(value, f"{prefix}.{index}" if prefix else str(index)))
+    else:
+        flat[prefix or "_schema"] = str(messages)
+    return flat
+
+
+def validation_error(err: ValidationError) -> ApiError:
+    field_errors = flatten_messages(err.messages)
+    only_metadata = all(path.split(".")[0] == "metadata" for path in field_errors)
+    code = "invalid_metadata" if only_metadata else "invalid_request"
+    messages = [
+        message if path == "_schema" else f"{path}: {message}"
+        for path, message in field_errors.items()
+    ]
+    return ApiError(400, code, messages, field_errors=field_errors)
+
+
+def handle_api_error(err: ApiError) -> Response:
+    return error_response(err.status, err.error, err.messages, err.field_errors, err.headers)
+
+
+def handle_validation_error(err: ValidationError) -> Response:
+    return handle_api_error(validation_error(err))
+
+
+def handle_not_found(err: NotFound) -> Response:
+    if isinstance(err, AgentNotFound):
+        return error_response(404, "agent_not_found", [f"Agent {err} not found."])
+    if isinstance(err, SessionNotFound):
+        return error_response(404, "session_not_found", [f"Session {err} not found."])
+    if isinstance(err, ApiKeyNotFound):
+        return error_response(404, "not_found", [f"API key {err} not found."])
+    return error_response(404, "not_found", ["Not found."])
+
+
+def handle_conflict(err: Conflict) -> Response:
+    return error_response(409, "conflict", [f"Key {err} already exists."])
+
+
+def handle_unavailable(err: Unavailable) -> Response:
+    log.warning("answering 503: %s", err)
+    return error_response(
+        503,
+        "unavailable",
+        ["The service is temporarily unavailable; retry later."],
+        headers={"Retry-After": str(err.retry_after)},
+    )
+
+
+def handle_http_exception(err: HTTPException) -> Response:
+    status = err.code or 500
+    if status >= 500:
+        return handle_unexpected(err)
+    code = HTTP_CODES.get(status, "invalid_request")
+    message = HTTP_MESSAGES.get(status) or err.description or err.name
+    headers = {}
+    if status == 405 and getattr(err, "valid_methods", None):
+        headers["Allow"] = ", ".join(sorted(err.valid_methods))
+    return error_response(status, code, [message], headers=headers)
+
+
+def handle_unexpected(err: Exception) -> Response:
+    log.exception("unhandled error (request_id=%s)", request_id())
+    return error_response(500, "internal_error", ["An internal error occurred."])
+
+
+HANDLERS = (
+    (ApiError, handle_api_error),
+    (ValidationError, handle_validation_error),
+    (NotFound, handle_not_found),
+    (Conflict, handle_conflict),
+    (Unavailable, handle_unavailable),
+    (HTTPException, handle_http_exception),
+    (Exception, handle_unexpected),
+)
+
+
+def register(target: Flask | Blueprint) -> None:
+    """Install the handlers on an app (everything) or a blueprint (its own views)."""
+    for exc, handler in HANDLERS:
+        target.register_error_handler(exc, handler)

@@ -1,0 +1,35 @@
+"""Liveness and readiness, outside the /v2 prefix and without a key."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app
+from werkzeug.wrappers import Response
+
+from storage_backends import Unavailable
+
+ops = Blueprint("agent_sessions_ops", __name__)
+
+
+@ops.get("/healthz")
+def healthz() -> Response:
+    """The process answers."""
+    return current_app.json.response({"status": "ok"})
+
+
+@ops.get("/readyz")
+def readyz() -> Response:
+    """Storage and rate-limit storage answer."""
+    state = current_app.extensions["agent_sessions"]
+    try:
+        state.storage.check()
+        storage = "ok"
+    except Unavailable:
+        storage = "unavailable"
+    limiter = "ok" if state.limits.check() else "degraded"
+    ready = storage == "ok" and (limiter == "ok" or not state.limits.fail_closed)
+    response = current_app.json.response(
+        {"status": "ok" if ready else "unavailable", "storage": storage, "rate_limit": limiter}
+    )
+    response.status_code = 200 if ready else 503
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,347 @@
+"""Marshmallow schemas: request validation, response shape and OpenAPI, in one place."""
+
+from __future__ import annotations
+
+import json
+import numbers
+from typing import Any
+
+from flask import current_app
+from limits import parse_many
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates,
+)
+
+from storage_backends.base import format_ts, utcnow
+
+KEY_PATTERN = r"^[0-9a-zA-Z_-]+$"
+KEY_MAX_LENGTH = 64
+TTI_MAX_MINUTES = 2**31 - 1
+SCOPES = ("sessions:create", "sessions:read", "sessions:update", "sessions:delete")
+
+
+def is_key(value: str) -> bool:
+    return 0 < len(value) <= KEY_MAX_LENGTH and _KEY_CHARS.issuperset(value)
+
+
+_KEY_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
+
+
+class StrictBoolean(fields.Boolean):
+    """Only JSON true and false: no "yes", no 1."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictInteger(fields.Integer):
+    """Only JSON integers: no strings, no booleans, no floats."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Key(fields.String):
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(
+            pattern=KEY_PATTERN, minLength=1, maxLength=KEY_MAX_LENGTH
+        )
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not is_key(value):
+            raise ValidationError(
+                f"Must be 1 to {KEY_MAX_LENGTH} characters of letters, digits, '_' or '-'."
+            )
+        return value
+
+
+class Name(fields.String):
+    def __init__(self, **kwargs: Any):
+        super().__init__(validate=validate.Length(min=1, max=255), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not value.strip():
+            raise ValidationError("Must not be blank.")
+        return value
+
+
+class Description(fields.String):
+    def __init__(self, **kwargs: Any):
+        super().__init__(validate=validate.Length(max=2000), **kwargs)
+
+
+class Metadata(fields.Dict):
+    """A JSON object within the configured bounds (keys, key length, depth, size)."""
+
+    default_error_messages = {"invalid": "Must be a JSON object."}
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(keys=fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        if not isinstance(value, dict):
+            raise self.make_error("invalid")
+        config = current_app.config
+        max_keys = config["METADATA_MAX_KEYS"]
+        if len(value) > max_keys:
+            raise ValidationError(f"At most {max_keys} top-level keys are allowed.")
+        _check_tree(
+            value,
+            depth=1,
+            max_depth=config["METADATA_MAX_DEPTH"],
+            max_key_length=config["METADATA_MAX_KEY_LENGTH"],
+        )
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > config["METADATA_MAX_BYTES"]:
+            raise ValidationError(
+                f"At most {config['METADATA_MAX_BYTES']} bytes serialized are allowed."
+            )
+        return value
+
+
+def _check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) -> None:
+    if depth > max_depth:
+        raise ValidationError(f"Nesting deeper than {max_depth} levels is not allowed.")
+    if isinstance(value, dict):
+        children = value.values()
+        for key in value:
+            if not 1 <= len(key) <= max_key_length:
+                raise ValidationError(f"Keys must be 1 to {max_key_length} characters.")
+    elif isinstance(value, list):
+        children = value
+    else:
+        return
+    for child in children:
+        if isinstance(child, dict | list):
+            _check_tree(child, depth=depth + 1, max_depth=max_depth, max_key_length=max_key_length)
+
+
+class Timestamp(fields.Field):
+    """RFC 3339 UTC with milliseconds and a Z, e.g. 2026-11-28T17:49:52.123Z."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(type="string", format="date-time")
+        super().__init__(dump_only=True, **kwargs)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> str | None:
+        return format_ts(value)
+
+
+class BodySchema(Schema):
+    """Request bodies: unknown fields raise, and JSON null means "absent"."""
+
+    class Meta:
+        unknown = RAISE
+
+    @pre_load
+    def drop_nulls(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+# Sessions
+
+
+class SessionSchema(Schema):
+    """A session as returned by the API."""
+
+    class Meta:
+        ordered = True
+
+    key = fields.String(required=True)
+    agent_key = fields.String(required=True)
+    name = fields.String(required=True)
+    description = fields.String(allow_none=True)
+    metadata = fields.Dict(required=True)
+    enabled = fields.Boolean(required=True)
+    tti_minutes = fields.Integer(required=True)
+    created_at = Timestamp(required=True)
+    updated_at = Timestamp(required=True)
+
+
+class SessionCreateSchema(BodySchema):
+    key = Key(metadata={"description": "Generated from the name when omitted."})
+    name = Name(required=True)
+    description = Description()
+    metadata = Metadata()
+    enabled = StrictBoolean()
+    tti_minutes = StrictInteger(
+        validate=validate.Range(min=0, max=TTI_MAX_MINUTES),
+        metadata={"description": "Idle minutes before the session expires; 0 never."},
+    )
+
+
+class SessionUpdateSchema(BodySchema):
+    name = Name()
+    description = Description()
+    metadata = Metadata()
+    enabled = StrictBoolean()
+    tti_minutes = StrictInteger(validate=validate.Range(min=0, max=TTI_MAX_MINUTES))
+
+
+class ListMetadataSchema(Schema):
+    page_key = fields.String(allow_none=True, required=True)
+
+
+class SessionListSchema(Schema):
+    sessions = fields.List(fields.Nested(SessionSchema), required=True)
+    metadata = fields.Nested(ListMetadataSchema, required=True)
+
+
+class ListQuerySchema(Schema):
+    """Query parameters of list endpoints."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    limit = StrictInteger(load_default=10, validate=validate.Range(min=1, max=100))
+    page_key = fields.String(validate=validate.Length(min=1, max=200))
+
+    @pre_load
+    def parse_limit(self, data: Any, **kwargs: Any) -> Any:
+        data = dict(data)
+        raw = data.get("limit")
+        if isinstance(raw, str):
+            data["limit"] = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 6 else raw
+        return data
+
+
+class SessionListQuerySchema(ListQuerySchema):
+    filter = fields.String(metadata={"description": "A regular expression (RE2 syntax)."})
+
+
+# Agents
+
+
+class AgentSchema(Schema):
+    class Meta:
+        ordered = True
+
+    key = fields.String(required=True)
+    name = fields.String(required=True)
+    description = fields.String(allow_none=True)
+    metadata = fields.Dict(required=True)
+    enabled = fields.Boolean(required=True)
+    created_at = Timestamp(required=True)
+    updated_at = Timestamp(required=True)
+
+
+class AgentCreateSchema(BodySchema):
+    key = Key(required=True)
+    name = Name(required=True)
+    description = Description()
+    metadata = Metadata()
+    enabled = StrictBoolean()
+
+
+class AgentUpdateSchema(BodySchema):
+    name = Name()
+    description = Description()
+    metadata = Metadata()
+    enabled = StrictBoolean()
+
+
+class AgentListSchema(Schema):
+    agents = fields.List(fields.Nested(AgentSchema), required=True)
+    metadata = fields.Nested(ListMetadataSchema, required=True)
+
+
+# API keys
+
+
+class GrantSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    agent = fields.String(
+        required=True, metadata={"description": "An agent key, or * for every agent."}
+    )
+    scopes = fields.List(
+        fields.String(validate=validate.OneOf(SCOPES)),
+        required=True,
+        validate=validate.Length(min=1),
+    )
+
+    @validates("agent")
+    def check_agent(self, value: str, **kwargs: Any) -> None:
+        if value != "*" and not is_key(value):
+            raise ValidationError("Must be an agent key or *.")
+
+
+class LimitString(fields.String):
+    """A rate limit such as "30/minute"."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            if len(value) > 100 or len(parse_many(value)) != 1:
+                raise ValueError(value)
+        except ValueError:
+            raise ValidationError('Must be a rate limit such as "30/minute".') from None
+        return value
+
+
+class ApiKeySchema(Schema):
+    class Meta:
+        ordered = True
+
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    grants = fields.List(fields.Nested(GrantSchema), required=True)
+    admin = fields.Boolean(required=True)
+    create_limit = fields.String(allow_none=True)
+    created_at = Timestamp(required=True)
+    expires_at = Timestamp(allow_none=True)
+    revoked_at = Timestamp(allow_none=True)
+    state = fields.Method("get_state", required=True)
+
+    def get_state(self, key: Any) -> str:
+        if key.revoked_at is not None:
+            return "revoked"
+        if key.expires_at is not None and key.expires_at <= utcnow():
+            return "expired"
+        return "active"
+
+
+class ApiKeyCreatedSchema(ApiKeySchema):
+    secret = fields.String(
+        required=True, metadata={"description": "The API key. Shown only in this response."}
+    )
+
+
+class ApiKeyCreateSchema(BodySchema):
+    name = Name(required=True)
+    grants = fields.List(fields.Nested(GrantSchema), load_default=list)
+    admin = StrictBoolean(load_default=False)
+    create_limit = LimitString()
+    expires_at = fields.AwareDateTime(format="iso", default_timezone=None)
+
+
+class ApiKeyListSchema(Schema):
+    api_keys = fields.List(fields.Nested(ApiKeySchema), required=True)
+    metadata = fields.Nested(ListMetadataSchema, required=True)
+
+
+class ErrorSchema(Schema):
+    error = fields.String(required=True)
+    messages = fields.List(fields.String(), required=True)
+    field_errors = fields.Dict(keys=fields.String(), values=fields.String())
+    request_id = fields.String(required=True)

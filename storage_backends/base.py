@@ -1,0 +1,280 @@
+"""The storage interface every backend implements, and the exceptions it raises.
+
+Backends know nothing about HTTP: they raise the plain exceptions below and
+``sessions_app.errors`` turns them into responses.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class StorageError(Exception):
+    """Base class of every error a backend raises on purpose."""
+
+
+class NotFound(StorageError):
+    """The addressed record does not exist."""
+
+
+class AgentNotFound(NotFound):
+    pass
+
+
+class SessionNotFound(NotFound):
+    pass
+
+
+class ApiKeyNotFound(NotFound):
+    pass
+
+
+class Conflict(StorageError):
+    """A record with the same key already exists."""
+
+
+class Unavailable(StorageError):
+    """The backend cannot answer now (unreachable, busy past its timeout, disk full).
+
+    ``retry_after`` is a hint in seconds for clients.
+    """
+
+    def __init__(self, message: str = "storage unavailable", retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def utcnow() -> dt.datetime:
+    """The current time in UTC, truncated to milliseconds (the wire precision)."""
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def format_ts(value: dt.datetime | None) -> str | None:
+    """Fixed-width UTC text, so that text order is time order."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_ts(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+
+
+@dataclasses.dataclass
+class Agent:
+    key: str
+    name: str
+    description: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    enabled: bool = True
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+
+@dataclasses.dataclass
+class Session:
+    key: str
+    agent_key: str
+    name: str
+    description: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    enabled: bool = True
+    tti_minutes: int = 0
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+    @property
+    def expires_at(self) -> dt.datetime | None:
+        """When the session idles out: ``tti_minutes`` after its last update."""
+        if not self.tti_minutes or self.updated_at is None:
+            return None
+        return self.updated_at + dt.timedelta(minutes=self.tti_minutes)
+
+    def expired(self, now: dt.datetime) -> bool:
+        expires_at = self.expires_at
+        return expires_at is not None and expires_at <= now
+
+
+@dataclasses.dataclass
+class Grant:
+    agent: str  # an agent key, or "*" for every agent
+    scopes: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class ApiKey:
+    """An API key as stored: its public id and the SHA-256 of its secret, never the secret."""
+
+    id: str
+    name: str
+    secret_hash: str
+    grants: list[Grant] = dataclasses.field(default_factory=list)
+    admin: bool = False
+    create_limit: str | None = None
+    created_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+    def active(self, now: dt.datetime) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now < self.expires_at
+
+    def allows(self, agent_key: str, scope: str) -> bool:
+        if self.admin:
+            return True
+        return any(g.agent in ("*", agent_key) and scope in g.scopes for g in self.grants)
+
+
+@dataclasses.dataclass
+class Page:
+    """One page of a listing. ``next_cursor`` is the position after the last item, or None."""
+
+    items: list[Any]
+    next_cursor: int | None
+
+
+class Storage(abc.ABC):
+    """Agents, sessions and API keys.
+
+    Every method is keyword-only. Objects passed in and returned are copies:
+    mutating them never changes what is stored. Listings are ordered by an
+    internal, strictly increasing sequence number; ``after`` is the
+    ``next_cursor`` of the previous page. Any backend may raise
+    :class:`Unavailable` from any method.
+    """
+
+    #: schemes of ``AGENT_SESSIONS_STORAGE_URL`` this backend serves
+    schemes: Sequence[str] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str, *, options: Mapping[str, Any]) -> Storage:
+        """Build a backend from its URL; raise ValueError for a malformed one.
+
+        Must not connect: connections open lazily, so the object is safe to
+        create before a fork.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections held by this process."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Return if the backend answers; raise :class:`Unavailable` otherwise."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for logs and readiness (engine version and the like)."""
+        return {}
+
+    # Agents
+
+    @abc.abstractmethod
+    def create_agent(self, *, agent: Agent) -> Agent:
+        """Store a new agent. Raises :class:`Conflict` when its key exists."""
+
+    @abc.abstractmethod
+    def get_agent(self, *, agent_key: str) -> Agent:
+        """Raises :class:`AgentNotFound`."""
+
+    @abc.abstractmethod
+    def list_agents(self, *, limit: int, after: int | None = None) -> Page:
+        """A page of agents in creation order."""
+
+    @abc.abstractmethod
+    def update_agent(
+        self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
+    ) -> Agent:
+        """Apply ``changes`` (field to new value) and move ``updated_at``.
+
+        Raises :class:`AgentNotFound`.
+        """
+
+    @abc.abstractmethod
+    def delete_agent(self, *, agent_key: str) -> None:
+        """Delete the agent and all its sessions in one transaction.
+
+        Raises :class:`AgentNotFound`.
+        """
+
+    # Sessions
+
+    @abc.abstractmethod
+    def create_session(self, *, session: Session) -> Session:
+        """Store a new session.
+
+        Raises :class:`AgentNotFound` when the agent does not exist and
+        :class:`Conflict` when the agent already has a session with this key.
+        The uniqueness is decided by the store itself, so concurrent creates
+        of one key give exactly one winner.
+        """
+
+    @abc.abstractmethod
+    def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
+        """Raises :class:`SessionNotFound`, also for a session idle past its TTI at ``now``
+        (which is then removed).
+        """
+
+    @abc.abstractmethod
+    def list_sessions(
+        self,
+        *,
+        agent_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        matches: Any = None,
+    ) -> Page:
+        """A page of the agent's live sessions in creation order.
+
+        ``matches``, when given, is a compiled pattern with a ``search``
+        method; only sessions whose name or description it matches are listed.
+        An unknown agent lists as empty: callers check the agent first.
+        """
+
+    @abc.abstractmethod
+    def update_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        changes: Mapping[str, Any],
+        now: dt.datetime,
+    ) -> Session:
+        """Apply ``changes`` (field to new value) and move ``updated_at`` to ``now``.
+
+        Raises :class:`SessionNotFound` (also when expired at ``now``).
+        """
+
+    @abc.abstractmethod
+    def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
+        """Raises :class:`SessionNotFound` (also when expired at ``now``)."""
+
+    @abc.abstractmethod
+    def purge_expired_sessions(self, *, now: dt.datetime) -> int:
+        """Remove every session idle past its TTI at ``now``; return how many."""
+
+    # API keys
+
+    @abc.abstractmethod
+    def create_api_key(self, *, api_key: ApiKey) -> ApiKey:
+        """Raises :class:`Conflict` when the id exists."""
+
+    @abc.abstractmethod
+    def get_api_key(self, *, key_id: str) -> ApiKey:
+        """Look a key up by its id, revoked or not. Raises :class:`ApiKeyNotFound`."""
+
+    @abc.abstractmethod
+    def list_api_keys(self, *, limit: int, after: int | None = None) -> Page:
+        """A page of keys in creation order."""
+
+    @abc.abstractmethod
+    def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
+        """Mark the key revoked (idempotent). Raises :class:`ApiKeyNotFound`."""
