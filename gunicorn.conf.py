@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import sys
 
 bind = os.environ.get("AGENT_SESSIONS_BIND", "127.0.0.1:8000")
 workers = int(
@@ -19,3 +20,19 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 accesslog = "-"
 errorlog = "-"
+
+
+def on_starting(server):
+    """Refuse to start, with one line, when the configuration cannot be served.
+
+    Checked once in the master before any worker forks, so an operator sees one
+    clear message instead of one per worker and gunicorn's own tracebacks.
+    Building the app opens no connection, so this is safe before forking.
+    """
+    from sessions_app import ConfigError, create_app
+
+    try:
+        create_app()
+    except ConfigError as err:
+        print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
+        sys.exit(4)

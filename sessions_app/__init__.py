@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
 
 import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
@@ -75,8 +76,33 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
         raise ConfigError(str(err)) from None
     app.extensions["agent_sessions"] = AgentSessions(storage=storage, limits=limits)
     app.register_blueprint(bp, url_prefix=url_prefix)
+    app.before_request(_routing_errors_as_json(url_prefix))
     app.register_blueprint(ops)
     register_commands(app)
+
+
+def _routing_errors_as_json(url_prefix: str) -> Callable[[], Any]:
+    """A hook answering 404 and 405 under ``url_prefix`` in the JSON error shape.
+
+    Routing errors never reach a blueprint's own handlers (no view matched), so
+    a host application would answer the API's unknown URLs and wrong methods
+    with its own pages. Paths outside the prefix stay the host's business.
+    """
+    prefix = url_prefix.rstrip("/") + "/"
+
+    def hook() -> Any:
+        err = request.routing_exception
+        if (
+            isinstance(err, HTTPException)
+            and err.code in (404, 405)
+            and (request.path + "/").startswith(prefix)
+        ):
+            from .api import finish
+
+            return finish(errors.handle_http_exception(err))
+        return None
+
+    return hook
 
 
 def default_storage_url(app: Flask) -> str:

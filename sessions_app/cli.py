@@ -130,14 +130,15 @@ def create_key(name: str, grants: tuple[str, ...], admin: bool, create_limit: st
 @keys.command("list")
 @one_line_errors
 def list_keys() -> None:
-    """List keys: id, name, grants, state (never the secret)."""
+    """List keys: id, name, grants, state, create limit (never the secret)."""
     now = utcnow()
     for key in iterate(storage().list_api_keys):
         if key.revoked_at is not None:
             state = "revoked"
         else:
             state = "active" if key.active(now) else "expired"
-        click.echo(f"{key.id}\t{key.name}\t{format_grants(key)}\t{state}")
+        limit = f"create-limit={key.create_limit}" if key.create_limit else "create-limit=default"
+        click.echo(f"{key.id}\t{key.name}\t{format_grants(key)}\t{state}\t{limit}")
 
 
 @keys.command("revoke")
