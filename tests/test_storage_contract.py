@@ -20,7 +20,7 @@ from storage_backends import (
 )
 from storage_backends.base import utcnow
 
-T0 = dt.datetime(2026, 11, 28, 12, 0, 0, 123000, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 28, 12, 0, 0, 123000, tzinfo=dt.UTC)
 
 
 def make_agent(storage, key="bot", **kwargs):
