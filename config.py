@@ -32,6 +32,17 @@ class Config:
     # What to do when the rate-limit storage is unreachable: "open" serves the
     # request and logs a warning, "closed" answers 503.
     RATELIMIT_FAILURE_POLICY = "open"
+    # Every other authenticated /v2 call, per API key; admin endpoints, per API key.
+    DEFAULT_LIMIT = "600/minute"
+    ADMIN_LIMIT = "120/minute"
+    # Seconds Redis has to connect and to answer (socket timeouts; defaults for
+    # RATELIMIT_STORAGE_OPTIONS with redis:// URIs).
+    RATELIMIT_TIMEOUT = 0.5
+    # After a storage failure, seconds during which each worker applies the
+    # failure policy without trying the storage again.
+    RATELIMIT_FAILURE_BACKOFF = 1.0
+    # Refuse to start on memory:// (which counts per process) when true.
+    RATELIMIT_REQUIRE_SHARED = False
 
     DEBUG = False
     TESTING = False

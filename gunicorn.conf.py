@@ -32,7 +32,26 @@ def on_starting(server):
     from sessions_app import ConfigError, create_app
 
     try:
-        create_app()
+        app = create_app()
     except ConfigError as err:
         print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
         sys.exit(4)
+    warn_if_limits_per_worker(server, app)
+
+
+def warn_if_limits_per_worker(server, app):
+    """Say loudly that memory:// counts rate limits per worker when there are several.
+
+    ``AGENT_SESSIONS_RATELIMIT_REQUIRE_SHARED=true`` turns this into a refusal
+    to start (create_app raises ConfigError for memory:// then).
+    """
+    workers = server.cfg.workers
+    if workers > 1 and not app.extensions["agent_sessions"].limits.shared:
+        server.log.warning(
+            "RATE LIMITS ARE PER WORKER: RATELIMIT_STORAGE_URI is memory:// with %d workers, "
+            "so each limit admits up to %d times its count on this host (more with several "
+            "hosts). Set AGENT_SESSIONS_RATELIMIT_STORAGE_URI=redis://HOST:6379/0 for exact "
+            "limits, or AGENT_SESSIONS_RATELIMIT_REQUIRE_SHARED=true to refuse memory://.",
+            workers,
+            workers,
+        )

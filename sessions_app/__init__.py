@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
@@ -52,6 +53,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.register(app)
     app.after_request(_common_headers)
     init_app(app)
+    if app.config["PROXY_COUNT"]:
+        # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
+        # trusting only as many hops as there are proxies of our own.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["PROXY_COUNT"]))
     return app
 
 
