@@ -68,6 +68,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     """
     from .api import bp
     from .cli import register_commands
+    from .openapi import docs
     from .ops import ops
 
     for key in dir(default_config.Config):
@@ -83,6 +84,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.before_request(_routing_errors_as_json(url_prefix))
     app.register_blueprint(ops)
+    app.register_blueprint(docs, url_prefix=url_prefix)
     register_commands(app)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, FlaskGroup
+from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from storage_backends import Agent, Grant, StorageError
 from storage_backends.base import utcnow
@@ -158,9 +159,18 @@ def purge_expired() -> None:
     click.echo(f"removed {removed} expired sessions")
 
 
+@click.command("openapi")
+@with_appcontext
+def openapi_document() -> None:
+    """Print the OpenAPI document of the HTTP API as JSON."""
+    from .openapi import document
+
+    click.echo(json.dumps(document(current_app), indent=2, ensure_ascii=False))
+
+
 def register_commands(app: Flask) -> None:
-    for group in (agents, keys, sessions):
-        app.cli.add_command(group)
+    for command in (agents, keys, sessions, openapi_document):
+        app.cli.add_command(command)
 
 
 def _create_app() -> Flask:

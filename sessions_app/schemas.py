@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import numbers
 from typing import Any
@@ -311,7 +312,11 @@ class ApiKeySchema(Schema):
     created_at = Timestamp(required=True)
     expires_at = Timestamp(allow_none=True)
     revoked_at = Timestamp(allow_none=True)
-    state = fields.Method("get_state", required=True)
+    state = fields.Method(
+        "get_state",
+        required=True,
+        metadata={"type": "string", "enum": ["active", "revoked", "expired"]},
+    )
 
     def get_state(self, key: Any) -> str:
         if key.revoked_at is not None:
@@ -332,7 +337,16 @@ class ApiKeyCreateSchema(BodySchema):
     grants = fields.List(fields.Nested(GrantSchema), load_default=list)
     admin = StrictBoolean(load_default=False)
     create_limit = LimitString()
-    expires_at = fields.AwareDateTime(format="iso", default_timezone=None)
+    expires_at = fields.AwareDateTime(
+        format="iso",
+        default_timezone=None,
+        # Storage writes four-digit UTC years; outside this range a key would not read back.
+        validate=validate.Range(
+            min=dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+            max=dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC),
+            error="Must be between 1970-01-01 and 9999-12-31 (UTC).",
+        ),
+    )
 
 
 class ApiKeyListSchema(Schema):
