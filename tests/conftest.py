@@ -6,8 +6,10 @@ is missing on a developer's machine, and fail instead under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +23,7 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 # Every backend the contract and HTTP suites run against.
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "postgres"]
 
 ALL_SCOPES = ("sessions:create", "sessions:read", "sessions:update", "sessions:delete")
 
@@ -61,8 +63,34 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
         yield "memory://"
     elif backend == "sqlite":
         yield f"sqlite:///{tmp_path}/sessions.db"
+    elif backend == "postgres":
+        require_server("PostgreSQL", "127.0.0.1", 5432)
+        with postgres_schema() as url:
+            yield url
     else:
         raise ValueError(backend)
+
+
+@contextlib.contextmanager
+def postgres_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
+    """A fresh, empty schema on ``base_url``, as a URL whose search_path selects it.
+
+    libpq's ``options`` parameter sets the search_path, so every connection the
+    backend opens (in this process, in gunicorn workers, in the CLI) uses it.
+    """
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in base_url else "?"
+    try:
+        yield f"{base_url}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            # Bounded: a leftover connection holding a lock must not hang the suite.
+            conn.execute("SET lock_timeout = '10s'")
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
