@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,7 +56,9 @@ def storage_from_url(url: str, options: Mapping[str, Any] | None = None) -> Stor
     try:
         return backend.from_url(url, options=options or {})
     except ValueError as err:
-        raise StorageConfigError(f"bad storage URL {url!r}: {err}") from None
+        # The URL may carry a password (postgresql://user:secret@host/db): never echo it.
+        shown = re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
+        raise StorageConfigError(f"bad storage URL {shown!r}: {err}") from None
 
 
 __all__ = [
