@@ -1,0 +1,52 @@
+"""The service on ``memory://`` storage, with every worker's store seeded for the benchmark.
+
+Each gunicorn worker holds its own memory store, which the operator CLI cannot
+reach. Without ``--preload`` gunicorn imports this module once in every worker,
+so every worker seeds its own store here, identically, through the storage
+interface: the benchmark agent, one API key whose token ``bench/run.py``
+passes in ``BENCH_API_TOKEN``, and the session the ``get`` script reads.
+Everything else (creates, lists) then runs as on any other backend, each
+request answered by whichever worker accepted its connection.
+"""
+
+import os
+
+from sessions_app import create_app
+from sessions_app.auth import hash_secret
+from storage_backends import Agent, ApiKey, Grant, Session
+from storage_backends.base import utcnow
+
+app = create_app()
+
+
+def seed(storage, *, token: str, agent_key: str, session_key: str) -> None:
+    now = utcnow()
+    key_id, _, secret = token.partition(".")
+    storage.create_agent(agent=Agent(key=agent_key, name=agent_key, created_at=now, updated_at=now))
+    storage.create_api_key(
+        api_key=ApiKey(
+            id=key_id,
+            name="benchmark",
+            secret_hash=hash_secret(secret),
+            grants=[Grant(agent_key, ("sessions:create", "sessions:read"))],
+            created_at=now,
+        )
+    )
+    storage.create_session(
+        session=Session(
+            key=session_key,
+            agent_key=agent_key,
+            name="Benchmark session",
+            metadata={"customer": "c-17", "channel": "web"},
+            created_at=now,
+            updated_at=now,
+        )
+    )
+
+
+seed(
+    app.extensions["agent_sessions"].storage,
+    token=os.environ["BENCH_API_TOKEN"],
+    agent_key=os.environ["BENCH_AGENT"],
+    session_key=os.environ["BENCH_SESSION"],
+)

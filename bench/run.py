@@ -1,0 +1,580 @@
+"""Benchmark of the Agent Sessions service against the thinnest Flask app, under gunicorn and wrk.
+
+From the repository root::
+
+    .venv/bin/python bench/run.py [--quick] [--backends sqlite,memory,postgresql]
+                                  [--compare] [--scale] [--memory] [--profile]
+
+Needs Debian's ``wrk`` (``apt-get install wrk``); ``--profile`` also needs py-spy
+in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
+
+``--compare``
+    The service, every check on (API key, grant, rate limit with headers, body
+    validation, durable write, request id), against ``bench/baseline_app.py``.
+    Both run under gunicorn with the project's ``gunicorn.conf.py`` and
+    ``-w 2`` (access log included, identically) and are driven in turn with
+    ``wrk -t2 -c16`` with the very same requests: create (POST, a unique key
+    per request), get (one session), list (first page, limit 10). Targets: create >= 0.70 of the
+    baseline's requests/s, get >= 0.80, list >= 0.70; p99 <= 2x the
+    baseline's; no answer but 2xx.
+``--scale``
+    The same operations on a store of 1,000,000 sessions over 5 agents
+    (bulk-loaded through the storage layer, ``bench/stores.py``) against an
+    empty store, in turn; get then reads random sessions of the 200,000 of
+    the benchmark agent. Also page 1,000 of a walk (limit 10, its page_key
+    found by walking) against the first page. Targets: the loaded store
+    costs (1 / requests per second) at most 1.25x the empty one's; the deep
+    page at most 1.10x the first (i.e. the same, within noise).
+``--memory``
+    VmRSS of each worker before and after 200,000 requests (create, get,
+    list in turn) on the first backend. Target: < 10% growth.
+``--profile``
+    py-spy on both workers under load, per operation, on the first backend:
+    busy microseconds per request by stage (and each stage's share), for the
+    service and the baseline, and the costliest functions of the service.
+
+Numbers are medians of several rounds (``--quick``: 3 rounds of 5 s; default
+5 rounds of 10 s). The two servers compared take turns within each round, and
+the order flips every round, so background load on the machine falls on both.
+Absolute numbers depend on the machine; the ratios are the result.
+
+Rate limits stay on: ``SESSION_CREATE_LIMIT`` and ``DEFAULT_LIMIT`` are set to
+100000000/minute, so every request is counted and gets its headers, and none
+is refused.
+
+``memory://`` keeps one store per worker, out of the CLI's reach:
+``bench/memory_app.py`` seeds each worker's store with the agent, the key and
+the session to read, identically. ``--scale`` skips it: the memory backend is
+for tests and demos, not for a million sessions per worker process.
+
+PostgreSQL takes part when it answers on 127.0.0.1:5432 (user postgres), in
+the scratch databases ``bench`` and ``bench_loaded``, dropped and created anew.
+Results are also written as JSON to ``bench/results/`` (git-ignored). The exit
+status is 0 when every target measured is met, 2 when one is missed, 1 when
+the benchmark itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import itertools
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import profiling
+import stores
+from harness import BENCH, Gunicorn, Summary, WrkResult, call, reachable, require_wrk, wrk
+
+BASELINE_APP = "bench.baseline_app:app"
+OPS = ("create", "get", "list")
+THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70}
+P99_TARGET = 2.0
+SCALE_TARGET = 1.25
+DEEP_PAGE_TARGET = 1.10
+RSS_TARGET = 0.10
+DEEP_PAGE = 1000
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Plan:
+    rounds: int
+    seconds: float
+    warmup: float
+    profile_seconds: float
+
+
+@dataclasses.dataclass
+class Target:
+    """A running server and the API key its store accepts."""
+
+    server: Gunicorn
+    token: str
+
+
+@dataclasses.dataclass
+class Load:
+    """One kind of request for wrk: an operation and what it needs."""
+
+    op: str
+    random_keys: int = 0  # get: read random bulk sessions among this many
+    page_key: str | None = None  # list: start here instead of the first page
+
+
+_create_runs = itertools.count()
+_run_tag = secrets.token_hex(2)
+
+
+def drive(target: Target, load: Load, seconds: float, during: Any = None) -> WrkResult:
+    base = f"{target.server.url}/v2/agents/{stores.AGENT}/sessions"
+    token = target.token
+    if load.op == "create":
+        tag = f"{_run_tag}r{next(_create_runs)}"
+        return wrk(base, "create", [token, tag], seconds, during)
+    if load.op == "get" and load.random_keys:
+        args = [token, stores.BULK_KEY_PREFIX, str(load.random_keys)]
+        return wrk(base + "/", "get", args, seconds, during)
+    if load.op == "get":
+        return wrk(f"{base}/{stores.GET_KEY}", "get", [token], seconds, during)
+    query = "limit=10" + (f"&page_key={load.page_key}" if load.page_key else "")
+    return wrk(f"{base}?{query}", "list", [token], seconds, during)
+
+
+def warm_up(name: str, target: Target, load: Load, seconds: float) -> None:
+    """A short run that also proves the requests succeed before anything is measured."""
+    result = drive(target, load, seconds)
+    if result.non2xx or result.socket_errors or not result.requests:
+        raise BenchError(
+            f"{name} {load.op}: warm-up got statuses {result.statuses} and "
+            f"{result.socket_errors} socket errors\n{target.server.log_tail()}"
+        )
+
+
+def alternate(
+    targets: dict[str, Target], loads: dict[str, dict[str, Load]], plan: Plan
+) -> dict[str, dict[str, Summary]]:
+    """Rounds in which every target runs every one of its loads, taking turns."""
+    for name, target in targets.items():
+        for load in loads[name].values():
+            warm_up(name, target, load, plan.warmup)
+    names = list(targets)
+    ops = list(dict.fromkeys(op for name in names for op in loads[name]))
+    runs: dict[str, dict[str, list[WrkResult]]] = {name: {} for name in names}
+    for number in range(plan.rounds):
+        order = names if number % 2 == 0 else names[::-1]
+        line = []
+        for op in ops:
+            for name in order:
+                if op in loads[name]:
+                    result = drive(targets[name], loads[name][op], plan.seconds)
+                    runs[name].setdefault(op, []).append(result)
+                    line.append(f"{name} {op} {result.rps:,.0f}/s")
+        print(f"  round {number + 1}/{plan.rounds}: " + ", ".join(line), flush=True)
+    return {name: {op: Summary(r) for op, r in by_op.items()} for name, by_op in runs.items()}
+
+
+# Modes
+
+
+def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> list[dict]:
+    """The service against the baseline, which gets the same requests and ignores the key."""
+    rows = []
+    for backend in backends:
+        print(f"\ncompare: {backend}", flush=True)
+        store = stores.prepare(backend, workdir, "compare", settings)
+        service = Gunicorn(f"service-{backend}", store.app, store.env, workdir)
+        baseline = Gunicorn(f"baseline-{backend}", BASELINE_APP, store.env, workdir)
+        with service, baseline:
+            targets = {
+                "service": Target(service, store.token),
+                "baseline": Target(baseline, store.token),
+            }
+            loads = {name: {op: Load(op) for op in OPS} for name in targets}
+            results = alternate(targets, loads, plan)
+        for op in OPS:
+            ours, base = results["service"][op], results["baseline"][op]
+            ratio = ours.rps / base.rps
+            p99_ratio = ours.p99_ms / base.p99_ms
+            met = ratio >= THROUGHPUT_TARGETS[op] and p99_ratio <= P99_TARGET and not ours.non2xx
+            rows.append(
+                {
+                    "backend": backend,
+                    "op": op,
+                    "service": stats(ours),
+                    "baseline": stats(base),
+                    "ratio": ratio,
+                    "p99_ratio": p99_ratio,
+                    "met": met,
+                }
+            )
+    print_compare(rows, plan)
+    return rows
+
+
+def print_compare(rows: list[dict], plan: Plan) -> None:
+    print(f"\nService vs baseline ({plan.rounds} rounds of {plan.seconds:g} s, medians)")
+    print_table(
+        [
+            "backend",
+            "op",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "non-2xx",
+            "base req/s",
+            "base p50",
+            "base p99",
+            "ratio (target)",
+            "p99 x (<=2)",
+            "met",
+        ],
+        [
+            [
+                r["backend"],
+                r["op"],
+                f"{r['service']['rps']:,.0f}",
+                f"{r['service']['p50_ms']:.2f}",
+                f"{r['service']['p99_ms']:.2f}",
+                str(r["service"]["non2xx"]),
+                f"{r['baseline']['rps']:,.0f}",
+                f"{r['baseline']['p50_ms']:.2f}",
+                f"{r['baseline']['p99_ms']:.2f}",
+                f"{r['ratio']:.2f} (>={THROUGHPUT_TARGETS[r['op']]:.2f})",
+                f"{r['p99_ratio']:.2f}",
+                "yes" if r["met"] else "NO",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def scale(
+    backends: list[str], plan: Plan, workdir: Path, settings: dict, sessions: int, agents: int
+) -> list[dict]:
+    """A loaded store against an empty one, each behind its own server, taking turns."""
+    if sessions // agents <= DEEP_PAGE * 10:
+        raise BenchError(f"--scale needs over {DEEP_PAGE * 10:,} sessions per agent")
+    rows = []
+    for backend in backends:
+        if backend == "memory":
+            print("\nscale: memory:// skipped (one store per worker, for tests and demos)")
+            continue
+        print(f"\nscale: {backend}", flush=True)
+        empty = stores.prepare(backend, workdir, "empty", settings)
+        loaded = stores.prepare(backend, workdir, "loaded", settings)
+        seconds = stores.bulk_load(loaded.url, sessions=sessions, agents=agents)
+        print(f"  loaded {sessions:,} sessions over {agents} agents in {seconds:.0f} s", flush=True)
+        with (
+            Gunicorn(f"empty-{backend}", empty.app, empty.env, workdir) as empty_server,
+            Gunicorn(f"loaded-{backend}", loaded.app, loaded.env, workdir) as loaded_server,
+        ):
+            started = time.monotonic()
+            page_key = walk(loaded_server.url, loaded.token, DEEP_PAGE - 1)
+            walked = time.monotonic() - started
+            print(f"  walked to page {DEEP_PAGE:,} in {walked:.1f} s", flush=True)
+            targets = {
+                "empty": Target(empty_server, empty.token),
+                "loaded": Target(loaded_server, loaded.token),
+            }
+            loads = {
+                "empty": {op: Load(op) for op in OPS},
+                "loaded": {
+                    "create": Load("create"),
+                    "get": Load("get", random_keys=sessions // agents),
+                    "list": Load("list"),
+                    "deep list": Load("list", page_key=page_key),
+                },
+            }
+            results = alternate(targets, loads, plan)
+        loaded_results = results["loaded"]
+        for op in OPS:
+            cost = results["empty"][op].rps / loaded_results[op].rps
+            rows.append(scale_row(backend, op, results["empty"][op], loaded_results[op], cost))
+        deep = loaded_results["list"].rps / loaded_results["deep list"].rps
+        rows.append(scale_row(backend, "deep list", None, loaded_results["deep list"], deep))
+    if rows:
+        print_scale(rows, plan, sessions)
+    return rows
+
+
+def print_scale(rows: list[dict], plan: Plan, sessions: int) -> None:
+    print(
+        f"\nScale: {sessions:,} sessions vs an empty store "
+        f"({plan.rounds} rounds of {plan.seconds:g} s, medians). cost x = empty req/s "
+        f"over loaded req/s; for the deep list, first page req/s over page {DEEP_PAGE:,}'s"
+    )
+    print_table(
+        [
+            "backend",
+            "op",
+            "empty req/s",
+            "empty p99",
+            "loaded req/s",
+            "loaded p50",
+            "loaded p99",
+            "non-2xx",
+            "cost x (target)",
+            "met",
+        ],
+        [
+            [
+                r["backend"],
+                r["op"],
+                f"{r['empty']['rps']:,.0f}" if r["empty"] else "-",
+                f"{r['empty']['p99_ms']:.2f}" if r["empty"] else "-",
+                f"{r['loaded']['rps']:,.0f}",
+                f"{r['loaded']['p50_ms']:.2f}",
+                f"{r['loaded']['p99_ms']:.2f}",
+                str(r["loaded"]["non2xx"] + (r["empty"] or {}).get("non2xx", 0)),
+                f"{r['cost']:.2f} (<={r['target']:.2f})",
+                "yes" if r["met"] else "NO",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def scale_row(backend: str, op: str, empty: Summary | None, loaded: Summary, cost: float) -> dict:
+    target = DEEP_PAGE_TARGET if empty is None else SCALE_TARGET
+    non2xx = loaded.non2xx + (empty.non2xx if empty else 0)
+    return {
+        "backend": backend,
+        "op": op,
+        "empty": stats(empty) if empty else None,
+        "loaded": stats(loaded),
+        "cost": cost,
+        "target": target,
+        "met": cost <= target and not non2xx,
+    }
+
+
+def walk(url: str, token: str, pages: int) -> str:
+    """Follow page_key through ``pages`` pages of 10; the page_key of the page after them."""
+    page_key = None
+    for number in range(1, pages + 1):
+        query = "limit=10" + (f"&page_key={page_key}" if page_key else "")
+        status, body = call("GET", f"{url}/v2/agents/{stores.AGENT}/sessions?{query}", token)
+        if status != 200 or body["metadata"]["page_key"] is None:
+            raise BenchError(f"walk: page {number} answered {status} {str(body)[:300]}")
+        page_key = body["metadata"]["page_key"]
+    return page_key
+
+
+def memory(backend: str, plan: Plan, workdir: Path, settings: dict, requests: int) -> dict:
+    """Worker RSS after a warm-up, then after ``requests`` more requests."""
+    print(f"\nmemory: {backend}, {requests:,} requests", flush=True)
+    if backend == "memory":
+        print("  note: on memory:// the created sessions live in the workers, so RSS grows")
+    store = stores.prepare(backend, workdir, "rss", settings)
+    with Gunicorn(f"rss-{backend}", store.app, store.env, workdir) as server:
+        target = Target(server, store.token)
+        for op in OPS:
+            warm_up("service", target, Load(op), plan.warmup)
+        before = server.rss_kib()
+        served = non2xx = reported = 0
+        for op in itertools.cycle(OPS):
+            if served >= requests:
+                break
+            result = drive(target, Load(op), 10)
+            served += result.requests
+            non2xx += result.non2xx + result.socket_errors
+            if served >= reported + requests / 10:
+                reported = served
+                print(f"  {served:,} requests, RSS {server.rss_kib()} KiB", flush=True)
+        after = server.rss_kib()
+    growth = {pid: after[pid] / before[pid] - 1 for pid in before}
+    met = max(growth.values()) < RSS_TARGET and not non2xx
+    print(f"\nWorker RSS over {served:,} requests on {backend} (non-2xx: {non2xx})")
+    print_table(
+        ["worker", "before MiB", "after MiB", "growth (target < 10%)", "met"],
+        [
+            [
+                str(pid),
+                f"{before[pid] / 1024:.1f}",
+                f"{after[pid] / 1024:.1f}",
+                f"{growth[pid]:+.1%}",
+                "yes" if growth[pid] < RSS_TARGET else "NO",
+            ]
+            for pid in before
+        ],
+    )
+    return {
+        "backend": backend,
+        "requests": served,
+        "before_kib": before,
+        "after_kib": after,
+        "non2xx": non2xx,
+        "met": met,
+    }
+
+
+def profile(backend: str, plan: Plan, workdir: Path, settings: dict) -> dict:
+    """Per operation, where the service's and the baseline's time goes."""
+    print(f"\nprofile: {backend}, {plan.profile_seconds:g} s per op and server", flush=True)
+    store = stores.prepare(backend, workdir, "profile", settings)
+    report: dict[str, Any] = {}
+    service = Gunicorn(f"profile-{backend}", store.app, store.env, workdir)
+    baseline = Gunicorn(f"profile-baseline-{backend}", BASELINE_APP, store.env, workdir)
+    with service, baseline:
+        for op in OPS:
+            report[op] = {}
+            for name, target in (
+                ("service", Target(service, store.token)),
+                ("baseline", Target(baseline, store.token)),
+            ):
+                warm_up(name, target, Load(op), plan.warmup)
+                report[op][name] = profile_one(target, op, plan.profile_seconds, workdir)
+            print_profile(op, report[op])
+    return report
+
+
+def request_path_us(stages: dict[str, float]) -> float:
+    return sum(us for name, us in stages.items() if name != profiling.OTHER_THREADS)
+
+
+def profile_one(target: Target, op: str, seconds: float, workdir: Path) -> dict:
+    """Sample both workers for ``seconds`` while wrk drives them; µs per request by stage."""
+    server = target.server
+    recorders: list = []
+
+    def attach() -> None:
+        time.sleep(1)  # let wrk connect first
+        pids = server.worker_pids()
+        recorders.extend(profiling.start(pids, seconds, workdir, f"{server.name}-{op}"))
+
+    result = drive(target, Load(op), seconds + 2, during=attach)
+    stages, functions = profiling.per_request_us(profiling.finish(recorders), result.rps * seconds)
+    return {"rps": result.rps, "stages": stages, "functions": functions}
+
+
+def print_profile(op: str, report: dict) -> None:
+    ours, base = report["service"], report["baseline"]
+    total, base_total = request_path_us(ours["stages"]), request_path_us(base["stages"])
+    print(
+        f"\n{op}: service {total:,.0f} µs busy per request at {ours['rps']:,.0f} req/s; "
+        f"baseline {base_total:,.0f} µs at {base['rps']:,.0f} req/s"
+    )
+    names = list(ours["stages"]) + [n for n in base["stages"] if n not in ours["stages"]]
+    rows = []
+    for name in names:
+        us = ours["stages"].get(name, 0)
+        share = "" if name == profiling.OTHER_THREADS else f"{us / total:.1%}"
+        rows.append([name, f"{us:.0f}", share, f"{base['stages'].get(name, 0):.0f}"])
+    print_table(["stage", "service µs", "share", "baseline µs"], rows, left=1)
+    # Frames under the WSGI call but not the ones every sample passes through.
+    top = [(frame, us) for frame, us in ours["functions"].items() if us < 0.6 * total][:15]
+    print_table(
+        ["function (service, inclusive)", "µs"], [[f, f"{us:.0f}"] for f, us in top], left=1
+    )
+
+
+# Output
+
+
+def stats(summary: Summary) -> dict:
+    return {
+        "rps": summary.rps,
+        "p50_ms": summary.p50_ms,
+        "p99_ms": summary.p99_ms,
+        "non2xx": summary.non2xx,
+        "statuses": summary.statuses,
+        "runs": [dataclasses.asdict(r) for r in summary.runs],
+    }
+
+
+def print_table(headers: list[str], rows: list[list[str]], left: int = 2) -> None:
+    """Columns padded to their widest cell; the first ``left`` ones aligned left."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
+    for line in [headers, ["-" * w for w in widths], *rows]:
+        cells = [
+            str(cell).ljust(width) if column < left else str(cell).rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
+def save(results: dict) -> Path:
+    directory = BENCH / "results"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    return path
+
+
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the service against the thinnest Flask app (see the docstring)."
+    )
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 5 s")
+    parser.add_argument(
+        "--backends",
+        default=",".join(stores.BACKENDS),
+        help="comma-separated; postgresql only when it answers (default: %(default)s)",
+    )
+    parser.add_argument("--compare", action="store_true", help="service vs baseline (default)")
+    parser.add_argument("--scale", action="store_true", help="1M sessions vs an empty store")
+    parser.add_argument("--memory", action="store_true", help="worker RSS over many requests")
+    parser.add_argument("--profile", action="store_true", help="py-spy: where time goes")
+    parser.add_argument("--rounds", type=int, help="rounds per measurement")
+    parser.add_argument("--seconds", type=float, help="seconds per wrk run")
+    parser.add_argument("--sessions", type=int, default=1_000_000, help="for --scale")
+    parser.add_argument("--agents", type=int, default=5, help="for --scale")
+    parser.add_argument("--requests", type=int, default=200_000, help="for --memory")
+    parser.add_argument("--ratelimit-storage", help="RATELIMIT_STORAGE_URI (default memory://)")
+    parser.add_argument("--sqlite-synchronous", help="SQLITE_SYNCHRONOUS (default NORMAL)")
+    parser.add_argument("--keep", action="store_true", help="keep the server logs and stores")
+    args = parser.parse_args(argv)
+    if not (args.scale or args.memory or args.profile):
+        args.compare = True
+    return args
+
+
+def selected_backends(spec: str) -> list[str]:
+    backends = [b.strip() for b in spec.split(",") if b.strip()]
+    unknown = set(backends) - set(stores.BACKENDS)
+    if unknown:
+        raise SystemExit(f"bench: unknown backends {sorted(unknown)}; use {stores.BACKENDS}")
+    if "postgresql" in backends and not reachable(stores.PG_HOST, stores.PG_PORT):
+        print(f"postgresql skipped: nothing answers on {stores.PG_HOST}:{stores.PG_PORT}")
+        backends.remove("postgresql")
+    if not backends:
+        raise SystemExit("bench: no backend to run")
+    return backends
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require_wrk()
+    backends = selected_backends(args.backends)
+    plan = Plan(rounds=3, seconds=5, warmup=1, profile_seconds=6)
+    if not args.quick:
+        plan = Plan(rounds=5, seconds=10, warmup=2, profile_seconds=15)
+    plan.rounds = args.rounds or plan.rounds
+    plan.seconds = args.seconds or plan.seconds
+    settings = {}
+    if args.ratelimit_storage:
+        settings["AGENT_SESSIONS_RATELIMIT_STORAGE_URI"] = args.ratelimit_storage
+    if args.sqlite_synchronous:
+        settings["AGENT_SESSIONS_SQLITE_SYNCHRONOUS"] = args.sqlite_synchronous
+    workdir = Path(tempfile.mkdtemp(prefix="agent-sessions-bench-"))
+    results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "settings": settings}
+    print(f"backends: {', '.join(backends)}; work files in {workdir}", flush=True)
+    try:
+        if args.compare:
+            results["compare"] = compare(backends, plan, workdir, settings)
+        if args.scale:
+            results["scale"] = scale(backends, plan, workdir, settings, args.sessions, args.agents)
+        if args.memory:
+            results["memory"] = memory(backends[0], plan, workdir, settings, args.requests)
+        if args.profile:
+            results["profile"] = profile(backends[0], plan, workdir, settings)
+    except BenchError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"work files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nresults written to {save(results).relative_to(BENCH.parent)}")
+    checks = [r["met"] for mode in ("compare", "scale") for r in results.get(mode, [])]
+    checks += [results["memory"]["met"]] if "memory" in results else []
+    return 0 if all(checks) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Stores for the benchmark: a fresh one per backend, its API key, and bulk loading.
+
+The bulk loader writes sessions with the backend's own connection (SQLite) or
+a plain connection to the same database (PostgreSQL, with COPY), bypassing the
+HTTP layer and the per-row storage calls: a million creates through the API
+would take longer than the whole benchmark. It follows the schema of
+``storage_backends``; when that schema changes, this module changes with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from harness import BIN, ROOT
+
+from sessions_app.auth import KEY_ID_PREFIX
+from storage_backends import Agent, Session, storage_from_url
+from storage_backends.base import format_ts, utcnow
+
+BACKENDS = ("sqlite", "memory", "postgresql")
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+
+AGENT = "bench-agent"
+GET_KEY = "bench-get"
+# Limits stay on, counted and reported in headers, but never reached.
+HIGH_LIMIT = "100000000/minute"
+SCOPES = "sessions:create,sessions:read"
+
+BULK_KEY_PREFIX = "s"  # bulk keys are s0000000, s0000001, ... within each agent
+BULK_BATCH = 50_000
+SESSION_COLUMNS = (
+    "agent_key, key, name, description, metadata, enabled, tti_minutes, "
+    "created_at, updated_at, expires_at"
+)
+
+
+@dataclasses.dataclass
+class Store:
+    """A store ready to serve: the gunicorn app to run on it, its environment, the API key."""
+
+    backend: str
+    url: str
+    app: str
+    env: dict[str, str]
+    token: str
+
+
+def prepare(backend: str, workdir: Path, name: str, settings: dict[str, str]) -> Store:
+    """A fresh, empty store holding the benchmark agent, an API key and one session to read.
+
+    SQLite and PostgreSQL are set up through the operator CLI, as an operator
+    would; memory stores live inside each worker, so ``bench/memory_app.py``
+    seeds them there.
+    """
+    url = fresh_url(backend, workdir, name)
+    env = {
+        "AGENT_SESSIONS_STORAGE_URL": url,
+        "AGENT_SESSIONS_SESSION_CREATE_LIMIT": HIGH_LIMIT,
+        "AGENT_SESSIONS_DEFAULT_LIMIT": HIGH_LIMIT,
+        **settings,
+    }
+    if backend == "memory":
+        token = f"{KEY_ID_PREFIX}{secrets.token_hex(8)}.{secrets.token_urlsafe(32)}"
+        env |= {"BENCH_API_TOKEN": token, "BENCH_AGENT": AGENT, "BENCH_SESSION": GET_KEY}
+        return Store(backend, url, "bench.memory_app:app", env, token)
+    cli(env, "agents", "create", AGENT, "--name", "Benchmark agent")
+    out = cli(env, "keys", "create", "--name", "benchmark", "--grant", f"{AGENT}={SCOPES}")
+    token = out.strip().splitlines()[-1]
+    storage = storage_from_url(url)
+    now = utcnow()
+    storage.create_session(
+        session=Session(
+            key=GET_KEY,
+            agent_key=AGENT,
+            name="Benchmark session",
+            metadata={"customer": "c-17", "channel": "web"},
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    storage.close()
+    return Store(backend, url, "wsgi:app", env, token)
+
+
+def fresh_url(backend: str, workdir: Path, name: str) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{workdir / name}.db"  # workdir is absolute: four slashes
+    if backend == "memory":
+        return "memory://"
+    if backend == "postgresql":
+        database = "bench" if name in ("compare", "empty") else f"bench_{name}"
+        recreate_pg_database(database)
+        return f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{database}"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def recreate_pg_database(name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    """Run the ``agent-sessions`` console script; its standard output."""
+    result = subprocess.run(
+        [str(BIN / "agent-sessions"), *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"agent-sessions {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+# Bulk loading
+
+
+def agents_for(count: int) -> list[str]:
+    """The benchmark agent first, then more, so the sessions spread over ``count`` agents."""
+    return [AGENT] + [f"{AGENT}-{n}" for n in range(2, count + 1)]
+
+
+def bulk_load(url: str, *, sessions: int, agents: int) -> float:
+    """Add ``sessions`` sessions spread round-robin over ``agents`` agents; return the seconds.
+
+    Agent ``i`` gets the keys s0000000, s0000001, ... so that a reader can pick
+    any of them at random; rows of different agents interleave, as they would
+    when agents are busy at the same time.
+    """
+    started = time.monotonic()
+    storage = storage_from_url(url)
+    now = utcnow()
+    for key in agents_for(agents)[1:]:
+        storage.create_agent(agent=Agent(key=key, name=key, created_at=now, updated_at=now))
+    rows = _rows(sessions, agents_for(agents), now - dt.timedelta(days=1))
+    if url.startswith("sqlite:"):
+        _load_sqlite(storage, rows)
+    elif url.startswith("postgresql:"):
+        storage.close()
+        _load_postgres(url, rows)
+    else:
+        raise ValueError(f"no bulk loader for {url}")
+    storage.close()
+    return time.monotonic() - started
+
+
+def _rows(count: int, agents: list[str], start: dt.datetime) -> Iterator[tuple]:
+    for n in range(count):
+        created = start + dt.timedelta(milliseconds=n)
+        yield (
+            agents[n % len(agents)],
+            f"{BULK_KEY_PREFIX}{n // len(agents):07d}",
+            f"Bulk session {n}",
+            None,
+            json.dumps({"customer": f"c-{n % 1000}", "channel": "web"}),
+            True,
+            0,
+            created,
+            created,
+            None,
+        )
+
+
+def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
+    rows = iter(rows)
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+
+def _load_sqlite(storage, rows: Iterator[tuple]) -> None:
+    """``executemany`` in one transaction per batch, on the backend's own connection."""
+    conn = storage.db.conn
+    insert = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    for batch in _batches(rows, BULK_BATCH):
+        conn.execute("BEGIN")
+        conn.executemany(
+            insert,
+            (
+                (*row[:5], int(row[5]), row[6], format_ts(row[7]), format_ts(row[8]), row[9])
+                for row in batch
+            ),
+        )
+        conn.execute("COMMIT")
+    conn.execute("ANALYZE")
+
+
+def _load_postgres(url: str, rows: Iterator[tuple]) -> None:
+    """COPY in one transaction per batch (the schema exists: the CLI created the agent)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        for batch in _batches(rows, BULK_BATCH):
+            with conn.cursor().copy(f"COPY sessions ({SESSION_COLUMNS}) FROM STDIN") as copy:
+                for row in batch:
+                    copy.write_row(row)
+            conn.commit()
+        conn.execute("ANALYZE sessions")
+        conn.commit()
