@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,11 @@ from .base import (
     StorageError,
     Unavailable,
 )
+
+# Silent unless the host configures logging (gunicorn.conf.py sends these to the
+# error log). Without a handler, Python's last-resort one would print warnings to
+# stderr, for instance a second line after the CLI's one-line error.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # scheme -> "module:class"; modules import lazily so optional drivers stay optional.
 BACKENDS: dict[str, str] = {

@@ -505,6 +505,11 @@ def _translated() -> Iterator[None]:
             log.warning("sqlite unavailable: %s", err)
             raise Unavailable(f"sqlite: {err}") from err
         raise
+    except OSError as err:
+        # The database's directory cannot be made or reached (a file in its
+        # path, no permission, a read-only or full file system).
+        log.warning("sqlite unavailable: %s", err)
+        raise Unavailable(f"sqlite: {err}") from err
 
 
 def _encode_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
