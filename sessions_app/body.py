@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError
 
@@ -110,6 +111,12 @@ def json_object() -> dict[str, Any]:
     if charset not in ("utf-8", "utf8"):
         raise ApiError(415, "unsupported_media_type", "JSON bodies must be UTF-8.")
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        # Werkzeug cuts a streamed (chunked) body at the limit without an error, so
+        # a longer one would be parsed truncated; one more byte tells if it went on.
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
     try:
         data = parse(raw)
     except ValueError as err:
