@@ -1,5 +1,6 @@
 """gunicorn defaults for ``gunicorn wsgi:app``; each can be overridden on the command line."""
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -19,7 +20,32 @@ limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
 accesslog = "-"
+# gunicorn's default format, less two places a client may put its API key: the
+# user of Basic auth (%(u)s) and the query string (%(r)s); the path is %(U)s.
+access_log_format = '%(h)s %(l)s - %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 errorlog = "-"
+
+
+class _ToErrorLog(logging.Handler):
+    """Hands a record to gunicorn's error log: its file, its format, its --log-level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error_log = logging.getLogger("gunicorn.error")
+        if error_log.isEnabledFor(record.levelno):
+            error_log.handle(record)
+
+
+# The service's own log lines (the storage and SQLite version at start, 503s,
+# unhandled errors) go to the error log. Set here, before gunicorn loads the app
+# (also with --preload), and inherited by every worker.
+for _name in ("agent_sessions", "sessions_app", "storage_backends"):
+    _logger = logging.getLogger(_name)
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False
+    if not any(h.get_name() == "gunicorn-error-log" for h in _logger.handlers):
+        _handler = _ToErrorLog()
+        _handler.set_name("gunicorn-error-log")
+        _logger.addHandler(_handler)
 
 
 def on_starting(server):
