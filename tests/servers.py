@@ -40,15 +40,24 @@ def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 
 
 class Server:
-    """A gunicorn master serving ``wsgi:app`` with the given environment."""
+    """A gunicorn master serving ``app`` (by default ``wsgi:app``) with the given environment."""
 
-    def __init__(self, env: dict[str, str], *, workers: int = 4, log_path: Path, extra=()):
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        workers: int = 4,
+        log_path: Path,
+        extra=(),
+        app: str = "wsgi:app",
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.workers = workers
         self.log_path = log_path
         self.extra = list(extra)
+        self.app = app
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> Server:
@@ -63,7 +72,7 @@ class Server:
                 "--bind",
                 f"127.0.0.1:{self.port}",
                 *self.extra,
-                "wsgi:app",
+                self.app,
             ],
             cwd=ROOT,
             env=self.env,
@@ -84,6 +93,17 @@ class Server:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> set[int]:
+        """The process ids of the master's children: its workers."""
+        assert self.process is not None
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return {int(pid) for pid in out.split()}
 
     def kill(self) -> None:
         """SIGKILL the master and every worker (the whole process group)."""
