@@ -85,7 +85,9 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.logs()[-2000:]}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                # Up only once every worker has forked: tests compare worker pids.
+                healthy = requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                if healthy and len(self.worker_pids()) >= self.workers:
                     return self
             time.sleep(0.1)
         self.stop()
