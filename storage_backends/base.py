@@ -55,16 +55,18 @@ def utcnow() -> dt.datetime:
 
 
 def format_ts(value: dt.datetime | None) -> str | None:
-    """Fixed-width UTC text, so that text order is time order."""
+    """Fixed-width UTC text with milliseconds and a Z, so that text order is time order."""
     if value is None:
         return None
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    # isoformat pads the year to four digits, which strftime("%Y") does not.
+    return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_ts(value: str | None) -> dt.datetime | None:
+    """The inverse of :func:`format_ts` (``fromisoformat`` reads the Z since Python 3.11)."""
     if value is None:
         return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    return dt.datetime.fromisoformat(value)
 
 
 @dataclasses.dataclass
