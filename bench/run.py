@@ -48,7 +48,8 @@ the session to read, identically. ``--scale`` skips it: the memory backend is
 for tests and demos, not for a million sessions per worker process.
 
 PostgreSQL takes part when it answers on 127.0.0.1:5432 (user postgres), in
-the scratch databases ``bench`` and ``bench_loaded``, dropped and created anew.
+scratch databases (``bench``, ``bench_loaded``, ...) created anew and dropped
+at the end (kept, with the server logs, under ``--keep``).
 Results are also written as JSON to ``bench/results/`` (git-ignored). The exit
 status is 0 when every target measured is met, 2 when one is missed, 1 when
 the benchmark itself failed.
@@ -570,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work files kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            stores.drop_pg_databases()
     print(f"\nresults written to {save(results).relative_to(BENCH.parent)}")
     checks = [r["met"] for mode in ("compare", "scale") for r in results.get(mode, [])]
     checks += [results["memory"]["met"]] if "memory" in results else []

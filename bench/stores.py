@@ -104,15 +104,31 @@ def fresh_url(backend: str, workdir: Path, name: str) -> str:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+_pg_databases: set[str] = set()
+
+
 def recreate_pg_database(name: str) -> None:
+    drop_pg_database(name)
+    _pg_admin("CREATE DATABASE {}", name)
+    _pg_databases.add(name)
+
+
+def drop_pg_database(name: str) -> None:
+    _pg_admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
+
+
+def drop_pg_databases() -> None:
+    """Drop the scratch databases this run created (a loaded one holds a million rows)."""
+    while _pg_databases:
+        drop_pg_database(_pg_databases.pop())
+
+
+def _pg_admin(statement: str, database: str) -> None:
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL(statement).format(sql.Identifier(database)))
 
 
 def cli(env: dict[str, str], *args: str) -> str:
