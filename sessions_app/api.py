@@ -7,7 +7,7 @@ import binascii
 from typing import Any
 
 import re2
-from flask import Blueprint, current_app, g, request, url_for
+from flask import Blueprint, current_app, g, request
 from werkzeug.wrappers import Response
 
 from storage_backends import (
@@ -115,6 +115,14 @@ def page_body(page: Page, name: str) -> dict[str, Any]:
     return {name: page.items, "metadata": {"page_key": encode_cursor(page.next_cursor)}}
 
 
+def member_url(key: str) -> str:
+    """The URL of a resource just created by a POST to its collection (this request's path).
+
+    Cheaper than ``url_for``, and it keeps whatever prefix the blueprint is mounted at.
+    """
+    return f"{request.path}/{key}"
+
+
 def ensure_agent(agent_key: str) -> None:
     """Raise AgentNotFound; used on error paths to tell a missing agent from a bad body."""
     state().storage.get_agent(agent_key=agent_key)
@@ -147,7 +155,7 @@ def create_session(agent_key: str) -> Response:
         created = ext.storage.create_session(session=session)
     else:
         created = create_with_generated_key(session)
-    location = url_for(".get_session", agent_key=agent_key, session_key=created.key)
+    location = member_url(created.key)
     return respond(session_schema, created, 201, {"Location": location})
 
 
@@ -245,7 +253,7 @@ def create_agent() -> Response:
     data = agent_create_schema.load(body.json_object())
     now = utcnow()
     agent = state().storage.create_agent(agent=Agent(created_at=now, updated_at=now, **data))
-    location = url_for(".get_agent", agent_key=agent.key)
+    location = member_url(agent.key)
     return respond(agent_schema, agent, 201, {"Location": location})
 
 
