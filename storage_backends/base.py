@@ -69,6 +69,11 @@ def parse_ts(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value)
 
 
+def text_matches(pattern: Any, name: str, description: str | None) -> bool:
+    """What a listing's ``matches`` filter means: the pattern found in the name or description."""
+    return bool(pattern.search(name) or (description and pattern.search(description)))
+
+
 @dataclasses.dataclass
 class Agent:
     key: str

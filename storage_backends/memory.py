@@ -25,6 +25,7 @@ from .base import (
     Session,
     SessionNotFound,
     Storage,
+    text_matches,
 )
 
 
@@ -119,7 +120,8 @@ class MemoryStorage(Storage):
             live = (
                 (seq, s)
                 for seq, s in rows
-                if not s.expired(now) and (matches is None or _matches(matches, s))
+                if not s.expired(now)
+                and (matches is None or text_matches(matches, s.name, s.description))
             )
             return _page(live, limit, after)
 
@@ -194,10 +196,6 @@ class MemoryStorage(Storage):
                 key = dataclasses.replace(key, revoked_at=now)
                 self._keys[key_id] = (seq, key)
             return copy.deepcopy(key)
-
-
-def _matches(pattern: Any, session: Session) -> bool:
-    return bool(pattern.search(session.name) or pattern.search(session.description or ""))
 
 
 def _page(rows: Any, limit: int, after: int | None) -> Page:

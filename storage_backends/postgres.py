@@ -59,6 +59,7 @@ from .base import (
     SessionNotFound,
     Storage,
     Unavailable,
+    text_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ class PostgresStorage(Storage):
                     cursor.execute(query, params)
                     for row in cursor:
                         name, description = row[4], row[5]
-                        if matches.search(name) or (description and matches.search(description)):
+                        if text_matches(matches, name, description):
                             rows.append(row)
                             if len(rows) > limit:
                                 break

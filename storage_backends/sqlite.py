@@ -46,6 +46,7 @@ from .base import (
     Unavailable,
     format_ts,
     parse_ts,
+    text_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class SQLiteStorage(Storage):
                 cursor = self.db.execute(sql + " ORDER BY id", params)
                 rows = []
                 for row in cursor:
-                    if matches.search(row[3]) or (row[4] and matches.search(row[4])):
+                    if text_matches(matches, row[3], row[4]):
                         rows.append(row)
                         if len(rows) > limit:
                             break
