@@ -186,7 +186,13 @@ class PostgresStorage(Storage):
         return pool
 
     def _new_pool(self) -> ConnectionPool:
-        kwargs: dict[str, Any] = {"connect_timeout": max(2, math.ceil(self.timeout))}
+        # Autocommit: a single statement is its own transaction, one round trip
+        # instead of three (BEGIN, the statement, COMMIT); _transaction() opens
+        # an explicit one where several statements must commit together.
+        kwargs: dict[str, Any] = {
+            "connect_timeout": max(2, math.ceil(self.timeout)),
+            "autocommit": True,
+        }
         if "application_name" not in self._params:
             kwargs["application_name"] = "agent-sessions"
         pool = ConnectionPool(
@@ -230,7 +236,7 @@ class PostgresStorage(Storage):
             raise
 
     def _migrate(self, pool: ConnectionPool) -> None:
-        with _translated(), pool.connection() as conn:
+        with _translated(), pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -250,12 +256,21 @@ class PostgresStorage(Storage):
                 log.info("postgresql schema migrated to version %s", version)
 
     @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in autocommit mode: each statement commits on its own.
+
+        Raises :class:`Unavailable` when the server cannot be reached.
+        """
+        with _translated(), self._get_pool().connection() as conn:
+            yield conn
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
         """A pooled connection in one transaction: committed on success, else rolled back.
 
         Raises :class:`Unavailable` when the server cannot be reached.
         """
-        with _translated(), self._get_pool().connection() as conn:
+        with self._connection() as conn, conn.transaction():
             yield conn
 
     def close(self) -> None:
@@ -266,7 +281,7 @@ class PostgresStorage(Storage):
             pool.close()
 
     def check(self) -> None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             conn.execute("SELECT 1").fetchone()
 
     def describe(self) -> dict[str, Any]:
@@ -275,7 +290,7 @@ class PostgresStorage(Storage):
         info = {"engine": "postgresql", "server_version": None, "database": params.get("dbname")}
         info["host"] = params.get("host") or params.get("hostaddr") or "localhost"
         info["pool"] = f"{self.min_size}-{self.max_size}"
-        with contextlib.suppress(Unavailable), self._transaction() as conn:
+        with contextlib.suppress(Unavailable), self._connection() as conn:
             info["server_version"] = conn.execute("SHOW server_version").fetchone()[0]
         return info
 
@@ -283,21 +298,21 @@ class PostgresStorage(Storage):
 
     def create_agent(self, *, agent: Agent) -> Agent:
         try:
-            with self._transaction() as conn:
+            with self._connection() as conn:
                 conn.execute(_insert("agents", AGENT_COLUMNS), _values(agent, AGENT_COLUMNS))
         except errors.UniqueViolation:
             raise Conflict(agent.key) from None
         return agent
 
     def get_agent(self, *, agent_key: str) -> Agent:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(AGENT_SELECT + " WHERE key = %s", [agent_key]).fetchone()
         if row is None:
             raise AgentNotFound(agent_key)
         return _agent(row)
 
     def list_agents(self, *, limit: int, after: int | None = None) -> Page:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 AGENT_SELECT + " WHERE id > %s ORDER BY id LIMIT %s",
                 [after or 0, limit + 1],
@@ -311,7 +326,7 @@ class PostgresStorage(Storage):
         query = sql.SQL("UPDATE agents SET {} WHERE key = %s RETURNING id, {}").format(
             assignments, _columns(AGENT_COLUMNS)
         )
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(query, [*params, agent_key]).fetchone()
         if row is None:
             raise AgentNotFound(agent_key)
@@ -319,7 +334,7 @@ class PostgresStorage(Storage):
 
     def delete_agent(self, *, agent_key: str) -> None:
         # The foreign key's ON DELETE CASCADE removes the sessions in the same statement.
-        with self._transaction() as conn:
+        with self._connection() as conn:
             deleted = conn.execute("DELETE FROM agents WHERE key = %s", [agent_key]).rowcount
         if deleted == 0:
             raise AgentNotFound(agent_key)
@@ -331,7 +346,7 @@ class PostgresStorage(Storage):
         # decided together; the foreign key settles a race with delete_agent.
         columns = (*SESSION_COLUMNS, "expires_at")
         try:
-            with self._transaction() as conn:
+            with self._connection() as conn:
                 inserted = conn.execute(
                     _insert("sessions", columns)
                     + " WHERE EXISTS (SELECT 1 FROM agents WHERE key = %s)",
@@ -346,7 +361,7 @@ class PostgresStorage(Storage):
         return session
 
     def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 SESSION_SELECT + " WHERE agent_key = %s AND key = %s",
                 [agent_key, session_key],
@@ -372,12 +387,14 @@ class PostgresStorage(Storage):
     ) -> Page:
         query = f"{SESSION_SELECT} WHERE agent_key = %s AND id > %s AND {LIVE_SESSION} ORDER BY id"
         params: list[Any] = [agent_key, after or 0, now]
-        with self._transaction() as conn:
-            if matches is None:
+        if matches is None:
+            with self._connection() as conn:
                 rows = conn.execute(query + " LIMIT %s", [*params, limit + 1]).fetchall()
-            else:
-                # The pattern runs in Python over a server-side cursor, fetched in
-                # batches, so only as many rows are read as it takes to fill the page.
+        else:
+            # The pattern runs in Python over a server-side cursor, fetched in
+            # batches, so only as many rows are read as it takes to fill the page
+            # (a server-side cursor lives in a transaction).
+            with self._transaction() as conn:
                 rows = []
                 with conn.cursor(name="list_sessions") as cursor:
                     cursor.itersize = max(100, 2 * limit)
@@ -413,7 +430,7 @@ class PostgresStorage(Storage):
             "UPDATE sessions SET {}, expires_at = {} "
             "WHERE agent_key = %s AND key = %s AND " + LIVE_SESSION + " RETURNING id, {}"
         ).format(assignments, expires, _columns(SESSION_COLUMNS))
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(query, [*params, agent_key, session_key, now]).fetchone()
             if row is None:
                 conn.execute(
@@ -425,7 +442,7 @@ class PostgresStorage(Storage):
         return _session(row)
 
     def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "DELETE FROM sessions WHERE agent_key = %s AND key = %s RETURNING expires_at",
                 [agent_key, session_key],
@@ -435,7 +452,7 @@ class PostgresStorage(Storage):
             raise SessionNotFound(session_key)
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             return conn.execute(
                 "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= %s", [now]
             ).rowcount
@@ -444,21 +461,21 @@ class PostgresStorage(Storage):
 
     def create_api_key(self, *, api_key: ApiKey) -> ApiKey:
         try:
-            with self._transaction() as conn:
+            with self._connection() as conn:
                 conn.execute(_insert("api_keys", KEY_COLUMNS), _values(api_key, KEY_COLUMNS))
         except errors.UniqueViolation:
             raise Conflict(api_key.id) from None
         return api_key
 
     def get_api_key(self, *, key_id: str) -> ApiKey:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(KEY_SELECT + " WHERE id = %s", [key_id]).fetchone()
         if row is None:
             raise ApiKeyNotFound(key_id)
         return _api_key(row)
 
     def list_api_keys(self, *, limit: int, after: int | None = None) -> Page:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 KEY_SELECT + " WHERE seq > %s ORDER BY seq LIMIT %s",
                 [after or 0, limit + 1],
@@ -467,7 +484,7 @@ class PostgresStorage(Storage):
 
     def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
         # One statement, idempotent: a second revocation keeps the first date.
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 sql.SQL(
                     "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s "
