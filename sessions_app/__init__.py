@@ -23,10 +23,6 @@ log = logging.getLogger("agent_sessions")
 # log): the CLI must not print the start-up warnings below on every command.
 log.addHandler(logging.NullHandler())
 
-# SQLite before this release can corrupt a WAL database written by several
-# processes at once (https://sqlite.org/wal.html#walresetbug).
-SQLITE_WAL_RESET_FIXED = (3, 51, 3)
-
 ENV_PREFIX = "AGENT_SESSIONS"
 
 
@@ -88,7 +84,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     except (StorageConfigError, ValueError) as err:
         raise ConfigError(str(err)) from None
     app.extensions["agent_sessions"] = AgentSessions(storage=storage, limits=limits)
-    log_storage(storage)
+    storage.announce(log)
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.before_request(_routing_errors_as_json(url_prefix))
     app.register_blueprint(ops)
@@ -118,31 +114,6 @@ def _routing_errors_as_json(url_prefix: str) -> Callable[[], Any]:
         return None
 
     return hook
-
-
-def log_storage(storage: Storage) -> None:
-    """Log which storage serves, with the SQLite library version, and warn when it is old.
-
-    Only facts known without connecting: the factory must not open a connection.
-    """
-    from storage_backends.sqlite import SQLiteStorage
-
-    if not isinstance(storage, SQLiteStorage):
-        log.info("storage: %s", type(storage).__name__)
-        return
-    facts = storage.describe()
-    version = facts["sqlite_version"]
-    log.info(
-        "storage: SQLite %s at %s (synchronous=%s)", version, facts["path"], facts["synchronous"]
-    )
-    if tuple(int(part) for part in version.split(".")[:3]) < SQLITE_WAL_RESET_FIXED:
-        log.warning(
-            "SQLite %s is older than %s and has the WAL-reset bug, which can corrupt the "
-            "database when several processes write to it (sqlite.org/wal.html#walresetbug); "
-            "install a newer SQLite",
-            version,
-            ".".join(map(str, SQLITE_WAL_RESET_FIXED)),
-        )
 
 
 def default_storage_url(app: Flask) -> str:

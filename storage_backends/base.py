@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -177,9 +178,12 @@ class Storage(abc.ABC):
     def check(self) -> None:
         """Return if the backend answers; raise :class:`Unavailable` otherwise."""
 
-    def describe(self) -> dict[str, Any]:
-        """Facts for logs and readiness (engine version and the like)."""
-        return {}
+    def announce(self, log: logging.Logger) -> None:
+        """Log, once at start, what serves and anything an operator must know.
+
+        Must not connect: it runs in the factory, before any fork.
+        """
+        log.info("storage: %s", type(self).__name__)
 
     # Agents
 

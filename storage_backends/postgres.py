@@ -284,15 +284,15 @@ class PostgresStorage(Storage):
         with self._connection() as conn:
             conn.execute("SELECT 1").fetchone()
 
-    def describe(self) -> dict[str, Any]:
-        """Engine, server version (None while unreachable), where, and pool bounds."""
+    def announce(self, log: logging.Logger) -> None:
         params = self._params
-        info = {"engine": "postgresql", "server_version": None, "database": params.get("dbname")}
-        info["host"] = params.get("host") or params.get("hostaddr") or "localhost"
-        info["pool"] = f"{self.min_size}-{self.max_size}"
-        with contextlib.suppress(Unavailable), self._connection() as conn:
-            info["server_version"] = conn.execute("SHOW server_version").fetchone()[0]
-        return info
+        log.info(
+            "storage: PostgreSQL database %s at %s (pool %s-%s per process)",
+            params.get("dbname"),
+            params.get("host") or params.get("hostaddr") or "localhost",
+            self.min_size,
+            self.max_size,
+        )
 
     # Agents
 

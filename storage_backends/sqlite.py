@@ -52,6 +52,9 @@ from .base import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# SQLite before this release can corrupt a WAL database written by several
+# connections at once (https://sqlite.org/wal.html#walresetbug).
+WAL_RESET_FIXED = (3, 51, 3)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 SESSION_COLUMNS = (
@@ -169,13 +172,17 @@ class SQLiteStorage(Storage):
         with _translated():
             self.db.execute("SELECT 1").fetchone()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "engine": "sqlite",
-            "sqlite_version": sqlite3.sqlite_version,
-            "path": self.path,
-            "synchronous": self.synchronous,
-        }
+    def announce(self, log: logging.Logger) -> None:
+        version = sqlite3.sqlite_version
+        log.info("storage: SQLite %s at %s (synchronous=%s)", version, self.path, self.synchronous)
+        if tuple(int(part) for part in version.split(".")[:3]) < WAL_RESET_FIXED:
+            log.warning(
+                "SQLite %s is older than %s and has the WAL-reset bug, which can corrupt the "
+                "database when several processes write to it (sqlite.org/wal.html#walresetbug); "
+                "install a newer SQLite",
+                version,
+                ".".join(map(str, WAL_RESET_FIXED)),
+            )
 
     # Agents
 
