@@ -59,8 +59,10 @@ def format_ts(value: dt.datetime | None) -> str | None:
     """Fixed-width UTC text with milliseconds and a Z, so that text order is time order."""
     if value is None:
         return None
-    # isoformat pads the year to four digits, which strftime("%Y") does not.
-    return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    if value.tzinfo is not dt.UTC:
+        value = value.astimezone(dt.UTC)
+    # isoformat pads the year to four digits, which strftime("%Y") does not; "+00:00" becomes Z.
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_ts(value: str | None) -> dt.datetime | None:
