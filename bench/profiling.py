@@ -35,12 +35,15 @@ STAGES = [
         ("rate limit", r"\(sessions_app/limits\.py\)"),
         ("Flask-Limiter hooks", r"\(flask_limiter/"),
         ("body parse", r"\(sessions_app/body\.py\)"),
-        ("schema load", r"^Schema\.load \(marshmallow/"),
-        ("schema dump", r"^Schema\.dump \(marshmallow/"),
+        ("schema load", r"^(\w+\.)?load \(marshmallow/"),
+        ("schema dump", r"^(\w+\.)?dump \((marshmallow/|sessions_app/schemas\.py)"),
         ("timestamps", r"^(format_ts|parse_ts|utcnow) \(storage_backends/base\.py\)"),
         ("storage", r"\(storage_backends/"),
         ("url_for", r"^url_for \(flask/"),
-        ("JSON encode", r"\(flask/json/provider\.py\)"),
+        (
+            "JSON response",
+            r"^json_response \(sessions_app/errors\.py\)|\(flask/json/provider\.py\)",
+        ),
         ("after-request headers", r"^(finish|_common_headers) \(sessions_app/"),
     )
 ]

@@ -63,11 +63,16 @@ _RE2_OPTIONS.max_mem = 1 << 20  # a pattern that needs more is rejected, not run
 
 @bp.after_request
 def finish(response: Response) -> Response:
-    """Headers every API response carries."""
-    response.headers["X-Request-ID"] = errors.request_id()
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Cache-Control"] = "no-store"
-    return limits.add_headers(response)
+    """Headers every API response carries (none of them is set anywhere else)."""
+    response.headers.extend(
+        [
+            ("X-Request-ID", errors.request_id()),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", "no-store"),
+            *limits.headers(),
+        ]
+    )
+    return response
 
 
 def state() -> Any:
@@ -75,11 +80,7 @@ def state() -> Any:
 
 
 def respond(schema: Any, obj: Any, status: int = 200, headers: Any = None) -> Response:
-    response = current_app.json.response(schema.dump(obj))
-    response.status_code = status
-    if headers:
-        response.headers.update(headers)
-    return response
+    return errors.json_response(schema.dump(obj), status, headers)
 
 
 def no_content() -> Response:
@@ -156,7 +157,7 @@ def create_session(agent_key: str) -> Response:
     else:
         created = create_with_generated_key(session)
     location = member_url(created.key)
-    return respond(session_schema, created, 201, {"Location": location})
+    return respond(session_schema, created, 201, [("Location", location)])
 
 
 def create_with_generated_key(session: Session) -> Session:
@@ -254,7 +255,7 @@ def create_agent() -> Response:
     now = utcnow()
     agent = state().storage.create_agent(agent=Agent(created_at=now, updated_at=now, **data))
     location = member_url(agent.key)
-    return respond(agent_schema, agent, 201, {"Location": location})
+    return respond(agent_schema, agent, 201, [("Location", location)])
 
 
 @bp.get("/agents")
@@ -303,10 +304,7 @@ def create_api_key() -> Response:
     data = api_key_create_schema.load(body.json_object())
     data["grants"] = [Grant(g["agent"], tuple(g["scopes"])) for g in data["grants"]]
     key, token = auth.new_api_key(**data)
-    payload = api_key_created_schema.dump(key) | {"secret": token}
-    response = current_app.json.response(payload)
-    response.status_code = 201
-    return response
+    return errors.json_response(api_key_created_schema.dump(key) | {"secret": token}, 201)
 
 
 @bp.get("/api_keys")

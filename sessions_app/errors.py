@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
-import uuid
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, request
@@ -67,13 +68,26 @@ class ApiError(Exception):
 
 
 def request_id() -> str:
-    """This request's id: the client's X-Request-ID when sane, else a new one."""
+    """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits."""
     rid = g.get("request_id")
     if rid is None:
         sent = request.headers.get("X-Request-ID", "")
-        rid = sent if _SANE_REQUEST_ID.match(sent) else uuid.uuid4().hex
+        rid = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
         g.request_id = rid
     return rid
+
+
+# The API's JSON, whatever the host application's JSON provider does: compact,
+# UTF-8 as is, keys in the schemas' order. Built once, not per response.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def json_response(
+    body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    return current_app.response_class(
+        _ENCODER.encode(body) + "\n", status, headers, mimetype="application/json"
+    )
 
 
 def error_response(
@@ -87,11 +101,7 @@ def error_response(
     if field_errors is not None:
         body["field_errors"] = field_errors
     body["request_id"] = request_id()
-    response = current_app.json.response(body)
-    response.status_code = status
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
+    return json_response(body, status, list((headers or {}).items()))
 
 
 def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:

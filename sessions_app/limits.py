@@ -43,7 +43,6 @@ from limits import RateLimitItem, parse_many
 from limits.errors import ConfigurationError
 from limits.storage import RedisStorage
 from limits.strategies import FixedWindowRateLimiter
-from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
 
@@ -317,11 +316,13 @@ def detach_request_hooks(app: Flask, extension: Limiter) -> None:
         hooks[None] = [hook for hook in hooks.get(None, []) if not ours(hook)]
 
 
-def add_headers(response: Response) -> Response:
-    """After-request: the X-RateLimit-* headers of the limit this request counted against."""
+def headers() -> list[tuple[str, str]]:
+    """The X-RateLimit-* headers of the limit this request counted against, if any."""
     window = g.get("rate_limit")
-    if window is not None:
-        response.headers["X-RateLimit-Limit"] = str(window.limit)
-        response.headers["X-RateLimit-Remaining"] = str(window.remaining)
-        response.headers["X-RateLimit-Reset"] = str(math.ceil(window.reset_at))
-    return response
+    if window is None:
+        return []
+    return [
+        ("X-RateLimit-Limit", str(window.limit)),
+        ("X-RateLimit-Remaining", str(window.remaining)),
+        ("X-RateLimit-Reset", str(math.ceil(window.reset_at))),
+    ]
