@@ -1,0 +1,87 @@
+"""The SQLite schema: created on first use, migrated from older releases, indexed for use."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+
+from storage_backends import Agent, Session
+from storage_backends.sqlite import SCHEMA_VERSION, SQLiteStorage
+
+T0 = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+
+
+def indexes(path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sessions'"
+            )
+        }
+
+
+def user_version(path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def write_sessions(storage: SQLiteStorage, *tti: int) -> None:
+    storage.create_agent(agent=Agent(key="bot", name="bot", created_at=T0, updated_at=T0))
+    for n, minutes in enumerate(tti):
+        storage.create_session(
+            session=Session(
+                key=f"s{n}",
+                agent_key="bot",
+                name="n",
+                tti_minutes=minutes,
+                created_at=T0,
+                updated_at=T0,
+            )
+        )
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
+    path = tmp_path / "old.db"
+    storage = SQLiteStorage(str(path))
+    write_sessions(storage, 0, 5, 0)
+    storage.close()
+    # What release 1 left behind: every session in the expires_at index, user_version 1.
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX idx_sessions_expiring")
+        conn.execute("CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)")
+        conn.execute("PRAGMA user_version = 1")
+
+    migrated = SQLiteStorage(str(path))
+    page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
+
+    assert [s.key for s in page.items] == ["s0", "s1", "s2"]
+    assert user_version(path) == SCHEMA_VERSION == 2
+    assert "idx_sessions_expires_at" not in indexes(path)
+    assert "idx_sessions_expiring" in indexes(path)
+    assert migrated.purge_expired_sessions(now=T0 + dt.timedelta(minutes=5)) == 1
+    assert [s.key for s in migrated.list_sessions(agent_key="bot", limit=10, now=T0).items] == [
+        "s0",
+        "s2",
+    ]
+
+
+def test_the_sweep_reads_the_partial_index_which_holds_only_expiring_sessions(tmp_path):
+    path = tmp_path / "s.db"
+    storage = SQLiteStorage(str(path))
+    write_sessions(storage, 0, 0, 3)
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN DELETE FROM sessions "
+                "WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                ["2027-01-01T00:00:00.000Z"],
+            )
+        )
+        indexed = conn.execute(
+            "SELECT count(*) FROM sessions INDEXED BY idx_sessions_expiring "
+            "WHERE expires_at IS NOT NULL"
+        ).fetchone()[0]
+    assert "idx_sessions_expiring" in plan
+    assert indexed == 1
