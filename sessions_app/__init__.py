@@ -121,7 +121,9 @@ def default_storage_url(app: Flask) -> str:
 
 
 def _common_headers(response: Any) -> Any:
+    """The API's headers on the standalone app's other answers (health checks, unknown paths)."""
+    if "X-Request-ID" in response.headers:
+        return response  # set, with nosniff, by the API and docs blueprints
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    if "X-Request-ID" not in response.headers:
-        response.headers["X-Request-ID"] = errors.request_id()
+    response.headers["X-Request-ID"] = errors.request_id()
     return response

@@ -78,6 +78,14 @@ def _check_strings(value: Any) -> None:
             _check_strings(child)
 
 
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_int=_bounded_int,
+    parse_float=_finite_float,
+    parse_constant=_reject_constant,
+)
+
+
 def parse(raw: bytes) -> Any:
     """Parse a JSON document, raising ValueError for anything not strictly valid."""
     try:
@@ -85,13 +93,7 @@ def parse(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise _BadJSON("the body is not valid UTF-8") from None
     try:
-        data = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_int=_bounded_int,
-            parse_float=_finite_float,
-            parse_constant=_reject_constant,
-        )
+        data = _DECODER.decode(text)  # json.loads would build a decoder per call
     except RecursionError:
         raise _BadJSON("the body is nested too deeply") from None
     # Escapes can produce NUL or unpaired surrogates; look closer only when one may be there.

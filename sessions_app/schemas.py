@@ -112,12 +112,15 @@ class Metadata(fields.Dict):
             max_depth=config["METADATA_MAX_DEPTH"],
             max_key_length=config["METADATA_MAX_KEY_LENGTH"],
         )
-        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        size = len(_COMPACT_JSON.encode(value).encode())
         if size > config["METADATA_MAX_BYTES"]:
             raise ValidationError(
                 f"At most {config['METADATA_MAX_BYTES']} bytes serialized are allowed."
             )
         return value
+
+
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) -> None:

@@ -66,8 +66,8 @@ KEY_COLUMNS = (
 )
 
 
-def dump_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+# Built once: json.dumps with options builds an encoder per call.
+dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class SQLiteStorage(Storage):
