@@ -110,6 +110,8 @@ KEY_SELECT = "SELECT seq, " + ", ".join(KEY_COLUMNS) + " FROM api_keys"
 AGENT_FIELDS = frozenset({"name", "description", "metadata", "enabled"})
 SESSION_FIELDS = AGENT_FIELDS | {"tti_minutes"}
 LIVE_SESSION = "(expires_at IS NULL OR expires_at > %s)"
+# One agent's live sessions in keyset order, read from the (agent_key, id) index.
+SESSION_PAGE = f"{SESSION_SELECT} WHERE agent_key = %s AND id > %s AND {LIVE_SESSION} ORDER BY id"
 
 # Failures that mean "try again later", not "this request is wrong". The pool's
 # own errors (PoolTimeout, PoolClosed, TooManyRequests) are OperationalErrors,
@@ -214,10 +216,16 @@ class PostgresStorage(Storage):
 
     def _configure(self, conn: psycopg.Connection) -> None:
         # UTC so timestamps come back in UTC; bounded waits so a lock or a slow
-        # statement gives a 503 instead of a hung worker.
+        # statement gives a 503 instead of a hung worker. No bitmap scans: with
+        # no statistics yet (a table autovacuum has not analyzed), the planner
+        # fetched every session of an agent and sorted them for a page of ten
+        # (6 ms at 30,000 sessions, growing with the agent) instead of reading
+        # the (agent_key, id) index in order (0.07 ms). No query here gains
+        # from a bitmap scan.
         conn.execute(
             "SELECT set_config('TimeZone', 'UTC', false), "
-            "set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+            "set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false), "
+            "set_config('enable_bitmapscan', 'off', false)",
             [f"{int(self.timeout * 1000)}ms", f"{self.statement_timeout_ms}ms"],
         )
         conn.commit()
@@ -385,7 +393,7 @@ class PostgresStorage(Storage):
         after: int | None = None,
         matches: Any = None,
     ) -> Page:
-        query = f"{SESSION_SELECT} WHERE agent_key = %s AND id > %s AND {LIVE_SESSION} ORDER BY id"
+        query = SESSION_PAGE
         params: list[Any] = [agent_key, after or 0, now]
         if matches is None:
             with self._connection() as conn:
