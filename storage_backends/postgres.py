@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import select
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -231,6 +232,8 @@ class PostgresStorage(Storage):
         conn.commit()
 
     def _check_connection(self, conn: psycopg.Connection) -> None:
+        if not _has_news(conn):
+            return
         try:
             ConnectionPool.check_connection(conn)
         except Exception:
@@ -596,3 +599,21 @@ def _record(cls: type, columns: tuple[str, ...], row: Any) -> Any:
 _agent = functools.partial(_record, Agent, AGENT_COLUMNS)
 _session = functools.partial(_record, Session, SESSION_COLUMNS)
 _api_key = functools.partial(_record, ApiKey, KEY_COLUMNS)
+
+
+def _has_news(conn: psycopg.Connection) -> bool:
+    """Whether a pooled connection may be dead, without a round trip to the server.
+
+    An idle connection's socket has nothing to read unless the server sent
+    something on its own: its goodbye when it shut down or ended the session,
+    or end of file when the connection dropped. Only then does the pool's check
+    (an empty query, one round trip) run, instead of on every checkout.
+    """
+    if conn.closed:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True

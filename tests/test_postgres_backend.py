@@ -1,9 +1,11 @@
-"""PostgreSQL reads a page of sessions from the index in order, also without statistics."""
+"""PostgreSQL backend specifics: query plans and the pool's handling of dead connections."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 
+import psycopg
 import pytest
 
 from storage_backends import Agent, storage_from_url
@@ -43,3 +45,29 @@ def test_a_page_reads_the_agent_index_in_order_before_any_statistics():
     assert "Index Scan using sessions_agent_id" in plan, plan
     assert "Sort" not in plan and "Bitmap" not in plan, plan
     assert [s.key for s in page.items] == [f"s{n}" for n in range(10)]
+
+
+def test_a_connection_the_server_ended_is_replaced_at_checkout_without_a_failure():
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    with postgres_schema() as url:
+        storage = storage_from_url(url, {"POSTGRES_POOL_MIN": 1, "POSTGRES_POOL_MAX": 1})
+        try:
+            storage.create_agent(agent=Agent(key="bot", name="bot", created_at=T0, updated_at=T0))
+            with storage._connection() as conn:
+                pid = conn.info.backend_pid
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+                # The server ends the session and closes the socket; wait until it has.
+                for _ in range(100):
+                    gone = admin.execute(
+                        "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = %s", [pid]
+                    ).fetchone()[0]
+                    if gone:
+                        break
+                    time.sleep(0.02)
+            # The pool's only connection is dead; the next call gets a new one.
+            assert storage.get_agent(agent_key="bot").name == "bot"
+            with storage._connection() as conn:
+                assert conn.info.backend_pid != pid
+        finally:
+            storage.close()
