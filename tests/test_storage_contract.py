@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import re
 import threading
@@ -141,14 +142,38 @@ def test_session_round_trip(storage):
 
 def test_copies_in_and_out(storage):
     make_agent(storage)
+    stored = {"a": 1, "tree": {"list": [{"x": 1}]}}
     session = Session(
-        key="s1", agent_key="bot", name="n", metadata={"a": 1}, created_at=T0, updated_at=T0
+        key="s1",
+        agent_key="bot",
+        name="n",
+        metadata=copy.deepcopy(stored),
+        created_at=T0,
+        updated_at=T0,
     )
     storage.create_session(session=session)
     session.metadata["a"] = 2
+    session.metadata["tree"]["list"][0]["x"] = 2
     fetched = storage.get_session(agent_key="bot", session_key="s1", now=T0)
     fetched.metadata["a"] = 3
-    assert storage.get_session(agent_key="bot", session_key="s1", now=T0).metadata == {"a": 1}
+    fetched.metadata["tree"]["list"].append(3)
+    listed = storage.list_sessions(agent_key="bot", limit=1, now=T0).items[0]
+    listed.metadata["tree"]["list"][0]["x"] = 4
+    listed.name = "changed"
+    session = storage.get_session(agent_key="bot", session_key="s1", now=T0)
+    assert (session.name, session.metadata) == ("n", stored)
+
+
+def test_api_keys_are_copied_in_and_out(storage):
+    grants = [Grant("bot", ("sessions:read",))]
+    key = ApiKey(id="ak_1", name="k", secret_hash="h", grants=grants, created_at=T0)
+    storage.create_api_key(api_key=key)
+    key.grants.append(Grant("*", ("sessions:create",)))
+    key.grants[0].agent = "other"
+    fetched = storage.get_api_key(key_id="ak_1")
+    fetched.grants[0].agent = "third"
+    fetched.grants.clear()
+    assert storage.get_api_key(key_id="ak_1").grants == [Grant("bot", ("sessions:read",))]
 
 
 def test_session_needs_its_agent(storage):
