@@ -82,6 +82,24 @@ def test_create_and_get_through_the_prefix(host_client: Any, full: dict[str, str
     assert host_client.get("/v2/agents/support-bot/sessions", headers=full).status_code == 404
 
 
+def test_the_host_json_settings_do_not_change_the_api(host_client: Any, full: dict[str, str]):
+    # Flask's default provider sorts keys and escapes non-ASCII; the API answers as it documents.
+    response = host_client.post(SESSIONS, json={"key": "c", "name": "Café"}, headers=full)
+    body = response.get_data(as_text=True)
+    assert list(response.get_json()) == [
+        "key",
+        "agent_key",
+        "name",
+        "description",
+        "metadata",
+        "enabled",
+        "tti_minutes",
+        "created_at",
+        "updated_at",
+    ]
+    assert '"name":"Café"' in body
+
+
 def test_host_metadata_bound_applies(host_client: Any, full: dict[str, str]) -> None:
     ok = host_client.post(SESSIONS, json={"name": "a", "metadata": {"x": 1, "y": 2}}, headers=full)
     assert ok.status_code == 201, ok.get_json()
