@@ -48,9 +48,10 @@ def resolve(storage: Storage, token: str) -> ApiKey | None:
 
 def presented_token() -> str:
     """The key from ``x-api-key`` or ``Authorization: Bearer``; never from the query string."""
-    token = request.headers.get("x-api-key")
+    environ = request.environ  # as request.headers reads them, without its KeyError when absent
+    token = environ.get("HTTP_X_API_KEY")
     if token is None:
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if scheme.lower() == "bearer":
             token = value.strip()
     return token or ""

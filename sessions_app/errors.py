@@ -71,7 +71,7 @@ def request_id() -> str:
     """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits."""
     rid = g.get("request_id")
     if rid is None:
-        sent = request.headers.get("X-Request-ID", "")
+        sent = request.environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
         rid = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
         g.request_id = rid
     return rid
