@@ -3,7 +3,7 @@
 From the repository root::
 
     .venv/bin/python bench/run.py [--quick] [--backends sqlite,memory,postgresql]
-                                  [--compare] [--scale] [--memory] [--profile]
+                                  [--compare [--floor]] [--scale] [--memory] [--profile]
 
 Needs Debian's ``wrk`` (``apt-get install wrk``); ``--profile`` also needs py-spy
 in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
@@ -16,7 +16,10 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     ``wrk -t2 -c16`` with the very same requests: create (POST, a unique key
     per request), get (one session), list (first page, limit 10). Targets: create >= 0.70 of the
     baseline's requests/s, get >= 0.80, list >= 0.70; p99 <= 2x the
-    baseline's; no answer but 2xx.
+    baseline's; no answer but 2xx. With ``--floor``, a third server takes its
+    turn: the baseline sending the six response headers the contract requires
+    on every answer (``app_with_api_headers``), whose ratio to the baseline is
+    what those headers alone cost.
 ``--scale``
     The same operations on a store of 1,000,000 sessions over 5 agents
     (bulk-loaded through the storage layer, ``bench/stores.py``) against an
@@ -58,6 +61,7 @@ the benchmark itself failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
@@ -75,6 +79,7 @@ import stores
 from harness import BENCH, Gunicorn, Summary, WrkResult, call, reachable, require_wrk, wrk
 
 BASELINE_APP = "bench.baseline_app:app"
+FLOOR_APP = "bench.baseline_app:app_with_api_headers"
 OPS = ("create", "get", "list")
 THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70}
 P99_TARGET = 2.0
@@ -94,6 +99,7 @@ class Plan:
     seconds: float
     warmup: float
     profile_seconds: float
+    floor: bool = False  # --compare also measures the baseline with the API's headers
 
 
 @dataclasses.dataclass
@@ -174,12 +180,16 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
     for backend in backends:
         print(f"\ncompare: {backend}", flush=True)
         store = stores.prepare(backend, workdir, "compare", settings)
-        service = Gunicorn(f"service-{backend}", store.app, store.env, workdir)
-        baseline = Gunicorn(f"baseline-{backend}", BASELINE_APP, store.env, workdir)
-        with service, baseline:
+        apps = {"service": store.app, "baseline": BASELINE_APP}
+        if plan.floor:
+            apps["floor"] = FLOOR_APP
+        with contextlib.ExitStack() as running:
             targets = {
-                "service": Target(service, store.token),
-                "baseline": Target(baseline, store.token),
+                name: Target(
+                    running.enter_context(Gunicorn(f"{name}-{backend}", app, store.env, workdir)),
+                    store.token,
+                )
+                for name, app in apps.items()
             }
             loads = {name: {op: Load(op) for op in OPS} for name in targets}
             results = alternate(targets, loads, plan)
@@ -188,23 +198,27 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
             ratio = ours.rps / base.rps
             p99_ratio = ours.p99_ms / base.p99_ms
             met = ratio >= THROUGHPUT_TARGETS[op] and p99_ratio <= P99_TARGET and not ours.non2xx
-            rows.append(
-                {
-                    "backend": backend,
-                    "op": op,
-                    "service": stats(ours),
-                    "baseline": stats(base),
-                    "ratio": ratio,
-                    "p99_ratio": p99_ratio,
-                    "met": met,
-                }
-            )
+            row = {
+                "backend": backend,
+                "op": op,
+                "service": stats(ours),
+                "baseline": stats(base),
+                "ratio": ratio,
+                "p99_ratio": p99_ratio,
+                "met": met,
+            }
+            if plan.floor:
+                row["floor"] = stats(results["floor"][op])
+                row["floor_ratio"] = results["floor"][op].rps / base.rps
+            rows.append(row)
     print_compare(rows, plan)
     return rows
 
 
 def print_compare(rows: list[dict], plan: Plan) -> None:
     print(f"\nService vs baseline ({plan.rounds} rounds of {plan.seconds:g} s, medians)")
+    if plan.floor:
+        print("floor: the baseline sending the API's response headers, as a ratio to the baseline")
     print_table(
         [
             "backend",
@@ -219,6 +233,7 @@ def print_compare(rows: list[dict], plan: Plan) -> None:
             "ratio (target)",
             "p99 x (<=2)",
             "met",
+            *(["floor"] if plan.floor else []),
         ],
         [
             [
@@ -234,6 +249,7 @@ def print_compare(rows: list[dict], plan: Plan) -> None:
                 f"{r['ratio']:.2f} (>={THROUGHPUT_TARGETS[r['op']]:.2f})",
                 f"{r['p99_ratio']:.2f}",
                 "yes" if r["met"] else "NO",
+                *([f"{r['floor_ratio']:.2f}"] if plan.floor else []),
             ]
             for r in rows
         ],
@@ -320,6 +336,7 @@ def print_scale(rows: list[dict], plan: Plan, sessions: int) -> None:
                 str(r["loaded"]["non2xx"] + (r["empty"] or {}).get("non2xx", 0)),
                 f"{r['cost']:.2f} (<={r['target']:.2f})",
                 "yes" if r["met"] else "NO",
+                *([f"{r['floor_ratio']:.2f}"] if plan.floor else []),
             ]
             for r in rows
         ],
@@ -510,6 +527,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", action="store_true", help="1M sessions vs an empty store")
     parser.add_argument("--memory", action="store_true", help="worker RSS over many requests")
     parser.add_argument("--profile", action="store_true", help="py-spy: where time goes")
+    parser.add_argument(
+        "--floor", action="store_true", help="compare: also the baseline with the API's headers"
+    )
     parser.add_argument("--rounds", type=int, help="rounds per measurement")
     parser.add_argument("--seconds", type=float, help="seconds per wrk run")
     parser.add_argument("--sessions", type=int, default=1_000_000, help="for --scale")
@@ -546,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(rounds=5, seconds=10, warmup=2, profile_seconds=15)
     plan.rounds = args.rounds or plan.rounds
     plan.seconds = args.seconds or plan.seconds
+    plan.floor = args.floor
     settings = {}
     if args.ratelimit_storage:
         settings["AGENT_SESSIONS_RATELIMIT_STORAGE_URI"] = args.ratelimit_storage
