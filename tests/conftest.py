@@ -27,6 +27,19 @@ BACKENDS = ["memory", "sqlite", "postgres"]
 
 ALL_SCOPES = ("sessions:create", "sessions:read", "sessions:update", "sessions:delete")
 
+# A session's fields in API answers, in the order the schema gives them.
+SESSION_FIELDS = [
+    "key",
+    "agent_key",
+    "name",
+    "description",
+    "metadata",
+    "enabled",
+    "tti_minutes",
+    "created_at",
+    "updated_at",
+]
+
 
 def port_open(host: str, port: int) -> bool:
     try:

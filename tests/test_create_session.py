@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.conftest import assert_error
+from tests.conftest import SESSION_FIELDS, assert_error
 
 URL = "/v2/agents/support-bot/sessions"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -30,17 +30,7 @@ def test_created_with_every_field(client, full):
     response = post(client, full, body)
     assert response.status_code == 201, response.json
     session = response.get_json()
-    assert list(session) == [
-        "key",
-        "agent_key",
-        "name",
-        "description",
-        "metadata",
-        "enabled",
-        "tti_minutes",
-        "created_at",
-        "updated_at",
-    ]
+    assert list(session) == SESSION_FIELDS
     assert {k: session[k] for k in body} == body
     assert session["agent_key"] == "support-bot"
     assert TIMESTAMP.match(session["created_at"]) and session["created_at"] == session["updated_at"]

@@ -9,7 +9,7 @@ import pytest
 from flask import Flask
 
 from sessions_app import init_app
-from tests.conftest import ALL_SCOPES, Keys, assert_error
+from tests.conftest import ALL_SCOPES, SESSION_FIELDS, Keys, assert_error
 
 PREFIX = "/api/v2"
 SESSIONS = f"{PREFIX}/agents/support-bot/sessions"
@@ -86,17 +86,7 @@ def test_the_host_json_settings_do_not_change_the_api(host_client: Any, full: di
     # Flask's default provider sorts keys and escapes non-ASCII; the API answers as it documents.
     response = host_client.post(SESSIONS, json={"key": "c", "name": "Café"}, headers=full)
     body = response.get_data(as_text=True)
-    assert list(response.get_json()) == [
-        "key",
-        "agent_key",
-        "name",
-        "description",
-        "metadata",
-        "enabled",
-        "tti_minutes",
-        "created_at",
-        "updated_at",
-    ]
+    assert list(response.get_json()) == SESSION_FIELDS
     assert '"name":"Café"' in body
 
 
