@@ -1,8 +1,9 @@
 """In-process storage: a dict per table behind one lock.
 
 Everything handed in or out is a copy sharing nothing mutable, so callers
-can never change stored state by mutating an object. Data lives as long as the process, and
-each gunicorn worker has its own: use it for tests, demos and embedding.
+can never change stored state by mutating an object. Data lives as long as
+the process, and each gunicorn worker has its own: use it for tests, demos
+and embedding.
 """
 
 from __future__ import annotations
