@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
+from storage_backends.base import dump_json
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,12 @@ def request_id() -> str:
     return rid
 
 
-# The API's JSON, whatever the host application's JSON provider does: compact,
-# UTF-8 as is, keys in the schemas' order. Built once, not per response.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def json_response(
     body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
 ) -> Response:
+    """Compact UTF-8 JSON in the schemas' key order, whatever the host's JSON provider does."""
     return current_app.response_class(
-        _ENCODER.encode(body) + "\n", status, headers, mimetype="application/json"
+        dump_json(body) + "\n", status, headers, mimetype="application/json"
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import numbers
 import operator
 from collections.abc import Callable, Mapping
@@ -23,7 +22,7 @@ from marshmallow import (
     validates,
 )
 
-from storage_backends.base import format_ts, utcnow
+from storage_backends.base import dump_json, format_ts, utcnow
 
 KEY_PATTERN = r"^[0-9a-zA-Z_-]+$"
 KEY_MAX_LENGTH = 64
@@ -112,15 +111,12 @@ class Metadata(fields.Dict):
             max_depth=config["METADATA_MAX_DEPTH"],
             max_key_length=config["METADATA_MAX_KEY_LENGTH"],
         )
-        size = len(_COMPACT_JSON.encode(value).encode())
+        size = len(dump_json(value).encode())
         if size > config["METADATA_MAX_BYTES"]:
             raise ValidationError(
                 f"At most {config['METADATA_MAX_BYTES']} bytes serialized are allowed."
             )
         return value
-
-
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) -> None:
@@ -183,11 +179,12 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
         raise TypeError(f"{type(schema).__name__}: only, exclude and hooks are not compiled")
     names, attributes, conversions = [], [], []
     for name, field in schema.dump_fields.items():
-        names.append(field.data_key or name)
+        key = field.data_key or name
+        names.append(key)
         attributes.append(field.attribute or name)
         convert = _conversion(field)
         if convert is not None:
-            conversions.append((field.data_key or name, convert))
+            conversions.append((key, convert))
     if len(attributes) == 1:
         read_attribute = lambda obj, name=attributes[0]: (getattr(obj, name),)  # noqa: E731
         read_item = lambda obj, name=attributes[0]: (obj[name],)  # noqa: E731

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as dt
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,6 +71,11 @@ def parse_ts(value: str | None) -> dt.datetime | None:
     if value is None:
         return None
     return dt.datetime.fromisoformat(value)
+
+
+# Compact JSON text with non-ASCII characters as they are, from one encoder built
+# once (json.dumps with options builds a new encoder on every call).
+dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def text_matches(pattern: Any, name: str, description: str | None) -> bool:

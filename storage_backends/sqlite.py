@@ -44,6 +44,7 @@ from .base import (
     SessionNotFound,
     Storage,
     Unavailable,
+    dump_json,
     format_ts,
     parse_ts,
     text_matches,
@@ -64,10 +65,6 @@ AGENT_COLUMNS = "id, key, name, description, metadata, enabled, created_at, upda
 KEY_COLUMNS = (
     "id, seq, name, secret_hash, grants, admin, create_limit, created_at, expires_at, revoked_at"
 )
-
-
-# Built once: json.dumps with options builds an encoder per call.
-dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class SQLiteStorage(Storage):
