@@ -34,7 +34,7 @@ STAGES = [
         ("routing-error hook", r"^.*hook \(sessions_app/__init__\.py\)"),
         ("rate limit", r"\(sessions_app/limits\.py\)"),
         ("Flask-Limiter hooks", r"\(flask_limiter/"),
-        ("body parse", r"\(sessions_app/body\.py\)"),
+        ("body parse", r"^(json_object|read_body|parse) \(sessions_app/http\.py\)"),
         ("schema load", r"^(\w+\.)?load \(marshmallow/"),
         ("schema dump", r"^(\w+\.)?dump \((marshmallow/|sessions_app/schemas\.py)"),
         ("timestamps", r"^(format_ts|parse_ts|utcnow) \(storage_backends/base\.py\)"),
@@ -42,9 +42,9 @@ STAGES = [
         ("url_for", r"^url_for \(flask/"),
         (
             "JSON response",
-            r"^json_response \(sessions_app/errors\.py\)|\(flask/json/provider\.py\)",
+            r"^json_response \(sessions_app/http\.py\)|\(flask/json/provider\.py\)",
         ),
-        ("after-request headers", r"^(finish|_common_headers) \(sessions_app/"),
+        ("after-request headers", r"^contract_headers \(sessions_app/http\.py\)"),
     )
 ]
 OTHER_THREADS = "other threads (off the request path)"

@@ -363,7 +363,7 @@ def walk(url: str, token: str, pages: int) -> str:
     for number in range(1, pages + 1):
         query = "limit=10" + (f"&page_key={page_key}" if page_key else "")
         status, body = call("GET", f"{url}/v2/agents/{stores.AGENT}/sessions?{query}", token)
-        if status != 200 or body["metadata"]["page_key"] is None:
+        if status != 200 or body["metadata"].get("page_key") is None:
             raise BenchError(f"walk: page {number} answered {status} {str(body)[:300]}")
         page_key = body["metadata"]["page_key"]
     return page_key

@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
-from . import errors
+from . import errors, http
 from .limits import RateLimits
 
 log = logging.getLogger("agent_sessions")
@@ -36,6 +35,9 @@ class AgentSessions:
 
     storage: Storage
     limits: RateLimits
+    url_prefix: str
+    max_body: int  # bytes of a request body, whatever the host's MAX_CONTENT_LENGTH
+    owns_app: bool = False  # the standalone app: every answer is the service's
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -53,9 +55,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(config)
     app.json.sort_keys = False  # keep the schemas' field order
     app.json.ensure_ascii = False
-    errors.register(app)
-    app.after_request(_common_headers)
+    app.url_map.merge_slashes = False  # "//" is a 404, never a redirect to another path
     init_app(app)
+    # The whole app is the service: its other routes (health checks, a host's
+    # additions) answer errors in the same shape as the blueprint does.
+    errors.register(app)
+    app.extensions["agent_sessions"].owns_app = True
     if app.config["PROXY_COUNT"]:
         # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
         # trusting only as many hops as there are proxies of our own.
@@ -67,11 +72,11 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     """Add the service to ``app``: storage, limits, the /v2 blueprint, health routes, CLI.
 
     A host application calls this with its own configuration; missing keys
-    take the defaults of ``config.Config``.
+    take the defaults of ``config.Config``. The host's own routes, hooks and
+    error pages are left as they are.
     """
     from .api import bp
     from .cli import register_commands
-    from .openapi import docs
     from .ops import ops
 
     for key in dir(default_config.Config):
@@ -83,47 +88,22 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
         limits = RateLimits(app)
     except (StorageConfigError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    app.extensions["agent_sessions"] = AgentSessions(storage=storage, limits=limits)
+    app.extensions["agent_sessions"] = AgentSessions(
+        storage=storage,
+        limits=limits,
+        url_prefix=url_prefix,
+        # Flask's own defaults hold MAX_CONTENT_LENGTH = None, which setdefault keeps.
+        max_body=app.config["MAX_CONTENT_LENGTH"] or default_config.Config.MAX_CONTENT_LENGTH,
+    )
     storage.announce(log)
+    app.url_map.converters.update(http.CONVERTERS)
+    # The request id before anything else can answer.
+    app.before_request_funcs.setdefault(None, []).insert(0, http.start_request)
+    app.after_request(http.contract_headers)
     app.register_blueprint(bp, url_prefix=url_prefix)
-    app.before_request(_routing_errors_as_json(url_prefix))
     app.register_blueprint(ops)
-    app.register_blueprint(docs, url_prefix=url_prefix)
     register_commands(app)
-
-
-def _routing_errors_as_json(url_prefix: str) -> Callable[[], Any]:
-    """A hook answering 404 and 405 under ``url_prefix`` in the JSON error shape.
-
-    Routing errors never reach a blueprint's own handlers (no view matched), so
-    a host application would answer the API's unknown URLs and wrong methods
-    with its own pages. Paths outside the prefix stay the host's business.
-    """
-    prefix = url_prefix.rstrip("/") + "/"
-
-    def hook() -> Any:
-        err = request.routing_exception
-        if (
-            isinstance(err, HTTPException)
-            and err.code in (404, 405)
-            and (request.path + "/").startswith(prefix)
-        ):
-            from .api import finish
-
-            return finish(errors.handle_http_exception(err))
-        return None
-
-    return hook
 
 
 def default_storage_url(app: Flask) -> str:
     return "sqlite:///" + os.path.join(app.instance_path, "sessions.db")
-
-
-def _common_headers(response: Any) -> Any:
-    """The API's headers on the standalone app's other answers (health checks, unknown paths)."""
-    if "X-Request-ID" in response.headers:
-        return response  # set, with nosniff, by the API and docs blueprints
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers["X-Request-ID"] = errors.request_id()
-    return response

@@ -1,28 +1,34 @@
-"""The /v2 blueprint: short views, one success code each."""
+"""The /v2 blueprint: short declarative views, one success code each.
+
+A view says which schemas load its query and body and which shapes its answer
+(:func:`endpoint`); the OpenAPI document reads the same declaration. The
+corridor of a request: the request id (``http.start_request``), the key
+(``auth.authenticate``), the grant (``auth.require``), the limit, the query and
+body, one storage call, the answer, the contract headers (``http.contract_headers``).
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import functools
+import types
+from collections.abc import Callable
 from typing import Any
 
 import re2
-from flask import Blueprint, current_app, g, request
+from flask import current_app, g, request
+from marshmallow import Schema, ValidationError
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from storage_backends import (
-    Agent,
-    Conflict,
-    Grant,
-    Page,
-    Session,
-    SessionNotFound,
-)
+from storage_backends import Agent, Conflict, Grant, Page, Session, SessionNotFound
 from storage_backends.base import utcnow
 
-from . import auth, body, errors, limits
+from . import auth, errors, http
 from .errors import ApiError
 from .naming import key_candidates
+from .openapi import Operation
+from .openapi.docs import docs
+from .openapi.examples import AGENT, API_KEY_REQUEST, SESSION, SESSION_REQUEST
 from .schemas import (
     AgentCreateSchema,
     AgentListSchema,
@@ -39,150 +45,115 @@ from .schemas import (
     SessionUpdateSchema,
 )
 
-bp = Blueprint("agent_sessions", __name__)
+bp = http.ServiceBlueprint(http.SERVICE_BLUEPRINT, __name__)
 bp.before_request(auth.authenticate)
-errors.register(bp)
-
-session_schema = SessionSchema()
-session_create_schema = SessionCreateSchema()
-session_update_schema = SessionUpdateSchema()
-session_list_schema = SessionListSchema()
-session_list_query_schema = SessionListQuerySchema()
-agent_schema = AgentSchema()
-agent_create_schema = AgentCreateSchema()
-agent_update_schema = AgentUpdateSchema()
-agent_list_schema = AgentListSchema()
-list_query_schema = ListQuerySchema()
-api_key_created_schema = ApiKeyCreatedSchema()
-api_key_create_schema = ApiKeyCreateSchema()
-api_key_list_schema = ApiKeyListSchema()
+bp.register_blueprint(docs)
+errors.register(bp)  # the API's and the docs page's, wherever the blueprint is mounted
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.max_mem = 1 << 20  # a pattern that needs more is rejected, not run
 
-
-@bp.after_request
-def finish(response: Response) -> Response:
-    """Headers every API response carries (none of them is set anywhere else)."""
-    response.headers.extend(
-        [
-            ("X-Request-ID", errors.request_id()),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Cache-Control", "no-store"),
-            *limits.headers(),
-        ]
-    )
-    return response
+# Statuses of a request whose query or body is refused.
+BAD_INPUT = (400, 413, 415)
 
 
-def state() -> Any:
+def service() -> Any:
+    """This app's storage and limits (``app.extensions["agent_sessions"]``)."""
     return current_app.extensions["agent_sessions"]
 
 
-def respond(schema: Any, obj: Any, status: int = 200, headers: Any = None) -> Response:
-    return errors.json_response(schema.dump(obj), status, headers)
+def check_path(agent_key: str | None = None, session_key: str | None = None) -> None:
+    """Raise the 404 the path earns, the agent's first: it comes before a 400 for the input."""
+    storage = service().storage
+    if agent_key is not None:
+        storage.get_agent(agent_key=agent_key)
+        if session_key is not None:
+            storage.get_session(agent_key=agent_key, session_key=session_key, now=utcnow())
 
 
-def no_content() -> Response:
-    return current_app.response_class(status=204)
+def _is_bad_input(err: Exception) -> bool:
+    if isinstance(err, ValidationError):
+        return True
+    if isinstance(err, ApiError):
+        return err.status in BAD_INPUT
+    return isinstance(err, HTTPException) and err.code in BAD_INPUT
 
 
-def encode_cursor(position: int | None) -> str | None:
-    if position is None:
-        return None
-    return base64.urlsafe_b64encode(f"v1:{position}".encode()).decode().rstrip("=")
+def endpoint(
+    tag: str,
+    status: int,
+    response: type[Schema] | None = None,
+    *,
+    body: type[Schema] | None = None,
+    query: type[Schema] | None = None,
+    **described: Any,
+) -> Callable:
+    """Declare a view: its query and body schemas (loaded into ``query=`` and ``body=``),
+    the schema dumping what it returns (an object, or an object and headers) and its status.
+
+    The order of refusals is the contract's: a bad query or body is a 400 only
+    once the records the path names are known to exist (404 before 400), and a
+    missing session of a missing agent is ``agent_not_found``.
+    """
+    query_schema = query() if query is not None else None
+    body_schema = body() if body is not None else None
+    response_schema = response() if response is not None else None
+    declared = Operation(tag, status, response, body=body, query=query, **described)
+
+    def decorator(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapper(**path: str) -> Response:
+            inputs: dict[str, Any] = {}
+            try:
+                if query_schema is not None:
+                    inputs["query"] = query_schema.load(request.args.to_dict())
+                if body_schema is not None:
+                    inputs["body"] = body_schema.load(http.json_object())
+                result = view(**path, **inputs)
+            except (ValidationError, ApiError, HTTPException) as err:
+                if _is_bad_input(err):
+                    check_path(path.get("agent_key"), path.get("session_key"))
+                raise
+            except SessionNotFound:
+                check_path(path.get("agent_key"))
+                raise
+            if response_schema is None:
+                return http.no_content()
+            obj, headers = result if isinstance(result, tuple) else (result, None)
+            return http.json_response(response_schema.dump(obj), status, headers)
+
+        wrapper.operation = declared  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorator
 
 
-def decode_cursor(page_key: str | None) -> int | None:
-    if page_key is None:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(page_key + "=" * (-len(page_key) % 4)).decode()
-        version, _, position = raw.partition(":")
-        if version != "v1" or not position.isdigit() or len(position) > 19:
-            raise ValueError(raw)
-        return int(position)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_request", "page_key: Not a valid page key.") from None
+def counts_creation(view: Callable) -> Callable:
+    """Count a session creation against the key's limit for this agent (429 past it)."""
 
+    @functools.wraps(view)
+    def wrapper(agent_key: str, **kwargs: Any) -> Any:
+        service().limits.hit(
+            g.api_key.create_limit or current_app.config["SESSION_CREATE_LIMIT"],
+            "create",
+            g.api_key.id,
+            agent_key,
+        )
+        return view(agent_key=agent_key, **kwargs)
 
-def list_query(schema: Any) -> dict[str, Any]:
-    query = schema.load(request.args.to_dict())
-    query["after"] = decode_cursor(query.pop("page_key", None))
-    return query
+    return wrapper
 
 
 def page_body(page: Page, name: str) -> dict[str, Any]:
-    return {name: page.items, "metadata": {"page_key": encode_cursor(page.next_cursor)}}
+    return {name: page.items, "metadata": {"page_key": http.encode_cursor(page.next_cursor)}}
 
 
-def member_url(key: str) -> str:
-    """The URL of a resource just created by a POST to its collection (this request's path).
+def created(key: str) -> list[tuple[str, str]]:
+    """The Location of a record just created by a POST to its collection (this request's path).
 
     Cheaper than ``url_for``, and it keeps whatever prefix the blueprint is mounted at.
     """
-    return f"{request.path}/{key}"
-
-
-def ensure_agent(agent_key: str) -> None:
-    """Raise AgentNotFound; used on error paths to tell a missing agent from a bad body."""
-    state().storage.get_agent(agent_key=agent_key)
-
-
-# Sessions
-
-
-@bp.post("/agents/<agent_key>/sessions")
-@auth.require("sessions:create")
-def create_session(agent_key: str) -> Response:
-    """Create a session."""
-    ext = state()
-    ext.limits.hit(
-        g.api_key.create_limit or current_app.config["SESSION_CREATE_LIMIT"],
-        "create",
-        g.api_key.id,
-        agent_key,
-    )
-    try:
-        data = session_create_schema.load(body.json_object())
-    except Exception:
-        # 404 for a missing agent comes before 400 for a bad body.
-        ensure_agent(agent_key)
-        raise
-    now = utcnow()
-    key = data.pop("key", None)
-    session = Session(agent_key=agent_key, key=key or "", created_at=now, updated_at=now, **data)
-    if key is not None:
-        created = ext.storage.create_session(session=session)
-    else:
-        created = create_with_generated_key(session)
-    location = member_url(created.key)
-    return respond(session_schema, created, 201, [("Location", location)])
-
-
-def create_with_generated_key(session: Session) -> Session:
-    storage = state().storage
-    for candidate in key_candidates(session.name):
-        session.key = candidate
-        try:
-            return storage.create_session(session=session)
-        except Conflict:
-            continue
-    raise ApiError(409, "conflict", "Could not generate a free key; supply one.")
-
-
-@bp.get("/agents/<agent_key>/sessions")
-@auth.require("sessions:read")
-def list_sessions(agent_key: str) -> Response:
-    """List the agent's sessions, a page at a time."""
-    query = list_query(session_list_query_schema)
-    pattern = query.pop("filter", None)
-    if pattern is not None:
-        query["matches"] = compile_filter(pattern)
-    page = state().storage.list_sessions(agent_key=agent_key, now=utcnow(), **query)
-    if not page.items:
-        ensure_agent(agent_key)
-    return respond(session_list_schema, page_body(page, "sessions"))
+    return [("Location", f"{request.path}/{key}")]
 
 
 def compile_filter(pattern: str) -> Any:
@@ -199,49 +170,94 @@ def compile_filter(pattern: str) -> Any:
         raise ApiError(400, "invalid_request", "filter: Not a valid regular expression.") from None
 
 
-@bp.get("/agents/<agent_key>/sessions/<session_key>")
+# Sessions
+
+
+@bp.post("/agents/<record_key:agent_key>/sessions")
+@auth.require("sessions:create")
+@counts_creation
+@endpoint(
+    "Sessions",
+    201,
+    SessionSchema,
+    body=SessionCreateSchema,
+    statuses=(409,),
+    headers=("Location",),
+    examples={"request": SESSION_REQUEST, "response": SESSION},
+)
+def create_session(agent_key: str, body: dict[str, Any]) -> Any:
+    """Create a session."""
+    now = utcnow()
+    key = body.pop("key", None)
+    session = Session(agent_key=agent_key, key=key or "", created_at=now, updated_at=now, **body)
+    if key is not None:
+        session = service().storage.create_session(session=session)
+    else:
+        session = create_with_generated_key(session)
+    return session, created(session.key)
+
+
+def create_with_generated_key(session: Session) -> Session:
+    storage = service().storage
+    for candidate in key_candidates(session.name):
+        session.key = candidate
+        try:
+            return storage.create_session(session=session)
+        except Conflict:
+            continue
+    raise ApiError(409, "conflict", "Could not generate a free key; supply one.")
+
+
+@bp.get("/agents/<record_key:agent_key>/sessions")
 @auth.require("sessions:read")
-def get_session(agent_key: str, session_key: str) -> Response:
+@endpoint(
+    "Sessions",
+    200,
+    SessionListSchema,
+    query=SessionListQuerySchema,
+    examples={"response": {"sessions": [SESSION], "metadata": {}}},
+)
+def list_sessions(agent_key: str, query: dict[str, Any]) -> Any:
+    """List the agent's sessions, a page at a time."""
+    pattern = query.pop("filter", None)
+    if pattern is not None:
+        query["matches"] = compile_filter(pattern)
+    page = service().storage.list_sessions(agent_key=agent_key, now=utcnow(), **query)
+    if not page.items:
+        check_path(agent_key)  # an empty page, or no such agent
+    return page_body(page, "sessions")
+
+
+@bp.get("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
+@auth.require("sessions:read")
+@endpoint("Sessions", 200, SessionSchema, examples={"response": SESSION})
+def get_session(agent_key: str, session_key: str) -> Any:
     """Read one session."""
-    try:
-        session = state().storage.get_session(
-            agent_key=agent_key, session_key=session_key, now=utcnow()
-        )
-    except SessionNotFound:
-        ensure_agent(agent_key)
-        raise
-    return respond(session_schema, session)
+    return service().storage.get_session(agent_key=agent_key, session_key=session_key, now=utcnow())
 
 
-@bp.patch("/agents/<agent_key>/sessions/<session_key>")
+@bp.patch("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
 @auth.require("sessions:update")
-def update_session(agent_key: str, session_key: str) -> Response:
+@endpoint(
+    "Sessions",
+    200,
+    SessionSchema,
+    body=SessionUpdateSchema,
+    examples={"request": {"enabled": False}, "response": SESSION | {"enabled": False}},
+)
+def update_session(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
     """Change some fields of a session."""
-    try:
-        changes = session_update_schema.load(body.json_object())
-    except Exception:
-        ensure_agent(agent_key)
-        raise
-    try:
-        session = state().storage.update_session(
-            agent_key=agent_key, session_key=session_key, changes=changes, now=utcnow()
-        )
-    except SessionNotFound:
-        ensure_agent(agent_key)
-        raise
-    return respond(session_schema, session)
+    return service().storage.update_session(
+        agent_key=agent_key, session_key=session_key, changes=body, now=utcnow()
+    )
 
 
-@bp.delete("/agents/<agent_key>/sessions/<session_key>")
+@bp.delete("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
 @auth.require("sessions:delete")
-def delete_session(agent_key: str, session_key: str) -> Response:
+@endpoint("Sessions", 204)
+def delete_session(agent_key: str, session_key: str) -> None:
     """Delete a session."""
-    try:
-        state().storage.delete_session(agent_key=agent_key, session_key=session_key, now=utcnow())
-    except SessionNotFound:
-        ensure_agent(agent_key)
-        raise
-    return no_content()
+    service().storage.delete_session(agent_key=agent_key, session_key=session_key, now=utcnow())
 
 
 # Agents (admin)
@@ -249,49 +265,55 @@ def delete_session(agent_key: str, session_key: str) -> Response:
 
 @bp.post("/agents")
 @auth.require_admin
-def create_agent() -> Response:
+@endpoint(
+    "Agents",
+    201,
+    AgentSchema,
+    body=AgentCreateSchema,
+    statuses=(409,),
+    headers=("Location",),
+    examples={
+        "request": {k: AGENT[k] for k in ("key", "name", "description")},
+        "response": AGENT,
+    },
+)
+def create_agent(body: dict[str, Any]) -> Any:
     """Create an agent."""
-    data = agent_create_schema.load(body.json_object())
     now = utcnow()
-    agent = state().storage.create_agent(agent=Agent(created_at=now, updated_at=now, **data))
-    location = member_url(agent.key)
-    return respond(agent_schema, agent, 201, [("Location", location)])
+    agent = service().storage.create_agent(agent=Agent(created_at=now, updated_at=now, **body))
+    return agent, created(agent.key)
 
 
 @bp.get("/agents")
 @auth.require_admin
-def list_agents() -> Response:
+@endpoint("Agents", 200, AgentListSchema, query=ListQuerySchema)
+def list_agents(query: dict[str, Any]) -> Any:
     """List agents."""
-    page = state().storage.list_agents(**list_query(list_query_schema))
-    return respond(agent_list_schema, page_body(page, "agents"))
+    return page_body(service().storage.list_agents(**query), "agents")
 
 
-@bp.get("/agents/<agent_key>")
+@bp.get("/agents/<record_key:agent_key>")
 @auth.require_admin
-def get_agent(agent_key: str) -> Response:
+@endpoint("Agents", 200, AgentSchema, examples={"response": AGENT})
+def get_agent(agent_key: str) -> Any:
     """Read one agent."""
-    return respond(agent_schema, state().storage.get_agent(agent_key=agent_key))
+    return service().storage.get_agent(agent_key=agent_key)
 
 
-@bp.patch("/agents/<agent_key>")
+@bp.patch("/agents/<record_key:agent_key>")
 @auth.require_admin
-def update_agent(agent_key: str) -> Response:
+@endpoint("Agents", 200, AgentSchema, body=AgentUpdateSchema)
+def update_agent(agent_key: str, body: dict[str, Any]) -> Any:
     """Change some fields of an agent."""
-    try:
-        changes = agent_update_schema.load(body.json_object())
-    except Exception:
-        ensure_agent(agent_key)
-        raise
-    agent = state().storage.update_agent(agent_key=agent_key, changes=changes, now=utcnow())
-    return respond(agent_schema, agent)
+    return service().storage.update_agent(agent_key=agent_key, changes=body, now=utcnow())
 
 
-@bp.delete("/agents/<agent_key>")
+@bp.delete("/agents/<record_key:agent_key>")
 @auth.require_admin
-def delete_agent(agent_key: str) -> Response:
+@endpoint("Agents", 204)
+def delete_agent(agent_key: str) -> None:
     """Delete an agent and all its sessions."""
-    state().storage.delete_agent(agent_key=agent_key)
-    return no_content()
+    service().storage.delete_agent(agent_key=agent_key)
 
 
 # API keys (admin)
@@ -299,25 +321,31 @@ def delete_agent(agent_key: str) -> Response:
 
 @bp.post("/api_keys")
 @auth.require_admin
-def create_api_key() -> Response:
+@endpoint(
+    "API keys",
+    201,
+    ApiKeyCreatedSchema,
+    body=ApiKeyCreateSchema,
+    examples={"request": API_KEY_REQUEST},
+)
+def create_api_key(body: dict[str, Any]) -> Any:
     """Create an API key; its secret appears in this response only."""
-    data = api_key_create_schema.load(body.json_object())
-    data["grants"] = [Grant(g["agent"], tuple(g["scopes"])) for g in data["grants"]]
-    key, token = auth.new_api_key(**data)
-    return errors.json_response(api_key_created_schema.dump(key) | {"secret": token}, 201)
+    body["grants"] = [Grant(g["agent"], tuple(g["scopes"])) for g in body["grants"]]
+    key, token = auth.new_api_key(**body)
+    return types.SimpleNamespace(**vars(key), secret=token)
 
 
 @bp.get("/api_keys")
 @auth.require_admin
-def list_api_keys() -> Response:
+@endpoint("API keys", 200, ApiKeyListSchema, query=ListQuerySchema)
+def list_api_keys(query: dict[str, Any]) -> Any:
     """List API keys (never their secrets)."""
-    page = state().storage.list_api_keys(**list_query(list_query_schema))
-    return respond(api_key_list_schema, page_body(page, "api_keys"))
+    return page_body(service().storage.list_api_keys(**query), "api_keys")
 
 
-@bp.delete("/api_keys/<key_id>")
+@bp.delete("/api_keys/<api_key_id:key_id>")
 @auth.require_admin
-def revoke_api_key(key_id: str) -> Response:
+@endpoint("API keys", 204)
+def revoke_api_key(key_id: str) -> None:
     """Revoke an API key."""
-    state().storage.revoke_api_key(key_id=key_id, now=utcnow())
-    return no_content()
+    service().storage.revoke_api_key(key_id=key_id, now=utcnow())

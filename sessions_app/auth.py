@@ -86,7 +86,7 @@ def require(scope: str) -> Callable:
         def wrapper(agent_key: str, **kwargs: Any) -> Any:
             if not g.api_key.allows(agent_key, scope):
                 raise ApiError(403, "forbidden", f"This key lacks {scope} on this agent.")
-            return view(agent_key, **kwargs)
+            return view(agent_key=agent_key, **kwargs)
 
         wrapper.scope = scope  # type: ignore[attr-defined]
         return wrapper

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, g, request
+from flask import Blueprint, Flask, g
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
@@ -20,11 +18,8 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
-from storage_backends.base import dump_json
 
 log = logging.getLogger(__name__)
-
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
 # Werkzeug's HTTP errors that reach the handler, by status.
 HTTP_CODES = {
@@ -67,25 +62,6 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def request_id() -> str:
-    """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits."""
-    rid = g.get("request_id")
-    if rid is None:
-        sent = request.environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
-        rid = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
-        g.request_id = rid
-    return rid
-
-
-def json_response(
-    body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
-) -> Response:
-    """Compact UTF-8 JSON in the schemas' key order, whatever the host's JSON provider does."""
-    return current_app.response_class(
-        dump_json(body) + "\n", status, headers, mimetype="application/json"
-    )
-
-
 def error_response(
     status: int,
     error: str,
@@ -96,8 +72,10 @@ def error_response(
     body: dict[str, Any] = {"error": error, "messages": messages}
     if field_errors is not None:
         body["field_errors"] = field_errors
-    body["request_id"] = request_id()
-    return json_response(body, status, list((headers or {}).items()))
+    from . import http  # which imports this module for ApiError
+
+    body["request_id"] = http.request_id()
+    return http.json_response(body, status, list((headers or {}).items()))
 
 
 def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
@@ -173,8 +151,9 @@ def handle_http_exception(err: HTTPException) -> Response:
 
 
 def handle_unexpected(err: Exception) -> Response:
-    log.exception("unhandled error (request_id=%s)", request_id())
-    return error_response(500, "internal_error", ["An internal error occurred."])
+    response = error_response(500, "internal_error", ["An internal error occurred."])
+    log.exception("unhandled error (request_id=%s)", g.request_id)
+    return response
 
 
 HANDLERS = (

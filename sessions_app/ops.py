@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import current_app
 from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
 
-ops = Blueprint("agent_sessions_ops", __name__)
+from .http import ServiceBlueprint
+from .openapi import operation
+from .schemas import HealthSchema, ReadinessSchema
+
+ops = ServiceBlueprint("agent_sessions_ops", __name__)
 
 
 @ops.get("/healthz")
+@operation("Service", 200, HealthSchema)
 def healthz() -> Response:
     """The process answers."""
     return current_app.json.response({"status": "ok"})
 
 
 @ops.get("/readyz")
+@operation("Service", 200, ReadinessSchema, statuses=(503,))
 def readyz() -> Response:
     """Storage and rate-limit storage answer."""
-    state = current_app.extensions["agent_sessions"]
+    service = current_app.extensions["agent_sessions"]
     try:
-        state.storage.check()
+        service.storage.check()
         storage = "ok"
     except Unavailable:
         storage = "unavailable"
-    limiter = "ok" if state.limits.check() else "degraded"
-    ready = storage == "ok" and (limiter == "ok" or not state.limits.fail_closed)
+    limiter = "ok" if service.limits.check() else "degraded"
+    ready = storage == "ok" and (limiter == "ok" or not service.limits.fail_closed)
     response = current_app.json.response(
         {"status": "ok" if ready else "unavailable", "storage": storage, "rate_limit": limiter}
     )

@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import numbers
 import operator
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,12 +18,15 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    missing,
     pre_load,
     validate,
     validates,
 )
 
 from storage_backends.base import dump_json, format_ts, utcnow
+
+from . import http
 
 KEY_PATTERN = r"^[0-9a-zA-Z_-]+$"
 KEY_MAX_LENGTH = 64
@@ -74,20 +78,63 @@ class Key(fields.String):
         return value
 
 
+def _control_characters(value: str, allowed: str = "") -> bool:
+    """Whether ``value`` holds a C0 or C1 control character (other than those ``allowed``)."""
+    return any((char < " " or "\x7f" <= char <= "\x9f") and char not in allowed for char in value)
+
+
+def _is_blank(value: str) -> bool:
+    """Only white space and invisible format characters (U+200B, U+FEFF, U+2060...)."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in value)
+
+
 class Name(fields.String):
+    """A display name: not blank, no control characters (they would forge lines in a listing)."""
+
     def __init__(self, **kwargs: Any):
         super().__init__(validate=validate.Length(min=1, max=255), **kwargs)
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         value = super()._deserialize(value, attr, data, **kwargs)
-        if not value.strip():
+        if _is_blank(value):
             raise ValidationError("Must not be blank.")
+        if _control_characters(value):
+            raise ValidationError("Must not contain control characters.")
         return value
 
 
 class Description(fields.String):
+    """Free text: tabs and line breaks allowed, other control characters not."""
+
     def __init__(self, **kwargs: Any):
         super().__init__(validate=validate.Length(max=2000), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if _control_characters(value, allowed="\t\n\r"):
+            raise ValidationError(
+                "Must not contain control characters other than tab, line feed and return."
+            )
+        return value
+
+
+class PageKey(fields.String):
+    """The opaque position a list's ``metadata.page_key`` gave; loads as the position."""
+
+    MAX_LENGTH = 200
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(minLength=1, maxLength=self.MAX_LENGTH)
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not 1 <= len(value) <= self.MAX_LENGTH:
+            raise ValidationError(f"Length must be between 1 and {self.MAX_LENGTH}.")
+        try:
+            return http.decode_cursor(value)
+        except ValueError:
+            raise ValidationError("Not a valid page key.") from None
 
 
 class Metadata(fields.Dict):
@@ -152,7 +199,25 @@ class Timestamp(fields.Field):
 _AS_IS = (fields.String, fields.Integer, fields.Boolean, fields.Dict)
 
 
-class ResponseSchema(Schema):
+class AnswerSchema(Schema):
+    """A response shape: an optional field without a value is left out, never sent as null."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._optional = frozenset(
+            field.attribute or name
+            for name, field in self.dump_fields.items()
+            if not field.required
+        )
+
+    def get_attribute(self, obj: Any, attr: str, default: Any) -> Any:
+        value = super().get_attribute(obj, attr, default)
+        if value is None and attr in self._optional:
+            return missing
+        return value
+
+
+class ResponseSchema(AnswerSchema):
     """A response shape whose dump is compiled once from its declared fields.
 
     Marshmallow's dump walks every field of every object through several calls
@@ -177,7 +242,7 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
     """One function doing ``schema``'s dump, or TypeError for a field it cannot compile."""
     if schema.only or schema.exclude or any(schema._hooks.values()):
         raise TypeError(f"{type(schema).__name__}: only, exclude and hooks are not compiled")
-    names, attributes, conversions = [], [], []
+    names, attributes, conversions, optional = [], [], [], []
     for name, field in schema.dump_fields.items():
         key = field.data_key or name
         names.append(key)
@@ -185,6 +250,8 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
         convert = _conversion(field)
         if convert is not None:
             conversions.append((key, convert))
+        if not field.required:
+            optional.append(key)
     if len(attributes) == 1:
         read_attribute = lambda obj, name=attributes[0]: (getattr(obj, name),)  # noqa: E731
         read_item = lambda obj, name=attributes[0]: (obj[name],)  # noqa: E731
@@ -195,8 +262,11 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
     def dump(obj: Any) -> dict[str, Any]:
         read = read_item if isinstance(obj, Mapping) else read_attribute
         out = dict(zip(names, read(obj), strict=True))
+        for name in optional:
+            if out[name] is None:
+                del out[name]  # left out, as AnswerSchema does
         for name, convert in conversions:
-            value = out[name]
+            value = out.get(name)
             if value is not None:
                 out[name] = convert(value)
         return out
@@ -247,7 +317,7 @@ class SessionSchema(ResponseSchema):
     key = fields.String(required=True)
     agent_key = fields.String(required=True)
     name = fields.String(required=True)
-    description = fields.String(allow_none=True)
+    description = fields.String()
     metadata = fields.Dict(required=True)
     enabled = fields.Boolean(required=True)
     tti_minutes = fields.Integer(required=True)
@@ -276,7 +346,7 @@ class SessionUpdateSchema(BodySchema):
 
 
 class ListMetadataSchema(ResponseSchema):
-    page_key = fields.String(allow_none=True, required=True)
+    page_key = fields.String(metadata={"description": "Absent on the last page."})
 
 
 class SessionListSchema(ResponseSchema):
@@ -291,7 +361,7 @@ class ListQuerySchema(Schema):
         unknown = EXCLUDE
 
     limit = StrictInteger(load_default=10, validate=validate.Range(min=1, max=100))
-    page_key = fields.String(validate=validate.Length(min=1, max=200))
+    page_key = PageKey(attribute="after")
 
     @pre_load
     def parse_limit(self, data: Any, **kwargs: Any) -> Any:
@@ -315,7 +385,7 @@ class AgentSchema(ResponseSchema):
 
     key = fields.String(required=True)
     name = fields.String(required=True)
-    description = fields.String(allow_none=True)
+    description = fields.String()
     metadata = fields.Dict(required=True)
     enabled = fields.Boolean(required=True)
     created_at = Timestamp(required=True)
@@ -377,7 +447,7 @@ class LimitString(fields.String):
         return value
 
 
-class ApiKeySchema(Schema):
+class ApiKeySchema(AnswerSchema):
     class Meta:
         ordered = True
 
@@ -385,10 +455,10 @@ class ApiKeySchema(Schema):
     name = fields.String(required=True)
     grants = fields.List(fields.Nested(GrantSchema), required=True)
     admin = fields.Boolean(required=True)
-    create_limit = fields.String(allow_none=True)
+    create_limit = fields.String()
     created_at = Timestamp(required=True)
-    expires_at = Timestamp(allow_none=True)
-    revoked_at = Timestamp(allow_none=True)
+    expires_at = Timestamp()
+    revoked_at = Timestamp()
     state = fields.Method(
         "get_state",
         required=True,
@@ -426,7 +496,7 @@ class ApiKeyCreateSchema(BodySchema):
     )
 
 
-class ApiKeyListSchema(Schema):
+class ApiKeyListSchema(AnswerSchema):
     api_keys = fields.List(fields.Nested(ApiKeySchema), required=True)
     metadata = fields.Nested(ListMetadataSchema, required=True)
 
@@ -436,3 +506,16 @@ class ErrorSchema(Schema):
     messages = fields.List(fields.String(), required=True)
     field_errors = fields.Dict(keys=fields.String(), values=fields.String())
     request_id = fields.String(required=True)
+
+
+# The service's own answers
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok"]})
+
+
+class ReadinessSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
+    storage = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
+    rate_limit = fields.String(required=True, metadata={"enum": ["ok", "degraded"]})

@@ -69,7 +69,7 @@ def list_all(base: str, token: str) -> dict[str, dict]:
         for session in body["sessions"]:
             assert session["key"] not in found, session["key"]
             found[session["key"]] = session
-        page_key = body["metadata"]["page_key"]
+        page_key = body["metadata"].get("page_key")  # absent on the last page
         if page_key is None:
             return found
     raise AssertionError("the listing did not end")

@@ -42,7 +42,7 @@ def test_created_with_every_field(client, full):
 
 def test_defaults(client, full):
     session = post(client, full, {"name": "Just a name"}).get_json()
-    assert session["description"] is None
+    assert "description" not in session  # absent, not null
     assert session["metadata"] == {}
     assert session["enabled"] is True
     assert session["tti_minutes"] == 0

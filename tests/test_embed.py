@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 
 from sessions_app import init_app
 from tests.conftest import ALL_SCOPES, SESSION_FIELDS, Keys, assert_error
@@ -33,6 +33,10 @@ def host(tmp_path: Any) -> Iterator[Flask]:
     @host.get("/hello/<name>")
     def hello(name: str) -> Any:
         return f"hello {name}", 200, {"Content-Type": "text/plain"}
+
+    @host.post("/upload")
+    def upload() -> Any:
+        return {"bytes": len(request.get_data())}
 
     @host.errorhandler(404)
     def host_not_found(err: Any) -> Any:
@@ -84,7 +88,8 @@ def test_create_and_get_through_the_prefix(host_client: Any, full: dict[str, str
 
 def test_the_host_json_settings_do_not_change_the_api(host_client: Any, full: dict[str, str]):
     # Flask's default provider sorts keys and escapes non-ASCII; the API answers as it documents.
-    response = host_client.post(SESSIONS, json={"key": "c", "name": "Café"}, headers=full)
+    sent = {"key": "c", "name": "Café", "description": "d"}  # an absent one is left out
+    response = host_client.post(SESSIONS, json=sent, headers=full)
     body = response.get_data(as_text=True)
     assert list(response.get_json()) == SESSION_FIELDS
     assert '"name":"Café"' in body
@@ -183,3 +188,14 @@ def test_host_without_handlers_keeps_flask_defaults(tmp_path: Any) -> None:
         assert_error(bare.test_client().get(f"{PREFIX}/nothing"), 404, "not_found")
     finally:
         bare.extensions["agent_sessions"].storage.close()
+
+
+def test_the_body_limit_holds_whatever_the_host_config(host: Flask, full: dict[str, str]):
+    # Flask's own defaults hold MAX_CONTENT_LENGTH = None: the service keeps its 64 KiB.
+    assert host.config["MAX_CONTENT_LENGTH"] is None
+    client = host.test_client()
+    big = {"name": "n", "description": "x" * (5 * 1024 * 1024)}
+    assert_error(client.post(SESSIONS, json=big, headers=full), 413, "payload_too_large")
+    assert client.get(SESSIONS, headers=full).get_json()["sessions"] == []
+    # The host's own routes keep the host's (absent) limit.
+    assert client.post("/upload", data=b"x" * 100_000).get_json() == {"bytes": 100_000}

@@ -1,8 +1,9 @@
-"""The OpenAPI 3 document, built from the Marshmallow schemas and the routes, and its docs page.
+"""The OpenAPI 3 document, built from the Marshmallow schemas and the routes.
 
 The document is derived from ``app.url_map``: every route served by this
-package's views is described, and a view without a description below makes
-the build fail, so a new endpoint cannot be left out silently. Statuses come
+package's views is described by the :class:`Operation` its view declares (the
+same schemas the view loads and dumps with), and a view without one makes the
+build fail, so a new endpoint cannot be left out silently. Statuses come
 from what the route can do: a key check (401, 403, 429), a body (400, 413,
 415), a query (400), path parameters (404), storage (503).
 """
@@ -10,72 +11,41 @@ from what the route can do: a key check (401, 403, 429), a body (400, 413,
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Flask, abort, current_app, send_from_directory, url_for
-from marshmallow import Schema, fields
-from swagger_ui_bundle import swagger_ui_path
-from werkzeug.wrappers import Response
+from flask import Flask
+from marshmallow import Schema
 
-from . import auth, errors
-from .schemas import (
+from .. import auth
+from ..schemas import (
     KEY_MAX_LENGTH,
     KEY_PATTERN,
-    AgentCreateSchema,
-    AgentListSchema,
-    AgentSchema,
-    AgentUpdateSchema,
-    ApiKeyCreatedSchema,
-    ApiKeyCreateSchema,
-    ApiKeyListSchema,
     BodySchema,
     ErrorSchema,
-    ListQuerySchema,
     Metadata,
-    SessionCreateSchema,
+    ReadinessSchema,
     SessionListQuerySchema,
-    SessionListSchema,
-    SessionSchema,
-    SessionUpdateSchema,
 )
 
 OPENAPI_VERSION = "3.0.3"  # the newest version the bundled Swagger UI renders
 EXTENSION = "agent_sessions_openapi"
-ASSET_MAX_AGE = 24 * 3600
-ASSETS = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png")
-
-docs = Blueprint("agent_sessions_docs", __name__)
-errors.register(docs)
+SERVICE_PACKAGE = __package__.rpartition(".")[0]  # whose views the document describes
 
 
-class HealthSchema(Schema):
-    status = fields.String(required=True, metadata={"enum": ["ok"]})
-
-
-class ReadinessSchema(Schema):
-    status = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
-    storage = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
-    rate_limit = fields.String(required=True, metadata={"enum": ["ok", "degraded"]})
-
-
-def hidden(view: Callable) -> Callable:
-    """Leave a route out of the document (the docs page's static assets)."""
-    view.openapi_hidden = True  # type: ignore[attr-defined]
-    return view
-
-
-# What the routes cannot tell: per view, its tag, success status and schemas.
+# What the routes cannot tell, declared on each view (``operation`` here, or the API's
+# ``endpoint``, which also loads and dumps with the same schemas).
 
 
 @dataclasses.dataclass(frozen=True)
-class Doc:
+class Operation:
+    """A view's OpenAPI description: tag, success status and schemas."""
+
     tag: str
     status: int
     response: Any = None  # a Schema class, a content map, or None for no body
@@ -83,103 +53,23 @@ class Doc:
     query: type[Schema] | None = None
     statuses: tuple[int, ...] = ()  # beyond those the route implies
     headers: tuple[str, ...] = ()  # of the success response, beyond X-Request-ID
-    examples: dict[str, Any] = dataclasses.field(default_factory=dict)
+    examples: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def operation(tag: str, status: int, response: Any = None, **kwargs: Any) -> Callable:
+    """Describe a view that loads and dumps by itself (health checks, this document)."""
+    described = Operation(tag, status, response, **kwargs)
+
+    def decorator(view: Callable) -> Callable:
+        view.operation = described  # type: ignore[attr-defined]
+        return view
+
+    return decorator
 
 
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
 HTML_PAGE = {"text/html": {"schema": {"type": "string"}}}
-
-# The public definition's example (docs.vectara.com, "Create agent session").
-SESSION_REQUEST = {
-    "key": "user_12345_session",
-    "name": "Customer Support Session",
-    "metadata": {"user_role": "premium", "language": "en"},
-}
-SESSION = {
-    "key": "user_12345_session",
-    "agent_key": "support-agent",
-    "name": "Customer Support Session",
-    "description": None,
-    "metadata": {"user_role": "premium", "language": "en"},
-    "enabled": True,
-    "tti_minutes": 0,
-    "created_at": "2026-11-28T17:49:52.123Z",
-    "updated_at": "2026-11-28T17:49:52.123Z",
-}
-AGENT = {
-    "key": "support-agent",
-    "name": "Support agent",
-    "description": "Answers customer questions.",
-    "metadata": {},
-    "enabled": True,
-    "created_at": "2026-11-28T17:40:00.000Z",
-    "updated_at": "2026-11-28T17:40:00.000Z",
-}
-
-DOCS = {
-    "create_session": Doc(
-        "Sessions",
-        201,
-        SessionSchema,
-        body=SessionCreateSchema,
-        statuses=(409,),
-        headers=("Location",),
-        examples={"request": SESSION_REQUEST, "response": SESSION},
-    ),
-    "list_sessions": Doc(
-        "Sessions",
-        200,
-        SessionListSchema,
-        query=SessionListQuerySchema,
-        examples={"response": {"sessions": [SESSION], "metadata": {"page_key": None}}},
-    ),
-    "get_session": Doc("Sessions", 200, SessionSchema, examples={"response": SESSION}),
-    "update_session": Doc(
-        "Sessions",
-        200,
-        SessionSchema,
-        body=SessionUpdateSchema,
-        examples={"request": {"enabled": False}, "response": SESSION | {"enabled": False}},
-    ),
-    "delete_session": Doc("Sessions", 204),
-    "create_agent": Doc(
-        "Agents",
-        201,
-        AgentSchema,
-        body=AgentCreateSchema,
-        statuses=(409,),
-        headers=("Location",),
-        examples={
-            "request": {k: AGENT[k] for k in ("key", "name", "description")},
-            "response": AGENT,
-        },
-    ),
-    "list_agents": Doc("Agents", 200, AgentListSchema, query=ListQuerySchema),
-    "get_agent": Doc("Agents", 200, AgentSchema, examples={"response": AGENT}),
-    "update_agent": Doc("Agents", 200, AgentSchema, body=AgentUpdateSchema),
-    "delete_agent": Doc("Agents", 204),
-    "create_api_key": Doc(
-        "API keys",
-        201,
-        ApiKeyCreatedSchema,
-        body=ApiKeyCreateSchema,
-        examples={
-            "request": {
-                "name": "support frontend",
-                "grants": [
-                    {"agent": "support-agent", "scopes": ["sessions:create", "sessions:read"]}
-                ],
-            }
-        },
-    ),
-    "list_api_keys": Doc("API keys", 200, ApiKeyListSchema, query=ListQuerySchema),
-    "revoke_api_key": Doc("API keys", 204),
-    "openapi_document": Doc("Service", 200, JSON_OBJECT),
-    "docs_page": Doc("Service", 200, HTML_PAGE),
-    "healthz": Doc("Service", 200, HealthSchema),
-    "readyz": Doc("Service", 200, ReadinessSchema, statuses=(503,)),
-}
 
 TAGS = [
     {"name": "Sessions", "description": "Conversations between users and an agent."},
@@ -215,7 +105,9 @@ ERROR_DESCRIPTIONS = {
     403: "`forbidden`: the key lacks the grant for this agent and action.",
     409: "`conflict`: a record with this key already exists; the stored one is untouched.",
     413: "`payload_too_large`: the body is over {max_body} bytes.",
-    415: "`unsupported_media_type`: the body is not UTF-8 JSON (`application/json`).",
+    415: "`unsupported_media_type`: the body is not UTF-8 JSON (`application/json`), is a "
+    "JSON patch format (merge-patch, json-patch), or has a `Content-Encoding` other than "
+    "`identity`.",
     429: "`rate_limit_exceeded`: this key's request limit, its session-creation limit for "
     "this agent (on create), or the limit of failed authentications from this address is "
     "used up. Retry after `Retry-After` seconds.",
@@ -325,27 +217,29 @@ class _Builder:
     def build(self) -> dict[str, Any]:
         for rule in self.app.url_map.iter_rules():
             view = self.app.view_functions[rule.endpoint]
-            if not view.__module__.startswith(f"{__package__}.") or getattr(
+            if not view.__module__.startswith(f"{SERVICE_PACKAGE}.") or getattr(
                 view, "openapi_hidden", False
             ):
                 continue
             name = rule.endpoint.rpartition(".")[2]
-            doc = DOCS.get(name)
+            doc = getattr(view, "operation", None)
             if doc is None:
                 raise LookupError(f"{rule.rule}: view {rule.endpoint} has no OpenAPI description")
             operations = {
-                method.lower(): self.operation(name, view, _RULE_ARGUMENT.findall(rule.rule), doc)
+                method.lower(): self.describe(name, view, _RULE_ARGUMENT.findall(rule.rule), doc)
                 for method in sorted(rule.methods - {"HEAD", "OPTIONS"})
             }
             self.spec.path(path=_path_template(rule.rule), operations=operations)
         return self.spec.to_dict()
 
-    def operation(
-        self, name: str, view: Callable, arguments: list[str], doc: Doc
+    def describe(
+        self, name: str, view: Callable, arguments: list[str], doc: Operation
     ) -> dict[str, Any]:
         summary = (view.__doc__ or name).strip().splitlines()[0]
-        needs_key = view.__module__ == f"{__package__}.api" and not getattr(view, "public", False)
-        operation: dict[str, Any] = {
+        needs_key = view.__module__ == f"{SERVICE_PACKAGE}.api" and not getattr(
+            view, "public", False
+        )
+        described: dict[str, Any] = {
             "operationId": name,
             "tags": [doc.tag],
             "summary": summary.rstrip("."),
@@ -353,32 +247,32 @@ class _Builder:
         }
         scope = getattr(view, "scope", None)
         if scope == "admin":
-            operation["description"] = "Needs an admin key."
+            described["description"] = "Needs an admin key."
         elif scope:
-            operation["description"] = f"Needs a key with `{scope}` on the agent."
+            described["description"] = f"Needs a key with `{scope}` on the agent."
         if not needs_key:
-            operation["security"] = []
+            described["security"] = []
         statuses = {500, *doc.statuses}
         if needs_key:
             statuses |= {401, 403, 429, 503}
         if doc.query is not None:
-            operation["parameters"].append({"in": "query", "schema": doc.query})
+            described["parameters"].append({"in": "query", "schema": doc.query})
             statuses.add(400)
         if doc.body is not None:
             content: dict[str, Any] = {"schema": doc.body}
             if "request" in doc.examples:
                 content["example"] = doc.examples["request"]
-            operation["requestBody"] = {"required": True, "content": {"application/json": content}}
+            described["requestBody"] = {"required": True, "content": {"application/json": content}}
             statuses |= {400, 413, 415}
         if arguments:
             statuses.add(404)
         responses = {str(doc.status): self.success(doc, needs_key)}
         for status in sorted(statuses):
             responses[str(status)] = self.error(status, doc, arguments)
-        operation["responses"] = responses
-        if not operation["parameters"]:
-            del operation["parameters"]
-        return operation
+        described["responses"] = responses
+        if not described["parameters"]:
+            del described["parameters"]
+        return described
 
     def path_parameter(self, name: str) -> dict[str, Any]:
         schema, example, _ = PATH_PARAMETERS.get(name, ({"type": "string"}, None, None))
@@ -387,7 +281,7 @@ class _Builder:
             parameter["example"] = example
         return parameter
 
-    def success(self, doc: Doc, needs_key: bool) -> dict[str, Any]:
+    def success(self, doc: Operation, needs_key: bool) -> dict[str, Any]:
         descriptions = {200: "OK.", 201: "Created.", 204: "Done; no body."}
         response: dict[str, Any] = {"description": descriptions[doc.status]}
         # Every authenticated call counts against a limit of its key.
@@ -402,7 +296,7 @@ class _Builder:
                 response["content"] = {"application/json": content}
         return response
 
-    def error(self, status: int, doc: Doc, arguments: list[str]) -> dict[str, Any]:
+    def error(self, status: int, doc: Operation, arguments: list[str]) -> dict[str, Any]:
         if status == 503 and doc.response is ReadinessSchema:
             return {
                 "description": "Not ready: storage is unreachable, or the rate-limit storage "
@@ -416,7 +310,7 @@ class _Builder:
             description = " ".join(reasons)
         else:
             description = ERROR_DESCRIPTIONS[status].format(
-                max_body=self.config["MAX_CONTENT_LENGTH"]
+                max_body=self.app.extensions["agent_sessions"].max_body
             )
         headers: tuple[str, ...] = ()
         if status == 429:
@@ -445,97 +339,3 @@ def document(app: Flask) -> dict[str, Any]:
         spec = _Builder(app).build()
         cached = app.extensions[EXTENSION] = (spec, json.dumps(spec, ensure_ascii=False).encode())
     return cached[0]
-
-
-# The document and the docs page: no key needed.
-
-
-@docs.after_request
-def finish(response: Response) -> Response:
-    """The headers every API response carries; assets keep their own Cache-Control."""
-    response.headers["X-Request-ID"] = errors.request_id()
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers.setdefault("Cache-Control", "no-store")
-    return response
-
-
-@docs.get("/openapi.json")
-@auth.public
-def openapi_document() -> Response:
-    """This OpenAPI document."""
-    document(current_app)
-    body = current_app.extensions[EXTENSION][1]
-    return current_app.response_class(body, mimetype="application/json")
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Agent Sessions API</title>
-<link rel="stylesheet" href="{css}">
-<link rel="icon" type="image/png" href="{icon}">
-</head>
-<body>
-<div id="swagger-ui" data-spec-url="{spec}"></div>
-<script src="{bundle}"></script>
-<script src="{init}"></script>
-</body>
-</html>
-"""
-
-# A file rather than an inline script, so the page's CSP can forbid inline scripts.
-INIT_JS = """\
-window.addEventListener("load", function () {
-  var root = document.getElementById("swagger-ui");
-  window.ui = SwaggerUIBundle({
-    url: root.dataset.specUrl,
-    domNode: root,
-    deepLinking: true,
-    validatorUrl: null,
-    presets: [SwaggerUIBundle.presets.apis],
-    layout: "BaseLayout",
-  });
-});
-"""
-
-PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
-)
-
-
-@docs.get("/docs")
-@auth.public
-def docs_page() -> Response:
-    """An HTML page rendering this document (Swagger UI, served by the service itself)."""
-
-    def asset(name: str) -> str:
-        return html.escape(url_for(".docs_asset", name=name))
-
-    page = PAGE.format(
-        css=asset("swagger-ui.css"),
-        icon=asset("favicon-32x32.png"),
-        bundle=asset("swagger-ui-bundle.js"),
-        init=asset("init.js"),
-        spec=html.escape(url_for(".openapi_document")),
-    )
-    response = current_app.response_class(page, mimetype="text/html")
-    response.headers["Content-Security-Policy"] = PAGE_CSP
-    return response
-
-
-@docs.get("/docs/<name>")
-@auth.public
-@hidden
-def docs_asset(name: str) -> Response:
-    """Swagger UI's files, from the installed swagger-ui-bundle package."""
-    if name == "init.js":
-        response = current_app.response_class(INIT_JS, mimetype="text/javascript")
-        response.cache_control.public = True
-        response.cache_control.max_age = ASSET_MAX_AGE
-        return response
-    if name not in ASSETS:
-        abort(404)
-    return send_from_directory(swagger_ui_path, name, max_age=ASSET_MAX_AGE)

@@ -1,0 +1,311 @@
+"""The HTTP corridor: request id first, one after-request hook, strict JSON bodies, cursors.
+
+Every request the service answers walks the same way: :func:`start_request`
+gives it an id (before anything else can fail), the blueprint's hooks and the
+view run, and :func:`contract_headers` sets the headers of the contract on the
+answer. Bodies are read by :func:`json_object`, which turns anything but a
+strict UTF-8 JSON object into a 400, 413 or 415; list positions travel as
+opaque page keys (:func:`encode_cursor`, :func:`decode_cursor`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+import re
+from typing import Any
+
+from flask import Blueprint, current_app, g, request
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
+from werkzeug.wrappers import Response
+
+from storage_backends.base import dump_json
+
+from . import errors, limits
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+
+# Blueprint names of the service's own answers (the API and its docs page).
+SERVICE_BLUEPRINT = "agent_sessions"
+
+
+# Path parameters: a segment outside its pattern matches no route (a JSON 404),
+# so it never reaches the limiter or storage.
+
+
+class RecordKeyConverter(BaseConverter):
+    """An agent or session key: 1 to 64 letters, digits, '_' or '-'."""
+
+    regex = r"[0-9a-zA-Z_-]{1,64}"
+
+
+class ApiKeyIdConverter(BaseConverter):
+    """An API key id: ``ak_`` and at most 61 more key characters."""
+
+    regex = r"ak_[0-9a-zA-Z_-]{1,61}"
+
+
+CONVERTERS = {"record_key": RecordKeyConverter, "api_key_id": ApiKeyIdConverter}
+
+
+class ServiceBlueprint(Blueprint):
+    """A blueprint whose routes match the path as sent: ``//`` is a 404, never a redirect.
+
+    Werkzeug merges repeated slashes by answering 308 to the merged path (an HTML
+    body, a Location built from the Host header), before any hook of ours runs.
+    """
+
+    def add_url_rule(self, rule: str, *args: Any, **options: Any) -> None:
+        options.setdefault("merge_slashes", False)
+        super().add_url_rule(rule, *args, **options)
+
+
+# The request id
+
+
+def request_id() -> str:
+    """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits."""
+    rid = g.get("request_id")
+    if rid is None:
+        sent = request.environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
+        rid = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
+        g.request_id = rid
+    return rid
+
+
+def is_service_request() -> bool:
+    """Whether this request is the service's: one of its blueprints, or a routing error under
+    its prefix (no view matched, so no blueprint is known)."""
+    blueprint = request.blueprint
+    if blueprint is not None:
+        return blueprint == SERVICE_BLUEPRINT or blueprint.startswith(SERVICE_BLUEPRINT + ".")
+    prefix = current_app.extensions["agent_sessions"].url_prefix.rstrip("/") + "/"
+    return (request.path + "/").startswith(prefix)
+
+
+def start_request() -> Response | None:
+    """The app's first before-request hook: the request id, then routing errors in JSON.
+
+    Routing errors (404, 405) never reach a blueprint's handlers, as no view
+    matched, so under the service's prefix they are answered here in the error
+    shape; elsewhere they stay the host application's business.
+    """
+    request_id()
+    err = request.routing_exception
+    if isinstance(err, HTTPException) and err.code in (404, 405) and is_service_request():
+        if "//" in request.path:
+            # A host's map merges slashes to find a rule: the path as sent names none.
+            err = NotFound()
+        return errors.handle_http_exception(err)
+    return None
+
+
+def contract_headers(response: Response) -> Response:
+    """The one after-request hook: the headers the contract puts on the service's answers.
+
+    API and docs answers carry X-Request-ID, nosniff, Cache-Control: no-store
+    (unless the view chose one, as the docs assets do) and the X-RateLimit-*
+    headers of the limit the request counted against. The standalone app's other
+    answers (health checks, unknown paths) carry the first two; a host's own
+    routes are left alone.
+    """
+    service = is_service_request()
+    if not service and not current_app.extensions["agent_sessions"].owns_app:
+        return response
+    headers = response.headers
+    headers["X-Request-ID"] = request_id()
+    headers["X-Content-Type-Options"] = "nosniff"
+    if service:
+        headers.setdefault("Cache-Control", "no-store")
+        headers.extend(limits.headers())
+    if response.status_code == 204 or (request.method == "OPTIONS" and not response.data):
+        headers.pop("Content-Type", None)  # no body, so no type
+    return response
+
+
+def json_response(
+    body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """Compact UTF-8 JSON in the schemas' key order, whatever the host's JSON provider does."""
+    return current_app.response_class(
+        dump_json(body) + "\n", status, headers, mimetype="application/json"
+    )
+
+
+def no_content() -> Response:
+    return current_app.response_class(status=204)
+
+
+# Cursors
+
+
+def encode_cursor(position: int | None) -> str | None:
+    if position is None:
+        return None
+    return base64.urlsafe_b64encode(f"v1:{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(page_key: str) -> int:
+    """The position in a page key, or ValueError."""
+    try:
+        raw = base64.urlsafe_b64decode(page_key + "=" * (-len(page_key) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError(page_key) from None
+    version, _, position = raw.partition(":")
+    if version != "v1" or not position.isdigit() or len(position) > 19:
+        raise ValueError(page_key)
+    return int(position)
+
+
+# Strict JSON request bodies.
+#
+# Stock ``request.get_json`` answers 500 to deeply nested JSON (RecursionError),
+# accepts NaN and duplicate keys, and lets lone surrogates through to storage.
+# This parser turns every such body into a 400 and a wrong content type into 415.
+
+INT64_MAX = 2**63 - 1
+# A \u escape of a surrogate half, which JSON allows but UTF-8 cannot store.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class _BadJSON(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _BadJSON(f"duplicate key {key!r}")
+            seen.add(key)
+    return result
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise _BadJSON("integer out of the 64-bit range")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJSON("number out of range")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadJSON(f"{name} is not valid JSON")
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise _BadJSON("strings must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadJSON("strings must not contain unpaired surrogates") from None
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            _check_strings(key)
+            _check_strings(child)
+    elif isinstance(value, list):
+        for child in value:
+            _check_strings(child)
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_int=_bounded_int,
+    parse_float=_finite_float,
+    parse_constant=_reject_constant,
+)
+
+
+def parse(raw: bytes) -> Any:
+    """Parse a JSON document, raising ValueError for anything not strictly valid."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _BadJSON("the body is not valid UTF-8") from None
+    try:
+        data = _DECODER.decode(text)  # json.loads would build a decoder per call
+    except RecursionError:
+        raise _BadJSON("the body is nested too deeply") from None
+    # Escapes can produce NUL or unpaired surrogates; look closer only when one may be there.
+    if "\\u0000" in text or _SURROGATE_ESCAPE.search(text):
+        try:
+            _check_strings(data)
+        except RecursionError:
+            raise _BadJSON("the body is nested too deeply") from None
+    return data
+
+
+def _unsupported(message: str) -> errors.ApiError:
+    return errors.ApiError(415, "unsupported_media_type", message)
+
+
+def read_body(limit: int) -> bytes:
+    """The raw body, at most ``limit`` bytes (else 413), or 400 when the stream is malformed."""
+    request.max_content_length = limit  # the service's own bound, whatever the host's
+    try:
+        raw = request.get_data(cache=False)  # raises 413 past the limit
+        if request.content_length is None and len(raw) >= limit:
+            # Werkzeug cuts a streamed (chunked) body at the limit without an error, so
+            # a longer one would be parsed truncated; one more byte tells if it went on.
+            if request.environ["wsgi.input"].read(1):
+                raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception:
+        # The server could not decode the body it was sent (a chunk size that is not
+        # hex, a chunk shorter than its size): the client's fault, whatever the server.
+        raise errors.ApiError(
+            400, "invalid_request", "The body could not be read: malformed transfer encoding."
+        ) from None
+    return raw
+
+
+# JSON media types that are not a document to take as it is: patches whose
+# semantics (RFC 7386, RFC 6902) this service does not apply.
+PATCH_MEDIA_TYPES = frozenset({"application/merge-patch+json", "application/json-patch+json"})
+
+
+def _is_plain_json(mimetype: str) -> bool:
+    if mimetype == "application/json":
+        return True
+    return (
+        mimetype.startswith("application/")
+        and mimetype.endswith("+json")
+        and mimetype not in PATCH_MEDIA_TYPES
+    )
+
+
+def json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or an ApiError (400, 413, 415)."""
+    if not _is_plain_json(request.mimetype):
+        raise _unsupported("The body must be JSON (application/json).")
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise _unsupported("JSON bodies must be UTF-8.")
+    encoding = request.environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        raise _unsupported("Content-Encoding is not supported; send the body as it is.")
+    raw = read_body(current_app.extensions["agent_sessions"].max_body)
+    try:
+        data = parse(raw)
+    except ValueError as err:
+        raise errors.ApiError(
+            400, "invalid_request", f"The body is not valid JSON: {err}"
+        ) from None
+    if not isinstance(data, dict):
+        raise errors.ApiError(400, "invalid_request", "The body must be a JSON object.")
+    return data
