@@ -307,3 +307,19 @@ def test_odd_path_parameters_are_4xx(server, served, odd, method, template):
     response = requests.request(method, url, json=body, headers=served["headers"], timeout=10)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     assert response.json()["error"] in ("agent_not_found", "session_not_found", "not_found")
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param([b"zz\r\n{}\r\n", b"0\r\n\r\n"], id="size-not-hex"),
+        pytest.param([b'2\r\n{"name": "n"}\r\n', b"0\r\n\r\n"], id="size-shorter-than-data"),
+        pytest.param([b"5\r\n{}\r\n0\r\n\r\n"], id="size-longer-than-data"),
+    ],
+)
+def test_malformed_chunked_body_is_400(server, served, chunks):
+    head = request_head("POST", SESSIONS, served["token"], "Transfer-Encoding: chunked\r\n")
+    status, headers, body, _ = raw(server, head + b"\r\n", body_chunks=chunks)
+    assert status == 400, body
+    assert json.loads(body)["error"] == "invalid_request"
+    assert headers["content-type"] == "application/json"
