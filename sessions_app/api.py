@@ -7,7 +7,7 @@ import binascii
 from typing import Any
 
 import re2
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, request
 from werkzeug.wrappers import Response
 
 from storage_backends import (
@@ -20,7 +20,7 @@ from storage_backends import (
 )
 from storage_backends.base import utcnow
 
-from . import auth, body, errors, limits
+from . import auth, body, errors, rate_limits
 from .errors import ApiError
 from .naming import key_candidates
 from .schemas import (
@@ -40,7 +40,7 @@ from .schemas import (
 )
 
 bp = Blueprint("agent_sessions", __name__)
-bp.before_request(auth.authenticate)
+bp.before_request(rate_limits.guard_authentication(auth.authenticate))
 errors.register(bp)
 
 session_schema = SessionSchema()
@@ -69,7 +69,7 @@ def finish(response: Response) -> Response:
             ("X-Request-ID", errors.request_id()),
             ("X-Content-Type-Options", "nosniff"),
             ("Cache-Control", "no-store"),
-            *limits.headers(),
+            *rate_limits.headers(),
         ]
     )
     return response
@@ -134,15 +134,10 @@ def ensure_agent(agent_key: str) -> None:
 
 @bp.post("/agents/<agent_key>/sessions")
 @auth.require("sessions:create")
+@rate_limits.creates
 def create_session(agent_key: str) -> Response:
     """Create a session."""
     ext = state()
-    ext.limits.hit(
-        g.api_key.create_limit or current_app.config["SESSION_CREATE_LIMIT"],
-        "create",
-        g.api_key.id,
-        agent_key,
-    )
     try:
         data = session_create_schema.load(body.json_object())
     except Exception:
@@ -172,6 +167,7 @@ def create_with_generated_key(session: Session) -> Session:
 
 
 @bp.get("/agents/<agent_key>/sessions")
+@rate_limits.per_key
 @auth.require("sessions:read")
 def list_sessions(agent_key: str) -> Response:
     """List the agent's sessions, a page at a time."""
@@ -200,6 +196,7 @@ def compile_filter(pattern: str) -> Any:
 
 
 @bp.get("/agents/<agent_key>/sessions/<session_key>")
+@rate_limits.per_key
 @auth.require("sessions:read")
 def get_session(agent_key: str, session_key: str) -> Response:
     """Read one session."""
@@ -214,6 +211,7 @@ def get_session(agent_key: str, session_key: str) -> Response:
 
 
 @bp.patch("/agents/<agent_key>/sessions/<session_key>")
+@rate_limits.per_key
 @auth.require("sessions:update")
 def update_session(agent_key: str, session_key: str) -> Response:
     """Change some fields of a session."""
@@ -233,6 +231,7 @@ def update_session(agent_key: str, session_key: str) -> Response:
 
 
 @bp.delete("/agents/<agent_key>/sessions/<session_key>")
+@rate_limits.per_key
 @auth.require("sessions:delete")
 def delete_session(agent_key: str, session_key: str) -> Response:
     """Delete a session."""
@@ -248,6 +247,7 @@ def delete_session(agent_key: str, session_key: str) -> Response:
 
 
 @bp.post("/agents")
+@rate_limits.per_admin_key
 @auth.require_admin
 def create_agent() -> Response:
     """Create an agent."""
@@ -259,6 +259,7 @@ def create_agent() -> Response:
 
 
 @bp.get("/agents")
+@rate_limits.per_admin_key
 @auth.require_admin
 def list_agents() -> Response:
     """List agents."""
@@ -267,6 +268,7 @@ def list_agents() -> Response:
 
 
 @bp.get("/agents/<agent_key>")
+@rate_limits.per_admin_key
 @auth.require_admin
 def get_agent(agent_key: str) -> Response:
     """Read one agent."""
@@ -274,6 +276,7 @@ def get_agent(agent_key: str) -> Response:
 
 
 @bp.patch("/agents/<agent_key>")
+@rate_limits.per_admin_key
 @auth.require_admin
 def update_agent(agent_key: str) -> Response:
     """Change some fields of an agent."""
@@ -287,6 +290,7 @@ def update_agent(agent_key: str) -> Response:
 
 
 @bp.delete("/agents/<agent_key>")
+@rate_limits.per_admin_key
 @auth.require_admin
 def delete_agent(agent_key: str) -> Response:
     """Delete an agent and all its sessions."""
@@ -298,6 +302,7 @@ def delete_agent(agent_key: str) -> Response:
 
 
 @bp.post("/api_keys")
+@rate_limits.per_admin_key
 @auth.require_admin
 def create_api_key() -> Response:
     """Create an API key; its secret appears in this response only."""
@@ -308,6 +313,7 @@ def create_api_key() -> Response:
 
 
 @bp.get("/api_keys")
+@rate_limits.per_admin_key
 @auth.require_admin
 def list_api_keys() -> Response:
     """List API keys (never their secrets)."""
@@ -316,6 +322,7 @@ def list_api_keys() -> Response:
 
 
 @bp.delete("/api_keys/<key_id>")
+@rate_limits.per_admin_key
 @auth.require_admin
 def revoke_api_key(key_id: str) -> Response:
     """Revoke an API key."""

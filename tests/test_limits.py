@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sessions_app import ConfigError, create_app
-from sessions_app.limits import client_address
+from sessions_app.rate_limits import client_address
 from storage_backends import Agent
 from storage_backends.base import utcnow
 from tests.conftest import ALL_SCOPES, Keys, assert_error
@@ -244,7 +244,7 @@ def test_limit_keys_carry_the_key_id_never_the_secret_and_no_empty_part(service:
         svc.client.get(
             SESSIONS, headers={"x-api-key": token + "x"}, environ_base={"REMOTE_ADDR": ""}
         )
-    counters = svc.limits.windows.keys()
+    counters = svc.limits.storage.keys()
     assert len(counters) == 3, counters
     for counter in counters:
         assert secret not in counter
@@ -268,7 +268,7 @@ def test_an_empty_key_part_is_refused_not_counted(service: Any) -> None:
     svc = service()
     with svc.app.test_request_context("/"), pytest.raises(ValueError, match="empty"):
         svc.limits.hit("1/minute", "api", "")
-    assert not svc.limits.windows.keys()
+    assert not svc.limits.storage.keys()
 
 
 # Strategy and windows
