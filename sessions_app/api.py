@@ -133,8 +133,8 @@ def ensure_agent(agent_key: str) -> None:
 
 
 @bp.post("/agents/<agent_key>/sessions")
-@auth.require("sessions:create")
 @rate_limits.creates
+@auth.require("sessions:create")
 def create_session(agent_key: str) -> Response:
     """Create a session."""
     ext = state()

@@ -8,12 +8,19 @@ limits themselves are declared with the decorators below, one on each view:
 - :func:`per_key`: ``DEFAULT_LIMIT`` per API key (every session call);
 - :func:`per_admin_key`: ``ADMIN_LIMIT`` per API key (agents and API keys);
 - :func:`creates`: ``SESSION_CREATE_LIMIT``, or the key's own
-  ``create_limit``, per API key and agent;
+  ``create_limit``, per API key and agent, for a key that may create on an
+  agent that exists; any other POST to the route counts as ``DEFAULT_LIMIT``;
 - :func:`guard_authentication` wraps the authentication hook:
-  ``AUTH_FAILURE_LIMIT`` per client address counts failed authentications.
+  ``AUTH_FAILURE_LIMIT`` per client address counts failed authentications, and
+  once an address has used it up, its requests are refused before any key is
+  read, until the window ends.
 
-Each decorator runs after authentication. Limit keys are built from the key
-id, never the secret, and from parts that are never empty.
+Each decorator runs after authentication and before the permission check, so
+every authenticated request counts once, whatever its outcome (a 403 too),
+against exactly one limit. Limiter state is bounded per key whatever the URL
+says: a counter per key, plus one per agent that exists for creations. Limit
+keys are built from the key id, never the secret, and from parts that are
+never empty.
 
 Why not ``@limiter.limit``: measured with Flask's test client on a bare POST
 route, Flask-Limiter's request path (its before-request pass, limit
@@ -35,7 +42,9 @@ When the storage is unreachable (Redis stopped or stalled past
 (``RATELIMIT_FAILURE_POLICY = "open"``) or refused with 503 and ``Retry-After``
 ("closed"); the storage is then left alone for ``RATELIMIT_FAILURE_BACKOFF``
 seconds, so a stalled Redis costs one timeout per worker per interval rather
-than one per request.
+than one per request. Any other storage error (Redis refusing a command) is a
+bug, not an outage: it is logged as an error, that one request passes
+uncounted, and no back-off starts.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from limits.errors import ConfigurationError
 from limits.storage import MemoryStorage, RedisStorage
 from limits.strategies import FixedWindowRateLimiter
 
-from storage_backends import Unavailable
+from storage_backends import AgentNotFound, Unavailable
 
 from .errors import ApiError
 
@@ -66,20 +75,45 @@ FAILURE_POLICIES = ("open", "closed")
 # The configuration keys holding one rate limit string each.
 LIMIT_SETTINGS = ("SESSION_CREATE_LIMIT", "AUTH_FAILURE_LIMIT", "DEFAULT_LIMIT", "ADMIN_LIMIT")
 
+# Bounds of every limit, whether set in configuration, by the CLI or through the
+# API: a count past a billion or a period past a day is a typo, and would
+# overflow the storage's expiry (Redis refuses the PEXPIRE) or promise a
+# Retry-After of eons.
+MAX_AMOUNT = 1_000_000_000
+MAX_PERIOD_SECONDS = 86_400
+BOUNDS = f"1 to {MAX_AMOUNT:,} requests per period, a period of 1 second to 1 day"
+
+# The scope whose creations have their own limit per key and agent.
+CREATE_SCOPE = "sessions:create"
+
+# Addresses refused for failed authentications, remembered per process.
+MAX_BLOCKED_ADDRESSES = 10_000
+
+# Agents found to exist are taken on trust for this long (seconds), per process,
+# so that creations do not pay a storage read each; at most this many are kept.
+AGENT_TRUST_SECONDS = 1.0
+MAX_TRUSTED_AGENTS = 4096
+
 # The URL schemes of the storages below: "<SCHEME_PREFIX><limits' own scheme>".
 SCHEME_PREFIX = "agent-sessions+"
 
 
 @functools.lru_cache(maxsize=256)
 def parse_limit(value: str) -> RateLimitItem:
-    """One limit such as "120/minute" (parsed once per distinct string)."""
+    """One limit such as "120/minute", within the bounds (parsed once per distinct string).
+
+    Raises ValueError, with a one-line message, for anything else.
+    """
     try:
-        items = parse_many(value)
+        items = parse_many(value) if len(value) <= 100 else []
     except ValueError:
         items = []
     if len(items) != 1:
-        raise ValueError(f"{value!r} is not one rate limit such as 30/minute")
-    return items[0]
+        raise ValueError(f"{value[:100]!r} is not one rate limit such as 30/minute")
+    item = items[0]
+    if not (1 <= item.amount <= MAX_AMOUNT and 1 <= item.get_expiry() <= MAX_PERIOD_SECONDS):
+        raise ValueError(f"{value!r} is out of bounds: {BOUNDS}")
+    return item
 
 
 def client_address() -> str:
@@ -152,6 +186,9 @@ class MemoryCounters(MemoryStorage):
         now = time.time()
         return [key for key, end in list(self.expirations.items()) if end > now]
 
+    def unreachable(self, err: Exception) -> bool:
+        return False  # nothing to reach: whatever is raised here is a bug
+
 
 class RedisCounters(RedisStorage):
     """``limits``' Redis storage, plus one script that counts and returns the window's end."""
@@ -188,6 +225,11 @@ class RedisCounters(RedisStorage):
         count, ttl_ms = self.lua_incr_with_reset([self.prefixed_key(key)], [expiry * 1000, amount])
         return int(count), time.time() + int(ttl_ms) / 1000
 
+    def unreachable(self, err: Exception) -> bool:
+        """A failed connection or a timeout, as opposed to a command Redis refused (a bug)."""
+        module = self.dependency
+        return isinstance(err, (module.ConnectionError, module.TimeoutError, OSError))
+
 
 @dataclasses.dataclass(frozen=True)
 class Window:
@@ -196,6 +238,7 @@ class Window:
     limit: int
     remaining: int
     reset_at: float  # epoch seconds when the budget is back
+    over: bool = False  # this request went past the limit
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.reset_at - time.time()))
@@ -237,6 +280,10 @@ class RateLimits:
         self.enabled = self.extension.enabled
         self.degraded = False
         self._retry_at = 0.0  # time.monotonic() before which the storage is left alone
+        # Client address -> the auth-failure window it has used up (see refuse_if_blocked).
+        self._blocked: dict[str, Window] = {}
+        # Agent key -> time.monotonic() until which it is known to exist (see count_create).
+        self._agents: dict[str, float] = {}
 
     @property
     def strategy(self) -> Any:
@@ -265,8 +312,14 @@ class RateLimits:
         the storage is unreachable, the request passes (policy "open", logged)
         or gets a 503 with Retry-After ("closed").
         """
+        window = self.count(limit, *identifiers)
+        if window is not None and window.over:
+            raise too_many(f"Rate limit of {limit} exceeded; retry later.", window)
+
+    def count(self, limit: str, *identifiers: str) -> Window | None:
+        """Count one request; return its window (also in ``g.rate_limit``), None if uncounted."""
         if not self.enabled:
-            return
+            return None
         if not all(identifiers):
             # A programming error, not a request error: never count under a blank key.
             raise ValueError(f"empty rate-limit key part in {identifiers!r}")
@@ -274,34 +327,32 @@ class RateLimits:
         parts = (self.prefix, *identifiers) if self.prefix else identifiers
         if time.monotonic() < self._retry_at:
             self._storage_failed(None)
-            return
+            return None
         try:
-            allowed, window = self._hit(item, parts)
+            window = self._hit(item, parts)
         except Exception as err:  # noqa: BLE001 - storage drivers raise anything
+            if not getattr(self.storage, "unreachable", lambda _: True)(err):
+                # Not an outage: the other requests are counted as usual.
+                log.error("rate-limit storage refused to count %s", limit, exc_info=True)
+                return None
             self._retry_at = time.monotonic() + self.backoff
             self._storage_failed(err)
-            return
+            return None
         if self.degraded:
             self.degraded = False
             log.warning("rate-limit storage answers again; limits are enforced again")
         g.rate_limit = window
-        if not allowed:
-            raise ApiError(
-                429,
-                "rate_limit_exceeded",
-                f"Rate limit of {limit} exceeded; retry later.",
-                headers={"Retry-After": str(window.retry_after())},
-            )
+        return window
 
-    def _hit(self, item: RateLimitItem, parts: tuple[str, ...]) -> tuple[bool, Window]:
+    def _hit(self, item: RateLimitItem, parts: tuple[str, ...]) -> Window:
         strategy, storage = self.strategy, self.storage
         if isinstance(strategy, FixedWindowRateLimiter) and hasattr(storage, "incr_with_reset"):
             count, reset_at = storage.incr_with_reset(item.key_for(*parts), item.get_expiry())
-            return count <= item.amount, Window(item.amount, max(0, item.amount - count), reset_at)
+            return Window(item.amount, max(0, item.amount - count), reset_at, count > item.amount)
         # Other strategies or storages: two calls (more round trips).
         allowed = strategy.hit(item, *parts)
         reset_at, remaining = strategy.get_window_stats(item, *parts)
-        return allowed, Window(item.amount, max(0, remaining), reset_at)
+        return Window(item.amount, max(0, remaining), reset_at, not allowed)
 
     def _storage_failed(self, err: Exception | None) -> None:
         if err is not None and not self.degraded:
@@ -316,14 +367,89 @@ class RateLimits:
             retry_after = max(1, math.ceil(self._retry_at - time.monotonic()))
             raise Unavailable("rate-limit storage unreachable", retry_after=retry_after)
 
+    def refuse_if_blocked(self) -> None:
+        """429 for an address that has used up ``AUTH_FAILURE_LIMIT``, until its window ends.
+
+        Checked before any key is read, so that past the limit a right key
+        cannot be told from a wrong one, and guessing gets no faster than the
+        limit. Each process remembers the addresses it saw use up the limit
+        (no storage round trip per request): with one process, or with Redis
+        from the first failure each worker sees past the limit.
+        """
+        address = client_address()
+        window = self._blocked.get(address)
+        if window is None:
+            return
+        if window.reset_at <= time.time():
+            self._blocked.pop(address, None)
+            return
+        g.rate_limit = window
+        raise too_many("Too many failed authentications from this address; retry later.", window)
+
     def count_auth_failure(self) -> None:
         """One failed authentication from this client address (429 past the limit)."""
-        self.hit(current_app.config["AUTH_FAILURE_LIMIT"], "auth-failure", client_address())
+        limit = current_app.config["AUTH_FAILURE_LIMIT"]
+        address = client_address()
+        window = self.count(limit, "auth-failure", address)
+        if window is None or window.remaining > 0:
+            return
+        if len(self._blocked) >= MAX_BLOCKED_ADDRESSES:
+            now = time.time()
+            self._blocked = {a: w for a, w in self._blocked.items() if w.reset_at > now}
+            if len(self._blocked) >= MAX_BLOCKED_ADDRESSES:
+                self._blocked.clear()  # a flood of addresses: forget, the storage still counts
+        self._blocked[address] = dataclasses.replace(window, over=True)
+        if window.over:
+            raise too_many(f"Rate limit of {limit} exceeded; retry later.", window)
 
     def count_create(self, key: Any, agent_key: str) -> None:
-        """A session creation: the key's own limit, else ``SESSION_CREATE_LIMIT``, per agent."""
-        limit = key.create_limit or current_app.config["SESSION_CREATE_LIMIT"]
-        self.hit(limit, "create", key.id, agent_key)
+        """A POST to an agent's sessions: the creation limit if the key may create there.
+
+        Only an agent that exists gets a counter of its own, so made-up agent
+        keys in URLs leave no state behind. The price is one storage read by
+        primary key, once a second per agent and process (measured on SQLite
+        about a third of the storage's own create; on memory:// and
+        PostgreSQL a fifth to a third).
+        """
+        if key.allows(agent_key, CREATE_SCOPE) and self._agent_exists(agent_key):
+            self.hit(create_limit(key), "create", key.id, agent_key)
+        else:
+            self.hit(current_app.config["DEFAULT_LIMIT"], "api", key.id)
+
+    def _agent_exists(self, agent_key: str) -> bool:
+        now = time.monotonic()
+        if self._agents.get(agent_key, 0.0) > now:
+            return True
+        try:
+            current_app.extensions["agent_sessions"].storage.get_agent(agent_key=agent_key)
+        except AgentNotFound:
+            return False
+        if len(self._agents) >= MAX_TRUSTED_AGENTS:
+            self._agents.clear()
+        self._agents[agent_key] = now + AGENT_TRUST_SECONDS
+        return True
+
+
+def too_many(message: str, window: Window) -> ApiError:
+    return ApiError(
+        429, "rate_limit_exceeded", message, headers={"Retry-After": str(window.retry_after())}
+    )
+
+
+def create_limit(key: Any) -> str:
+    """The key's own creation limit, or ``SESSION_CREATE_LIMIT``.
+
+    A key stored before limits were bounded may hold one out of bounds: it is
+    ignored, with a warning, rather than sent to the storage.
+    """
+    own = key.create_limit
+    if own:
+        try:
+            parse_limit(own)
+            return own
+        except ValueError as err:
+            log.warning("API key %s: create_limit ignored (%s)", key.id, err)
+    return current_app.config["SESSION_CREATE_LIMIT"]
 
 
 def current() -> RateLimits:
@@ -351,30 +477,35 @@ def detach_request_hooks(app: Flask, extension: Limiter) -> None:
 # The decorators: one on each view, after authentication, before the permission check.
 
 
-def _declared(count: Callable[..., None]) -> Callable[[Callable], Callable]:
-    def decorator(view: Callable) -> Callable:
-        @functools.wraps(view)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            count(g.api_key, *args, **kwargs)
-            return view(*args, **kwargs)
+def _limited(view: Callable, count: Callable[[Any, dict[str, Any]], None]) -> Callable:
+    @functools.wraps(view)
+    def wrapper(**kwargs: Any) -> Any:
+        count(g.api_key, kwargs)
+        return view(**kwargs)
 
-        return wrapper
+    # Flask's automatic OPTIONS answer would skip the view, and with it the
+    # limit and the permission check: OPTIONS is a 405 instead (see README).
+    wrapper.provide_automatic_options = False  # type: ignore[attr-defined]
+    return wrapper
 
-    return decorator
+
+def per_key(view: Callable) -> Callable:
+    """The view counts against ``DEFAULT_LIMIT`` for the calling key."""
+    return _limited(
+        view, lambda key, _: current().hit(current_app.config["DEFAULT_LIMIT"], "api", key.id)
+    )
 
 
-per_key = _declared(
-    lambda key, *_, **__: current().hit(current_app.config["DEFAULT_LIMIT"], "api", key.id)
-)
-per_key.__doc__ = "Count the call against ``DEFAULT_LIMIT`` for the calling key."
+def per_admin_key(view: Callable) -> Callable:
+    """The view counts against ``ADMIN_LIMIT`` for the calling key."""
+    return _limited(
+        view, lambda key, _: current().hit(current_app.config["ADMIN_LIMIT"], "admin", key.id)
+    )
 
-per_admin_key = _declared(
-    lambda key, *_, **__: current().hit(current_app.config["ADMIN_LIMIT"], "admin", key.id)
-)
-per_admin_key.__doc__ = "Count the call against ``ADMIN_LIMIT`` for the calling key."
 
-creates = _declared(lambda key, agent_key, **_: current().count_create(key, agent_key))
-creates.__doc__ = "Count a session creation (see :meth:`RateLimits.count_create`)."
+def creates(view: Callable) -> Callable:
+    """The view creates a session: see :meth:`RateLimits.count_create`."""
+    return _limited(view, lambda key, args: current().count_create(key, args["agent_key"]))
 
 
 def guard_authentication(authenticate: Callable[[], Any]) -> Callable[[], Any]:
@@ -382,11 +513,13 @@ def guard_authentication(authenticate: Callable[[], Any]) -> Callable[[], Any]:
 
     @functools.wraps(authenticate)
     def hook() -> Any:
+        limits = current()
+        limits.refuse_if_blocked()
         try:
             return authenticate()
         except ApiError as err:
             if err.status == 401:
-                current().count_auth_failure()
+                limits.count_auth_failure()
             raise
 
     return hook
