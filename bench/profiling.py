@@ -32,7 +32,7 @@ STAGES = [
         ("request id", r"^request_id \(sessions_app/errors\.py\)"),
         ("authentication", r"^authenticate \(sessions_app/auth\.py\)"),
         ("routing-error hook", r"^.*hook \(sessions_app/__init__\.py\)"),
-        ("rate limit", r"\(sessions_app/limits\.py\)"),
+        ("rate limit", r"\(sessions_app/rate_limits\.py\)"),
         ("Flask-Limiter hooks", r"\(flask_limiter/"),
         ("body parse", r"^(json_object|read_body|parse) \(sessions_app/http\.py\)"),
         ("schema load", r"^(\w+\.)?load \(marshmallow/"),

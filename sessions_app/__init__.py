@@ -15,7 +15,7 @@ import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
 from . import errors, http
-from .limits import RateLimits
+from .rate_limits import RateLimits
 
 log = logging.getLogger("agent_sessions")
 # Silent unless the host configures logging (gunicorn.conf.py sends it to the error

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import re2
-from flask import current_app, g, request
+from flask import current_app, request
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
@@ -23,7 +23,7 @@ from werkzeug.wrappers import Response
 from storage_backends import Agent, Conflict, Grant, Page, Session, SessionNotFound
 from storage_backends.base import utcnow
 
-from . import auth, errors, http
+from . import auth, errors, http, rate_limits
 from .errors import ApiError
 from .naming import key_candidates
 from .openapi import Operation
@@ -46,7 +46,7 @@ from .schemas import (
 )
 
 bp = http.ServiceBlueprint(http.SERVICE_BLUEPRINT, __name__)
-bp.before_request(auth.authenticate)
+bp.before_request(rate_limits.guard_authentication(auth.authenticate))
 bp.register_blueprint(docs)
 errors.register(bp)  # the API's and the docs page's, wherever the blueprint is mounted
 
@@ -128,22 +128,6 @@ def endpoint(
     return decorator
 
 
-def counts_creation(view: Callable) -> Callable:
-    """Count a session creation against the key's limit for this agent (429 past it)."""
-
-    @functools.wraps(view)
-    def wrapper(agent_key: str, **kwargs: Any) -> Any:
-        service().limits.hit(
-            g.api_key.create_limit or current_app.config["SESSION_CREATE_LIMIT"],
-            "create",
-            g.api_key.id,
-            agent_key,
-        )
-        return view(agent_key=agent_key, **kwargs)
-
-    return wrapper
-
-
 def page_body(page: Page, name: str) -> dict[str, Any]:
     return {name: page.items, "metadata": {"page_key": http.encode_cursor(page.next_cursor)}}
 
@@ -174,8 +158,8 @@ def compile_filter(pattern: str) -> Any:
 
 
 @bp.post("/agents/<record_key:agent_key>/sessions")
+@rate_limits.creates
 @auth.require("sessions:create")
-@counts_creation
 @endpoint(
     "Sessions",
     201,
@@ -209,6 +193,7 @@ def create_with_generated_key(session: Session) -> Session:
 
 
 @bp.get("/agents/<record_key:agent_key>/sessions")
+@rate_limits.per_key
 @auth.require("sessions:read")
 @endpoint(
     "Sessions",
@@ -229,6 +214,7 @@ def list_sessions(agent_key: str, query: dict[str, Any]) -> Any:
 
 
 @bp.get("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
+@rate_limits.per_key
 @auth.require("sessions:read")
 @endpoint("Sessions", 200, SessionSchema, examples={"response": SESSION})
 def get_session(agent_key: str, session_key: str) -> Any:
@@ -237,6 +223,7 @@ def get_session(agent_key: str, session_key: str) -> Any:
 
 
 @bp.patch("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
+@rate_limits.per_key
 @auth.require("sessions:update")
 @endpoint(
     "Sessions",
@@ -253,6 +240,7 @@ def update_session(agent_key: str, session_key: str, body: dict[str, Any]) -> An
 
 
 @bp.delete("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
+@rate_limits.per_key
 @auth.require("sessions:delete")
 @endpoint("Sessions", 204)
 def delete_session(agent_key: str, session_key: str) -> None:
@@ -264,6 +252,7 @@ def delete_session(agent_key: str, session_key: str) -> None:
 
 
 @bp.post("/agents")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint(
     "Agents",
@@ -285,6 +274,7 @@ def create_agent(body: dict[str, Any]) -> Any:
 
 
 @bp.get("/agents")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint("Agents", 200, AgentListSchema, query=ListQuerySchema)
 def list_agents(query: dict[str, Any]) -> Any:
@@ -293,6 +283,7 @@ def list_agents(query: dict[str, Any]) -> Any:
 
 
 @bp.get("/agents/<record_key:agent_key>")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint("Agents", 200, AgentSchema, examples={"response": AGENT})
 def get_agent(agent_key: str) -> Any:
@@ -301,6 +292,7 @@ def get_agent(agent_key: str) -> Any:
 
 
 @bp.patch("/agents/<record_key:agent_key>")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint("Agents", 200, AgentSchema, body=AgentUpdateSchema)
 def update_agent(agent_key: str, body: dict[str, Any]) -> Any:
@@ -309,6 +301,7 @@ def update_agent(agent_key: str, body: dict[str, Any]) -> Any:
 
 
 @bp.delete("/agents/<record_key:agent_key>")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint("Agents", 204)
 def delete_agent(agent_key: str) -> None:
@@ -320,6 +313,7 @@ def delete_agent(agent_key: str) -> None:
 
 
 @bp.post("/api_keys")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint(
     "API keys",
@@ -330,12 +324,13 @@ def delete_agent(agent_key: str) -> None:
 )
 def create_api_key(body: dict[str, Any]) -> Any:
     """Create an API key; its secret appears in this response only."""
-    body["grants"] = [Grant(g["agent"], tuple(g["scopes"])) for g in body["grants"]]
+    body["grants"] = [Grant(grant["agent"], tuple(grant["scopes"])) for grant in body["grants"]]
     key, token = auth.new_api_key(**body)
     return types.SimpleNamespace(**vars(key), secret=token)
 
 
 @bp.get("/api_keys")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint("API keys", 200, ApiKeyListSchema, query=ListQuerySchema)
 def list_api_keys(query: dict[str, Any]) -> Any:
@@ -344,6 +339,7 @@ def list_api_keys(query: dict[str, Any]) -> Any:
 
 
 @bp.delete("/api_keys/<api_key_id:key_id>")
+@rate_limits.per_admin_key
 @auth.require_admin
 @endpoint("API keys", 204)
 def revoke_api_key(key_id: str) -> None:

@@ -68,14 +68,10 @@ def authenticate() -> None:
     view = current_app.view_functions.get(request.endpoint or "")
     if view is None or getattr(view, "public", False):
         return
-    state = current_app.extensions["agent_sessions"]
-    key = resolve(state.storage, presented_token())
+    key = resolve(current_app.extensions["agent_sessions"].storage, presented_token())
     if key is None:
-        state.limits.count_auth_failure()
         raise ApiError(401, "unauthorized", "Missing or invalid API key.")
     g.api_key = key
-    # The key's own limit for this call (DEFAULT_LIMIT, or ADMIN_LIMIT), in one place.
-    state.limits.count_request(key.id, view)
 
 
 def require(scope: str) -> Callable:

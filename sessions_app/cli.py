@@ -16,7 +16,7 @@ from storage_backends import Agent, Grant, StorageError
 from storage_backends.base import utcnow
 
 from .auth import new_api_key
-from .limits import parse_limit
+from .rate_limits import parse_limit
 from .schemas import SCOPES, is_key
 
 agents = AppGroup("agents", help="Manage agents.")

@@ -25,7 +25,7 @@ from werkzeug.wrappers import Response
 
 from storage_backends.base import dump_json
 
-from . import errors, limits
+from . import errors, rate_limits
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
@@ -121,7 +121,7 @@ def contract_headers(response: Response) -> Response:
     headers["X-Content-Type-Options"] = "nosniff"
     if service:
         headers.setdefault("Cache-Control", "no-store")
-        headers.extend(limits.headers())
+        headers.extend(rate_limits.headers())
     if response.status_code == 204 or (request.method == "OPTIONS" and not response.data):
         headers.pop("Content-Type", None)  # no body, so no type
     return response

@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import current_app
-from limits import parse_many
 from marshmallow import (
     EXCLUDE,
     RAISE,
@@ -27,6 +26,7 @@ from marshmallow import (
 from storage_backends.base import dump_json, format_ts, utcnow
 
 from . import http
+from .rate_limits import BOUNDS, parse_limit
 
 KEY_PATTERN = r"^[0-9a-zA-Z_-]+$"
 KEY_MAX_LENGTH = 64
@@ -435,15 +435,14 @@ class GrantSchema(Schema):
 
 
 class LimitString(fields.String):
-    """A rate limit such as "30/minute"."""
+    """A rate limit such as "30/minute", within the bounds every limit keeps."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         value = super()._deserialize(value, attr, data, **kwargs)
         try:
-            if len(value) > 100 or len(parse_many(value)) != 1:
-                raise ValueError(value)
+            parse_limit(value)
         except ValueError:
-            raise ValidationError('Must be a rate limit such as "30/minute".') from None
+            raise ValidationError(f'Must be a rate limit such as "30/minute": {BOUNDS}.') from None
         return value
 
 

@@ -327,6 +327,7 @@ def snapshot(url: str) -> tuple[list, list]:
         ),
         (("keys", "create", "--name", "n", "--create-limit", "lots"), ("lots",)),
         (("keys", "create", "--name", "n", "--create-limit", "30/fortnight"), ("fortnight",)),
+        (("keys", "create", "--name", "n", "--create-limit", "5/2day"), ("5/2day", "bounds")),
         (
             ("keys", "create", "--name", "n", "--create-limit", "1/second;5/minute"),
             ("1/second;5/minute",),

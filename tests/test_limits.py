@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sessions_app import ConfigError, create_app
-from sessions_app.limits import client_address
+from sessions_app.rate_limits import client_address
 from storage_backends import Agent
 from storage_backends.base import utcnow
 from tests.conftest import ALL_SCOPES, Keys, assert_error
@@ -202,10 +202,14 @@ def test_auth_failures_are_limited_per_client_address(service: Any) -> None:
         assert rate_headers(response)[:2] == (3, remaining)
     assert_429(svc.client.get(SESSIONS, headers=bad, environ_base=here), 3)
     assert_error(svc.client.get(SESSIONS, headers=bad, environ_base=elsewhere), 401, "unauthorized")
-    # Only failures count: a valid key from the same address is still served.
+    # Only failures count: a valid key from another address is served, and does not
+    # use that address's budget. Past the limit, a valid key from this address is
+    # refused too (see test_past_the_auth_failure_limit_even_a_right_key_is_refused).
     token = svc.token()
-    response = svc.client.get(SESSIONS, headers={"x-api-key": token}, environ_base=here)
-    assert response.status_code == 200
+    for _ in range(3):
+        response = svc.client.get(SESSIONS, headers={"x-api-key": token}, environ_base=elsewhere)
+        assert response.status_code == 200
+    assert_429(svc.client.get(SESSIONS, headers={"x-api-key": token}, environ_base=here), 3)
 
 
 def test_proxy_count_takes_the_client_address_from_x_forwarded_for(service: Any) -> None:
@@ -244,7 +248,7 @@ def test_limit_keys_carry_the_key_id_never_the_secret_and_no_empty_part(service:
         svc.client.get(
             SESSIONS, headers={"x-api-key": token + "x"}, environ_base={"REMOTE_ADDR": ""}
         )
-    counters = svc.limits.windows.keys()
+    counters = svc.limits.storage.keys()
     assert len(counters) == 3, counters
     for counter in counters:
         assert secret not in counter
@@ -268,7 +272,121 @@ def test_an_empty_key_part_is_refused_not_counted(service: Any) -> None:
     svc = service()
     with svc.app.test_request_context("/"), pytest.raises(ValueError, match="empty"):
         svc.limits.hit("1/minute", "api", "")
-    assert not svc.limits.windows.keys()
+    assert not svc.limits.storage.keys()
+
+
+# Every authenticated request counts, and limiter state stays bounded
+
+
+def test_creates_on_agents_that_do_not_exist_are_limited_like_any_call(service: Any) -> None:
+    svc = service(SESSION_CREATE_LIMIT="5/minute", DEFAULT_LIMIT="5/minute")
+    for token in (svc.token(), svc.keys.create(admin=True)[1]):
+        statuses = []
+        for i in range(8):
+            response = svc.create(token, agent=f"made-up-{i}")
+            statuses.append(response.status_code)
+            if response.status_code == 404:
+                assert_error(response, 404, "agent_not_found")
+                assert rate_headers(response)[:2] == (5, 4 - i)  # DEFAULT_LIMIT's budget
+        assert statuses == [404] * 5 + [429] * 3, statuses
+        assert_429(svc.create(token, agent="made-up-again"), 5)
+    # No counter names a made-up agent: one DEFAULT_LIMIT counter per key.
+    counters = svc.limits.storage.keys()
+    assert not [c for c in counters if "made-up" in c], counters
+    assert len(counters) == 2, counters
+    # A real agent still has its own creation budget.
+    token = svc.token()
+    assert rate_headers(svc.create(token))[:2] == (5, 4)
+
+
+def test_limiter_state_stays_bounded_whatever_the_url(service: Any) -> None:
+    svc = service(SESSION_CREATE_LIMIT="1000/day", DEFAULT_LIMIT="1000/day")
+    token = svc.token()
+    headers = {"x-api-key": token}
+    for i in range(300):
+        agent = f"{i:04d}" + "a" * 60
+        assert svc.create(token, agent=agent).status_code == 404
+        assert svc.client.get(f"/v2/agents/{agent}/sessions", headers=headers).status_code == 404
+        long = f"{i}" + "b" * 8000
+        assert svc.create(token, agent=long).status_code in (400, 404)
+    counters = svc.limits.storage.keys()
+    assert len(counters) == 1, counters[:5]
+    assert max(len(c) for c in counters) < 200
+
+
+def test_options_is_405_and_refused_calls_count(service: Any) -> None:
+    svc = service(DEFAULT_LIMIT="5/minute", SESSION_CREATE_LIMIT="5/minute")
+    reader = {"x-api-key": svc.keys.create((AGENT, ("sessions:read",)))[1]}
+    for path, allowed in (
+        (SESSIONS, {"GET", "POST"}),
+        (f"/v2/agents/{OTHER}/sessions", {"GET", "POST"}),
+        ("/v2/agents/no-such-agent/sessions", {"GET", "POST"}),
+        (f"{SESSIONS}/chat", {"GET", "PATCH", "DELETE"}),
+        ("/v2/agents", {"GET", "POST"}),
+        ("/v2/api_keys/ak_0000000000000000", {"DELETE"}),
+    ):
+        response = svc.client.options(path, headers=reader)
+        assert_error(response, 405, "method_not_allowed")
+        listed = {m.strip() for m in response.headers["Allow"].split(",")}
+        assert allowed <= listed <= allowed | {"HEAD"}, (path, listed)
+    # A key without sessions:create: every 403 counts against DEFAULT_LIMIT.
+    for remaining in range(4, -1, -1):
+        response = svc.create(reader["x-api-key"])
+        assert_error(response, 403, "forbidden")
+        assert rate_headers(response)[:2] == (5, remaining)
+    assert_429(svc.create(reader["x-api-key"]), 5)
+    assert_429(svc.client.get(SESSIONS, headers=reader), 5)
+
+
+def test_past_the_auth_failure_limit_even_a_right_key_is_refused(service: Any) -> None:
+    svc = service(AUTH_FAILURE_LIMIT="3/2second", DEFAULT_LIMIT="10/minute")
+    token = svc.token()
+    right, wrong = {"x-api-key": token}, {"x-api-key": token[:-1] + "!"}
+    here, elsewhere = {"REMOTE_ADDR": "10.0.0.1"}, {"REMOTE_ADDR": "10.0.0.2"}
+    for _ in range(3):
+        assert_error(
+            svc.client.get(SESSIONS, headers=wrong, environ_base=here), 401, "unauthorized"
+        )
+    # Used up: a right key is refused like a wrong one, and is not counted as a call.
+    for headers in (right, wrong, right):
+        retry_after = assert_429(svc.client.get(SESSIONS, headers=headers, environ_base=here), 3)
+    served = svc.client.get(SESSIONS, headers=right, environ_base=elsewhere)
+    assert served.status_code == 200
+    assert rate_headers(served)[:2] == (10, 9)
+    # Until the window ends.
+    time.sleep(retry_after)
+    served = svc.client.get(SESSIONS, headers=right, environ_base=here)
+    assert served.status_code == 200, served.get_json()
+    assert rate_headers(served)[:2] == (10, 8)
+
+
+def test_an_out_of_bounds_limit_stored_earlier_is_ignored(service: Any) -> None:
+    svc = service(SESSION_CREATE_LIMIT="7/minute")
+    for own in (f"2/{10**45} seconds", "3/2day", "0/minute"):
+        # Stored as an older release would have, past today's checks.
+        token = svc.token(create_limit=own)
+        response = svc.create(token)
+        assert response.status_code == 201, response.get_json()
+        assert rate_headers(response)[:2] == (7, 6)
+        assert int(response.headers["X-RateLimit-Reset"]) <= time.time() + 61
+
+
+@pytest.mark.parametrize(
+    "limit", [f"2/{10**45} seconds", "1/2day", "5/25hours", "0/minute", "1000000001/second"]
+)
+def test_limits_out_of_bounds_are_refused_where_they_are_set(service: Any, limit: str) -> None:
+    for name in ("SESSION_CREATE_LIMIT", "DEFAULT_LIMIT", "ADMIN_LIMIT", "AUTH_FAILURE_LIMIT"):
+        with pytest.raises(ConfigError, match=f"{name}: .*out of bounds") as raised:
+            create_app({"TESTING": True, "STORAGE_URL": "memory://", name: limit})
+        assert "\n" not in str(raised.value)
+    svc = service()
+    admin = {"x-api-key": svc.keys.create(admin=True)[1]}
+    body = {"name": "quota", "grants": [], "create_limit": limit}
+    response = svc.client.post("/v2/api_keys", json=body, headers=admin)
+    assert_error(response, 400, "invalid_request")
+    assert "create_limit" in response.get_json()["field_errors"]
+    listed = svc.client.get("/v2/api_keys", headers=admin).get_json()["api_keys"]
+    assert [k["name"] for k in listed] == ["test"]
 
 
 # Strategy and windows
@@ -306,6 +424,7 @@ def test_other_strategies_work_through_the_generic_path(service: Any, strategy: 
         ({"RATELIMIT_STORAGE_URI": "nosuch://x"}, "rate limits"),
         ({"RATELIMIT_REQUIRE_SHARED": True}, "RATELIMIT_REQUIRE_SHARED"),
         ({"RATELIMIT_REQUIRE_SHARED": "true"}, "memory://"),
+        ({"SESSION_CREATE_LIMIT": f"2/{10**45} seconds"}, "SESSION_CREATE_LIMIT.*out of bounds"),
     ],
 )
 def test_configuration_errors(config: dict[str, Any], words: str) -> None:

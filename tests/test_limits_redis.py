@@ -22,7 +22,7 @@ import requests
 from sessions_app import create_app
 from storage_backends import Agent
 from storage_backends.base import utcnow
-from tests.conftest import IN_CI, REDIS_URL, Keys, require_server
+from tests.conftest import ALL_SCOPES, IN_CI, REDIS_URL, Keys, require_server
 from tests.conftest import assert_error as assert_error_in_process
 from tests.servers import cli, free_port, serving
 from tests.test_limits import broken_redis
@@ -249,6 +249,92 @@ def test_one_redis_round_trip_per_request(prefix: str, redis_client: redis.Redis
         assert_error_in_process(refused, 429, "rate_limit_exceeded")
     finally:
         app.extensions["agent_sessions"].storage.close()
+
+
+# Limits that must not turn into an outage, nor into state per URL
+
+
+@pytest.fixture
+def redis_app(prefix: str) -> Iterator[Any]:
+    """Build in-process apps on the real Redis (memory:// sessions, two agents)."""
+    apps: list[Any] = []
+
+    def make(**config: Any) -> Any:
+        app = create_app(
+            {
+                "TESTING": True,
+                "STORAGE_URL": "memory://",
+                "RATELIMIT_STORAGE_URI": REDIS_URL,
+                "RATELIMIT_KEY_PREFIX": prefix,
+                **config,
+            }
+        )
+        apps.append(app)
+        now = utcnow()
+        storage = app.extensions["agent_sessions"].storage
+        for agent in (AGENT, OTHER):
+            storage.create_agent(agent=Agent(key=agent, name=agent, created_at=now, updated_at=now))
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["agent_sessions"].storage.close()
+
+
+def test_a_command_redis_refuses_is_a_bug_not_an_outage(
+    redis_app: Any, prefix: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = redis_app(DEFAULT_LIMIT="3/minute", SESSION_CREATE_LIMIT="3/minute")
+    keys = Keys(app)
+    broken_id, broken = keys.create(("*", ALL_SCOPES))
+    _, other = keys.create(("*", ALL_SCOPES))
+    _, odd = keys.create(("*", ALL_SCOPES), create_limit=f"2/{10**45} seconds")  # stored earlier
+    # A counter Redis cannot increment: INCRBY answers "value is not an integer".
+    item = limits.parse("3/minute")
+    redis_client.set(f"LIMITS:{item.key_for(prefix, 'api', broken_id)}", "not a number")
+    client = app.test_client()
+    sessions = f"/v2/agents/{AGENT}/sessions"
+    for _ in range(2):
+        response = client.get(sessions, headers={"x-api-key": broken})
+        assert response.status_code == 200, response.get_json()
+        assert "X-RateLimit-Limit" not in response.headers
+    response = client.post(sessions, json={"name": "odd"}, headers={"x-api-key": odd})
+    assert response.status_code == 201, response.get_json()
+    assert response.headers["X-RateLimit-Limit"] == "3"
+    # Everyone else is still counted, at once: no back-off, no degraded limiter.
+    statuses = [client.get(sessions, headers={"x-api-key": other}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["rate_limit"] == "ok"
+    refused = [r for r in caplog.records if "refused to count" in r.getMessage()]
+    assert refused and all(r.levelname == "ERROR" for r in refused)
+    assert "unreachable" not in caplog.text
+    assert broken.partition(".")[2] not in caplog.text
+
+
+def test_made_up_agents_leave_no_counters_in_redis(
+    redis_app: Any, prefix: str, redis_client: redis.Redis
+) -> None:
+    app = redis_app(DEFAULT_LIMIT="1000/day", SESSION_CREATE_LIMIT="1000/day")
+    key_id, token = Keys(app).create(("*", ALL_SCOPES))
+    client = app.test_client()
+    for i in range(100):
+        response = client.post(
+            f"/v2/agents/{i:03d}{'x' * 60}/sessions",
+            json={"name": "chat"},
+            headers={"x-api-key": token},
+        )
+        assert response.status_code == 404
+    assert (
+        client.post(
+            f"/v2/agents/{AGENT}/sessions", json={"name": "chat"}, headers={"x-api-key": token}
+        ).status_code
+        == 201
+    )
+    stored = sorted(k.decode() for k in redis_client.scan_iter(match=f"*{prefix}*"))
+    assert len(stored) == 2, stored
+    assert [k for k in stored if f"/{prefix}/api/{key_id}/" in k]
+    assert [k for k in stored if f"/{prefix}/create/{key_id}/{AGENT}/" in k]
 
 
 # Redis stopped or stalled, against real gunicorn workers
