@@ -6,8 +6,11 @@ import re
 
 # C0, DEL and C1 controls, the Unicode line and paragraph separators, and the
 # bidirectional overrides and isolates (which reorder what a terminal shows).
-CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-CONTROLS_AND_BACKSLASH = re.compile(CONTROLS.pattern[:-1] + "\\\\]")
+# NOT_C0 is what JSON leaves unescaped.
+NOT_C0 = "\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+CONTROLS = re.compile(f"[\x00-\x1f{NOT_C0}]")
+CONTROLS_AND_BACKSLASH = re.compile(f"[\x00-\x1f{NOT_C0}\\\\]")
+CONTROLS_NOT_C0 = re.compile(f"[{NOT_C0}]")
 
 
 def _escape(match: re.Match[str]) -> str:
