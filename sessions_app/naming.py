@@ -32,7 +32,7 @@ def key_candidates(name: str) -> Iterator[str]:
 
 
 def cut(slug: str, length: int) -> str:
-    """The start of ``slug`` in at most ``length`` characters, ending at a whole word if one fits."""
+    """The start of ``slug`` in at most ``length`` characters, after a whole word if one fits."""
     if len(slug) <= length:
         return slug
     start = slug[:length]
