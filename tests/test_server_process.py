@@ -66,7 +66,7 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
 
 PARTIAL_BODY = (
     b"POST /v2/agents/support-bot/sessions HTTP/1.1\r\nHost: x\r\n"
-    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\": "
+    b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name": '
 )
 
 
@@ -187,3 +187,19 @@ def test_no_client_can_write_a_line_or_a_control_character_into_the_logs(env, tm
     if not extra:
         # A quote in a field is escaped, and so is a backslash: no field ends early.
         assert '"http://r.example/\\"\\\\\\" 200 0 \\"FORGED"' in logs
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-1", "nan"])
+def test_a_bad_header_timeout_stops_gunicorn_with_one_line(env, tmp_path, value):
+    server = Server(
+        {**env, "AGENT_SESSIONS_HEADER_TIMEOUT": value}, log_path=tmp_path / "gunicorn.log"
+    )
+    try:
+        with pytest.raises(RuntimeError, match="gunicorn exited"):
+            server.start()
+    finally:
+        server.stop()
+    logs = server.logs()
+    assert "Traceback" not in logs and "Booting worker" not in logs, logs
+    lines = [line for line in logs.splitlines() if "AGENT_SESSIONS_HEADER_TIMEOUT" in line]
+    assert len(lines) == 1 and "configuration error" in lines[0], logs
