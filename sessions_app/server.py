@@ -48,6 +48,7 @@ DRAIN_WAIT = 0.05
 HEAD_END = re.compile(rb"\r?\n\r?\n")
 CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*(\d{1,12})[ \t]*\r?\n", re.IGNORECASE)
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:", re.IGNORECASE)
+EXPECT_CONTINUE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue[ \t]*(\r?\n)", re.IGNORECASE)
 
 
 def head_end(data: bytearray) -> int:
@@ -106,7 +107,7 @@ class HeadReadingWorker(ThreadWorker):
         held = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         conn.head = bytearray(held)
         conn.sock.setblocking(False)
-        if self.ready(conn.head):
+        if self.ready(conn):
             self.hand_over(conn)
             return
         conn.head_deadline = time.monotonic() + self.header_timeout
@@ -119,21 +120,42 @@ class HeadReadingWorker(ThreadWorker):
 
         return negotiation.prior_knowledge_allowed(self.cfg, conn.client)
 
-    def ready(self, data: bytearray) -> bool:
-        """Whether a thread can serve the request from ``data`` without waiting on the client.
+    def ready(self, conn: Any) -> bool:
+        """Whether a thread can serve the request read so far without waiting on the client.
 
         True once the head is complete and so is a body of declared length up
         to ``BODY_BUFFER_MAX`` (a longer one is refused by the service before
-        it is read), or once ``data`` is past what a valid head can be, when
+        it is read), or once the data is past what a valid head can be, when
         the parser answers 4xx from what it has.
         """
+        data = conn.head
         end = head_end(data)
         if end < 0:
             if data.find(b"\n") < 0:
                 return len(data) > self.cfg.limit_request_line + 2
             return len(data) > self.head_max
         length = declared_length(data[:end])
-        return length is None or length > BODY_BUFFER_MAX or len(data) - end >= length
+        if length is None or length > BODY_BUFFER_MAX:
+            return True
+        if len(data) - end < length and self.answer_expect_continue(conn, end):
+            end = head_end(conn.head)
+        return len(conn.head) - end >= length
+
+    def answer_expect_continue(self, conn: Any, end: int) -> bool:
+        """Send ``100 Continue`` for a body the loop waits for, as a buffering proxy does.
+
+        The Expect field is taken out of the head, so gunicorn does not send a
+        second one once a thread has the request.
+        """
+        expect = EXPECT_CONTINUE.search(conn.head, 0, end)
+        if expect is None or b"HTTP/1.0" in conn.head[: conn.head.find(b"\n")]:
+            return False
+        del conn.head[expect.start() + 1 : expect.end()]
+        try:
+            conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+            pass  # the client is gone: reading its head ends the connection
+        return True
 
     def read_head(self, conn: Any, sock: Any) -> None:
         try:
@@ -148,7 +170,7 @@ class HeadReadingWorker(ThreadWorker):
             conn.close()
             return
         conn.head += data
-        if self.ready(conn.head):
+        if self.ready(conn):
             self.stop_reading(conn)
             self.hand_over(conn)
 

@@ -203,3 +203,25 @@ def test_a_bad_header_timeout_stops_gunicorn_with_one_line(env, tmp_path, value)
     assert "Traceback" not in logs and "Booting worker" not in logs, logs
     lines = [line for line in logs.splitlines() if "AGENT_SESSIONS_HEADER_TIMEOUT" in line]
     assert len(lines) == 1 and "configuration error" in lines[0], logs
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(env, tmp_path):
+    token = bootstrap(env)
+    body = b'{"name": "n", "metadata": {"a": "' + b"n" * 2000 + b'"}}'
+    head = (
+        "POST /v2/agents/support-bot/sessions HTTP/1.1\r\nHost: x\r\n"
+        f"x-api-key: {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with serving(env, tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head)
+            sock.settimeout(2)
+            interim = sock.recv(4096)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+            sock.sendall(body)
+            sock.settimeout(10)
+            answer = sock.makefile("rb").read()
+        # One interim answer, then the final one.
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+        assert b"100 Continue" not in answer
