@@ -29,6 +29,7 @@ import re
 import selectors
 import threading
 import time
+import traceback
 from collections import deque
 from functools import partial
 from typing import Any
@@ -233,7 +234,20 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
-        lines = super().formatException(ei).split("\n")
+        # An exception's message may hold a newline of the client's: escaped
+        # before the traceback is laid out, so only the layout's newlines stay.
+        report = traceback.TracebackException(*ei)
+        seen = set()
+        pending = [report]
+        while pending:
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            if isinstance(getattr(current, "_str", None), str):
+                current._str = escape_controls(current._str, backslash=False)
+            pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        lines = "".join(report.format()).rstrip("\n").split("\n")
         return "\n".join(escape_controls(line, backslash=False) for line in lines)
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -225,3 +226,47 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(env, tmp_path):
         # One interim answer, then the final one.
         assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
         assert b"100 Continue" not in answer
+
+
+def logging_app() -> Any:
+    """The service plus a test-only route that logs what the client sent, and a traceback."""
+    import logging
+
+    from flask import request
+
+    from sessions_app import create_app
+
+    app = create_app()
+
+    @app.get("/test/log")
+    def log_text() -> Any:
+        text = request.args["text"]
+        log = logging.getLogger("sessions_app")
+        log.warning("client sent %s", text)
+        try:
+            raise ValueError(text)
+        except ValueError:
+            log.exception("failed on %r and %s", text, text)
+        return {}
+
+    return app
+
+
+def test_error_log_lines_escape_control_characters(env, tmp_path):
+    text = "x\n[2026-12-01 00:00:00 +0000] [1] [CRITICAL] FORGED\x1b[2J\x85\u2028"
+    server = Server(
+        env, log_path=tmp_path / "gunicorn.log", app="tests.test_server_process:logging_app()"
+    )
+    with server:
+        response = requests.get(server.url + "/test/log", params={"text": text}, timeout=10)
+        assert response.status_code == 200
+    logs = server.logs()
+    assert (
+        "client sent x\\x0a[2026-12-01 00:00:00 +0000] [1] [CRITICAL] FORGED\\x1b[2J\\x85\\u2028"
+        in logs
+    )
+    assert "ValueError: x\\x0a[2026" in logs  # the traceback's last line too
+    assert not [
+        line for line in logs.splitlines() if "FORGED" in line and "CRITICAL] FORGED" in line[:60]
+    ]
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", logs)
