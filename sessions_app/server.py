@@ -35,6 +35,7 @@ from functools import partial
 from typing import Any
 
 from gunicorn.glogging import Logger
+from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
 from .text import escape_controls
@@ -117,8 +118,6 @@ class HeadReadingWorker(ThreadWorker):
 
     def speaks_h2c(self, conn: Any) -> bool:
         """HTTP/2 with prior knowledge starts with a preface gunicorn reads itself."""
-        from gunicorn.http2 import negotiation
-
         return negotiation.prior_knowledge_allowed(self.cfg, conn.client)
 
     def ready(self, conn: Any) -> bool:

@@ -125,14 +125,20 @@ def test_a_head_not_complete_within_the_header_timeout_is_closed(env, tmp_path):
             ):
                 sock.sendall(piece)
                 time.sleep(0.2)
-            answer = sock.makefile("rb").read()
+            answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    with sock.makefile("rb") as stream:
+        return stream.read()
 
 
 def send(server: Server, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(data)
-        return sock.makefile("rb").read()
+        return read_all(sock)
 
 
 FORGED_PATH = "/v2/agents/x%0a127.0.0.1%20-%20-%20FORGED%0a%1b%5b2J%c2%85%e2%80%a8/sessions"
@@ -222,7 +228,7 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(env, tmp_path):
             assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
             sock.sendall(body)
             sock.settimeout(10)
-            answer = sock.makefile("rb").read()
+            answer = read_all(sock)
         # One interim answer, then the final one.
         assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
         assert b"100 Continue" not in answer
