@@ -11,7 +11,13 @@ workers = int(
     or os.environ.get("AGENT_SESSIONS_WORKERS")
     or min(4, multiprocessing.cpu_count() * 2)
 )
-threads = int(os.environ.get("AGENT_SESSIONS_THREADS", "1"))
+# Threads whose event loop reads every request head itself (sessions_app/server.py):
+# slow or stalled clients hold a socket, not a thread, and are closed after
+# AGENT_SESSIONS_HEADER_TIMEOUT seconds (10); kept-alive idle ones after keepalive.
+# Four threads fit PostgreSQL's pool (AGENT_SESSIONS_POSTGRES_POOL_MAX, 4 per worker).
+worker_class = "sessions_app.server.HeadReadingWorker"
+threads = int(os.environ.get("AGENT_SESSIONS_THREADS", "4"))
+# A request running longer gets its worker killed and replaced, as with sync workers.
 timeout = int(os.environ.get("AGENT_SESSIONS_TIMEOUT", "30"))
 graceful_timeout = 10
 keepalive = 5
@@ -21,9 +27,12 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 accesslog = "-"
 # gunicorn's default format, less two places a client may put its API key: the
-# user of Basic auth (%(u)s) and the query string (%(r)s); the path is %(U)s.
+# user of Basic auth (%(u)s) and the query string (%(r)s). The logger writes %(U)s
+# as the client sent it (percent-encoded) and escapes control characters in every
+# field and error-log line, so a client cannot forge a line (sessions_app/server.py).
 access_log_format = '%(h)s %(l)s - %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 errorlog = "-"
+logger_class = "sessions_app.server.EscapingLogger"
 
 
 class _ToErrorLog(logging.Handler):
@@ -56,7 +65,13 @@ def on_starting(server):
     Building the app opens no connection, so this is safe before forking.
     """
     from sessions_app import ConfigError, create_app
+    from sessions_app.server import header_timeout
 
+    try:
+        header_timeout()
+    except ValueError as err:
+        print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
+        sys.exit(4)
     try:
         app = create_app()
     except ConfigError as err:

@@ -18,10 +18,29 @@ from storage_backends.base import utcnow
 from .auth import new_api_key
 from .rate_limits import parse_limit
 from .schemas import SCOPES, is_key
+from .text import CONTROLS_NOT_C0, escape_controls
 
 agents = AppGroup("agents", help="Manage agents.")
 keys = AppGroup("keys", help="Manage API keys.")
 sessions = AppGroup("sessions", help="Maintain sessions.")
+
+
+def echo(*fields: object, err: bool = False) -> None:
+    """Print one line: the fields, tab-separated, each with its control characters escaped.
+
+    Every line the CLI prints goes through here, so a stored value (a name
+    holding a newline, a tab or a terminal sequence) can never start a row,
+    split a field or reach the terminal as anything but text.
+    """
+    click.echo("\t".join(escape_controls(str(field)) for field in fields), err=err)
+
+
+def echo_json(value: Any) -> None:
+    """Print ``value`` as JSON, every control character in a string escaped as ``\\uXXXX``."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    # json escapes C0 controls itself (a raw newline is indentation); the rest
+    # can only be inside strings.
+    click.echo(CONTROLS_NOT_C0.sub(lambda match: f"\\u{ord(match.group()):04x}", text))
 
 
 def one_line_errors(command: Callable) -> Callable:
@@ -32,9 +51,9 @@ def one_line_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except StorageError as err:
-            raise click.ClickException(describe(err)) from None
+            raise click.ClickException(escape_controls(describe(err))) from None
         except ValueError as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(escape_controls(str(err))) from None
 
     return wrapper
 
@@ -76,7 +95,7 @@ def create_agent(agent_key: str, name: str, description: str | None) -> None:
     now = utcnow()
     agent = Agent(key=agent_key, name=name, description=description, created_at=now, updated_at=now)
     storage().create_agent(agent=agent)
-    click.echo(f"created agent {agent_key}")
+    echo(f"created agent {agent_key}")
 
 
 @agents.command("list")
@@ -85,7 +104,7 @@ def list_agents() -> None:
     """List agents: key, name, state."""
     for agent in iterate(storage().list_agents):
         state = "enabled" if agent.enabled else "disabled"
-        click.echo(f"{agent.key}\t{agent.name}\t{state}")
+        echo(agent.key, agent.name, state)
 
 
 def parse_grant(value: str) -> Grant:
@@ -124,8 +143,8 @@ def create_key(name: str, grants: tuple[str, ...], admin: bool, create_limit: st
         admin=admin,
         create_limit=create_limit,
     )
-    click.echo(f"created API key {key.id} ({format_grants(key)}); the secret is shown only now:")
-    click.echo(token)
+    echo(f"created API key {key.id} ({format_grants(key)}); the secret is shown only now:")
+    echo(token)
 
 
 @keys.command("list")
@@ -139,7 +158,7 @@ def list_keys() -> None:
         else:
             state = "active" if key.active(now) else "expired"
         limit = f"create-limit={key.create_limit}" if key.create_limit else "create-limit=default"
-        click.echo(f"{key.id}\t{key.name}\t{format_grants(key)}\t{state}\t{limit}")
+        echo(key.id, key.name, format_grants(key), state, limit)
 
 
 @keys.command("revoke")
@@ -148,7 +167,7 @@ def list_keys() -> None:
 def revoke_key(key_id: str) -> None:
     """Revoke a key; refused from the next request on, by every worker."""
     storage().revoke_api_key(key_id=key_id, now=utcnow())
-    click.echo(f"revoked API key {key_id}")
+    echo(f"revoked API key {key_id}")
 
 
 @sessions.command("purge-expired")
@@ -156,7 +175,7 @@ def revoke_key(key_id: str) -> None:
 def purge_expired() -> None:
     """Remove sessions idle past their TTI (suitable for cron)."""
     removed = storage().purge_expired_sessions(now=utcnow())
-    click.echo(f"removed {removed} expired sessions")
+    echo(f"removed {removed} expired sessions")
 
 
 @click.command("openapi")
@@ -165,7 +184,7 @@ def openapi_document() -> None:
     """Print the OpenAPI document of the HTTP API as JSON."""
     from .openapi import document
 
-    click.echo(json.dumps(document(current_app), indent=2, ensure_ascii=False))
+    echo_json(document(current_app))
 
 
 def register_commands(app: Flask) -> None:
@@ -193,5 +212,5 @@ def main() -> None:
     try:
         cli.main(prog_name="agent-sessions")
     except ConfigError as err:
-        click.echo(f"Error: configuration: {err}", err=True)
+        echo(f"Error: configuration: {err}", err=True)
         sys.exit(2)

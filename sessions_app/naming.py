@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 from slugify import slugify
 
-from .schemas import KEY_MAX_LENGTH
-
+# Vectara's OpenAPI document bounds agent and session keys to 50 characters;
+# keys the service generates stay within it, suffix included (a key a client
+# supplies may have the contract's 64).
+GENERATED_MAX_LENGTH = 50
 BASE_MAX_LENGTH = 48
 FALLBACK_BASE = "session"
 ATTEMPTS = 12
@@ -17,11 +19,23 @@ ATTEMPTS = 12
 def key_candidates(name: str) -> Iterator[str]:
     """The slug of ``name`` (transliterated to ASCII), then the slug with a random suffix.
 
-    Every candidate matches the key pattern. The suffix grows with the attempts,
-    so even a crowded prefix yields a free key within a few tries.
+    Every candidate matches the key pattern and is at most
+    ``GENERATED_MAX_LENGTH`` characters: the slug is cut, after a whole word
+    where one fits, to leave room for the suffix. The suffix grows with
+    the attempts, so even a crowded prefix yields a free key within a few tries.
     """
     base = slugify(name, max_length=BASE_MAX_LENGTH, word_boundary=True) or FALLBACK_BASE
     yield base
     for attempt in range(1, ATTEMPTS):
         suffix = secrets.token_hex(3 + attempt // 4)
-        yield f"{base}-{suffix}"[-KEY_MAX_LENGTH:]
+        yield f"{cut(base, GENERATED_MAX_LENGTH - len(suffix) - 1)}-{suffix}"
+
+
+def cut(slug: str, length: int) -> str:
+    """The start of ``slug`` in at most ``length`` characters, after a whole word if one fits."""
+    if len(slug) <= length:
+        return slug
+    start = slug[:length]
+    if slug[length] != "-" and "-" in start:
+        start = start.rpartition("-")[0]
+    return start.rstrip("-")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -416,3 +417,58 @@ def test_run_serves_the_same_storage(env: dict[str, str], url: str) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+EVIL_NAME = "Evil\nfake-agent\tFake\tenabled\u001b[2J\u001b]0;pwned\u0007\u0085\u2028\u202e\x7f"
+RAW_CONTROLS = "[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+
+
+def assert_no_raw_controls(text: str) -> None:
+    assert not re.search(RAW_CONTROLS, text), repr(text)
+
+
+def test_agents_list_escapes_control_characters_in_names(env: dict[str, str], url: str) -> None:
+    cli("agents", "create", "evil", "--name", EVIL_NAME, env=env)
+    # Written before names were checked, straight into storage: shown as safely.
+    now = dt.datetime.now(dt.UTC)
+    store = storage_from_url(url, {})
+    try:
+        store.create_agent(
+            agent=Agent(key="older", name="Old\r\nkey\tx", created_at=now, updated_at=now)
+        )
+    finally:
+        store.close()
+    output = cli("agents", "list", env=env).stdout
+    assert_no_raw_controls(output)
+    rows = [line.split("\t") for line in output.splitlines()]
+    assert rows == [
+        [
+            "evil",
+            "Evil\\x0afake-agent\\x09Fake\\x09enabled\\x1b[2J\\x1b]0;pwned\\x07\\x85\\u2028\\u202e\\x7f",
+            "enabled",
+        ],
+        ["older", "Old\\x0d\\x0akey\\x09x", "enabled"],
+    ]
+
+
+def test_keys_list_escapes_control_characters_in_names(env: dict[str, str]) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    forged = "x\nak_forged\tadmin\tadmin\tactive\tcreate-limit=default"
+    created = cli("keys", "create", "--name", forged, "--grant", f"{AGENT}=sessions:read", env=env)
+    assert_no_raw_controls(created.stdout)
+    token = token_of(created)
+    output = cli("keys", "list", env=env).stdout
+    assert_no_raw_controls(output)
+    lines = output.splitlines()
+    assert len(lines) == 1, lines
+    row = lines[0].split("\t")
+    assert row[0] == key_id_of(token)
+    assert row[1] == "x\\x0aak_forged\\x09admin\\x09admin\\x09active\\x09create-limit=default"
+    assert row[2:] == [f"{AGENT}=sessions:read", "active", "create-limit=default"]
+
+
+def test_error_lines_escape_control_characters(env: dict[str, str]) -> None:
+    result = cli("keys", "revoke", "ak_x\n\x1b[2Jforged", env=env, check=False)
+    message = assert_cli_error(result, "not found")
+    assert "ak_x\\x0a\\x1b[2Jforged" in message
+    assert_no_raw_controls(result.stderr)

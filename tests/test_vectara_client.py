@@ -7,6 +7,7 @@ import pytest
 from tests.servers import bootstrap, cli, serving
 
 vectara = pytest.importorskip("vectara")
+import httpx  # noqa: E402
 from vectara import Vectara  # noqa: E402
 from vectara.core.api_error import ApiError  # noqa: E402
 from vectara.environment import VectaraEnvironment  # noqa: E402
@@ -24,14 +25,18 @@ def server(tmp_path_factory):
     token = bootstrap(env)
     cli("agents", "create", "other-bot", "--name", "Other", env=env)
     everywhere = cli("keys", "create", "--name", "all", "--grant", "*=sessions:create", env=env)
-    with serving(env, tmp, workers=2) as server:
-        yield server, token, everywhere.stdout.strip().splitlines()[-1]
+    # One HTTP client for every Vectara client here, closed at the end: the
+    # server keeps connections alive, so a client left open would leak its socket.
+    with serving(env, tmp, workers=2) as server, httpx.Client(timeout=60) as http:
+        yield server, token, everywhere.stdout.strip().splitlines()[-1], http
 
 
 @pytest.fixture(scope="module")
 def client(server):
     url, token = server[0].url, server[1]
-    return Vectara(api_key=token, environment=VectaraEnvironment(default=url, auth=url))
+    return Vectara(
+        api_key=token, environment=VectaraEnvironment(default=url, auth=url), httpx_client=server[3]
+    )
 
 
 def test_create_get_update_delete(client):
@@ -82,7 +87,9 @@ def test_list_pages_and_filter(client):
 
 def connect(server, token):
     url = server[0].url
-    return Vectara(api_key=token, environment=VectaraEnvironment(default=url, auth=url))
+    return Vectara(
+        api_key=token, environment=VectaraEnvironment(default=url, auth=url), httpx_client=server[3]
+    )
 
 
 def test_errors(client, server):
@@ -110,7 +117,9 @@ def test_errors(client, server):
 
     url = server[0].url
     stranger = Vectara(
-        api_key="ak_0000000000000000.nope", environment=VectaraEnvironment(default=url, auth=url)
+        api_key="ak_0000000000000000.nope",
+        environment=VectaraEnvironment(default=url, auth=url),
+        httpx_client=server[3],
     )
     with pytest.raises(ApiError) as unauthorized:
         stranger.agent_sessions.get("support-bot", "dup", request_options=NO_RETRY)

@@ -1,0 +1,278 @@
+"""The default gunicorn configuration against hostile clients: slow heads, forged log lines."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.servers import Server, bootstrap, serving
+
+pytestmark = pytest.mark.slow
+
+PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path / 'sessions.db'}"}
+
+
+@contextlib.contextmanager
+def open_sockets(server: Server, count: int, first: bytes) -> Iterator[list[socket.socket]]:
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(first)
+            socks.append(sock)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def health_times(server: Server, seconds: float) -> list[float]:
+    """How long each ``GET /healthz`` took, one after another for ``seconds``."""
+    times = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        with contextlib.suppress(requests.RequestException):
+            assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+        times.append(time.monotonic() - started)
+        time.sleep(0.1)
+    return times
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+PARTIAL_BODY = (
+    b"POST /v2/agents/support-bot/sessions HTTP/1.1\r\nHost: x\r\n"
+    b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name": '
+)
+
+
+@pytest.mark.parametrize("first", [PARTIAL_HEAD, PARTIAL_BODY], ids=["head", "body"])
+def test_partial_requests_leave_the_server_answering(env, tmp_path, first):
+    token = bootstrap(env)
+    with serving(env, tmp_path) as server, open_sockets(server, 32, first):
+        times = health_times(server, seconds=4)
+        assert max(times) < 1, times
+        response = requests.get(
+            server.url + "/v2/agents/support-bot/sessions",
+            headers={"x-api-key": token},
+            timeout=5,
+        )
+        assert response.status_code == 200
+    assert "WORKER TIMEOUT" not in server.logs()
+
+
+def test_heads_sent_a_byte_at_a_time_leave_the_server_answering(env, tmp_path):
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.3):
+                sock.sendall(b"X")
+
+    with serving(env, tmp_path) as server, open_sockets(server, 32, PARTIAL_HEAD) as socks:
+        threads = [threading.Thread(target=trickle, args=(sock,)) for sock in socks]
+        for thread in threads:
+            thread.start()
+        try:
+            times = health_times(server, seconds=4)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert max(times) < 1, times
+    assert "WORKER TIMEOUT" not in server.logs()
+
+
+def test_a_head_not_complete_within_the_header_timeout_is_closed(env, tmp_path):
+    env = {**env, "AGENT_SESSIONS_HEADER_TIMEOUT": "1"}
+    with serving(env, tmp_path) as server, open_sockets(server, 4, PARTIAL_HEAD) as socks:
+        started = time.monotonic()
+        for sock in socks:
+            sock.sendall(b"X-Slow: ")
+        assert all(closed_by_server(sock, within=5) for sock in socks)
+        assert time.monotonic() - started < 4
+        # A complete head sent in pieces within the timeout is served.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            for piece in (
+                b"GET /healthz HTTP/1.1\r\n",
+                b"Host: x\r\n",
+                b"Connection: close\r\n\r\n",
+            ):
+                sock.sendall(piece)
+                time.sleep(0.2)
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    with sock.makefile("rb") as stream:
+        return stream.read()
+
+
+def send(server: Server, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)
+        return read_all(sock)
+
+
+FORGED_PATH = "/v2/agents/x%0a127.0.0.1%20-%20-%20FORGED%0a%1b%5b2J%c2%85%e2%80%a8/sessions"
+HOSTILE_HEADERS = {
+    "User-Agent": "agent\x1b[2J\x1b]0;pwned\x07\x85",
+    "Referer": 'http://r.example/"\\" 200 0 "FORGED',
+    "X-Request-ID": "id\x1b[31m",
+    "X-Custom": "v\x7f\x9b",
+}
+
+
+def written_lines(server: Server) -> list[str]:
+    return server.logs().splitlines()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="default-format"),
+        pytest.param(
+            ["--access-logformat", '%(r)s %(U)s "%({x-request-id}i)s" "%({x-custom}i)s" %(a)s'],
+            id="request-line-and-headers",
+        ),
+    ],
+)
+def test_no_client_can_write_a_line_or_a_control_character_into_the_logs(env, tmp_path, extra):
+    with serving(env, tmp_path, extra=extra) as server:
+        # Each hostile header on a request of its own: gunicorn refuses some outright.
+        for name, value in [("X-Plain", "1"), *HOSTILE_HEADERS.items()]:
+            head = f"GET {FORGED_PATH} HTTP/1.1\r\nHost: x\r\n{name}: {value}\r\n"
+            send(server, f"{head}Connection: close\r\n\r\n".encode("latin-1"))
+        # Requests gunicorn refuses itself, each logged in the error log.
+        for bad in (
+            b"G\x1b[2JET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /\x1b[2J\x85 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\x1b[2J\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-\x1b[2J: v\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\x1b[2J\r\n\r\n",
+        ):
+            assert send(server, bad).startswith(b"HTTP/1.1 400"), bad
+        deadline = time.monotonic() + 5
+        while "FORGED" not in server.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logs = server.logs()
+    assert "FORGED" in logs
+    forged = [line for line in written_lines(server) if "FORGED" in line]
+    assert forged and not [line for line in forged if line.startswith("127.0.0.1 - - FORGED")]
+    # The path as sent, percent-encoded; no raw control character anywhere.
+    assert all(FORGED_PATH in line for line in forged), forged
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", logs), [
+        line for line in logs.splitlines() if re.search("[\x00-\x1f\x7f-\x9f]", line)
+    ]
+    if not extra:
+        # A quote in a field is escaped, and so is a backslash: no field ends early.
+        assert '"http://r.example/\\"\\\\\\" 200 0 \\"FORGED"' in logs
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-1", "nan"])
+def test_a_bad_header_timeout_stops_gunicorn_with_one_line(env, tmp_path, value):
+    server = Server(
+        {**env, "AGENT_SESSIONS_HEADER_TIMEOUT": value}, log_path=tmp_path / "gunicorn.log"
+    )
+    try:
+        with pytest.raises(RuntimeError, match="gunicorn exited"):
+            server.start()
+    finally:
+        server.stop()
+    logs = server.logs()
+    assert "Traceback" not in logs and "Booting worker" not in logs, logs
+    lines = [line for line in logs.splitlines() if "AGENT_SESSIONS_HEADER_TIMEOUT" in line]
+    assert len(lines) == 1 and "configuration error" in lines[0], logs
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(env, tmp_path):
+    token = bootstrap(env)
+    body = b'{"name": "n", "metadata": {"a": "' + b"n" * 2000 + b'"}}'
+    head = (
+        "POST /v2/agents/support-bot/sessions HTTP/1.1\r\nHost: x\r\n"
+        f"x-api-key: {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with serving(env, tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head)
+            sock.settimeout(2)
+            interim = sock.recv(4096)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+            sock.sendall(body)
+            sock.settimeout(10)
+            answer = read_all(sock)
+        # One interim answer, then the final one.
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+        assert b"100 Continue" not in answer
+
+
+def logging_app() -> Any:
+    """The service plus a test-only route that logs what the client sent, and a traceback."""
+    import logging
+
+    from flask import request
+
+    from sessions_app import create_app
+
+    app = create_app()
+
+    @app.get("/test/log")
+    def log_text() -> Any:
+        text = request.args["text"]
+        log = logging.getLogger("sessions_app")
+        log.warning("client sent %s", text)
+        try:
+            raise ValueError(text)
+        except ValueError:
+            log.exception("failed on %r and %s", text, text)
+        return {}
+
+    return app
+
+
+def test_error_log_lines_escape_control_characters(env, tmp_path):
+    text = "x\n[2026-12-01 00:00:00 +0000] [1] [CRITICAL] FORGED\x1b[2J\x85\u2028"
+    server = Server(
+        env, log_path=tmp_path / "gunicorn.log", app="tests.test_server_process:logging_app()"
+    )
+    with server:
+        response = requests.get(server.url + "/test/log", params={"text": text}, timeout=10)
+        assert response.status_code == 200
+    logs = server.logs()
+    assert (
+        "client sent x\\x0a[2026-12-01 00:00:00 +0000] [1] [CRITICAL] FORGED\\x1b[2J\\x85\\u2028"
+        in logs
+    )
+    assert "ValueError: x\\x0a[2026" in logs  # the traceback's last line too
+    assert not [
+        line for line in logs.splitlines() if "FORGED" in line and "CRITICAL] FORGED" in line[:60]
+    ]
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", logs)
