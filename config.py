@@ -1,9 +1,15 @@
-"""Configuration defaults. Every key can be set from the environment as
-``AGENT_SESSIONS_<KEY>`` (values are parsed as JSON when they parse, as with
-Flask's ``from_prefixed_env``), or by the mapping given to ``create_app``.
+"""Every setting of the service, with its default and how it is checked.
+
+Each key can be set from the environment as ``AGENT_SESSIONS_<KEY>`` (values
+are parsed as JSON when they parse, as with Flask's ``from_prefixed_env``), or
+by the mapping given to ``create_app``. :func:`check` runs once at start-up:
+a value of the wrong type or range stops the server and the CLI with one line.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 
 class Config:
@@ -48,5 +54,107 @@ class Config:
     TESTING = False
 
 
-class TestingConfig(Config):
-    TESTING = True
+Check = Callable[[str, Any], Any]
+
+
+def integer(low: int, high: int = 2**63 - 1) -> Check:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, not {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, not {value}")
+        return value
+
+    return check
+
+
+def number(low: float, high: float) -> Check:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name} must be a number, not {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, not {value}")
+        return float(value)
+
+    return check
+
+
+def choice(*allowed: str) -> Check:
+    def check(name: str, value: Any) -> str:
+        text = str(value).strip()
+        for option in allowed:
+            if text.lower() == option.lower():
+                return option
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+    return check
+
+
+def flag(name: str, value: Any) -> bool:
+    """A boolean, also when given as text ("true", "1", "yes", "on" and their opposites)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
+def text(name: str, value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a string, not {value!r}")
+    return str(value)
+
+
+def optional_text(name: str, value: Any) -> str | None:
+    return None if value is None or value == "" else text(name, value)
+
+
+def optional(inner: Check) -> Check:
+    def check(name: str, value: Any) -> Any:
+        return None if value is None else inner(name, value)
+
+    return check
+
+
+def mapping(name: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, not {value!r}")
+    return value
+
+
+#: How each setting is checked (and normalized) at start-up. Rate-limit strings
+#: are checked by the rate-limit module, which knows their grammar and bounds.
+CHECKS: dict[str, Check] = {
+    "STORAGE_URL": optional_text,
+    "SQLITE_BUSY_TIMEOUT_MS": integer(0, 3_600_000),
+    "SQLITE_SYNCHRONOUS": choice("NORMAL", "FULL", "EXTRA", "OFF"),
+    # None only where a host application's own Flask default is kept.
+    "MAX_CONTENT_LENGTH": optional(integer(1024, 1 << 30)),
+    "METADATA_MAX_KEYS": integer(1, 100_000),
+    "METADATA_MAX_KEY_LENGTH": integer(1, 100_000),
+    "METADATA_MAX_DEPTH": integer(1, 100),
+    "METADATA_MAX_BYTES": integer(2, 1 << 30),
+    "FILTER_MAX_LENGTH": integer(1, 100_000),
+    "PROXY_COUNT": integer(0, 100),
+    "RATELIMIT_STORAGE_URI": text,
+    "RATELIMIT_STORAGE_OPTIONS": mapping,
+    "RATELIMIT_STRATEGY": text,
+    "RATELIMIT_KEY_PREFIX": text,
+    "RATELIMIT_FAILURE_POLICY": choice("open", "closed"),
+    "RATELIMIT_TIMEOUT": number(0.001, 3600),
+    "RATELIMIT_FAILURE_BACKOFF": number(0, 3600),
+    "RATELIMIT_REQUIRE_SHARED": flag,
+}
+
+
+def check(config: MutableMapping[str, Any]) -> None:
+    """Check every known setting in ``config`` and store its normalized value.
+
+    Raises ValueError with a one-line message naming the first bad setting.
+    """
+    for name, check_one in CHECKS.items():
+        if name in config:
+            config[name] = check_one(name, config[name])

@@ -82,6 +82,10 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     for key in dir(default_config.Config):
         if key.isupper():
             app.config.setdefault(key, getattr(default_config.Config, key))
+    try:
+        default_config.check(app.config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     url = app.config["STORAGE_URL"] or default_storage_url(app)
     try:
         storage = storage_from_url(url, app.config)
