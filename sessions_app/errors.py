@@ -20,7 +20,7 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
-from storage_backends.base import dump_json
+from storage_backends.codec import dump_json
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from marshmallow import (
     validates,
 )
 
-from storage_backends.base import dump_json, format_ts, utcnow
+from storage_backends.codec import dump_json, format_ts, utcnow
 
 KEY_PATTERN = r"^[0-9a-zA-Z_-]+$"
 KEY_MAX_LENGTH = 64
