@@ -264,6 +264,8 @@ def _builder(table: Table, decoder: Callable[[Table, str], Any]) -> Callable[[An
 class SQLStorage(Storage, abc.ABC):
     """The operations of :class:`Storage` in SQL; subclasses supply the dialect."""
 
+    #: which statements of a :class:`Migration` this dialect runs
+    dialect_name: str
     placeholder = "?"
     unique_violation: type[BaseException] | tuple[type[BaseException], ...] = ()
     missing_reference: type[BaseException] | tuple[type[BaseException], ...] = ()
@@ -304,9 +306,7 @@ class SQLStorage(Storage, abc.ABC):
     @abc.abstractmethod
     def decode_ts(value: Any) -> dt.datetime | None: ...
 
-    @staticmethod
-    def encode_flag(value: bool) -> Any:
-        return value
+    encode_flag: Callable[[bool], Any] = staticmethod(identity)
 
     @abc.abstractmethod
     def _reading(self) -> contextlib.AbstractContextManager[Any]:
@@ -350,8 +350,6 @@ class SQLStorage(Storage, abc.ABC):
             applied.append(migration.version)
         return applied
 
-    dialect_name: str
-
     @abc.abstractmethod
     def _record_version(self, conn: Any, version: int) -> None:
         """Note in the database that ``version`` is applied."""
@@ -393,7 +391,7 @@ class SQLStorage(Storage, abc.ABC):
         if column in table.json:
             return self.encode_json
         if column in table.flags:
-            return self.encode_flag
+            return None if self.encode_flag is identity else self.encode_flag
         if column in table.times or column == "expires_at":
             return None if self.encode_ts is identity else self.encode_ts
         return None
