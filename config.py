@@ -18,6 +18,17 @@ class Config:
     SQLITE_BUSY_TIMEOUT_MS = 5000
     # NORMAL survives a killed process; only FULL also survives power loss.
     SQLITE_SYNCHRONOUS = "NORMAL"
+    # PostgreSQL: connections per process, seconds to connect, to get a pooled
+    # connection and to wait for a lock, and milliseconds per statement.
+    POSTGRES_POOL_MIN = 1
+    POSTGRES_POOL_MAX = 4
+    POSTGRES_TIMEOUT = 5
+    POSTGRES_STATEMENT_TIMEOUT_MS = 15000
+    # The work of one filtered session list: it ends its page early, with a
+    # page_key to continue, after reading this many sessions or spending this
+    # many seconds, whichever comes first.
+    FILTER_SCAN_ROWS = 20_000
+    FILTER_SCAN_SECONDS = 0.25
 
     # Requests
     MAX_CONTENT_LENGTH = 64 * 1024

@@ -14,7 +14,7 @@ import os
 from sessions_app import create_app
 from sessions_app.auth import hash_secret
 from storage_backends import Agent, ApiKey, Grant, Session
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 
 app = create_app()
 

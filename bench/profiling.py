@@ -37,7 +37,7 @@ STAGES = [
         ("body parse", r"^(json_object|read_body|parse) \(sessions_app/http\.py\)"),
         ("schema load", r"^(\w+\.)?load \(marshmallow/"),
         ("schema dump", r"^(\w+\.)?dump \((marshmallow/|sessions_app/schemas\.py)"),
-        ("timestamps", r"^(format_ts|parse_ts|utcnow) \(storage_backends/base\.py\)"),
+        ("timestamps", r"^(format_ts|parse_ts|utcnow) \(storage_backends/codec\.py\)"),
         ("storage", r"\(storage_backends/"),
         ("url_for", r"^url_for \(flask/"),
         (

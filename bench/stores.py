@@ -1,10 +1,10 @@
 """Stores for the benchmark: a fresh one per backend, its API key, and bulk loading.
 
-The bulk loader writes sessions with the backend's own connection (SQLite) or
-a plain connection to the same database (PostgreSQL, with COPY), bypassing the
-HTTP layer and the per-row storage calls: a million creates through the API
-would take longer than the whole benchmark. It follows the schema of
-``storage_backends``; when that schema changes, this module changes with it.
+The bulk loader writes sessions through the SQL layer's own batch insert
+(SQLite) or a plain connection to the same database (PostgreSQL, with COPY into
+the columns ``storage_backends.sql`` defines), bypassing the HTTP layer and the
+per-row storage calls: a million creates through the API would take longer than
+the whole benchmark.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-import json
 import os
 import secrets
 import subprocess
@@ -24,7 +23,8 @@ from harness import BIN, ROOT
 
 from sessions_app.auth import KEY_ID_PREFIX
 from storage_backends import Agent, Session, storage_from_url
-from storage_backends.base import format_ts, utcnow
+from storage_backends.codec import dump_json, utcnow
+from storage_backends.sql import SESSION_INSERT_COLUMNS
 
 BACKENDS = ("sqlite", "memory", "postgresql")
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -38,10 +38,6 @@ SCOPES = "sessions:create,sessions:read"
 
 BULK_KEY_PREFIX = "s"  # bulk keys are s0000000, s0000001, ... within each agent
 BULK_BATCH = 50_000
-SESSION_COLUMNS = (
-    "agent_key, key, name, description, metadata, enabled, tti_minutes, "
-    "created_at, updated_at, expires_at"
-)
 
 
 @dataclasses.dataclass
@@ -166,9 +162,10 @@ def bulk_load(url: str, *, sessions: int, agents: int) -> float:
     now = utcnow()
     for key in agents_for(agents)[1:]:
         storage.create_agent(agent=Agent(key=key, name=key, created_at=now, updated_at=now))
-    rows = _rows(sessions, agents_for(agents), now - dt.timedelta(days=1))
+    rows = _sessions(sessions, agents_for(agents), now - dt.timedelta(days=1))
     if url.startswith("sqlite:"):
-        _load_sqlite(storage, rows)
+        storage.load_sessions(rows, batch=BULK_BATCH)
+        storage.db.execute("ANALYZE")
     elif url.startswith("postgresql:"):
         storage.close()
         _load_postgres(url, rows)
@@ -178,55 +175,42 @@ def bulk_load(url: str, *, sessions: int, agents: int) -> float:
     return time.monotonic() - started
 
 
-def _rows(count: int, agents: list[str], start: dt.datetime) -> Iterator[tuple]:
+def _sessions(count: int, agents: list[str], start: dt.datetime) -> Iterator[Session]:
     for n in range(count):
         created = start + dt.timedelta(milliseconds=n)
-        yield (
-            agents[n % len(agents)],
-            f"{BULK_KEY_PREFIX}{n // len(agents):07d}",
-            f"Bulk session {n}",
-            None,
-            json.dumps({"customer": f"c-{n % 1000}", "channel": "web"}),
-            True,
-            0,
-            created,
-            created,
-            None,
+        yield Session(
+            agent_key=agents[n % len(agents)],
+            key=f"{BULK_KEY_PREFIX}{n // len(agents):07d}",
+            name=f"Bulk session {n}",
+            metadata={"customer": f"c-{n % 1000}", "channel": "web"},
+            created_at=created,
+            updated_at=created,
         )
 
 
-def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
+def _batches(rows: Iterable[Session], size: int) -> Iterator[list[Session]]:
     rows = iter(rows)
     while batch := list(itertools.islice(rows, size)):
         yield batch
 
 
-def _load_sqlite(storage, rows: Iterator[tuple]) -> None:
-    """``executemany`` in one transaction per batch, on the backend's own connection."""
-    conn = storage.db.conn
-    insert = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    for batch in _batches(rows, BULK_BATCH):
-        conn.execute("BEGIN")
-        conn.executemany(
-            insert,
-            (
-                (*row[:5], int(row[5]), row[6], format_ts(row[7]), format_ts(row[8]), row[9])
-                for row in batch
-            ),
-        )
-        conn.execute("COMMIT")
-    conn.execute("ANALYZE")
-
-
-def _load_postgres(url: str, rows: Iterator[tuple]) -> None:
+def _load_postgres(url: str, rows: Iterator[Session]) -> None:
     """COPY in one transaction per batch (the schema exists: the CLI created the agent)."""
     import psycopg
 
+    columns = ", ".join(SESSION_INSERT_COLUMNS)
     with psycopg.connect(url) as conn:
         for batch in _batches(rows, BULK_BATCH):
-            with conn.cursor().copy(f"COPY sessions ({SESSION_COLUMNS}) FROM STDIN") as copy:
-                for row in batch:
-                    copy.write_row(row)
+            with conn.cursor().copy(f"COPY sessions ({columns}) FROM STDIN") as copy:
+                for session in batch:
+                    copy.write_row(
+                        [
+                            dump_json(session.metadata)
+                            if column == "metadata"
+                            else getattr(session, column)
+                            for column in SESSION_INSERT_COLUMNS
+                        ]
+                    )
             conn.commit()
         conn.execute("ANALYZE sessions")
         conn.commit()

@@ -14,14 +14,13 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import re2
 from flask import current_app, request
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from storage_backends import Agent, Conflict, Grant, Page, Session, SessionNotFound
-from storage_backends.base import utcnow
+from storage_backends import Agent, Conflict, Grant, Page, Session, SessionNotFound, codec
+from storage_backends.codec import utcnow
 
 from . import auth, errors, http, rate_limits
 from .errors import ApiError
@@ -49,9 +48,6 @@ bp = http.ServiceBlueprint(http.SERVICE_BLUEPRINT, __name__)
 bp.before_request(rate_limits.guard_authentication(auth.authenticate))
 bp.register_blueprint(docs)
 errors.register(bp)  # the API's and the docs page's, wherever the blueprint is mounted
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.max_mem = 1 << 20  # a pattern that needs more is rejected, not run
 
 # Statuses of a request whose query or body is refused.
 BAD_INPUT = (400, 413, 415)
@@ -141,17 +137,11 @@ def created(key: str) -> list[tuple[str, str]]:
 
 
 def compile_filter(pattern: str) -> Any:
-    """An RE2 pattern: linear-time matching, so no pattern can stall a worker."""
-    if len(pattern) > current_app.config["FILTER_MAX_LENGTH"]:
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"filter: At most {current_app.config['FILTER_MAX_LENGTH']} characters.",
-        )
+    """The list filter, compiled by the storage codec; a bad one is a 400."""
     try:
-        return re2.compile(pattern, options=_RE2_OPTIONS)
-    except re2.error:
-        raise ApiError(400, "invalid_request", "filter: Not a valid regular expression.") from None
+        return codec.compile_filter(pattern, current_app.config["FILTER_MAX_LENGTH"])
+    except ValueError as err:
+        raise ApiError(400, "invalid_request", f"filter: {err}") from None
 
 
 # Sessions

@@ -12,7 +12,7 @@ from typing import Any
 from flask import current_app, g, request
 
 from storage_backends import ApiKey, ApiKeyNotFound, Grant, Storage
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 
 from .errors import ApiError
 

@@ -13,7 +13,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from storage_backends import Agent, Grant, StorageError
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 
 from .auth import new_api_key
 from .rate_limits import parse_limit

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response
 
-from storage_backends.base import dump_json
+from storage_backends.codec import dump_json
 
 from . import errors, rate_limits
 
@@ -149,6 +149,9 @@ def encode_cursor(position: int | None) -> str | None:
     return base64.urlsafe_b64encode(f"v1:{position}".encode()).decode().rstrip("=")
 
 
+MAX_POSITION = 2**63 - 1
+
+
 def decode_cursor(page_key: str) -> int:
     """The position in a page key, or ValueError."""
     try:
@@ -156,7 +159,10 @@ def decode_cursor(page_key: str) -> int:
     except (binascii.Error, UnicodeDecodeError):
         raise ValueError(page_key) from None
     version, _, position = raw.partition(":")
+    # Positions are 64-bit signed integers in every backend: larger ones never exist.
     if version != "v1" or not position.isdigit() or len(position) > 19:
+        raise ValueError(page_key)
+    if int(position) > MAX_POSITION:
         raise ValueError(page_key)
     return int(position)
 

@@ -23,7 +23,7 @@ from marshmallow import (
     validates,
 )
 
-from storage_backends.base import dump_json, format_ts, utcnow
+from storage_backends.codec import dump_json, format_ts, utcnow
 
 from . import http
 from .rate_limits import BOUNDS, parse_limit

@@ -9,9 +9,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as dt
-import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -50,37 +49,18 @@ class Unavailable(StorageError):
         self.retry_after = retry_after
 
 
-def utcnow() -> dt.datetime:
-    """The current time in UTC, truncated to milliseconds (the wire precision)."""
-    now = dt.datetime.now(dt.UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+class SchemaTooNew(Unavailable):
+    """The database was migrated by a newer release than this one: it is not served.
 
+    Unavailable, not a bug: the service stays down (503) until the newer release
+    runs again, rather than writing rows an older schema does not describe.
+    """
 
-def format_ts(value: dt.datetime | None) -> str | None:
-    """Fixed-width UTC text with milliseconds and a Z, so that text order is time order."""
-    if value is None:
-        return None
-    if value.tzinfo is not dt.UTC:
-        value = value.astimezone(dt.UTC)
-    # isoformat pads the year to four digits, which strftime("%Y") does not; "+00:00" becomes Z.
-    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def parse_ts(value: str | None) -> dt.datetime | None:
-    """The inverse of :func:`format_ts` (``fromisoformat`` reads the Z since Python 3.11)."""
-    if value is None:
-        return None
-    return dt.datetime.fromisoformat(value)
-
-
-# Compact JSON text with non-ASCII characters as they are, from one encoder built
-# once (json.dumps with options builds a new encoder on every call).
-dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def text_matches(pattern: Any, name: str, description: str | None) -> bool:
-    """What a listing's ``matches`` filter means: the pattern found in the name or description."""
-    return bool(pattern.search(name) or (description and pattern.search(description)))
+    def __init__(self, found: int, known: int):
+        super().__init__(
+            f"database schema version {found} is newer than this release understands ({known})",
+            retry_after=60,
+        )
 
 
 @dataclasses.dataclass
@@ -164,11 +144,9 @@ class Storage(abc.ABC):
     mutating them never changes what is stored. Listings are ordered by an
     internal, strictly increasing sequence number; ``after`` is the
     ``next_cursor`` of the previous page. Any backend may raise
-    :class:`Unavailable` from any method.
+    :class:`Unavailable` from any method (:class:`SchemaTooNew` for a
+    database a newer release has migrated).
     """
-
-    #: schemes of ``AGENT_SESSIONS_STORAGE_URL`` this backend serves
-    schemes: Sequence[str] = ()
 
     @classmethod
     @abc.abstractmethod
@@ -218,9 +196,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete_agent(self, *, agent_key: str) -> None:
-        """Delete the agent and all its sessions in one transaction.
+        """Delete the agent, all its sessions and every grant naming it, in one transaction.
 
-        Raises :class:`AgentNotFound`.
+        An API key keeps its other grants (``*`` ones included), so a new agent
+        with the same key gives no old key access. Raises :class:`AgentNotFound`.
         """
 
     # Sessions
@@ -230,9 +209,11 @@ class Storage(abc.ABC):
         """Store a new session.
 
         Raises :class:`AgentNotFound` when the agent does not exist and
-        :class:`Conflict` when the agent already has a session with this key.
-        The uniqueness is decided by the store itself, so concurrent creates
-        of one key give exactly one winner.
+        :class:`Conflict` when the agent already has a live session with this
+        key. A session idle past its TTI at ``session.created_at`` holds no
+        key: it is removed in the transaction that stores the new one. The
+        uniqueness is decided by the store itself, so concurrent creates of
+        one key give exactly one winner.
         """
 
     @abc.abstractmethod
@@ -255,6 +236,10 @@ class Storage(abc.ABC):
 
         ``matches``, when given, is a compiled pattern with a ``search``
         method; only sessions whose name or description it matches are listed.
+        Such a page reads a bounded number of sessions for a bounded time
+        (``FILTER_SCAN_ROWS``, ``FILTER_SCAN_SECONDS``): when the budget runs
+        out first, it ends early, with fewer than ``limit`` items (maybe none)
+        and ``next_cursor`` at the last session read.
         An unknown agent lists as empty: callers check the agent first.
         """
 
@@ -269,7 +254,8 @@ class Storage(abc.ABC):
     ) -> Session:
         """Apply ``changes`` (field to new value) and move ``updated_at`` to ``now``.
 
-        Raises :class:`SessionNotFound` (also when expired at ``now``).
+        Raises :class:`SessionNotFound`, also when expired at ``now`` (the
+        session is then removed, as by :meth:`get_session`).
         """
 
     @abc.abstractmethod

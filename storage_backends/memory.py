@@ -3,18 +3,22 @@
 Everything handed in or out is a copy sharing nothing mutable, so callers
 can never change stored state by mutating an object. Data lives as long as
 the process, and each gunicorn worker has its own: use it for tests, demos
-and embedding.
+and embedding. A page starts by bisecting a table's sorted sequence numbers,
+so its cost does not grow with its depth.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import datetime as dt
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import config
 
 from .base import (
     Agent,
@@ -26,26 +30,68 @@ from .base import (
     Session,
     SessionNotFound,
     Storage,
-    text_matches,
 )
+from .codec import filter_rows
+
+
+class _Table(dict):
+    """Records by key, as (sequence number, record), with their sequence numbers sorted.
+
+    The sequence number is the page cursor: a page starts where a bisection of
+    the sorted numbers puts it. Removal shifts the list (a memmove), which is
+    far cheaper than walking a page's depth on every read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seqs: list[int] = []
+        self._keys: list[str] = []
+
+    def add(self, seq: int, key: str, record: Any) -> None:
+        # Sequence numbers only grow, so a new record always goes last.
+        self[key] = (seq, record)
+        self._seqs.append(seq)
+        self._keys.append(key)
+
+    def remove(self, key: str) -> None:
+        seq, _ = self.pop(key)
+        at = bisect.bisect_left(self._seqs, seq)
+        del self._seqs[at], self._keys[at]
+
+    def after(self, seq: int | None) -> Iterator[tuple[int, Any]]:
+        """(sequence number, record) in order, from the first above ``seq``."""
+        at = 0 if seq is None else bisect.bisect_right(self._seqs, seq)
+        keys = self._keys
+        while at < len(keys):
+            yield self[keys[at]]
+            at += 1
 
 
 class MemoryStorage(Storage):
-    schemes = ("memory",)
-
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        filter_scan_rows: int = config.Config.FILTER_SCAN_ROWS,
+        filter_scan_seconds: float = config.Config.FILTER_SCAN_SECONDS,
+    ) -> None:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
-        # Insertion-ordered dicts of (sequence number, record): the sequence is the cursor.
-        self._agents: dict[str, tuple[int, Agent]] = {}
-        self._sessions: dict[str, dict[str, tuple[int, Session]]] = {}
-        self._keys: dict[str, tuple[int, ApiKey]] = {}
+        self._agents = _Table()
+        self._sessions: dict[str, _Table] = {}
+        self._keys = _Table()
+        self.filter_scan_rows = int(filter_scan_rows)
+        self.filter_scan_seconds = float(filter_scan_seconds)
 
     @classmethod
     def from_url(cls, url: str, *, options: Mapping[str, Any]) -> MemoryStorage:
         if url.rstrip("/") != "memory:":
             raise ValueError("the memory backend takes no path or options: use memory://")
-        return cls()
+        return cls(
+            filter_scan_rows=options.get("FILTER_SCAN_ROWS", config.Config.FILTER_SCAN_ROWS),
+            filter_scan_seconds=options.get(
+                "FILTER_SCAN_SECONDS", config.Config.FILTER_SCAN_SECONDS
+            ),
+        )
 
     def check(self) -> None:
         return None
@@ -56,8 +102,8 @@ class MemoryStorage(Storage):
         with self._lock:
             if agent.key in self._agents:
                 raise Conflict(agent.key)
-            self._agents[agent.key] = (next(self._seq), _copy(agent))
-            self._sessions[agent.key] = {}
+            self._agents.add(next(self._seq), agent.key, _copy(agent))
+            self._sessions[agent.key] = _Table()
             return _copy(agent)
 
     def get_agent(self, *, agent_key: str) -> Agent:
@@ -66,7 +112,7 @@ class MemoryStorage(Storage):
 
     def list_agents(self, *, limit: int, after: int | None = None) -> Page:
         with self._lock:
-            return _page(self._agents.values(), limit, after)
+            return _page(self._agents.after(after), limit)
 
     def update_agent(
         self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
@@ -82,8 +128,13 @@ class MemoryStorage(Storage):
     def delete_agent(self, *, agent_key: str) -> None:
         with self._lock:
             self._agent(agent_key)
-            del self._agents[agent_key]
+            self._agents.remove(agent_key)
             del self._sessions[agent_key]
+            # A new agent with this key inherits no grants.
+            for key_id, (seq, key) in list(self._keys.items()):
+                kept = [grant for grant in key.grants if grant.agent != agent_key]
+                if len(kept) != len(key.grants):
+                    self._keys[key_id] = (seq, dataclasses.replace(key, grants=kept))
 
     def _agent(self, agent_key: str) -> Agent:
         try:
@@ -98,9 +149,13 @@ class MemoryStorage(Storage):
             sessions = self._sessions.get(session.agent_key)
             if sessions is None:
                 raise AgentNotFound(session.agent_key)
-            if session.key in sessions:
-                raise Conflict(session.key)
-            sessions[session.key] = (next(self._seq), _copy(session))
+            held = sessions.get(session.key)
+            if held is not None:
+                if not held[1].expired(session.created_at):
+                    raise Conflict(session.key)
+                # Idle past its TTI, the session is gone for clients: its key is free.
+                sessions.remove(session.key)
+            sessions.add(next(self._seq), session.key, _copy(session))
             return _copy(session)
 
     def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
@@ -117,14 +172,24 @@ class MemoryStorage(Storage):
         matches: Any = None,
     ) -> Page:
         with self._lock:
-            rows = self._sessions.get(agent_key, {}).values()
-            live = (
-                (seq, s)
-                for seq, s in rows
-                if not s.expired(now)
-                and (matches is None or text_matches(matches, s.name, s.description))
+            sessions = self._sessions.get(agent_key)
+            if sessions is None:
+                return Page([], None)
+            live = ((seq, s) for seq, s in sessions.after(after) if not s.expired(now))
+            if matches is None:
+                return _page(live, limit)
+            rows, stopped = filter_rows(
+                live,
+                limit=limit,
+                matches=matches,
+                text=lambda row: (row[1].name, row[1].description),
+                position=lambda row: row[0],
+                max_rows=self.filter_scan_rows,
+                max_seconds=self.filter_scan_seconds,
             )
-            return _page(live, limit, after)
+            if stopped is None:
+                return _page(iter(rows), limit)
+            return Page([_copy(r) for _, r in rows], stopped)
 
     def update_session(
         self,
@@ -143,27 +208,27 @@ class MemoryStorage(Storage):
     def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
         with self._lock:
             self._live_session(agent_key, session_key, now)
-            del self._sessions[agent_key][session_key]
+            self._sessions[agent_key].remove(session_key)
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
         with self._lock:
             removed = 0
             for sessions in self._sessions.values():
                 for key in [k for k, (_, s) in sessions.items() if s.expired(now)]:
-                    del sessions[key]
+                    sessions.remove(key)
                     removed += 1
             return removed
 
     def _live_session(
         self, agent_key: str, session_key: str, now: dt.datetime
     ) -> tuple[int, Session]:
-        sessions = self._sessions.get(agent_key, {})
-        try:
-            seq, session = sessions[session_key]
-        except KeyError:
-            raise SessionNotFound(session_key) from None
+        sessions = self._sessions.get(agent_key)
+        held = None if sessions is None else sessions.get(session_key)
+        if held is None:
+            raise SessionNotFound(session_key)
+        seq, session = held
         if session.expired(now):
-            del sessions[session_key]
+            sessions.remove(session_key)
             raise SessionNotFound(session_key)
         return seq, session
 
@@ -173,7 +238,7 @@ class MemoryStorage(Storage):
         with self._lock:
             if api_key.id in self._keys:
                 raise Conflict(api_key.id)
-            self._keys[api_key.id] = (next(self._seq), _copy(api_key))
+            self._keys.add(next(self._seq), api_key.id, _copy(api_key))
             return _copy(api_key)
 
     def get_api_key(self, *, key_id: str) -> ApiKey:
@@ -185,7 +250,7 @@ class MemoryStorage(Storage):
 
     def list_api_keys(self, *, limit: int, after: int | None = None) -> Page:
         with self._lock:
-            return _page(self._keys.values(), limit, after)
+            return _page(self._keys.after(after), limit)
 
     def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
         with self._lock:
@@ -199,12 +264,10 @@ class MemoryStorage(Storage):
             return _copy(key)
 
 
-def _page(rows: Any, limit: int, after: int | None) -> Page:
-    """Take ``limit`` records with a sequence number above ``after`` from (seq, record) pairs."""
+def _page(rows: Iterator[tuple[int, Any]], limit: int) -> Page:
+    """Take ``limit`` records from (seq, record) pairs; the cursor says whether more follow."""
     picked = []
     for seq, record in rows:
-        if after is not None and seq <= after:
-            continue
         if len(picked) == limit:
             return Page([_copy(r) for _, r in picked], picked[-1][0])
         picked.append((seq, record))

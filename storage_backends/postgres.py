@@ -5,10 +5,12 @@ Rules this module keeps:
 - Nothing connects before the first call, and a pool belongs to the process
   that opened it: after a fork (``gunicorn --preload``) the child opens its
   own, so no connection is ever shared between processes.
-- The schema is created, or migrated, on first use in a transaction holding
-  ``pg_advisory_xact_lock``: ``CREATE TABLE IF NOT EXISTS`` alone is not safe
-  when several processes or hosts start together. Applied versions are
-  recorded in ``schema_migrations``.
+- The schema (``sql.MIGRATIONS``) is created, or migrated, on first use in a
+  transaction holding ``pg_advisory_xact_lock``: ``CREATE TABLE IF NOT EXISTS``
+  alone is not safe when several processes or hosts start together. Applied
+  versions are recorded in ``schema_migrations``.
+- Single statements run in autocommit (one round trip); explicit transactions
+  only where statements must commit together.
 - The unique constraint on (agent_key, key) decides create races. A foreign
   key with ``ON DELETE CASCADE`` makes sure a create racing the deletion of
   its agent can never leave a session behind.
@@ -21,47 +23,38 @@ The tables live in the first schema of the connection's ``search_path``; pick
 another than ``public`` with libpq's ``options`` in the URL, for example
 ``postgresql://app@db/sessions?options=-csearch_path%3Dagent_sessions``.
 
-Settings (config keys): ``POSTGRES_POOL_MIN`` (1) and ``POSTGRES_POOL_MAX`` (4)
-connections per process; ``POSTGRES_TIMEOUT`` (5 seconds) to connect, to get a
-connection from the pool and to wait for a lock; ``POSTGRES_STATEMENT_TIMEOUT_MS``
-(15000) per statement.
+Settings (config keys, with their defaults in ``config.Config``):
+``POSTGRES_POOL_MIN`` and ``POSTGRES_POOL_MAX`` connections per process;
+``POSTGRES_TIMEOUT`` seconds to connect, to get a connection from the pool and
+to wait for a lock; ``POSTGRES_STATEMENT_TIMEOUT_MS`` per statement.
+
+The operations themselves are :class:`~storage_backends.sql.SQLStorage`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import decimal
-import functools
-import json
 import logging
 import math
 import os
 import select
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 from psycopg_pool import ConnectionPool
 
-from .base import (
-    Agent,
-    AgentNotFound,
-    ApiKey,
-    ApiKeyNotFound,
-    Conflict,
-    Grant,
-    Page,
-    Session,
-    SessionNotFound,
-    Storage,
-    Unavailable,
-    text_matches,
-)
+import config
+
+from . import sql
+from .base import Unavailable
+from .codec import dump_json
+from .sql import SQLStorage, identity
 
 log = logging.getLogger(__name__)
 # The pool logs every failed reconnection. Keep that out of stderr (the CLI answers
@@ -70,49 +63,9 @@ logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 # Any constant works, as long as every release uses the same one.
 MIGRATION_LOCK_ID = 0x6167_656E_7473  # "agents"
-
-# version -> statements; append new versions, never edit applied ones.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE IF NOT EXISTS agents (
-            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key text NOT NULL UNIQUE,
-            name text NOT NULL, description text, metadata jsonb NOT NULL,
-            enabled boolean NOT NULL,
-            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
-        """CREATE TABLE IF NOT EXISTS sessions (
-            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            agent_key text NOT NULL REFERENCES agents (key) ON DELETE CASCADE,
-            key text NOT NULL, UNIQUE (agent_key, key),
-            name text NOT NULL, description text, metadata jsonb NOT NULL,
-            enabled boolean NOT NULL, tti_minutes integer NOT NULL,
-            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
-            expires_at timestamptz)""",
-        # Keyset pages of one agent; idle-expiry purges.
-        "CREATE INDEX IF NOT EXISTS sessions_agent_id ON sessions (agent_key, id)",
-        "CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at) "
-        "WHERE expires_at IS NOT NULL",
-        """CREATE TABLE IF NOT EXISTS api_keys (
-            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id text NOT NULL UNIQUE,
-            name text NOT NULL, secret_hash text NOT NULL, grants jsonb NOT NULL,
-            admin boolean NOT NULL, create_limit text, created_at timestamptz NOT NULL,
-            expires_at timestamptz, revoked_at timestamptz)""",
-    ),
-}
-SCHEMA_VERSION = max(MIGRATIONS)
-
-# Stored fields, named as the dataclass fields. Rows are read as (sequence, *fields).
-AGENT_COLUMNS = ("key", "name", "description", "metadata", "enabled", "created_at", "updated_at")
-SESSION_COLUMNS = ("agent_key", "tti_minutes", *AGENT_COLUMNS)
-KEY_COLUMNS = ("id", "name", "secret_hash", "grants", "admin", "create_limit")
-KEY_COLUMNS += ("created_at", "expires_at", "revoked_at")
-AGENT_SELECT = "SELECT id, " + ", ".join(AGENT_COLUMNS) + " FROM agents"
-SESSION_SELECT = "SELECT id, " + ", ".join(SESSION_COLUMNS) + ", expires_at FROM sessions"
-KEY_SELECT = "SELECT seq, " + ", ".join(KEY_COLUMNS) + " FROM api_keys"
-AGENT_FIELDS = frozenset({"name", "description", "metadata", "enabled"})
-SESSION_FIELDS = AGENT_FIELDS | {"tti_minutes"}
-LIVE_SESSION = "(expires_at IS NULL OR expires_at > %s)"
-# One agent's live sessions in keyset order, read from the (agent_key, id) index.
-SESSION_PAGE = f"{SESSION_SELECT} WHERE agent_key = %s AND id > %s AND {LIVE_SESSION} ORDER BY id"
+SCHEMA_VERSION = sql.SCHEMA_VERSION
+# One agent's live sessions in keyset order, in the driver's placeholder style.
+SESSION_PAGE = sql.to_pyformat(sql.SESSION_PAGE)
 
 # Failures that mean "try again later", not "this request is wrong". The pool's
 # own errors (PoolTimeout, PoolClosed, TooManyRequests) are OperationalErrors,
@@ -124,17 +77,40 @@ UNAVAILABLE_ERRORS = (
 )
 
 
-class PostgresStorage(Storage):
-    schemes = ("postgresql", "postgres")
+def _json(value: Any) -> Json:
+    """A json parameter, written as the text the SQLite backend stores (codec.dump_json)."""
+    return Json(value, dumps=dump_json)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    return None if value is None else value.astimezone(dt.UTC)
+
+
+class PostgresStorage(SQLStorage):
+    dialect_name = "postgres"
+    placeholder = "%s"
+    unique_violation = errors.UniqueViolation
+    # The foreign key settles a create racing the deletion of its agent.
+    missing_reference = errors.ForeignKeyViolation
+    # ON DELETE CASCADE removes an agent's sessions in the agent's DELETE.
+    sessions_cascade = True
+    expires_from_tti = "CASE WHEN tti_minutes > 0 THEN ? + make_interval(mins => tti_minutes) END"
+    json_contains = "strpos({}::text, ?) > 0"
+
+    encode_json = staticmethod(_json)
+    # psycopg reads json columns with json.loads, as the SQLite backend does.
+    decode_json = staticmethod(identity)
+    encode_ts = staticmethod(identity)
+    decode_ts = staticmethod(_utc)
 
     def __init__(
         self,
         conninfo: str,
         *,
-        min_size: int = 1,
-        max_size: int = 4,
-        timeout: float = 5.0,
-        statement_timeout_ms: int = 15000,
+        min_size: int = config.Config.POSTGRES_POOL_MIN,
+        max_size: int = config.Config.POSTGRES_POOL_MAX,
+        timeout: float = config.Config.POSTGRES_TIMEOUT,
+        statement_timeout_ms: int = config.Config.POSTGRES_STATEMENT_TIMEOUT_MS,
     ):
         self.conninfo = conninfo
         self.min_size = int(min_size)
@@ -158,13 +134,18 @@ class PostgresStorage(Storage):
             conninfo_to_dict(url)
         except psycopg.ProgrammingError as err:
             raise ValueError(str(err).splitlines()[0]) from None
-        return cls(
+        defaults = config.Config
+        storage = cls(
             url,
-            min_size=options.get("POSTGRES_POOL_MIN", 1),
-            max_size=options.get("POSTGRES_POOL_MAX", 4),
-            timeout=options.get("POSTGRES_TIMEOUT", 5),
-            statement_timeout_ms=options.get("POSTGRES_STATEMENT_TIMEOUT_MS", 15000),
+            min_size=options.get("POSTGRES_POOL_MIN", defaults.POSTGRES_POOL_MIN),
+            max_size=options.get("POSTGRES_POOL_MAX", defaults.POSTGRES_POOL_MAX),
+            timeout=options.get("POSTGRES_TIMEOUT", defaults.POSTGRES_TIMEOUT),
+            statement_timeout_ms=options.get(
+                "POSTGRES_STATEMENT_TIMEOUT_MS", defaults.POSTGRES_STATEMENT_TIMEOUT_MS
+            ),
         )
+        storage._read_filter_options(options)
+        return storage
 
     # Connections
 
@@ -254,17 +235,11 @@ class PostgresStorage(Storage):
                 "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
             row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
-            current = row.fetchone()[0]
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema version {current} is newer than this release "
-                    f"understands ({SCHEMA_VERSION})"
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", [version])
+            for version in self._migrate_from(conn, row.fetchone()[0]):
                 log.info("postgresql schema migrated to version %s", version)
+
+    def _record_version(self, conn: psycopg.Connection, version: int) -> None:
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", [version])
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
@@ -283,6 +258,26 @@ class PostgresStorage(Storage):
         """
         with self._connection() as conn, conn.transaction():
             yield conn
+
+    # Reads and single writes commit on their own: one round trip each. The
+    # removal after an update that found the session expired re-checks the
+    # expiry itself, so it needs no transaction with the UPDATE.
+    _reading = _connection
+    _writing = _connection
+    _update_transaction = _connection
+
+    @contextlib.contextmanager
+    def _scan(self, query: str, params: list[Any], batch: int) -> Iterator[Any]:
+        # A server-side cursor, fetched in batches (it lives in a transaction).
+        with self._transaction() as conn, conn.cursor(name="list_sessions") as cursor:
+            cursor.itersize = batch
+            cursor.execute(query, params)
+            yield cursor
+
+    def _execute_many(self, conn: psycopg.Connection, statement: str, rows: list) -> int:
+        with conn.cursor() as cursor:
+            cursor.executemany(statement, rows)
+            return cursor.rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -305,208 +300,6 @@ class PostgresStorage(Storage):
             self.max_size,
         )
 
-    # Agents
-
-    def create_agent(self, *, agent: Agent) -> Agent:
-        try:
-            with self._connection() as conn:
-                conn.execute(_insert("agents", AGENT_COLUMNS), _values(agent, AGENT_COLUMNS))
-        except errors.UniqueViolation:
-            raise Conflict(agent.key) from None
-        return agent
-
-    def get_agent(self, *, agent_key: str) -> Agent:
-        with self._connection() as conn:
-            row = conn.execute(AGENT_SELECT + " WHERE key = %s", [agent_key]).fetchone()
-        if row is None:
-            raise AgentNotFound(agent_key)
-        return _agent(row)
-
-    def list_agents(self, *, limit: int, after: int | None = None) -> Page:
-        with self._connection() as conn:
-            rows = conn.execute(
-                AGENT_SELECT + " WHERE id > %s ORDER BY id LIMIT %s",
-                [after or 0, limit + 1],
-            ).fetchall()
-        return _page(rows, limit, _agent)
-
-    def update_agent(
-        self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
-    ) -> Agent:
-        assignments, params = _assignments(changes, AGENT_FIELDS, now)
-        query = sql.SQL("UPDATE agents SET {} WHERE key = %s RETURNING id, {}").format(
-            assignments, _columns(AGENT_COLUMNS)
-        )
-        with self._connection() as conn:
-            row = conn.execute(query, [*params, agent_key]).fetchone()
-        if row is None:
-            raise AgentNotFound(agent_key)
-        return _agent(row)
-
-    def delete_agent(self, *, agent_key: str) -> None:
-        # The foreign key's ON DELETE CASCADE removes the sessions in the same statement.
-        with self._connection() as conn:
-            deleted = conn.execute("DELETE FROM agents WHERE key = %s", [agent_key]).rowcount
-        if deleted == 0:
-            raise AgentNotFound(agent_key)
-
-    # Sessions
-
-    def create_session(self, *, session: Session) -> Session:
-        # One statement: the agent's existence and the key's uniqueness are
-        # decided together; the foreign key settles a race with delete_agent.
-        columns = (*SESSION_COLUMNS, "expires_at")
-        try:
-            with self._connection() as conn:
-                inserted = conn.execute(
-                    _insert("sessions", columns)
-                    + " WHERE EXISTS (SELECT 1 FROM agents WHERE key = %s)",
-                    [*_values(session, columns), session.agent_key],
-                ).rowcount
-        except errors.UniqueViolation:
-            raise Conflict(session.key) from None
-        except errors.ForeignKeyViolation:
-            raise AgentNotFound(session.agent_key) from None
-        if inserted == 0:
-            raise AgentNotFound(session.agent_key)
-        return session
-
-    def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
-        with self._connection() as conn:
-            row = conn.execute(
-                SESSION_SELECT + " WHERE agent_key = %s AND key = %s",
-                [agent_key, session_key],
-            ).fetchone()
-            expired = row is not None and row[-1] is not None and row[-1] <= now
-            if expired:
-                conn.execute(
-                    "DELETE FROM sessions WHERE id = %s AND expires_at <= %s", [row[0], now]
-                )
-        # Raised after the commit, so that the removal of an expired session sticks.
-        if row is None or expired:
-            raise SessionNotFound(session_key)
-        return _session(row)
-
-    def list_sessions(
-        self,
-        *,
-        agent_key: str,
-        limit: int,
-        now: dt.datetime,
-        after: int | None = None,
-        matches: Any = None,
-    ) -> Page:
-        query = SESSION_PAGE
-        params: list[Any] = [agent_key, after or 0, now]
-        if matches is None:
-            with self._connection() as conn:
-                rows = conn.execute(query + " LIMIT %s", [*params, limit + 1]).fetchall()
-        else:
-            # The pattern runs in Python over a server-side cursor, fetched in
-            # batches, so only as many rows are read as it takes to fill the page
-            # (a server-side cursor lives in a transaction).
-            with self._transaction() as conn:
-                rows = []
-                with conn.cursor(name="list_sessions") as cursor:
-                    cursor.itersize = max(100, 2 * limit)
-                    cursor.execute(query, params)
-                    for row in cursor:
-                        name, description = row[4], row[5]
-                        if text_matches(matches, name, description):
-                            rows.append(row)
-                            if len(rows) > limit:
-                                break
-        return _page(rows, limit, _session)
-
-    def update_session(
-        self,
-        *,
-        agent_key: str,
-        session_key: str,
-        changes: Mapping[str, Any],
-        now: dt.datetime,
-    ) -> Session:
-        assignments, params = _assignments(changes, SESSION_FIELDS, now)
-        # expires_at moves with updated_at, by the new tti_minutes or the stored one.
-        if "tti_minutes" in changes:
-            tti = changes["tti_minutes"]
-            expires = sql.SQL("%s")
-            params.append(now + dt.timedelta(minutes=tti) if tti else None)
-        else:
-            expires = sql.SQL(
-                "CASE WHEN tti_minutes > 0 THEN %s + make_interval(mins => tti_minutes) END"
-            )
-            params.append(now)
-        query = sql.SQL(
-            "UPDATE sessions SET {}, expires_at = {} "
-            "WHERE agent_key = %s AND key = %s AND " + LIVE_SESSION + " RETURNING id, {}"
-        ).format(assignments, expires, _columns(SESSION_COLUMNS))
-        with self._connection() as conn:
-            row = conn.execute(query, [*params, agent_key, session_key, now]).fetchone()
-            if row is None:
-                conn.execute(
-                    "DELETE FROM sessions WHERE agent_key = %s AND key = %s AND expires_at <= %s",
-                    [agent_key, session_key, now],
-                )
-        if row is None:
-            raise SessionNotFound(session_key)
-        return _session(row)
-
-    def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
-        with self._connection() as conn:
-            row = conn.execute(
-                "DELETE FROM sessions WHERE agent_key = %s AND key = %s RETURNING expires_at",
-                [agent_key, session_key],
-            ).fetchone()
-        # An expired session is removed all the same, but it was already gone for clients.
-        if row is None or (row[0] is not None and row[0] <= now):
-            raise SessionNotFound(session_key)
-
-    def purge_expired_sessions(self, *, now: dt.datetime) -> int:
-        with self._connection() as conn:
-            return conn.execute(
-                "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= %s", [now]
-            ).rowcount
-
-    # API keys
-
-    def create_api_key(self, *, api_key: ApiKey) -> ApiKey:
-        try:
-            with self._connection() as conn:
-                conn.execute(_insert("api_keys", KEY_COLUMNS), _values(api_key, KEY_COLUMNS))
-        except errors.UniqueViolation:
-            raise Conflict(api_key.id) from None
-        return api_key
-
-    def get_api_key(self, *, key_id: str) -> ApiKey:
-        with self._connection() as conn:
-            row = conn.execute(KEY_SELECT + " WHERE id = %s", [key_id]).fetchone()
-        if row is None:
-            raise ApiKeyNotFound(key_id)
-        return _api_key(row)
-
-    def list_api_keys(self, *, limit: int, after: int | None = None) -> Page:
-        with self._connection() as conn:
-            rows = conn.execute(
-                KEY_SELECT + " WHERE seq > %s ORDER BY seq LIMIT %s",
-                [after or 0, limit + 1],
-            ).fetchall()
-        return _page(rows, limit, _api_key)
-
-    def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
-        # One statement, idempotent: a second revocation keeps the first date.
-        with self._connection() as conn:
-            row = conn.execute(
-                sql.SQL(
-                    "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s "
-                    "RETURNING seq, {}"
-                ).format(_columns(KEY_COLUMNS)),
-                [now, key_id],
-            ).fetchone()
-        if row is None:
-            raise ApiKeyNotFound(key_id)
-        return _api_key(row)
-
 
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:
@@ -517,88 +310,6 @@ def _translated() -> Iterator[None]:
         reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
         log.warning("postgresql unavailable: %s", reason)
         raise Unavailable(f"postgresql: {reason}") from err
-
-
-def _assignments(
-    changes: Mapping[str, Any], allowed: frozenset[str], now: dt.datetime
-) -> tuple[sql.Composable, list[Any]]:
-    """``col = %s, ...`` for ``changes`` plus ``updated_at``, with the parameters.
-
-    Raises ValueError for a field that cannot change.
-    """
-    unknown = set(changes) - allowed
-    if unknown:
-        raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
-    columns = [sql.SQL("{} = %s").format(sql.Identifier(field)) for field in changes]
-    columns.append(sql.SQL("updated_at = %s"))
-    return sql.SQL(", ").join(columns), [*_values(changes, tuple(changes)), now]
-
-
-def _columns(columns: tuple[str, ...]) -> sql.Composable:
-    return sql.SQL(", ").join(map(sql.Identifier, columns))
-
-
-def _insert(table: str, columns: tuple[str, ...]) -> str:
-    """``INSERT ... SELECT`` of one row, so that callers may add a WHERE clause."""
-    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(['%s'] * len(columns))}"
-
-
-def _values(record: Any, columns: tuple[str, ...]) -> list[Any]:
-    """The parameters for ``columns`` from a record (or a mapping), JSON fields as jsonb."""
-    get = record.get if isinstance(record, Mapping) else lambda c: getattr(record, c)
-    values = []
-    for column in columns:
-        value = get(column)
-        if column == "grants":
-            value = [[grant.agent, list(grant.scopes)] for grant in value]
-        values.append(_jsonb(value) if column in ("metadata", "grants") else value)
-    return values
-
-
-def _jsonb(value: Any) -> Jsonb:
-    return Jsonb(value, dumps=_dump_json)
-
-
-def _dump_json(value: Any) -> str:
-    """JSON text whose numbers come back from jsonb as the same Python values.
-
-    jsonb keeps numbers as ``numeric``, and reads ``1e+16`` back as the integer
-    10000000000000000: such floats are written with a fraction (``...0.0``) so
-    that they still read as floats, equal to what was stored.
-    """
-    if isinstance(value, float) and "e+" in repr(value):
-        return format(decimal.Decimal(repr(value)), "f") + ".0"
-    if isinstance(value, dict):
-        items = (
-            f"{json.dumps(str(k), ensure_ascii=False)}:{_dump_json(v)}" for k, v in value.items()
-        )
-        return "{" + ",".join(items) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_dump_json(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _page(rows: list[Any], limit: int, build: Callable[[Any], Any]) -> Page:
-    """Rows were fetched with ``limit + 1``: the extra one only says another page exists."""
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page([build(r) for r in rows], rows[-1][0] if more else None)
-
-
-def _record(cls: type, columns: tuple[str, ...], row: Any) -> Any:
-    """A record from a row of (sequence, *columns, ...); timestamps in UTC."""
-    fields = dict(zip(columns, row[1:], strict=False))
-    for column, value in fields.items():
-        if isinstance(value, dt.datetime):
-            fields[column] = value.astimezone(dt.UTC)
-    if "grants" in fields:
-        fields["grants"] = [Grant(agent, tuple(scopes)) for agent, scopes in fields["grants"]]
-    return cls(**fields)
-
-
-_agent = functools.partial(_record, Agent, AGENT_COLUMNS)
-_session = functools.partial(_record, Session, SESSION_COLUMNS)
-_api_key = functools.partial(_record, ApiKey, KEY_COLUMNS)
 
 
 def _has_news(conn: psycopg.Connection) -> bool:

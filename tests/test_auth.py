@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, assert_error
 
 SESSIONS = "/v2/agents/{agent}/sessions"

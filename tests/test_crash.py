@@ -30,7 +30,7 @@ import requests
 from sqlite_utils.utils import sqlite3
 
 from storage_backends import Agent, Session, Unavailable, storage_from_url
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 from tests.servers import Server, bootstrap, serving
 
 AGENT = "support-bot"

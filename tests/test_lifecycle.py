@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, assert_error
 
 SESSIONS = "/v2/agents/support-bot/sessions"

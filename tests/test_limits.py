@@ -18,7 +18,7 @@ import pytest
 from sessions_app import ConfigError, create_app
 from sessions_app.rate_limits import client_address
 from storage_backends import Agent
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, Keys, assert_error
 from tests.servers import BIN, ROOT, free_port
 

@@ -21,7 +21,7 @@ import requests
 
 from sessions_app import create_app
 from storage_backends import Agent
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, IN_CI, REDIS_URL, Keys, require_server
 from tests.conftest import assert_error as assert_error_in_process
 from tests.servers import cli, free_port, serving

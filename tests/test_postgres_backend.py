@@ -8,8 +8,9 @@ import time
 import psycopg
 import pytest
 
-from storage_backends import Agent, storage_from_url
-from storage_backends.postgres import SESSION_PAGE
+from storage_backends import Agent, SchemaTooNew, storage_from_url
+from storage_backends.postgres import SCHEMA_VERSION, SESSION_PAGE
+from storage_backends.sql import MIGRATIONS
 
 from .conftest import postgres_schema, require_server
 
@@ -71,3 +72,69 @@ def test_a_connection_the_server_ended_is_replaced_at_checkout_without_a_failure
                 assert conn.info.backend_pid != pid
         finally:
             storage.close()
+
+
+def test_a_schema_1_database_moves_its_json_to_text_as_written_and_keeps_its_rows():
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    with postgres_schema() as url:
+        # What release 1 left behind: jsonb columns, version 1 recorded.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for statement in MIGRATIONS[0].postgres:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (1)")
+            conn.execute(
+                "INSERT INTO agents (key, name, metadata, enabled, created_at, updated_at) "
+                "VALUES ('bot', 'bot', '{\"b\": 1, \"a\": 2}', true, %s, %s)",
+                [T0, T0],
+            )
+        storage = storage_from_url(url, {})
+        try:
+            assert storage.get_agent(agent_key="bot").metadata == {"a": 2, "b": 1}
+            metadata = {"z": -0.0, "a": 1e16}
+            storage.create_agent(
+                agent=Agent(key="new", name="n", metadata=metadata, created_at=T0, updated_at=T0)
+            )
+            metadata = storage.get_agent(agent_key="new").metadata
+        finally:
+            storage.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+            types = dict(
+                conn.execute(
+                    "SELECT table_name || '.' || column_name, data_type FROM "
+                    "information_schema.columns WHERE table_schema = current_schema() "
+                    "AND column_name IN ('metadata', 'grants')"
+                ).fetchall()
+            )
+            text = conn.execute("SELECT metadata::text FROM agents WHERE key = 'new'").fetchone()
+    assert versions == [1, SCHEMA_VERSION] == [1, 2]
+    assert types == {
+        "agents.metadata": "json",
+        "sessions.metadata": "json",
+        "api_keys.grants": "json",
+    }
+    # Stored as written: key order and the sign of zero kept, as SQLite keeps them.
+    assert text[0] == '{"z":-0.0,"a":1e+16}'
+    assert list(metadata) == ["z", "a"] and str(metadata["z"]) == "-0.0"
+
+
+def test_a_database_migrated_by_a_newer_release_is_refused():
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    with postgres_schema() as url:
+        storage = storage_from_url(url, {})
+        storage.check()
+        storage.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO schema_migrations (version) VALUES (%s)", [SCHEMA_VERSION + 1]
+            )
+        newer = storage_from_url(url, {})
+        try:
+            with pytest.raises(SchemaTooNew, match="newer than this release"):
+                newer.check()
+        finally:
+            newer.close()

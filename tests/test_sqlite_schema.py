@@ -5,8 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 
-from storage_backends import Agent, Session
+import pytest
+
+from sessions_app import create_app
+from storage_backends import Agent, SchemaTooNew, Session, Unavailable
 from storage_backends.sqlite import SCHEMA_VERSION, SQLiteStorage
+from tests.servers import cli
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
@@ -85,3 +89,42 @@ def test_the_sweep_reads_the_partial_index_which_holds_only_expiring_sessions(tm
         ).fetchone()[0]
     assert "idx_sessions_expiring" in plan
     assert indexed == 1
+
+
+def test_a_database_from_a_newer_release_is_refused_not_written(tmp_path):
+    path = tmp_path / "new.db"
+    storage = SQLiteStorage(str(path))
+    write_sessions(storage, 0)
+    storage.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+
+    newer = SQLiteStorage(str(path))
+    with pytest.raises(SchemaTooNew, match="newer than this release"):
+        newer.check()
+    with pytest.raises(Unavailable):
+        newer.create_agent(agent=Agent(key="x", name="x", created_at=T0, updated_at=T0))
+    newer.close()
+    assert user_version(path) == SCHEMA_VERSION + 1
+
+
+def test_a_newer_database_is_one_line_from_the_cli_and_503_from_readyz(tmp_path):
+    path = tmp_path / "new.db"
+    SQLiteStorage(str(path)).check()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    url = f"sqlite:///{path}"
+
+    result = cli("agents", "list", env={"AGENT_SESSIONS_STORAGE_URL": url}, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "newer than this release" in result.stderr
+
+    app = create_app({"TESTING": True, "STORAGE_URL": url})
+    try:
+        response = app.test_client().get("/readyz")
+    finally:
+        app.extensions["agent_sessions"].storage.close()
+    assert response.status_code == 503
+    assert response.get_json()["storage"] == "unavailable"

@@ -19,7 +19,7 @@ from storage_backends import (
     Session,
     SessionNotFound,
 )
-from storage_backends.base import utcnow
+from storage_backends.codec import utcnow
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, 0, 123000, tzinfo=dt.UTC)
 
@@ -401,3 +401,84 @@ def test_list_api_keys(storage):
 
 def test_check(storage):
     storage.check()
+
+
+# Gone means gone: an expired session holds nothing
+
+
+def test_an_expired_session_gives_its_key_to_a_create_before_any_purge(storage):
+    make_agent(storage)
+    make_session(storage, "old", tti_minutes=1, name="first")
+    make_session(storage, "other")
+    later = T0 + dt.timedelta(minutes=2)
+    make_session(storage, "old", at=later, name="second")
+    assert storage.get_session(agent_key="bot", session_key="old", now=later).name == "second"
+    # The new session is a new one: it lists last, after the sessions created before it.
+    assert walk(storage, now=later) == ["other", "old"]
+
+
+def test_a_live_session_still_holds_its_key(storage):
+    make_agent(storage)
+    make_session(storage, "s", tti_minutes=5)
+    with pytest.raises(Conflict):
+        make_session(storage, "s", at=T0 + dt.timedelta(minutes=4))
+
+
+def test_an_update_that_finds_the_session_expired_removes_it(storage):
+    make_agent(storage)
+    make_session(storage, "short", tti_minutes=1)
+    with pytest.raises(SessionNotFound):
+        storage.update_session(
+            agent_key="bot",
+            session_key="short",
+            changes={"name": "late"},
+            now=T0 + dt.timedelta(minutes=2),
+        )
+    # Removed, not just hidden: an earlier clock no longer finds it either.
+    with pytest.raises(SessionNotFound):
+        storage.get_session(agent_key="bot", session_key="short", now=T0)
+
+
+# Grants end with their agent
+
+
+def test_deleting_an_agent_ends_the_grants_naming_it(storage):
+    make_agent(storage)
+    make_agent(storage, "other")
+    read = ("sessions:read",)
+    make_key(storage, "ak_named", grants=[Grant("bot", read), Grant("other", read)])
+    make_key(storage, "ak_star", grants=[Grant("*", read)])
+    storage.delete_agent(agent_key="bot")
+    make_agent(storage)  # a new agent with the old one's key
+    named = storage.get_api_key(key_id="ak_named")
+    assert named.grants == [Grant("other", read)]
+    assert not named.allows("bot", "sessions:read")
+    assert storage.get_api_key(key_id="ak_star").allows("bot", "sessions:read")
+
+
+# The filtered list's budget
+
+
+def budgeted(storage_url, **options):
+    from storage_backends import storage_from_url
+
+    return storage_from_url(storage_url, options)
+
+
+@pytest.mark.parametrize(
+    "options", [{"FILTER_SCAN_ROWS": 3}, {"FILTER_SCAN_SECONDS": 1e-9}], ids=["rows", "seconds"]
+)
+def test_a_filtered_list_ends_its_page_when_its_budget_is_spent(storage_url, options):
+    storage = budgeted(storage_url, **options)
+    try:
+        make_agent(storage)
+        for n in range(10):
+            make_session(storage, f"s{n}", name="hit" if n in (4, 9) else "miss")
+        pattern = re.compile("hit")
+        first = storage.list_sessions(agent_key="bot", limit=5, now=T0, matches=pattern)
+        # The page ended early, with the position to go on from.
+        assert [s.key for s in first.items] == []
+        assert first.next_cursor is not None
+        assert walk(storage, limit=5, matches=pattern) == ["s4", "s9"]
+    finally:
+        storage.close()

@@ -1,0 +1,99 @@
+"""Time, JSON and filter encodings shared by the web layer and every backend."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import re2
+
+
+def utcnow() -> dt.datetime:
+    """The current time in UTC, truncated to milliseconds (the wire precision)."""
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def format_ts(value: dt.datetime | None) -> str | None:
+    """Fixed-width UTC text with milliseconds and a Z, so that text order is time order."""
+    if value is None:
+        return None
+    if value.tzinfo is not dt.UTC:
+        value = value.astimezone(dt.UTC)
+    # isoformat pads the year to four digits, which strftime("%Y") does not; "+00:00" becomes Z.
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def parse_ts(value: str | None) -> dt.datetime | None:
+    """The inverse of :func:`format_ts` (``fromisoformat`` reads the Z since Python 3.11)."""
+    if value is None:
+        return None
+    return dt.datetime.fromisoformat(value)
+
+
+# Compact JSON text with non-ASCII characters as they are, from one encoder built
+# once (json.dumps with options builds a new encoder on every call).
+dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+load_json = json.loads
+
+
+# The list filter: RE2 matches in linear time, and never writes to stderr (with
+# log_errors on, every invalid pattern and every DFA that runs out of memory is
+# a line in the server's error log, with text the client chose).
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = 1 << 20  # a pattern that needs more is rejected, not run
+_RE2_OPTIONS.log_errors = False
+
+
+def compile_filter(pattern: str, max_length: int) -> Any:
+    """A compiled RE2 pattern with a ``search`` method.
+
+    Raises ValueError, with a message for the client, for a pattern longer than
+    ``max_length`` or one RE2 does not accept.
+    """
+    if len(pattern) > max_length:
+        raise ValueError(f"At most {max_length} characters.")
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error:
+        raise ValueError("Not a valid regular expression.") from None
+
+
+def text_matches(pattern: Any, name: str, description: str | None) -> bool:
+    """What a listing's ``matches`` filter means: the pattern found in the name or description."""
+    return bool(pattern.search(name) or (description and pattern.search(description)))
+
+
+def filter_rows(
+    rows: Iterable[Any],
+    *,
+    limit: int,
+    matches: Any,
+    text: Callable[[Any], tuple[str, str | None]],
+    position: Callable[[Any], int],
+    max_rows: int,
+    max_seconds: float,
+) -> tuple[list[Any], int | None]:
+    """The rows ``matches`` selects, up to ``limit + 1``, within a budget of work.
+
+    Returns the rows and, when the budget (``max_rows`` rows read or
+    ``max_seconds`` spent) ran out first, the position of the last row read:
+    the page ends there and the next one continues after it. Otherwise the
+    position is None, and the rows say by their number whether more follow.
+    """
+    picked: list[Any] = []
+    deadline = time.monotonic() + max_seconds
+    read = 0
+    for row in rows:
+        name, description = text(row)
+        if text_matches(matches, name, description):
+            picked.append(row)
+            if len(picked) > limit:
+                return picked, None
+        read += 1
+        if read >= max_rows or time.monotonic() > deadline:
+            return picked, position(row)
+    return picked, None

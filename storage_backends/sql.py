@@ -1,0 +1,689 @@
+"""Every operation of the SQL backends, written once over a small dialect.
+
+:class:`SQLStorage` holds the statements and what they mean; a backend
+subclass supplies only what differs between databases:
+
+- ``placeholder``: the statements here are written with ``?``; PostgreSQL's
+  driver wants ``%s``.
+- the encodings of JSON, timestamps and flags (``encode_*`` and ``decode_*``);
+- connections and transactions: ``_reading`` (a read), ``_writing`` (one
+  write statement, in autocommit), ``_transaction`` (statements that commit
+  together), ``_update_transaction`` (update_session's UPDATE, and the removal
+  of the session it found expired), ``_scan`` (rows read lazily, for filters);
+- error mapping: ``unique_violation`` and ``missing_reference`` are the
+  driver's exceptions for a duplicate key and a missing agent; failures to
+  reach the database become :class:`Unavailable` inside the connection hooks;
+- the schema's bookkeeping: where the applied version is recorded.
+
+Rows become records in one way, by column name (:class:`Table`). The schema is
+one ordered list of versioned migrations (:data:`MIGRATIONS`), with DDL per
+dialect where the two databases' types differ.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import config
+
+from .base import (
+    Agent,
+    AgentNotFound,
+    ApiKey,
+    ApiKeyNotFound,
+    Conflict,
+    Grant,
+    Page,
+    SchemaTooNew,
+    Session,
+    SessionNotFound,
+    Storage,
+)
+from .codec import dump_json, filter_rows
+
+# The schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One version of the schema: statements per dialect (an empty tuple: nothing to do)."""
+
+    version: int
+    summary: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+# Append new versions; never edit one a release has applied. A database records
+# the last version applied (SQLite in PRAGMA user_version, PostgreSQL in the
+# table schema_migrations) and is refused when it is newer than this list.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "agents, sessions and API keys",
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS agents (id INTEGER PRIMARY KEY, key TEXT NOT NULL, "
+            "name TEXT NOT NULL, description TEXT, metadata TEXT NOT NULL, "
+            "enabled INTEGER NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_agents_key ON agents (key)",
+            "CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, "
+            "agent_key TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, description TEXT, "
+            "metadata TEXT NOT NULL, enabled INTEGER NOT NULL, tti_minutes INTEGER NOT NULL, "
+            "created_at TEXT NOT NULL, updated_at TEXT NOT NULL, expires_at TEXT)",
+            # (agent_key, key) decides create races; (agent_key, id) serves keyset pages.
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_sessions_agent_key_key "
+            "ON sessions (agent_key, key)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_agent_key_id ON sessions (agent_key, id)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_expires_at ON sessions (expires_at)",
+            "CREATE TABLE IF NOT EXISTS api_keys (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, "
+            "name TEXT NOT NULL, secret_hash TEXT NOT NULL, grants TEXT NOT NULL, "
+            "admin INTEGER NOT NULL, create_limit TEXT, created_at TEXT NOT NULL, "
+            "expires_at TEXT, revoked_at TEXT)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_api_keys_id ON api_keys (id)",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS agents (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key text NOT NULL UNIQUE,
+            name text NOT NULL, description text, metadata jsonb NOT NULL,
+            enabled boolean NOT NULL,
+            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            # The foreign key makes sure a create racing the deletion of its agent
+            # can never leave a session behind.
+            """CREATE TABLE IF NOT EXISTS sessions (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            agent_key text NOT NULL REFERENCES agents (key) ON DELETE CASCADE,
+            key text NOT NULL, UNIQUE (agent_key, key),
+            name text NOT NULL, description text, metadata jsonb NOT NULL,
+            enabled boolean NOT NULL, tti_minutes integer NOT NULL,
+            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            expires_at timestamptz)""",
+            "CREATE INDEX IF NOT EXISTS sessions_agent_id ON sessions (agent_key, id)",
+            "CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+            """CREATE TABLE IF NOT EXISTS api_keys (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id text NOT NULL UNIQUE,
+            name text NOT NULL, secret_hash text NOT NULL, grants jsonb NOT NULL,
+            admin boolean NOT NULL, create_limit text, created_at timestamptz NOT NULL,
+            expires_at timestamptz, revoked_at timestamptz)""",
+        ),
+    ),
+    Migration(
+        2,
+        "only expiring sessions in the sweep's index; JSON kept as the text written",
+        # Sessions that never expire (the default) cost one index write less per insert.
+        sqlite=(
+            "DROP INDEX IF EXISTS idx_sessions_expires_at",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_expiring ON sessions (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+        ),
+        # jsonb re-sorts object keys and reads -0.0 back as 0: json keeps the text
+        # as written, so every backend answers the same bytes for one session.
+        postgres=(
+            "ALTER TABLE agents ALTER COLUMN metadata TYPE json USING metadata::json",
+            "ALTER TABLE sessions ALTER COLUMN metadata TYPE json USING metadata::json",
+            "ALTER TABLE api_keys ALTER COLUMN grants TYPE json USING grants::json",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A table as records see it: the position column (the page cursor), then the fields."""
+
+    name: str
+    record: type
+    position: str
+    fields: tuple[str, ...]
+    json: tuple[str, ...]
+    times: tuple[str, ...]
+    flags: tuple[str, ...]
+    changeable: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def select(self) -> str:
+        return f"SELECT {self.position}, {', '.join(self.fields)} FROM {self.name}"
+
+    @functools.cached_property
+    def returning(self) -> str:
+        return f"RETURNING {self.position}, {', '.join(self.fields)}"
+
+
+AGENTS = Table(
+    "agents",
+    Agent,
+    "id",
+    ("key", "name", "description", "metadata", "enabled", "created_at", "updated_at"),
+    json=("metadata",),
+    times=("created_at", "updated_at"),
+    flags=("enabled",),
+    changeable=frozenset({"name", "description", "metadata", "enabled"}),
+)
+SESSIONS = Table(
+    "sessions",
+    Session,
+    "id",
+    ("agent_key", "key", "name", "description", "metadata", "enabled", "tti_minutes")
+    + ("created_at", "updated_at"),
+    json=("metadata",),
+    times=("created_at", "updated_at"),
+    flags=("enabled",),
+    changeable=frozenset({"name", "description", "metadata", "enabled", "tti_minutes"}),
+)
+API_KEYS = Table(
+    "api_keys",
+    ApiKey,
+    "seq",
+    ("id", "name", "secret_hash", "grants", "admin", "create_limit")
+    + ("created_at", "expires_at", "revoked_at"),
+    json=("grants",),
+    times=("created_at", "expires_at", "revoked_at"),
+    flags=("admin",),
+)
+# What a session insert writes: its fields and the expiry the queries index.
+SESSION_INSERT_COLUMNS = (*SESSIONS.fields, "expires_at")
+
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+# One agent's live sessions in keyset order, read from the (agent_key, id) index;
+# the session's expires_at comes last, after the record's fields.
+SESSION_SELECT = (
+    f"SELECT {SESSIONS.position}, {', '.join(SESSIONS.fields)}, expires_at FROM sessions"
+)
+SESSION_PAGE = f"{SESSION_SELECT} WHERE agent_key = ? AND id > ? AND {_LIVE} ORDER BY id"
+_SESSION_TEXT = operator.itemgetter(
+    1 + SESSIONS.fields.index("name"), 1 + SESSIONS.fields.index("description")
+)
+
+
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    """``INSERT ... SELECT`` of one row, so that callers may add a WHERE clause."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join('?' * len(columns))}"
+
+
+INSERT_AGENT = _insert("agents", AGENTS.fields)
+# One statement: the agent's existence and the key's uniqueness are decided together.
+INSERT_SESSION = (
+    _insert("sessions", SESSION_INSERT_COLUMNS)
+    + " WHERE EXISTS (SELECT 1 FROM agents WHERE key = ?)"
+)
+INSERT_API_KEY = _insert("api_keys", API_KEYS.fields)
+GET_AGENT = f"{AGENTS.select} WHERE key = ?"
+AGENT_PAGE = f"{AGENTS.select} WHERE id > ? ORDER BY id LIMIT ?"
+GET_SESSION = f"{SESSION_SELECT} WHERE agent_key = ? AND key = ?"
+GET_API_KEY = f"{API_KEYS.select} WHERE id = ?"
+API_KEY_PAGE = f"{API_KEYS.select} WHERE seq > ? ORDER BY seq LIMIT ?"
+# Idempotent: a second revocation keeps the first date.
+REVOKE_API_KEY = (
+    f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? {API_KEYS.returning}"
+)
+DELETE_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? RETURNING expires_at"
+DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? AND expires_at <= ?"
+DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
+PURGE_EXPIRED = "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?"
+
+
+def identity(value: Any) -> Any:
+    """The encoding of a value the driver adapts by itself."""
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def to_pyformat(statement: str) -> str:
+    """A statement written with ``?`` placeholders, in the ``%s`` style (no literal ``%``)."""
+    return statement.replace("?", "%s")
+
+
+def _builder(table: Table, decoder: Callable[[Table, str], Any]) -> Callable[[Any], Any]:
+    """A function from a row of (position, *fields) to the table's record, by column name.
+
+    Written out once per table, as ``dataclasses`` writes ``__init__``: a call
+    with each field taken from its place in the row and decoded where the
+    dialect needs it, a third cheaper per row than a loop over the columns.
+    """
+    namespace: dict[str, Any] = {"record": table.record}
+    arguments = []
+    for index, column in enumerate(table.fields, start=1):
+        decode = decoder(table, column)
+        if decode is None:
+            arguments.append(f"{column}=row[{index}]")
+        else:
+            namespace[f"decode_{column}"] = decode
+            arguments.append(f"{column}=decode_{column}(row[{index}])")
+    exec(f"def build(row):\n    return record({', '.join(arguments)})", namespace)
+    return namespace["build"]
+
+
+class SQLStorage(Storage, abc.ABC):
+    """The operations of :class:`Storage` in SQL; subclasses supply the dialect."""
+
+    #: which statements of a :class:`Migration` this dialect runs
+    dialect_name: str
+    placeholder = "?"
+    unique_violation: type[BaseException] | tuple[type[BaseException], ...] = ()
+    missing_reference: type[BaseException] | tuple[type[BaseException], ...] = ()
+    #: a SQL expression for a session's new expires_at from its stored tti_minutes
+    #: and a ``?`` for the time of the update
+    expires_from_tti: str
+    #: ``{}`` in it is a JSON column: true when that column's text holds the ``?``
+    json_contains: str
+    #: whether deleting an agent deletes its sessions by itself (a foreign key)
+    sessions_cascade = False
+
+    filter_scan_rows = config.Config.FILTER_SCAN_ROWS
+    filter_scan_seconds = config.Config.FILTER_SCAN_SECONDS
+
+    def _read_filter_options(self, options: Mapping[str, Any]) -> None:
+        """The filtered list's budget, from the settings (config.Config has the defaults)."""
+        rows = int(options.get("FILTER_SCAN_ROWS", config.Config.FILTER_SCAN_ROWS))
+        seconds = float(options.get("FILTER_SCAN_SECONDS", config.Config.FILTER_SCAN_SECONDS))
+        if rows < 1 or seconds <= 0:
+            raise ValueError("FILTER_SCAN_ROWS and FILTER_SCAN_SECONDS must be positive")
+        self.filter_scan_rows, self.filter_scan_seconds = rows, seconds
+
+    # The dialect
+
+    @staticmethod
+    @abc.abstractmethod
+    def encode_json(value: Any) -> Any: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def decode_json(value: Any) -> Any: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def encode_ts(value: dt.datetime | None) -> Any: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def decode_ts(value: Any) -> dt.datetime | None: ...
+
+    encode_flag: Callable[[bool], Any] = staticmethod(identity)
+
+    @abc.abstractmethod
+    def _reading(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection for reads."""
+
+    @abc.abstractmethod
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection for one write statement, committed on its own."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection in one write transaction: committed on success, else rolled back."""
+
+    @abc.abstractmethod
+    def _update_transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """Where update_session runs its UPDATE and, when it found none live, the removal."""
+
+    @abc.abstractmethod
+    def _scan(
+        self, query: str, params: list[Any], batch: int
+    ) -> contextlib.AbstractContextManager[Iterable[Any]]:
+        """The rows of ``query``, read as they are consumed."""
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.placeholder == "?" else to_pyformat(statement)
+
+    def _migrate_from(self, conn: Any, current: int) -> list[int]:
+        """Apply every migration after ``current`` on ``conn``; return the versions applied.
+
+        Raises :class:`SchemaTooNew` for a database newer than :data:`MIGRATIONS`.
+        """
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(current, SCHEMA_VERSION)
+        applied = []
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            for statement in getattr(migration, self.dialect_name):
+                conn.execute(statement)
+            self._record_version(conn, migration.version)
+            applied.append(migration.version)
+        return applied
+
+    @abc.abstractmethod
+    def _record_version(self, conn: Any, version: int) -> None:
+        """Note in the database that ``version`` is applied."""
+
+    # Rows and records
+
+    def _encode(self, table: Table, record: Any, columns: tuple[str, ...]) -> list[Any]:
+        """The parameters for ``columns`` from a record or a mapping of field to value."""
+        get = record.get if isinstance(record, Mapping) else functools.partial(getattr, record)
+        return [
+            get(column) if encode is None else encode(get(column))
+            for column, encode in self._encoders(table, columns)
+        ]
+
+    def _record(self, table: Table, row: Any) -> Any:
+        """A record from a row of (position, *fields, ...)."""
+        build = self._plans.get(table.name)
+        if build is None:
+            build = self._plans[table.name] = _builder(table, self._decoder)
+        return build(row)
+
+    @functools.cached_property
+    def _plans(self) -> dict[Any, Any]:
+        return {}
+
+    def _encoders(self, table: Table, columns: tuple[str, ...]) -> Any:
+        """(column, encoder or None) for ``columns``, worked out once per table and columns."""
+        plan = self._plans.get((table.name, columns))
+        if plan is None:
+            plan = self._plans[table.name, columns] = tuple(
+                (column, self._encoder(table, column)) for column in columns
+            )
+        return plan
+
+    def _encoder(self, table: Table, column: str) -> Callable[[Any], Any] | None:
+        if column == "grants":
+            encode_json = self.encode_json
+            return lambda grants: encode_json([[g.agent, list(g.scopes)] for g in grants])
+        if column in table.json:
+            return self.encode_json
+        if column in table.flags:
+            return None if self.encode_flag is identity else self.encode_flag
+        if column in table.times or column == "expires_at":
+            return None if self.encode_ts is identity else self.encode_ts
+        return None
+
+    def _decoder(self, table: Table, column: str) -> Callable[[Any], Any] | None:
+        decode_json = self.decode_json
+        if column == "grants":
+            return lambda value: [
+                Grant(agent, tuple(scopes)) for agent, scopes in decode_json(value)
+            ]
+        if column in table.json:
+            return None if decode_json is identity else decode_json
+        if column in table.times:
+            return self.decode_ts
+        if column in table.flags:
+            return bool
+        return None
+
+    def _page(self, table: Table, rows: list[Any], limit: int) -> Page:
+        """Rows were fetched with ``limit + 1``: the extra one only says another page exists."""
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([self._record(table, r) for r in rows], rows[-1][0] if more else None)
+
+    def _assignments(
+        self, table: Table, changes: Mapping[str, Any], now: dt.datetime
+    ) -> tuple[str, list[Any]]:
+        """``col = ?, ...`` for ``changes`` plus ``updated_at``, with the parameters.
+
+        Raises ValueError for a field that cannot change.
+        """
+        unknown = set(changes) - table.changeable
+        if unknown:
+            raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
+        columns = (*changes, "updated_at")
+        values = self._encode(table, {**changes, "updated_at": now}, columns)
+        return ", ".join(f"{column} = ?" for column in columns), values
+
+    def _live(self, expires_at: Any, now: dt.datetime) -> bool:
+        expires = self.decode_ts(expires_at)
+        return expires is None or expires > now
+
+    # Agents
+
+    def create_agent(self, *, agent: Agent) -> Agent:
+        try:
+            with self._writing() as conn:
+                conn.execute(self._sql(INSERT_AGENT), self._encode(AGENTS, agent, AGENTS.fields))
+        except self.unique_violation:
+            raise Conflict(agent.key) from None
+        return agent
+
+    def get_agent(self, *, agent_key: str) -> Agent:
+        with self._reading() as conn:
+            row = conn.execute(self._sql(GET_AGENT), [agent_key]).fetchone()
+        if row is None:
+            raise AgentNotFound(agent_key)
+        return self._record(AGENTS, row)
+
+    def list_agents(self, *, limit: int, after: int | None = None) -> Page:
+        with self._reading() as conn:
+            rows = conn.execute(
+                self._sql(AGENT_PAGE),
+                [after or 0, limit + 1],
+            ).fetchall()
+        return self._page(AGENTS, rows, limit)
+
+    def update_agent(
+        self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
+    ) -> Agent:
+        assignments, params = self._assignments(AGENTS, changes, now)
+        query = f"UPDATE agents SET {assignments} WHERE key = ? {AGENTS.returning}"
+        with self._writing() as conn:
+            row = conn.execute(self._sql(query), [*params, agent_key]).fetchone()
+        if row is None:
+            raise AgentNotFound(agent_key)
+        return self._record(AGENTS, row)
+
+    def delete_agent(self, *, agent_key: str) -> None:
+        with self._transaction() as conn:
+            deleted = conn.execute(self._sql("DELETE FROM agents WHERE key = ?"), [agent_key])
+            if deleted.rowcount == 0:
+                raise AgentNotFound(agent_key)
+            if not self.sessions_cascade:
+                conn.execute(self._sql("DELETE FROM sessions WHERE agent_key = ?"), [agent_key])
+            self._end_grants(conn, agent_key)
+
+    def _end_grants(self, conn: Any, agent_key: str) -> None:
+        """Remove the grants naming the agent, so that a new agent with its key inherits none."""
+        named = self.json_contains.format("grants")
+        rows = conn.execute(
+            self._sql(f"SELECT seq, grants FROM api_keys WHERE {named}"), [dump_json(agent_key)]
+        ).fetchall()
+        for seq, stored in rows:
+            grants = self.decode_json(stored)
+            kept = [grant for grant in grants if grant[0] != agent_key]
+            if len(kept) != len(grants):
+                conn.execute(
+                    self._sql("UPDATE api_keys SET grants = ? WHERE seq = ?"),
+                    [self.encode_json(kept), seq],
+                )
+
+    # Sessions
+
+    def create_session(self, *, session: Session) -> Session:
+        params = [*self._encode(SESSIONS, session, SESSION_INSERT_COLUMNS), session.agent_key]
+        try:
+            with self._writing() as conn:
+                inserted = conn.execute(self._sql(INSERT_SESSION), params).rowcount
+        except self.unique_violation:
+            inserted = self._replace_expired_session(session, params)
+        except self.missing_reference:
+            raise AgentNotFound(session.agent_key) from None
+        if inserted == 0:
+            raise AgentNotFound(session.agent_key)
+        return session
+
+    def _replace_expired_session(self, session: Session, params: list[Any]) -> int:
+        """The key is taken: by a live session (:class:`Conflict`) or by one idle past its TTI.
+
+        An expired session is gone for clients, so it gives way: it is removed
+        in the same transaction as the insert that takes its key.
+        """
+        now = self.encode_ts(session.created_at)
+        try:
+            with self._transaction() as conn:
+                removed = conn.execute(
+                    self._sql(DELETE_EXPIRED_SESSION), [session.agent_key, session.key, now]
+                ).rowcount
+                if removed == 0:
+                    raise Conflict(session.key)
+                return conn.execute(self._sql(INSERT_SESSION), params).rowcount
+        except self.unique_violation:
+            raise Conflict(session.key) from None
+
+    def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
+        with self._reading() as conn:
+            row = conn.execute(
+                self._sql(GET_SESSION),
+                [agent_key, session_key],
+            ).fetchone()
+        if row is None:
+            raise SessionNotFound(session_key)
+        if not self._live(row[-1], now):
+            with self._writing() as conn:
+                conn.execute(
+                    self._sql(DELETE_EXPIRED_BY_ID),
+                    [row[0], self.encode_ts(now)],
+                )
+            raise SessionNotFound(session_key)
+        return self._record(SESSIONS, row)
+
+    def list_sessions(
+        self,
+        *,
+        agent_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        matches: Any = None,
+    ) -> Page:
+        params: list[Any] = [agent_key, after or 0, self.encode_ts(now)]
+        if matches is None:
+            with self._reading() as conn:
+                rows = conn.execute(
+                    self._sql(SESSION_PAGE + " LIMIT ?"), [*params, limit + 1]
+                ).fetchall()
+            return self._page(SESSIONS, rows, limit)
+        # The pattern runs in Python over rows read as it goes, so only as many
+        # are read as it takes to fill the page, or to spend the scan's budget.
+        with self._scan(self._sql(SESSION_PAGE), params, max(100, 2 * limit)) as scanned:
+            rows, stopped = filter_rows(
+                scanned,
+                limit=limit,
+                matches=matches,
+                text=_SESSION_TEXT,
+                position=operator.itemgetter(0),
+                max_rows=self.filter_scan_rows,
+                max_seconds=self.filter_scan_seconds,
+            )
+        if stopped is None:
+            return self._page(SESSIONS, rows, limit)
+        return Page([self._record(SESSIONS, r) for r in rows], stopped)
+
+    def update_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        changes: Mapping[str, Any],
+        now: dt.datetime,
+    ) -> Session:
+        assignments, params = self._assignments(SESSIONS, changes, now)
+        # expires_at moves with updated_at, by the new tti_minutes or the stored one.
+        if "tti_minutes" in changes:
+            tti = changes["tti_minutes"]
+            expires = "?"
+            params.append(self.encode_ts(now + dt.timedelta(minutes=tti)) if tti else None)
+        else:
+            expires = self.expires_from_tti
+            params.append(self.encode_ts(now))
+        query = (
+            f"UPDATE sessions SET {assignments}, expires_at = {expires} "
+            f"WHERE agent_key = ? AND key = ? AND {_LIVE} {SESSIONS.returning}"
+        )
+        stamp = self.encode_ts(now)
+        with self._update_transaction() as conn:
+            row = conn.execute(
+                self._sql(query), [*params, agent_key, session_key, stamp]
+            ).fetchone()
+            if row is None:
+                # Gone means gone: an expired session is removed by the call that noticed.
+                conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
+        if row is None:
+            raise SessionNotFound(session_key)
+        return self._record(SESSIONS, row)
+
+    def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
+        with self._writing() as conn:
+            row = conn.execute(
+                self._sql(DELETE_SESSION),
+                [agent_key, session_key],
+            ).fetchone()
+        # An expired session is removed all the same, but it was already gone for clients.
+        if row is None or not self._live(row[0], now):
+            raise SessionNotFound(session_key)
+
+    def purge_expired_sessions(self, *, now: dt.datetime) -> int:
+        with self._writing() as conn:
+            return conn.execute(
+                self._sql(PURGE_EXPIRED),
+                [self.encode_ts(now)],
+            ).rowcount
+
+    # API keys
+
+    def create_api_key(self, *, api_key: ApiKey) -> ApiKey:
+        try:
+            with self._writing() as conn:
+                conn.execute(
+                    self._sql(INSERT_API_KEY), self._encode(API_KEYS, api_key, API_KEYS.fields)
+                )
+        except self.unique_violation:
+            raise Conflict(api_key.id) from None
+        return api_key
+
+    def get_api_key(self, *, key_id: str) -> ApiKey:
+        with self._reading() as conn:
+            row = conn.execute(self._sql(GET_API_KEY), [key_id]).fetchone()
+        if row is None:
+            raise ApiKeyNotFound(key_id)
+        return self._record(API_KEYS, row)
+
+    def list_api_keys(self, *, limit: int, after: int | None = None) -> Page:
+        with self._reading() as conn:
+            rows = conn.execute(
+                self._sql(API_KEY_PAGE),
+                [after or 0, limit + 1],
+            ).fetchall()
+        return self._page(API_KEYS, rows, limit)
+
+    def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
+        with self._writing() as conn:
+            row = conn.execute(
+                self._sql(REVOKE_API_KEY),
+                [self.encode_ts(now), key_id],
+            ).fetchone()
+        if row is None:
+            raise ApiKeyNotFound(key_id)
+        return self._record(API_KEYS, row)
+
+    # Bulk loading (benchmarks and tests that need many rows)
+
+    def load_sessions(self, sessions: Iterable[Session], *, batch: int = 10_000) -> int:
+        """Insert many sessions, ``batch`` to a transaction; return how many were stored.
+
+        The statement is create_session's (sessions of a missing agent are
+        skipped); a key that exists already raises :class:`Conflict`.
+        """
+        stored = 0
+        statement = self._sql(INSERT_SESSION)
+        rows = ([*self._encode(SESSIONS, s, SESSION_INSERT_COLUMNS), s.agent_key] for s in sessions)
+        while True:
+            chunk = [row for _, row in zip(range(batch), rows, strict=False)]
+            if not chunk:
+                return stored
+            try:
+                with self._transaction() as conn:
+                    stored += self._execute_many(conn, statement, chunk)
+            except self.unique_violation:
+                raise Conflict("a session key of the batch exists") from None
+
+    @abc.abstractmethod
+    def _execute_many(self, conn: Any, statement: str, rows: list[list[Any]]) -> int:
+        """Run ``statement`` once per row; return the rows inserted."""
