@@ -282,22 +282,11 @@ def read_body(limit: int) -> bytes:
 
 # JSON media types that are not a document to take as it is: patches whose
 # semantics (RFC 7386, RFC 6902) this service does not apply.
-PATCH_MEDIA_TYPES = frozenset({"application/merge-patch+json", "application/json-patch+json"})
-
-
-def _is_plain_json(mimetype: str) -> bool:
-    if mimetype == "application/json":
-        return True
-    return (
-        mimetype.startswith("application/")
-        and mimetype.endswith("+json")
-        and mimetype not in PATCH_MEDIA_TYPES
-    )
-
-
 def json_object() -> dict[str, Any]:
     """The request body as a JSON object, or an ApiError (400, 413, 415)."""
-    if not _is_plain_json(request.mimetype):
+    # application/json only: a +json type names a format of its own (merge-patch,
+    # json-patch, ...) whose meaning this API does not apply.
+    if request.mimetype != "application/json":
         raise _unsupported("The body must be JSON (application/json).")
     charset = request.mimetype_params.get("charset", "utf-8").lower()
     if charset not in ("utf-8", "utf8"):

@@ -135,8 +135,10 @@ def test_patching_a_missing_record_with_a_bad_body_is_404(client, full, admin, k
             b'{"metadata": {"a": null}}',
         ),
         ("PATCH", f"{SESSIONS}/s", {"Content-Type": "application/json-patch+json"}, b"[]"),
+        ("POST", SESSIONS, {"Content-Type": "application/vnd.api+json"}, b'{"name": "n"}'),
+        ("POST", SESSIONS, {"Content-Type": "text/json"}, b'{"name": "n"}'),
     ],
-    ids=["gzip", "br", "merge-patch-create", "merge-patch-update", "json-patch"],
+    ids=["gzip", "br", "merge-patch-create", "merge-patch-update", "json-patch", "vnd", "text"],
 )
 def test_content_codings_and_patch_media_types_are_415(client, full, method, path, headers, data):
     created = client.post(
