@@ -64,7 +64,7 @@ def on_starting(server):
     clear message instead of one per worker and gunicorn's own tracebacks.
     Building the app opens no connection, so this is safe before forking.
     """
-    from sessions_app import ConfigError, create_app
+    from sessions_app import create_app_or_exit
     from sessions_app.server import header_timeout
 
     try:
@@ -72,11 +72,7 @@ def on_starting(server):
     except ValueError as err:
         print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
         sys.exit(4)
-    try:
-        app = create_app()
-    except ConfigError as err:
-        print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
-        sys.exit(4)
+    app = create_app_or_exit()
     warn_if_limits_per_worker(server, app)
 
 

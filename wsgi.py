@@ -1,12 +1,5 @@
 """The WSGI entry point: ``gunicorn wsgi:app``."""
 
-import sys
+from sessions_app import create_app_or_exit
 
-from sessions_app import ConfigError, create_app
-
-try:
-    app = create_app()
-except ConfigError as err:
-    # One clear line for the operator instead of a traceback per worker.
-    print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
-    sys.exit(4)
+app = create_app_or_exit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +67,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # trusting only as many hops as there are proxies of our own.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["PROXY_COUNT"]))
     return app
+
+
+def create_app_or_exit() -> Flask:
+    """:func:`create_app` for the server's entry points (``wsgi.py``, ``gunicorn.conf.py``).
+
+    A configuration that cannot be served is one line on standard error and
+    exit status 4, instead of a traceback per worker.
+    """
+    try:
+        return create_app()
+    except ConfigError as err:
+        print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
+        sys.exit(4)
 
 
 def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:

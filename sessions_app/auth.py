@@ -15,8 +15,8 @@ from storage_backends import ApiKey, ApiKeyNotFound, Grant, Storage
 from storage_backends.codec import utcnow
 
 from .errors import ApiError
+from .naming import KEY_ID_PREFIX
 
-KEY_ID_PREFIX = "ak_"
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 
 

@@ -153,12 +153,8 @@ def list_keys() -> None:
     """List keys: id, name, grants, state, create limit (never the secret)."""
     now = utcnow()
     for key in iterate(storage().list_api_keys):
-        if key.revoked_at is not None:
-            state = "revoked"
-        else:
-            state = "active" if key.active(now) else "expired"
         limit = f"create-limit={key.create_limit}" if key.create_limit else "create-limit=default"
-        echo(key.id, key.name, format_grants(key), state, limit)
+        echo(key.id, key.name, format_grants(key), key.state(now), limit)
 
 
 @keys.command("revoke")

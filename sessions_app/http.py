@@ -25,7 +25,7 @@ from werkzeug.wrappers import Response
 
 from storage_backends.codec import dump_json
 
-from . import errors, rate_limits
+from . import errors, naming, rate_limits
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
@@ -40,13 +40,13 @@ SERVICE_BLUEPRINT = "agent_sessions"
 class RecordKeyConverter(BaseConverter):
     """An agent or session key: 1 to 64 letters, digits, '_' or '-'."""
 
-    regex = r"[0-9a-zA-Z_-]{1,64}"
+    regex = rf"[{naming.KEY_CHARS}]{{1,{naming.KEY_MAX_LENGTH}}}"
 
 
 class ApiKeyIdConverter(BaseConverter):
     """An API key id: ``ak_`` and at most 61 more key characters."""
 
-    regex = r"ak_[0-9a-zA-Z_-]{1,61}"
+    regex = rf"{naming.KEY_ID_PREFIX}[{naming.KEY_CHARS}]{{1,{naming.KEY_MAX_LENGTH - 3}}}"
 
 
 CONVERTERS = {"record_key": RecordKeyConverter, "api_key_id": ApiKeyIdConverter}

@@ -1,4 +1,4 @@
-"""Readable session keys generated from names."""
+"""What a record key is, and readable session keys generated from names."""
 
 from __future__ import annotations
 
@@ -6,6 +6,13 @@ import secrets
 from collections.abc import Iterator
 
 from slugify import slugify
+
+# Agent and session keys: 1 to 64 of these characters (the contract's pattern).
+KEY_CHARS = "0-9a-zA-Z_-"
+KEY_MAX_LENGTH = 64
+KEY_PATTERN = rf"^[{KEY_CHARS}]+$"
+# API key ids: this prefix, then key characters.
+KEY_ID_PREFIX = "ak_"
 
 # Vectara's OpenAPI document bounds agent and session keys to 50 characters;
 # keys the service generates stay within it, suffix included (a key a client

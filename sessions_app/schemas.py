@@ -26,10 +26,9 @@ from marshmallow import (
 from storage_backends.codec import dump_json, format_ts, utcnow
 
 from . import http
+from .naming import KEY_MAX_LENGTH, KEY_PATTERN
 from .rate_limits import BOUNDS, parse_limit
 
-KEY_PATTERN = r"^[0-9a-zA-Z_-]+$"
-KEY_MAX_LENGTH = 64
 TTI_MAX_MINUTES = 2**31 - 1
 SCOPES = ("sessions:create", "sessions:read", "sessions:update", "sessions:delete")
 
@@ -465,11 +464,7 @@ class ApiKeySchema(AnswerSchema):
     )
 
     def get_state(self, key: Any) -> str:
-        if key.revoked_at is not None:
-            return "revoked"
-        if key.expires_at is not None and key.expires_at <= utcnow():
-            return "expired"
-        return "active"
+        return key.state(utcnow())
 
 
 class ApiKeyCreatedSchema(ApiKeySchema):

@@ -118,10 +118,16 @@ class ApiKey:
     expires_at: dt.datetime | None = None
     revoked_at: dt.datetime | None = None
 
-    def active(self, now: dt.datetime) -> bool:
+    def state(self, now: dt.datetime) -> str:
+        """``"revoked"``, ``"expired"`` (at ``now``) or ``"active"``."""
         if self.revoked_at is not None:
-            return False
-        return self.expires_at is None or now < self.expires_at
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def active(self, now: dt.datetime) -> bool:
+        return self.state(now) == "active"
 
     def allows(self, agent_key: str, scope: str) -> bool:
         if self.admin:
