@@ -143,7 +143,7 @@ CHECKS: dict[str, Check] = {
     "SQLITE_BUSY_TIMEOUT_MS": integer(0, 3_600_000),
     "SQLITE_SYNCHRONOUS": choice("NORMAL", "FULL", "EXTRA", "OFF"),
     # None only where a host application's own Flask default is kept.
-    "MAX_CONTENT_LENGTH": optional(integer(1024, 1 << 30)),
+    "MAX_CONTENT_LENGTH": optional(integer(2, 1 << 30)),
     "METADATA_MAX_KEYS": integer(1, 100_000),
     "METADATA_MAX_KEY_LENGTH": integer(1, 100_000),
     "METADATA_MAX_DEPTH": integer(1, 100),
