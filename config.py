@@ -149,6 +149,12 @@ CHECKS: dict[str, Check] = {
     "METADATA_MAX_DEPTH": integer(1, 100),
     "METADATA_MAX_BYTES": integer(2, 1 << 30),
     "FILTER_MAX_LENGTH": integer(1, 100_000),
+    "FILTER_SCAN_ROWS": integer(1, 10_000_000),
+    "FILTER_SCAN_SECONDS": number(0.001, 60),
+    "POSTGRES_POOL_MIN": integer(0, 1000),
+    "POSTGRES_POOL_MAX": integer(1, 1000),
+    "POSTGRES_TIMEOUT": number(0.001, 3600),
+    "POSTGRES_STATEMENT_TIMEOUT_MS": integer(0, 86_400_000),
     "PROXY_COUNT": integer(0, 100),
     "RATELIMIT_STORAGE_URI": text,
     "RATELIMIT_STORAGE_OPTIONS": mapping,
@@ -169,3 +175,5 @@ def check(config: MutableMapping[str, Any]) -> None:
     for name, check_one in CHECKS.items():
         if name in config:
             config[name] = check_one(name, config[name])
+    if config.get("POSTGRES_POOL_MIN", 0) > config.get("POSTGRES_POOL_MAX", 1):
+        raise ValueError("POSTGRES_POOL_MIN must not be above POSTGRES_POOL_MAX")
