@@ -9,8 +9,8 @@ body, one storage call, the answer, the contract headers (``http.contract_header
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +19,7 @@ from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from storage_backends import Agent, Conflict, Grant, Page, Session, SessionNotFound, codec
+from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, SessionNotFound, codec
 from storage_backends.codec import utcnow
 
 from . import auth, errors, http, rate_limits
@@ -316,7 +316,14 @@ def create_api_key(body: dict[str, Any]) -> Any:
     """Create an API key; its secret appears in this response only."""
     body["grants"] = [Grant(grant["agent"], tuple(grant["scopes"])) for grant in body["grants"]]
     key, token = auth.new_api_key(**body)
-    return types.SimpleNamespace(**vars(key), secret=token)
+    return NewApiKey(**vars(key), secret=token)
+
+
+@dataclasses.dataclass
+class NewApiKey(ApiKey):
+    """A key just made, with its token: the one answer that shows it."""
+
+    secret: str = ""
 
 
 @bp.get("/api_keys")
