@@ -47,10 +47,13 @@ def resolve(storage: Storage, token: str) -> ApiKey | None:
 
 
 def presented_token() -> str:
-    """The key from ``x-api-key`` or ``Authorization: Bearer``; never from the query string."""
+    """The key from ``x-api-key`` or ``Authorization: Bearer``; never from the query string.
+
+    An empty ``x-api-key`` counts as absent, so it cannot hide a Bearer key.
+    """
     environ = request.environ  # as request.headers reads them, without its KeyError when absent
-    token = environ.get("HTTP_X_API_KEY")
-    if token is None:
+    token = environ.get("HTTP_X_API_KEY", "").strip()
+    if not token:
         scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if scheme.lower() == "bearer":
             token = value.strip()

@@ -90,6 +90,17 @@ def test_key_in_header_or_bearer(client, keys, agent, session):
         )
 
 
+def test_an_empty_x_api_key_does_not_hide_a_bearer_key(client, keys, agent, session):
+    _, token = keys.create(("*", ALL_SCOPES))
+    url = ONE.format(agent=agent, session=session)
+    for empty in ("", "  "):
+        headers = {"x-api-key": empty, "Authorization": f"Bearer {token}"}
+        assert client.get(url, headers=headers).status_code == 200
+    # A non-empty x-api-key is the one presented, even next to a valid Bearer key.
+    headers = {"x-api-key": "garbage", "Authorization": f"Bearer {token}"}
+    assert_error(client.get(url, headers=headers), 401, "unauthorized")
+
+
 def test_key_in_query_string_is_ignored(client, keys, agent, session):
     _, token = keys.create(("*", ALL_SCOPES))
     for name in ("api_key", "x-api-key", "key"):
