@@ -12,8 +12,17 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
-from storage_backends import Agent, Grant, StorageError
+from storage_backends import (
+    Agent,
+    AgentNotFound,
+    ApiKeyNotFound,
+    Conflict,
+    Grant,
+    StorageError,
+    Unavailable,
+)
 from storage_backends.codec import utcnow
+from storage_backends.memory import MemoryStorage
 
 from .auth import new_api_key
 from .rate_limits import parse_limit
@@ -59,18 +68,29 @@ def one_line_errors(command: Callable) -> Callable:
 
 
 def describe(err: StorageError) -> str:
-    kind = type(err).__name__
-    messages = {
-        "Conflict": f"{err} already exists",
-        "AgentNotFound": f"agent {err} not found",
-        "ApiKeyNotFound": f"API key {err} not found",
-        "Unavailable": f"storage unavailable: {err}",
-    }
-    return messages.get(kind, f"{kind}: {err}")
+    if isinstance(err, Conflict):
+        return f"{err} already exists"
+    if isinstance(err, AgentNotFound):
+        return f"agent {err} not found"
+    if isinstance(err, ApiKeyNotFound):
+        return f"API key {err} not found"
+    if isinstance(err, Unavailable):
+        return f"storage unavailable: {err}"
+    return f"{type(err).__name__}: {err}"
 
 
 def storage() -> Any:
-    return current_app.extensions["agent_sessions"].storage
+    """The configured storage; memory:// is refused, since it lives inside each server process.
+
+    A command on it would act on an empty store of its own, gone when it exits.
+    """
+    store = current_app.extensions["agent_sessions"].storage
+    if isinstance(store, MemoryStorage):
+        raise click.ClickException(
+            "STORAGE_URL is memory://, which lives inside each server process: "
+            "the CLI cannot reach it (use sqlite:// or postgresql://)"
+        )
+    return store
 
 
 def iterate(list_page: Callable[..., Any]) -> Any:
@@ -135,6 +155,7 @@ def format_grants(key: Any) -> str:
 @one_line_errors
 def create_key(name: str, grants: tuple[str, ...], admin: bool, create_limit: str | None) -> None:
     """Create an API key; its secret is printed once, alone on the last line."""
+    storage()  # refuses memory://, whose keys no server would see
     if create_limit is not None:
         parse_limit(create_limit)
     key, token = new_api_key(

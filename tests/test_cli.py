@@ -472,3 +472,19 @@ def test_error_lines_escape_control_characters(env: dict[str, str]) -> None:
     message = assert_cli_error(result, "not found")
     assert "ak_x\\x0a\\x1b[2Jforged" in message
     assert_no_raw_controls(result.stderr)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("agents", "list"),
+        ("agents", "create", "bot", "--name", "Bot"),
+        ("keys", "create", "--name", "k", "--admin"),
+        ("keys", "list"),
+        ("sessions", "purge-expired"),
+    ],
+)
+def test_memory_storage_is_refused_by_the_cli(args: tuple[str, ...]) -> None:
+    """memory:// lives inside each server process: a CLI command on it would act on nothing."""
+    result = cli(*args, env={"AGENT_SESSIONS_STORAGE_URL": "memory://"}, check=False)
+    assert_cli_error(result, "memory://")
