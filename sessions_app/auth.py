@@ -66,10 +66,15 @@ def public(view: Callable) -> Callable:
     return view
 
 
+def needs_key() -> bool:
+    """Whether this request's view needs an API key (an unknown route or a public view does not)."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    return view is not None and not getattr(view, "public", False)
+
+
 def authenticate() -> None:
     """Blueprint before-request hook: every non-public view needs a valid key (else 401)."""
-    view = current_app.view_functions.get(request.endpoint or "")
-    if view is None or getattr(view, "public", False):
+    if not needs_key():
         return
     key = resolve(current_app.extensions["agent_sessions"].storage, presented_token())
     if key is None:

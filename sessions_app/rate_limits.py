@@ -66,6 +66,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from storage_backends import AgentNotFound, Unavailable
 
+from .auth import needs_key
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -513,6 +514,8 @@ def guard_authentication(authenticate: Callable[[], Any]) -> Callable[[], Any]:
 
     @functools.wraps(authenticate)
     def hook() -> Any:
+        if not needs_key():
+            return None  # public pages answer whoever asks
         limits = current()
         limits.refuse_if_blocked()
         try:

@@ -360,6 +360,18 @@ def test_past_the_auth_failure_limit_even_a_right_key_is_refused(service: Any) -
     assert rate_headers(served)[:2] == (10, 8)
 
 
+def test_public_pages_answer_an_address_past_the_auth_failure_limit(service: Any) -> None:
+    """The docs need no key, so an address out of authentication attempts still reads them."""
+    svc = service(AUTH_FAILURE_LIMIT="2/minute")
+    here = {"REMOTE_ADDR": "10.0.0.3"}
+    for _ in range(2):
+        response = svc.client.get(SESSIONS, headers={"x-api-key": "ak_0.x"}, environ_base=here)
+        assert_error(response, 401, "unauthorized")
+    assert_429(svc.client.get(SESSIONS, environ_base=here), 2)
+    for path in ("/v2/openapi.json", "/v2/docs", "/healthz"):
+        assert svc.client.get(path, environ_base=here).status_code == 200, path
+
+
 def test_an_out_of_bounds_limit_stored_earlier_is_ignored(service: Any) -> None:
     svc = service(SESSION_CREATE_LIMIT="7/minute")
     for own in (f"2/{10**45} seconds", "3/2day", "0/minute"):
