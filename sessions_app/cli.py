@@ -25,6 +25,7 @@ from storage_backends.codec import utcnow
 from storage_backends.memory import MemoryStorage
 
 from .auth import new_api_key
+from .naming import KEY_MAX_LENGTH
 from .rate_limits import parse_limit
 from .schemas import SCOPES, is_key
 from .text import CONTROLS_NOT_C0, escape_controls
@@ -111,7 +112,7 @@ def iterate(list_page: Callable[..., Any]) -> Any:
 def create_agent(agent_key: str, name: str, description: str | None) -> None:
     """Create an agent."""
     if not is_key(agent_key):
-        raise ValueError("AGENT_KEY must be 1 to 64 letters, digits, '_' or '-'")
+        raise ValueError(f"AGENT_KEY must be 1 to {KEY_MAX_LENGTH} letters, digits, '_' or '-'")
     now = utcnow()
     agent = Agent(key=agent_key, name=name, description=description, created_at=now, updated_at=now)
     storage().create_agent(agent=agent)

@@ -149,9 +149,6 @@ def encode_cursor(position: int | None) -> str | None:
     return base64.urlsafe_b64encode(f"v1:{position}".encode()).decode().rstrip("=")
 
 
-MAX_POSITION = 2**63 - 1
-
-
 def decode_cursor(page_key: str) -> int:
     """The position in a page key, or ValueError."""
     try:
@@ -162,7 +159,7 @@ def decode_cursor(page_key: str) -> int:
     # Positions are 64-bit signed integers in every backend: larger ones never exist.
     if version != "v1" or not position.isdigit() or len(position) > 19:
         raise ValueError(page_key)
-    if int(position) > MAX_POSITION:
+    if int(position) > INT64_MAX:
         raise ValueError(page_key)
     return int(position)
 
@@ -280,8 +277,6 @@ def read_body(limit: int) -> bytes:
     return raw
 
 
-# JSON media types that are not a document to take as it is: patches whose
-# semantics (RFC 7386, RFC 6902) this service does not apply.
 def json_object() -> dict[str, Any]:
     """The request body as a JSON object, or an ApiError (400, 413, 415)."""
     # application/json only: a +json type names a format of its own (merge-patch,

@@ -37,7 +37,6 @@ def parse_ts(value: str | None) -> dt.datetime | None:
 # Compact JSON text with non-ASCII characters as they are, from one encoder built
 # once (json.dumps with options builds a new encoder on every call).
 dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-load_json = json.loads
 
 
 # The list filter: RE2 matches in linear time, and never writes to stderr (with
