@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from storage_backends import (
+    AgentDisabled,
     AgentNotFound,
     ApiKeyNotFound,
     Conflict,
@@ -128,6 +129,12 @@ def handle_conflict(err: Conflict) -> Response:
     return error_response(409, "conflict", [f"Key {err} already exists."])
 
 
+def handle_agent_disabled(err: AgentDisabled) -> Response:
+    return error_response(
+        409, "agent_disabled", [f"Agent {err} is disabled: it takes no new sessions."]
+    )
+
+
 def handle_unavailable(err: Unavailable) -> Response:
     log.warning("answering 503: %s", err)
     return error_response(
@@ -161,6 +168,7 @@ HANDLERS = (
     (ValidationError, handle_validation_error),
     (NotFound, handle_not_found),
     (Conflict, handle_conflict),
+    (AgentDisabled, handle_agent_disabled),
     (Unavailable, handle_unavailable),
     (HTTPException, handle_http_exception),
     (Exception, handle_unexpected),

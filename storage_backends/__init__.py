@@ -10,6 +10,7 @@ from typing import Any
 
 from .base import (
     Agent,
+    AgentDisabled,
     AgentNotFound,
     ApiKey,
     ApiKeyNotFound,
@@ -71,6 +72,7 @@ def storage_from_url(url: str, options: Mapping[str, Any] | None = None) -> Stor
 __all__ = [
     "BACKENDS",
     "Agent",
+    "AgentDisabled",
     "AgentNotFound",
     "ApiKey",
     "ApiKeyNotFound",

@@ -38,6 +38,10 @@ class Conflict(StorageError):
     """A record with the same key already exists."""
 
 
+class AgentDisabled(StorageError):
+    """The agent exists but its ``enabled`` is false: it takes no new sessions."""
+
+
 class Unavailable(StorageError):
     """The backend cannot answer now (unreachable, busy past its timeout, disk full).
 
@@ -214,7 +218,8 @@ class Storage(abc.ABC):
     def create_session(self, *, session: Session) -> Session:
         """Store a new session.
 
-        Raises :class:`AgentNotFound` when the agent does not exist and
+        Raises :class:`AgentNotFound` when the agent does not exist,
+        :class:`AgentDisabled` when its ``enabled`` is false, and
         :class:`Conflict` when the agent already has a live session with this
         key. A session idle past its TTI at ``session.created_at`` holds no
         key: it is removed in the transaction that stores the new one. The

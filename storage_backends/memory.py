@@ -22,6 +22,7 @@ import config
 
 from .base import (
     Agent,
+    AgentDisabled,
     AgentNotFound,
     ApiKey,
     ApiKeyNotFound,
@@ -149,6 +150,8 @@ class MemoryStorage(Storage):
             sessions = self._sessions.get(session.agent_key)
             if sessions is None:
                 raise AgentNotFound(session.agent_key)
+            if not self._agent(session.agent_key).enabled:
+                raise AgentDisabled(session.agent_key)
             held = sessions.get(session.key)
             if held is not None:
                 if not held[1].expired(session.created_at):

@@ -35,6 +35,7 @@ import config
 
 from .base import (
     Agent,
+    AgentDisabled,
     AgentNotFound,
     ApiKey,
     ApiKeyNotFound,
@@ -212,7 +213,9 @@ INSERT_AGENT = _insert("agents", AGENTS.fields)
 # One statement: the agent's existence and the key's uniqueness are decided together.
 INSERT_SESSION = (
     _insert("sessions", SESSION_INSERT_COLUMNS)
-    + " WHERE EXISTS (SELECT 1 FROM agents WHERE key = ?)"
+    # A disabled agent takes no new sessions; which of the two stopped it is
+    # looked up only when no row went in.
+    + " WHERE EXISTS (SELECT 1 FROM agents WHERE key = ? AND enabled)"
 )
 INSERT_API_KEY = _insert("api_keys", API_KEYS.fields)
 GET_AGENT = f"{AGENTS.select} WHERE key = ?"
@@ -506,7 +509,8 @@ class SQLStorage(Storage, abc.ABC):
         except self.missing_reference:
             raise AgentNotFound(session.agent_key) from None
         if inserted == 0:
-            raise AgentNotFound(session.agent_key)
+            self.get_agent(agent_key=session.agent_key)  # AgentNotFound
+            raise AgentDisabled(session.agent_key)
         return session
 
     def _replace_expired_session(self, session: Session, params: list[Any]) -> int:

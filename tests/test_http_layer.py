@@ -263,3 +263,25 @@ def test_descriptions_keep_tabs_and_line_breaks(client, full):
     )
     assert response.status_code == 201, response.get_json()
     assert response.get_json()["description"] == text
+
+
+# An agent whose enabled is false takes no new sessions.
+
+
+def test_a_disabled_agent_takes_no_new_sessions(client, full, admin):
+    assert (
+        client.post(SESSIONS, json={"key": "old", "name": "Old"}, headers=full).status_code == 201
+    )
+    agent = "/v2/agents/support-bot"
+    assert client.patch(agent, json={"enabled": False}, headers=admin).status_code == 200
+    for body in ({"name": "New"}, {"key": "new", "name": "New"}):
+        assert_error(client.post(SESSIONS, json=body, headers=full), 409, "agent_disabled")
+    # Its sessions stay readable, changeable and deletable.
+    assert [s["key"] for s in client.get(SESSIONS, headers=full).get_json()["sessions"]] == ["old"]
+    patched = client.patch(f"{SESSIONS}/old", json={"name": "Renamed"}, headers=full)
+    assert patched.status_code == 200
+    assert client.patch(agent, json={"enabled": True}, headers=admin).status_code == 200
+    assert (
+        client.post(SESSIONS, json={"key": "new", "name": "New"}, headers=full).status_code == 201
+    )
+    assert client.delete(f"{SESSIONS}/old", headers=full).status_code == 204

@@ -11,6 +11,7 @@ import pytest
 
 from storage_backends import (
     Agent,
+    AgentDisabled,
     AgentNotFound,
     ApiKey,
     ApiKeyNotFound,
@@ -92,6 +93,20 @@ def test_update_agent_moves_updated_at(storage):
     assert (updated.name, updated.metadata, updated.updated_at) == ("New", {"x": 1}, later)
     assert updated.created_at == T0
     assert storage.get_agent(agent_key="bot") == updated
+
+
+def test_a_disabled_agent_takes_no_new_sessions(storage):
+    make_agent(storage)
+    make_session(storage, "before")
+    storage.update_agent(agent_key="bot", changes={"enabled": False}, now=T0)
+    with pytest.raises(AgentDisabled):
+        make_session(storage, "after")
+    # What it has stays readable, changeable and deletable.
+    assert walk(storage) == ["before"]
+    storage.update_session(agent_key="bot", session_key="before", changes={"name": "x"}, now=T0)
+    storage.update_agent(agent_key="bot", changes={"enabled": True}, now=T0)
+    make_session(storage, "after")
+    assert walk(storage) == ["before", "after"]
 
 
 def test_delete_agent_deletes_its_sessions(storage):

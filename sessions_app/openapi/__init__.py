@@ -103,7 +103,10 @@ ERROR_DESCRIPTIONS = {
     "`invalid_metadata`: metadata that is not an object or is outside its bounds.",
     401: "`unauthorized`: a missing, unknown, revoked or expired API key.",
     403: "`forbidden`: the key lacks the grant for this agent and action.",
-    409: "`conflict`: a record with this key already exists; the stored one is untouched.",
+    409: (
+        "`conflict`: a record with this key already exists; the stored one is untouched. "
+        "On session creation, `agent_disabled`: the agent's `enabled` is false."
+    ),
     413: "`payload_too_large`: the body is over {max_body} bytes.",
     415: "`unsupported_media_type`: the body is not UTF-8 JSON (`application/json`), is a "
     "JSON patch format (merge-patch, json-patch), or has a `Content-Encoding` other than "
