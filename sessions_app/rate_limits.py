@@ -63,6 +63,7 @@ from limits import RateLimitItem, parse_many
 from limits.errors import ConfigurationError
 from limits.storage import MemoryStorage, RedisStorage
 from limits.strategies import FixedWindowRateLimiter
+from limits.util import SINGLE_EXPR
 
 from storage_backends import AgentNotFound, Unavailable
 
@@ -112,6 +113,10 @@ def parse_limit(value: str) -> RateLimitItem:
     if len(items) != 1:
         raise ValueError(f"{value[:100]!r} is not one rate limit such as 30/minute")
     item = items[0]
+    # limits reads a period of 0 ("5/0 seconds") as 1: refuse it rather than guess.
+    match = SINGLE_EXPR.match(value.strip())
+    if match is not None and match.group(3) is not None and int(match.group(3)) == 0:
+        raise ValueError(f"{value!r} is out of bounds: {BOUNDS}")
     if not (1 <= item.amount <= MAX_AMOUNT and 1 <= item.get_expiry() <= MAX_PERIOD_SECONDS):
         raise ValueError(f"{value!r} is out of bounds: {BOUNDS}")
     return item

@@ -384,7 +384,16 @@ def test_an_out_of_bounds_limit_stored_earlier_is_ignored(service: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "limit", [f"2/{10**45} seconds", "1/2day", "5/25hours", "0/minute", "1000000001/second"]
+    "limit",
+    [
+        f"2/{10**45} seconds",
+        "1/2day",
+        "5/25hours",
+        "0/minute",
+        "1000000001/second",
+        "5/0 seconds",
+        "5 per 0 minute",
+    ],
 )
 def test_limits_out_of_bounds_are_refused_where_they_are_set(service: Any, limit: str) -> None:
     for name in ("SESSION_CREATE_LIMIT", "DEFAULT_LIMIT", "ADMIN_LIMIT", "AUTH_FAILURE_LIMIT"):
