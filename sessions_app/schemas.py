@@ -299,8 +299,10 @@ class BodySchema(Schema):
 
     @pre_load
     def drop_nulls(self, data: Any, **kwargs: Any) -> Any:
+        """A known field sent as null is left out; an unknown one stays, to be refused."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            known = self.load_fields
+            return {k: v for k, v in data.items() if v is not None or k not in known}
         return data
 
 

@@ -285,3 +285,18 @@ def test_a_disabled_agent_takes_no_new_sessions(client, full, admin):
         client.post(SESSIONS, json={"key": "new", "name": "New"}, headers=full).status_code == 201
     )
     assert client.delete(f"{SESSIONS}/old", headers=full).status_code == 204
+
+
+# Unknown fields are refused even when sent as null (null only means "absent" for known ones).
+
+
+@pytest.mark.parametrize("field", ["bogus", "agent_key", "created_at", "updated_at"])
+def test_unknown_fields_sent_as_null_are_refused(client, full, field):
+    refused = client.post(SESSIONS, json={"name": "n", field: None}, headers=full)
+    assert_error(refused, 400, "invalid_request")
+    assert field in refused.get_json()["field_errors"]
+    assert client.post(SESSIONS, json={"key": "s", "name": "S"}, headers=full).status_code == 201
+    refused = client.patch(f"{SESSIONS}/s", json={field: None}, headers=full)
+    assert_error(refused, 400, "invalid_request")
+    assert field in refused.get_json()["field_errors"]
+    assert [s["key"] for s in client.get(SESSIONS, headers=full).get_json()["sessions"]] == ["s"]
