@@ -82,9 +82,20 @@ def _control_characters(value: str, allowed: str = "") -> bool:
     return any((char < " " or "\x7f" <= char <= "\x9f") and char not in allowed for char in value)
 
 
-def _is_blank(value: str) -> bool:
-    """Only white space and invisible format characters (U+200B, U+FEFF, U+2060...)."""
-    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in value)
+# Letters and symbols that render as nothing: the Hangul fillers, the blank Braille cell.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+# Format characters (U+200B, U+FEFF, U+2060...) and combining marks with nothing to mark.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Mn", "Me"})
+
+
+def is_blank(value: str) -> bool:
+    """Nothing a reader would see: white space, invisible characters, combining marks alone."""
+    return all(
+        char.isspace()
+        or char in _BLANK_GLYPHS
+        or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+        for char in value
+    )
 
 
 class Name(fields.String):
@@ -95,7 +106,7 @@ class Name(fields.String):
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         value = super()._deserialize(value, attr, data, **kwargs)
-        if _is_blank(value):
+        if is_blank(value):
             raise ValidationError("Must not be blank.")
         if _control_characters(value):
             raise ValidationError("Must not contain control characters.")

@@ -9,7 +9,6 @@ test runs once per backend in ``BACKENDS`` (tests/conftest.py).
 from __future__ import annotations
 
 import itertools
-import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from sessions_app import create_app
+from sessions_app.schemas import is_blank
 from tests.conftest import ALL_SCOPES, Keys, assert_error
 
 # Names with the key generated from them when none is given.
@@ -33,7 +33,7 @@ text = st.text(SAFE_TEXT, max_size=12)
 PRINTABLE = st.characters(blacklist_categories=("Cs", "Cc"))
 descriptions = st.text(PRINTABLE, max_size=12)
 names = st.sampled_from(sorted(NAMES)) | st.text(PRINTABLE, min_size=1, max_size=12).filter(
-    lambda name: not all(c.isspace() or unicodedata.category(c) == "Cf" for c in name)
+    lambda name: not is_blank(name)
 )
 json_values = st.recursive(
     st.none()
