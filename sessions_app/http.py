@@ -191,6 +191,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _bounded_int(text: str) -> int:
+    # Twenty characters hold every 64-bit integer; a longer text is out of range
+    # without converting it (Python refuses over 4,300 digits, in its own words).
+    if len(text) > 20:
+        raise _BadJSON("integer out of the 64-bit range")
     value = int(text)
     if not -INT64_MAX - 1 <= value <= INT64_MAX:
         raise _BadJSON("integer out of the 64-bit range")

@@ -304,3 +304,16 @@ def test_unknown_fields_sent_as_null_are_refused(client, full, field):
     assert_error(refused, 400, "invalid_request")
     assert field in refused.get_json()["field_errors"]
     assert [s["key"] for s in client.get(SESSIONS, headers=full).get_json()["sessions"]] == ["s"]
+
+
+# A very long integer is out of range, in our words, not the interpreter's.
+
+
+@pytest.mark.parametrize("digits", [21, 5000, 60_000])
+def test_a_long_integer_is_out_of_range_in_our_words(client, full, digits):
+    raw = b'{"name": "n", "metadata": {"x": ' + b"9" * digits + b"}}"
+    response = client.post(SESSIONS, data=raw, headers=full | JSON)
+    assert_error(response, 400, "invalid_request")
+    message = " ".join(response.get_json()["messages"])
+    assert "64-bit range" in message, message
+    assert "sys." not in message and "4300" not in message, message
