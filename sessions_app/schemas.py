@@ -18,6 +18,7 @@ from marshmallow import (
     ValidationError,
     fields,
     missing,
+    post_load,
     pre_load,
     validate,
     validates,
@@ -114,7 +115,10 @@ class Name(fields.String):
 
 
 class Description(fields.String):
-    """Free text: tabs and line breaks allowed, other control characters not."""
+    """Free text: tabs and line breaks allowed, other control characters not.
+
+    ``""`` loads as None (see :meth:`BodySchema.empty_description_is_none`).
+    """
 
     def __init__(self, **kwargs: Any):
         super().__init__(validate=validate.Length(max=2000), **kwargs)
@@ -314,6 +318,13 @@ class BodySchema(Schema):
         if isinstance(data, dict):
             known = self.load_fields
             return {k: v for k, v in data.items() if v is not None or k not in known}
+        return data
+
+    @post_load
+    def empty_description_is_none(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """``""`` is no description: none on create, the one there cleared on update."""
+        if data.get("description") == "":
+            data["description"] = None
         return data
 
 

@@ -317,3 +317,20 @@ def test_a_long_integer_is_out_of_range_in_our_words(client, full, digits):
     message = " ".join(response.get_json()["messages"])
     assert "64-bit range" in message, message
     assert "sys." not in message and "4300" not in message, message
+
+
+# An empty description is no description: "" clears it, and answers leave it out.
+
+
+def test_an_empty_description_is_no_description(client, full, admin):
+    made = client.post(SESSIONS, json={"key": "s", "name": "S", "description": ""}, headers=full)
+    assert made.status_code == 201 and "description" not in made.get_json()
+    described = client.patch(f"{SESSIONS}/s", json={"description": "D"}, headers=full)
+    assert described.get_json()["description"] == "D"
+    cleared = client.patch(f"{SESSIONS}/s", json={"description": ""}, headers=full)
+    assert cleared.status_code == 200 and "description" not in cleared.get_json()
+    assert "description" not in client.get(f"{SESSIONS}/s", headers=full).get_json()
+    agent = "/v2/agents/support-bot"
+    client.patch(agent, json={"description": "A"}, headers=admin)
+    cleared = client.patch(agent, json={"description": ""}, headers=admin)
+    assert cleared.status_code == 200 and "description" not in cleared.get_json()
