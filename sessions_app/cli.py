@@ -11,6 +11,7 @@ from typing import Any
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
+from marshmallow import Schema, ValidationError
 
 from storage_backends import (
     Agent,
@@ -25,9 +26,10 @@ from storage_backends.codec import utcnow
 from storage_backends.memory import MemoryStorage
 
 from .auth import new_api_key
+from .errors import flatten_messages
 from .naming import KEY_MAX_LENGTH
 from .rate_limits import parse_limit
-from .schemas import SCOPES, is_key
+from .schemas import SCOPES, AgentCreateSchema, ApiKeyCreateSchema, is_key
 from .text import CONTROLS_NOT_C0, escape_controls
 
 agents = AppGroup("agents", help="Manage agents.")
@@ -94,6 +96,18 @@ def storage() -> Any:
     return store
 
 
+def checked(schema: type[Schema], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` loaded by the API's own schema, so the CLI stores nothing the API would refuse.
+
+    A refusal is a ValueError naming the first bad field, in one line.
+    """
+    try:
+        return schema().load({k: v for k, v in data.items() if v is not None})
+    except ValidationError as err:
+        path, message = next(iter(flatten_messages(err.messages).items()))
+        raise ValueError(f"--{path.replace('_', '-')}: {message}") from None
+
+
 def iterate(list_page: Callable[..., Any]) -> Any:
     after = None
     while True:
@@ -113,8 +127,11 @@ def create_agent(agent_key: str, name: str, description: str | None) -> None:
     """Create an agent."""
     if not is_key(agent_key):
         raise ValueError(f"AGENT_KEY must be 1 to {KEY_MAX_LENGTH} letters, digits, '_' or '-'")
+    fields = checked(
+        AgentCreateSchema, {"key": agent_key, "name": name, "description": description}
+    )
     now = utcnow()
-    agent = Agent(key=agent_key, name=name, description=description, created_at=now, updated_at=now)
+    agent = Agent(**fields, created_at=now, updated_at=now)
     storage().create_agent(agent=agent)
     echo(f"created agent {agent_key}")
 
@@ -158,7 +175,8 @@ def create_key(name: str, grants: tuple[str, ...], admin: bool, create_limit: st
     """Create an API key; its secret is printed once, alone on the last line."""
     storage()  # refuses memory://, whose keys no server would see
     if create_limit is not None:
-        parse_limit(create_limit)
+        parse_limit(create_limit)  # its message names the limit
+    checked(ApiKeyCreateSchema, {"name": name, "create_limit": create_limit})
     key, token = new_api_key(
         name=name,
         grants=[parse_grant(g) for g in grants],

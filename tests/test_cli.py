@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from sessions_app import create_app
-from storage_backends import Agent, Session, storage_from_url
+from storage_backends import Agent, ApiKey, Grant, Session, storage_from_url
 from tests.conftest import assert_error
 from tests.servers import BIN, ROOT, cli, free_port
 
@@ -428,14 +428,14 @@ def assert_no_raw_controls(text: str) -> None:
 
 
 def test_agents_list_escapes_control_characters_in_names(env: dict[str, str], url: str) -> None:
-    cli("agents", "create", "evil", "--name", EVIL_NAME, env=env)
-    # Written before names were checked, straight into storage: shown as safely.
+    # The CLI refuses such names, as the API does ...
+    assert_cli_error(cli("agents", "create", "evil", "--name", EVIL_NAME, env=env, check=False))
+    # ... but rows written before names were checked, straight into storage, show as safely.
     now = dt.datetime.now(dt.UTC)
     store = storage_from_url(url, {})
     try:
-        store.create_agent(
-            agent=Agent(key="older", name="Old\r\nkey\tx", created_at=now, updated_at=now)
-        )
+        for key, name in (("evil", EVIL_NAME), ("older", "Old\r\nkey\tx")):
+            store.create_agent(agent=Agent(key=key, name=name, created_at=now, updated_at=now))
     finally:
         store.close()
     output = cli("agents", "list", env=env).stdout
@@ -451,12 +451,27 @@ def test_agents_list_escapes_control_characters_in_names(env: dict[str, str], ur
     ]
 
 
-def test_keys_list_escapes_control_characters_in_names(env: dict[str, str]) -> None:
+def test_keys_list_escapes_control_characters_in_names(env: dict[str, str], url: str) -> None:
     cli("agents", "create", AGENT, "--name", "Support", env=env)
     forged = "x\nak_forged\tadmin\tadmin\tactive\tcreate-limit=default"
-    created = cli("keys", "create", "--name", forged, "--grant", f"{AGENT}=sessions:read", env=env)
-    assert_no_raw_controls(created.stdout)
-    token = token_of(created)
+    refused = cli("keys", "create", "--name", forged, env=env, check=False)
+    assert_cli_error(refused, "--name")
+    assert_no_raw_controls(refused.stderr)
+    # Stored before names were checked: listed on one line, its fields escaped.
+    store = storage_from_url(url, {})
+    try:
+        key = store.create_api_key(
+            api_key=ApiKey(
+                id="ak_00000000000000aa",
+                name=forged,
+                secret_hash="0" * 64,
+                grants=[Grant(AGENT, ("sessions:read",))],
+                created_at=dt.datetime.now(dt.UTC),
+            )
+        )
+    finally:
+        store.close()
+    token = f"{key.id}.unused"
     output = cli("keys", "list", env=env).stdout
     assert_no_raw_controls(output)
     lines = output.splitlines()
@@ -488,3 +503,27 @@ def test_memory_storage_is_refused_by_the_cli(args: tuple[str, ...]) -> None:
     """memory:// lives inside each server process: a CLI command on it would act on nothing."""
     result = cli(*args, env={"AGENT_SESSIONS_STORAGE_URL": "memory://"}, check=False)
     assert_cli_error(result, "memory://")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("agents", "create", "bot", "--name", ""), ("--name",)),
+        (("agents", "create", "bot", "--name", " \u200b "), ("--name", "blank")),
+        (("agents", "create", "bot", "--name", "a\nb\x1b[2J"), ("--name", "control")),
+        (("agents", "create", "bot", "--name", "n" * 256), ("--name",)),
+        (
+            ("agents", "create", "bot", "--name", "n", "--description", "d" * 2001),
+            ("--description",),
+        ),
+        (("keys", "create", "--name", ""), ("--name",)),
+        (("keys", "create", "--name", "k\u0085"), ("--name", "control")),
+        (("keys", "create", "--name", "k", "--create-limit", "5/0 seconds"), ("5/0 seconds",)),
+    ],
+)
+def test_the_cli_refuses_what_the_api_refuses(
+    env: dict[str, str], url: str, args: tuple[str, ...], words: tuple[str, ...]
+) -> None:
+    assert_cli_error(cli(*args, env=env, check=False), *words)
+    assert cli("agents", "list", env=env).stdout == ""
+    assert cli("keys", "list", env=env).stdout == ""
