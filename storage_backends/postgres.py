@@ -15,7 +15,10 @@ Rules this module keeps:
   key with ``ON DELETE CASCADE`` makes sure a create racing the deletion of
   its agent can never leave a session behind.
 - Every way of not reaching the server (refused, restarting, shut down, pool
-  timeout) becomes :class:`Unavailable`. Connections are tested on checkout,
+  timeout) becomes :class:`Unavailable`, and so does a set-up that cannot
+  serve (a search_path naming no schema, a missing database or role, no
+  privilege to create the tables, a read-only database), naming the cause in
+  one line without the URL's password. Connections are tested on checkout,
   and a failed test replaces every idle connection, since after a server
   restart all of them are dead.
 
