@@ -15,7 +15,10 @@ Rules this module keeps:
   key with ``ON DELETE CASCADE`` makes sure a create racing the deletion of
   its agent can never leave a session behind.
 - Every way of not reaching the server (refused, restarting, shut down, pool
-  timeout) becomes :class:`Unavailable`. Connections are tested on checkout,
+  timeout) becomes :class:`Unavailable`, and so does a set-up that cannot
+  serve (a search_path naming no schema, a missing database or role, no
+  privilege to create the tables, a read-only database), naming the cause in
+  one line without the URL's password. Connections are tested on checkout,
   and a failed test replaces every idle connection, since after a server
   restart all of them are dead.
 
@@ -47,7 +50,7 @@ import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Json
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 import config
 
@@ -75,6 +78,15 @@ UNAVAILABLE_ERRORS = (
     psycopg.InterfaceError,
     errors.ReadOnlySqlTransaction,
 )
+# Failures of the database's set-up rather than of the request, by SQLSTATE (its
+# class, the first two characters, or the whole code): the server cannot serve
+# this service as configured until someone changes it (the URL, a grant, the
+# database), so they are Unavailable too, not bugs. 08 connection, 28 login,
+# 3D database, 3F schema (a search_path naming no schema), 53 resources (disk
+# full, too many connections), 57 operator intervention, 58 system; 25006 a
+# read-only database, 42501 a missing privilege, 42P01 tables gone from under a
+# running service (the schema dropped, a search_path elsewhere).
+SETUP_SQLSTATES = frozenset({"08", "28", "3D", "3F", "53", "57", "58", "25006", "42501", "42P01"})
 
 
 def _json(value: Any) -> Json:
@@ -126,6 +138,8 @@ class PostgresStorage(SQLStorage):
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
         self._schema_ready = False
+        # Why the pool's last connection attempt failed (None once one succeeds).
+        self._connect_error: psycopg.Error | None = None
 
     @classmethod
     def from_url(cls, url: str, *, options: Mapping[str, Any]) -> PostgresStorage:
@@ -179,8 +193,24 @@ class PostgresStorage(SQLStorage):
         }
         if "application_name" not in self._params:
             kwargs["application_name"] = "agent-sessions"
+        storage = self
+
+        class Connection(psycopg.Connection):
+            """Remembers why the last attempt failed: the pool says only that it timed out."""
+
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.Error as err:
+                    storage._connect_error = err
+                    raise
+                storage._connect_error = None
+                return conn
+
         pool = ConnectionPool(
             self.conninfo,
+            connection_class=Connection,
             min_size=self.min_size,
             max_size=self.max_size,
             kwargs=kwargs,
@@ -228,7 +258,10 @@ class PostgresStorage(SQLStorage):
             raise
 
     def _migrate(self, pool: ConnectionPool) -> None:
-        with _translated(), pool.connection() as conn, conn.transaction():
+        # Any failure here (no schema to create in, no privilege, a read-only
+        # database) leaves the service unable to serve: Unavailable, and the
+        # next call tries again, so a grant or a fixed URL takes effect at once.
+        with self._translated(psycopg.Error), pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -247,8 +280,32 @@ class PostgresStorage(SQLStorage):
 
         Raises :class:`Unavailable` when the server cannot be reached.
         """
-        with _translated(), self._get_pool().connection() as conn:
+        with self._translated(), self._get_pool().connection() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def _translated(self, *also: type[Exception]) -> Iterator[None]:
+        """Turn every failure to reach the server, or of its set-up, into :class:`Unavailable`.
+
+        The message names the cause (for a pool timeout, why the last
+        connection attempt failed) in one line, without the URL's password.
+        """
+        try:
+            yield
+        except psycopg.Error as err:
+            if not isinstance(err, (*UNAVAILABLE_ERRORS, *also)) and not _is_setup_error(err):
+                raise
+            cause = err
+            if isinstance(err, PoolTimeout) and self._connect_error is not None:
+                cause = self._connect_error
+            reason = f"{type(cause).__name__}: {_first_line(cause)}"
+            if cause is not err:
+                reason = f"{reason} ({_first_line(err)})"
+            password = self._params.get("password")
+            if password:
+                reason = reason.replace(password, "***")
+            log.warning("postgresql unavailable: %s", reason)
+            raise Unavailable(f"postgresql: {reason}") from err
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
@@ -301,15 +358,14 @@ class PostgresStorage(SQLStorage):
         )
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """Turn every failure to reach the server into :class:`Unavailable`."""
-    try:
-        yield
-    except UNAVAILABLE_ERRORS as err:
-        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        log.warning("postgresql unavailable: %s", reason)
-        raise Unavailable(f"postgresql: {reason}") from err
+def _is_setup_error(err: psycopg.Error) -> bool:
+    state = err.sqlstate or ""
+    return state in SETUP_SQLSTATES or state[:2] in SETUP_SQLSTATES
+
+
+def _first_line(err: BaseException) -> str:
+    # libpq's messages run over several lines ("LINE 1: ...", a caret, hints).
+    return " ".join((str(err).splitlines() or [""])[0].split())
 
 
 def _has_news(conn: psycopg.Connection) -> bool:
