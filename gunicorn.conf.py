@@ -5,20 +5,36 @@ import multiprocessing
 import os
 import sys
 
+
+def _count(name: str, default: int, low: int, high: int) -> int:
+    """A whole-number setting from the environment, in its range, or one line and exit 4."""
+    value = os.environ.get(name) or str(default)
+    if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+        print(
+            f"agent-sessions: configuration error: {name}={value!r}: "
+            f"expected a whole number, {low} to {high}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(4)
+    return int(value)
+
+
 bind = os.environ.get("AGENT_SESSIONS_BIND", "127.0.0.1:8000")
-workers = int(
-    os.environ.get("WEB_CONCURRENCY")
-    or os.environ.get("AGENT_SESSIONS_WORKERS")
-    or min(4, multiprocessing.cpu_count() * 2)
+workers = _count(
+    "WEB_CONCURRENCY" if os.environ.get("WEB_CONCURRENCY") else "AGENT_SESSIONS_WORKERS",
+    min(4, multiprocessing.cpu_count() * 2),
+    1,
+    256,
 )
 # Threads whose event loop reads every request head itself (sessions_app/server.py):
 # slow or stalled clients hold a socket, not a thread, and are closed after
 # AGENT_SESSIONS_HEADER_TIMEOUT seconds (10); kept-alive idle ones after keepalive.
 # Four threads fit PostgreSQL's pool (AGENT_SESSIONS_POSTGRES_POOL_MAX, 4 per worker).
 worker_class = "sessions_app.server.HeadReadingWorker"
-threads = int(os.environ.get("AGENT_SESSIONS_THREADS", "4"))
+threads = _count("AGENT_SESSIONS_THREADS", 4, 1, 256)
 # A request running longer gets its worker killed and replaced, as with sync workers.
-timeout = int(os.environ.get("AGENT_SESSIONS_TIMEOUT", "30"))
+timeout = _count("AGENT_SESSIONS_TIMEOUT", 30, 1, 86400)
 graceful_timeout = 10
 keepalive = 5
 # Bound request lines and headers (huge headers get a 4xx from gunicorn itself).

@@ -8,8 +8,17 @@
   sends a partial request, or one byte at a time, costs a socket and a few
   bytes, not a thread; it is closed when its request is not complete
   ``header_timeout`` seconds after it started.
+- Chunked bodies up to 64 KiB are read by the loop too, to their last chunk
+  (a longer one is answered 413 at once). Past gunicorn's own bounds on the
+  request line and the headers, a head goes to the parser at once, which
+  answers 4xx; each byte is looked at once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
-  instead of gunicorn waiting five seconds for that body.
+  instead of gunicorn waiting five seconds for that body. A closing
+  connection lingers for the client's FIN in the loop, without blocking it.
+- At the connection cap (``worker_connections``) the connection idle longest
+  (lingering, then kept alive, then with an unfinished head) is closed to
+  admit a new one, so a complete request is always admitted.
+- gunicorn's own 4xx answers are in the service's JSON error shape.
 - gunicorn's ``timeout`` applies to every request, as with sync workers: the
   worker's heartbeat stands still while a request runs past it, so the
   arbiter kills a worker whose request hangs (its other threads could still
@@ -23,10 +32,13 @@ either log.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import selectors
+import socket
 import threading
 import time
 import traceback
@@ -34,6 +46,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
+from gunicorn import util
 from gunicorn.glogging import Logger
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
@@ -47,16 +60,49 @@ BODY_BUFFER_MAX = 65536
 # How long an answered request waits for a body it did not read, before the
 # connection closes instead of staying open for the next request.
 DRAIN_WAIT = 0.05
-HEAD_END = re.compile(rb"\r?\n\r?\n")
-CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*(\d{1,12})[ \t]*\r?\n", re.IGNORECASE)
+# gunicorn takes any run of digits, leading zeros included.
+CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:", re.IGNORECASE)
+CHUNKED = re.compile(rb"\ntransfer-encoding[ \t]*:[ \t]*chunked[ \t]*\r?\n", re.IGNORECASE)
+# A closed connection waits this long, at most, for the client's FIN.
+LINGER = 2.0
+LINGER_DRAIN_MAX = 65536
+# The error names of the service's JSON error shape, by gunicorn's status.
+ERROR_NAMES = {
+    400: "invalid_request",
+    403: "forbidden",
+    413: "payload_too_large",
+    414: "invalid_request",
+    417: "invalid_request",
+    431: "invalid_request",
+    500: "internal_error",
+    501: "invalid_request",
+}
+REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    413: "Payload Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+}
 EXPECT_CONTINUE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue[ \t]*(\r?\n)", re.IGNORECASE)
 
 
-def head_end(data: bytearray) -> int:
-    """Where the body starts (after the blank line ending the head), or -1."""
-    match = HEAD_END.search(data)
-    return match.end() if match else -1
+def head_end(data: bytearray, start: int = 0) -> int:
+    """Where the body starts (after the blank line ending the head), or -1.
+
+    The blank line is searched from ``start`` on (with bytes.find, far faster
+    than a regular expression on a long head).
+    """
+    ends = [
+        found + length
+        for found, length in ((data.find(b"\n\n", start), 2), (data.find(b"\n\r\n", start), 3))
+        if found >= 0
+    ]
+    return min(ends, default=-1)
 
 
 def declared_length(head: bytes) -> int | None:
@@ -67,6 +113,69 @@ def declared_length(head: bytes) -> int | None:
     if not lengths:
         return 0
     return int(lengths[0]) if len(lengths) == 1 else None
+
+
+def chunked_end(data: bytearray, pos: int) -> tuple[int, bool]:
+    """Walk whole chunks of a chunked body from ``pos``: (where the walk stopped, whether done).
+
+    Done at the end of the last chunk and its trailer section, or at what is
+    not a chunk (the parser answers that 400); otherwise the position is where
+    the next chunk's size line starts, so each byte is walked once.
+    """
+    while True:
+        line_end = data.find(b"\n", pos)
+        if line_end < 0:
+            return pos, len(data) - pos > 1024  # no size line is that long
+        size_text = bytes(data[pos:line_end]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return pos, True
+        if size == 0:
+            start = line_end + 1  # the trailer section, up to an empty line
+            while (end := data.find(b"\n", start)) >= 0:
+                if data[start:end] in (b"", b"\r"):
+                    return pos, True
+                start = end + 1
+            return pos, False
+        after = line_end + 1 + size
+        if len(data) < after + 2:
+            return pos, False
+        pos = after + 2 if data[after : after + 2] == b"\r\n" else after + 1
+
+
+def error_answer(status: int, message: str) -> bytes:
+    """An HTTP/1.1 answer in the service's error shape, closing the connection."""
+    rid = os.urandom(16).hex()
+    error = ERROR_NAMES.get(status, "invalid_request")
+    body = json.dumps({"error": error, "messages": [message], "request_id": rid}).encode()
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Bad Request')}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-ID: {rid}\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        "Cache-Control: no-store\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class CapturedAnswer:
+    """Stands for a client socket while gunicorn writes its HTML error answer."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def send(self, data: bytes) -> int:
+        self.data += data
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
 
 
 def header_timeout() -> float:
@@ -81,6 +190,14 @@ def header_timeout() -> float:
     return seconds
 
 
+class Refused(Exception):
+    """A request the loop answers itself, at once: its head or chunked body is too long."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class HeadReadingWorker(ThreadWorker):
     """gunicorn's ``gthread`` worker that reads request heads in its event loop."""
 
@@ -88,6 +205,7 @@ class HeadReadingWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout()
         self.reading_heads: deque[Any] = deque()
+        self.lingering: deque[Any] = deque()
         self.request_started: dict[int, float] = {}
         self.request_lock = threading.Lock()
         cfg = self.cfg
@@ -108,38 +226,77 @@ class HeadReadingWorker(ThreadWorker):
             return
         held = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         conn.head = bytearray(held)
+        conn.scanned = 0  # bytes searched for the head's end
+        conn.line_ended = False  # whether the request line is complete
+        conn.body_start = -1
+        conn.body_length = None  # declared; None for a chunked body
+        conn.chunk_pos = 0  # where the next chunk's size line starts
         conn.sock.setblocking(False)
-        if self.ready(conn):
-            self.hand_over(conn)
-            return
         conn.head_deadline = time.monotonic() + self.header_timeout
         self.reading_heads.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.read_head, conn))
+        self.check_ready(conn)
 
     def speaks_h2c(self, conn: Any) -> bool:
         """HTTP/2 with prior knowledge starts with a preface gunicorn reads itself."""
         return negotiation.prior_knowledge_allowed(self.cfg, conn.client)
+
+    def check_ready(self, conn: Any) -> None:
+        try:
+            ready = self.ready(conn)
+        except Refused as refusal:
+            self.stop_reading(conn)
+            with contextlib.suppress(OSError):
+                conn.sock.send(error_answer(refusal.status, str(refusal)))
+            self.linger(conn)
+            return
+        if ready:
+            self.stop_reading(conn)
+            self.hand_over(conn)
 
     def ready(self, conn: Any) -> bool:
         """Whether a thread can serve the request read so far without waiting on the client.
 
         True once the head is complete and so is a body of declared length up
         to ``BODY_BUFFER_MAX`` (a longer one is refused by the service before
-        it is read), or once the data is past what a valid head can be, when
-        the parser answers 4xx from what it has.
+        it is read) or a chunked one. Raises ``Refused`` once the data is past
+        what a valid head (or a chunked body the loop reads) can be. Only the
+        bytes received since the last call are searched.
         """
         data = conn.head
-        end = head_end(data)
-        if end < 0:
-            if data.find(b"\n") < 0:
-                return len(data) > self.cfg.limit_request_line + 2
-            return len(data) > self.head_max
-        length = declared_length(data[:end])
-        if length is None or length > BODY_BUFFER_MAX:
-            return True
-        if len(data) - end < length and self.answer_expect_continue(conn, end):
-            end = head_end(conn.head)
-        return len(conn.head) - end >= length
+        if conn.body_start < 0:
+            end = head_end(data, max(conn.scanned - 3, 0))
+            if end < 0:
+                if not conn.line_ended:
+                    conn.line_ended = data.find(b"\n", conn.scanned) >= 0
+                conn.scanned = len(data)
+                # Past gunicorn's bounds the parser would wait for more first.
+                if not conn.line_ended and len(data) > self.cfg.limit_request_line + 2:
+                    raise Refused(414, "the request line is too long")
+                if len(data) > self.head_max:
+                    raise Refused(431, "the request's header fields are too large")
+                return False
+            head = bytes(data[:end])
+            length = declared_length(head)
+            if length is None:
+                if not CHUNKED.search(head) or CONTENT_LENGTH.search(head):
+                    return True  # the parser answers what it makes of the framing
+                if len(TRANSFER_ENCODING.findall(head)) != 1:
+                    return True
+            elif length > BODY_BUFFER_MAX:
+                return True
+            if (length is None or len(data) - end < length) and self.answer_expect_continue(
+                conn, end
+            ):
+                end = head_end(conn.head)
+            conn.body_start = conn.chunk_pos = end
+            conn.body_length = length
+        if conn.body_length is not None:
+            return len(conn.head) - conn.body_start >= conn.body_length
+        conn.chunk_pos, done = chunked_end(conn.head, conn.chunk_pos)
+        if not done and len(conn.head) - conn.body_start > BODY_BUFFER_MAX:
+            raise Refused(413, f"a chunked body is at most {BODY_BUFFER_MAX} bytes")
+        return done
 
     def answer_expect_continue(self, conn: Any, end: int) -> bool:
         """Send ``100 Continue`` for a body the loop waits for, as a buffering proxy does.
@@ -170,9 +327,7 @@ class HeadReadingWorker(ThreadWorker):
             conn.close()
             return
         conn.head += data
-        if self.ready(conn):
-            self.stop_reading(conn)
-            self.hand_over(conn)
+        self.check_ready(conn)
 
     def stop_reading(self, conn: Any) -> None:
         self.reading_heads.remove(conn)
@@ -187,8 +342,47 @@ class HeadReadingWorker(ThreadWorker):
         conn.head_read = True
         self.enqueue_req(conn)
 
-    def murder_keepalived(self, *args: Any, **kwargs: Any) -> None:
-        super().murder_keepalived(*args, **kwargs)
+    # Closing: the loop waits for the client's FIN without blocking on it.
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if not fs.cancelled() and fs.exception() is None and not fs.result():
+            self.linger(conn)  # gunicorn's close_graceful would block the loop
+            return
+        super().finish_request(conn, fs)
+
+    def linger(self, conn: Any) -> None:
+        """Send FIN, then read what the client still sends until its FIN (RFC 9112 9.6)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+            conn.linger_deadline = time.monotonic() + LINGER
+            conn.drained = 0
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.drain, conn))
+        except (OSError, ValueError):
+            self.nr_conns -= 1
+            conn.close()
+            return
+        self.lingering.append(conn)
+
+    def drain(self, conn: Any, sock: Any) -> None:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained >= LINGER_DRAIN_MAX:
+            self.end_linger(conn)
+
+    def end_linger(self, conn: Any) -> None:
+        self.lingering.remove(conn)
+        self.poller.unregister(conn.sock)
+        self.nr_conns -= 1
+        conn.close()
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        super().murder_keepalived(force)
         # A stopping worker closes them at once: their request has not begun.
         now = time.monotonic() if self.alive else float("inf")
         while self.reading_heads and self.reading_heads[0].head_deadline <= now:
@@ -196,6 +390,45 @@ class HeadReadingWorker(ThreadWorker):
             self.stop_reading(conn)
             self.nr_conns -= 1
             conn.close()
+        now = float("inf") if force else time.monotonic()
+        while self.lingering and self.lingering[0].linger_deadline <= now:
+            self.end_linger(self.lingering[0])
+
+    # The connection cap: the connection idle longest makes room for a new one.
+
+    def accept(self, listener: Any) -> None:
+        if self.nr_conns >= self.worker_connections - 1:
+            self.make_room()
+        super().accept(listener)
+
+    def make_room(self) -> None:
+        if self.lingering:
+            self.end_linger(self.lingering[0])
+        elif self.keepalived_conns:
+            conn = self.keepalived_conns.popleft()
+            self.poller.unregister(conn.sock)
+            self.nr_conns -= 1
+            conn.close()
+        elif self.reading_heads:
+            conn = self.reading_heads[0]
+            self.stop_reading(conn)
+            self.nr_conns -= 1
+            conn.close()
+
+    # gunicorn's own error answers, in the service's error shape.
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        captured = CapturedAnswer()  # gunicorn logs, and writes its HTML answer here
+        super().handle_error(req, captured, addr, exc)
+        try:
+            status = int(bytes(captured.data).split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            status = 500
+        message = REASONS.get(status, "Bad Request")
+        if status < 500 and str(exc):
+            message = f"{message}: {str(exc)[:200]}"
+        with contextlib.suppress(Exception):
+            util.write_nonblock(client, error_answer(status, message))
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # gunicorn waits up to five seconds for a body the application did not

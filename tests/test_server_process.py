@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import threading
@@ -71,9 +72,24 @@ PARTIAL_BODY = (
 )
 
 
-@pytest.mark.parametrize("first", [PARTIAL_HEAD, PARTIAL_BODY], ids=["head", "body"])
+# With a key that may create: the service reads the body before it answers.
+KEYED_BODY = PARTIAL_BODY.replace(b"Host: x\r\n", b"Host: x\r\nx-api-key: {key}\r\n")
+CHUNKED_HEAD = (
+    b"POST /v2/agents/support-bot/sessions HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n"
+    b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+# 13 digits: gunicorn takes the leading zeros.
+PADDED_LENGTH_BODY = KEYED_BODY.replace(b"Content-Length: 100", b"Content-Length: 0000000000100")
+
+
+@pytest.mark.parametrize(
+    "first",
+    [PARTIAL_HEAD, PARTIAL_BODY, CHUNKED_HEAD + b'4\r\n{"na\r\n', PADDED_LENGTH_BODY],
+    ids=["head", "body", "chunked-body", "zero-padded-length-body"],
+)
 def test_partial_requests_leave_the_server_answering(env, tmp_path, first):
     token = bootstrap(env)
+    first = first.replace(b"{key}", token.encode())
     with serving(env, tmp_path) as server, open_sockets(server, 32, first):
         times = health_times(server, seconds=4)
         assert max(times) < 1, times
@@ -276,3 +292,146 @@ def test_error_log_lines_escape_control_characters(env, tmp_path):
         line for line in logs.splitlines() if "FORGED" in line and "CRITICAL] FORGED" in line[:60]
     ]
     assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", logs)
+
+
+def test_a_chunked_body_is_read_whole_by_the_loop_and_one_too_long_is_refused(env, tmp_path):
+    token = bootstrap(env)
+    body = b'{"name": "chunked"}'
+    head = CHUNKED_HEAD.replace(b"{key}", token.encode()).replace(
+        b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"
+    )
+    with serving(env, tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head)
+            for piece in (b"%x\r\n" % len(body), body, b"\r\n0\r\n", b"\r\n"):
+                time.sleep(0.1)
+                sock.sendall(piece)
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head + b"10001\r\n" + b"a" * 65537)
+            answer = read_all(sock)
+        status, fields, payload = parse_answer(answer)
+        assert status == 413 and payload["error"] == "payload_too_large", answer[:300]
+
+
+def parse_answer(answer: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), fields, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, id="two-hosts"),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Request-ID: a\x1bb\r\n\r\n", 400, id="esc"
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: a\r\n  folded\r\n\r\n", 400, id="folded"
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+            431,
+            id="long-header",
+        ),
+        pytest.param(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, id="long-line"),
+        pytest.param(b"GET /healthz HTTP/1.1\nHost: a\r\n\r\n", 400, id="bare-lf"),
+    ],
+)
+def test_gunicorn_refusals_are_in_the_error_shape(env, tmp_path, request_bytes, status):
+    with serving(env, tmp_path, workers=1) as server:
+        answer = send(server, request_bytes)
+    got, fields, payload = parse_answer(answer)
+    assert got == status, answer[:300]
+    assert set(payload) == {"error", "messages", "request_id"}, payload
+    assert payload["error"] == "invalid_request"
+    assert fields["content-type"] == "application/json"
+    assert fields["x-content-type-options"] == "nosniff"
+    assert fields["cache-control"] == "no-store"
+    assert re.fullmatch(r"[0-9a-f]{32}", fields["x-request-id"])
+    assert fields["x-request-id"] == payload["request_id"]
+
+
+def test_connections_left_open_after_a_closing_answer_leave_the_server_answering(env, tmp_path):
+    closing = [
+        b"GET /healthz HTTP/1.0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    with serving(env, tmp_path) as server, open_sockets(server, 0, b"") as socks:
+        for index in range(32):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            socks.append(sock)
+            sock.sendall(closing[index % 2])
+        times = health_times(server, seconds=3)
+        assert max(times) < 1, times
+        for sock in socks:  # each was answered, and the server's side closed
+            assert sock.recv(4096).startswith(b"HTTP/1.")
+
+
+def test_large_unfinished_heads_cost_the_loop_little(env, tmp_path):
+    pad = (b"X-Pad: " + b"a" * 8000 + b"\r\n") * 100
+    with serving(env, tmp_path) as server, open_sockets(server, 0, b"") as socks:
+
+        def fill() -> None:
+            for _ in range(128):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                socks.append(sock)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n")
+                for start in range(0, len(pad), 4096):
+                    with contextlib.suppress(OSError):
+                        sock.sendall(pad[start : start + 4096])
+
+        filler = threading.Thread(target=fill)
+        filler.start()
+        try:
+            times = health_times(server, seconds=3)
+        finally:
+            filler.join()
+        assert max(times) < 1, times
+        # Past gunicorn's bounds (request line, plus fields times field size) a head
+        # is refused, 431, without waiting for the rest.
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        socks.append(sock)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + pad + pad[:40000])
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 431 ")
+
+
+def test_at_the_connection_cap_unfinished_heads_make_room(env, tmp_path):
+    extra = ["--worker-connections", "100"]
+    with serving(env, tmp_path, workers=1, extra=extra) as server:
+        with open_sockets(server, 150, PARTIAL_HEAD) as socks:
+            times = health_times(server, seconds=2)
+            assert max(times) < 1, times
+            # The oldest unfinished heads were closed to admit new connections.
+            assert closed_by_server(socks[0], within=1)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "AGENT_SESSIONS_TIMEOUT=x",
+        "AGENT_SESSIONS_THREADS=x",
+        "AGENT_SESSIONS_THREADS=0",
+        "AGENT_SESSIONS_WORKERS=-1",
+    ],
+)
+def test_a_bad_process_setting_stops_gunicorn_with_one_line(env, tmp_path, setting):
+    name, _, value = setting.partition("=")
+    server = Server({**env, name: value}, log_path=tmp_path / "gunicorn.log")
+    try:
+        with pytest.raises(RuntimeError, match="gunicorn exited"):
+            server.start()
+    finally:
+        server.stop()
+    assert server.process is not None and server.process.returncode == 4
+    logs = server.logs()
+    assert "Traceback" not in logs and "Booting worker" not in logs, logs
+    lines = [line for line in logs.splitlines() if name in line]
+    assert len(lines) == 1 and "configuration error" in lines[0], logs
