@@ -7,7 +7,7 @@ from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
 
-from .http import ServiceBlueprint
+from .http import ServiceBlueprint, json_response
 from .openapi import operation
 from .schemas import HealthSchema, ReadinessSchema
 
@@ -18,7 +18,7 @@ ops = ServiceBlueprint("agent_sessions_ops", __name__)
 @operation("Service", 200, HealthSchema)
 def healthz() -> Response:
     """The process answers."""
-    return current_app.json.response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @ops.get("/readyz")
@@ -33,9 +33,6 @@ def readyz() -> Response:
         storage = "unavailable"
     limiter = "ok" if service.limits.check() else "degraded"
     ready = storage == "ok" and (limiter == "ok" or not service.limits.fail_closed)
-    response = current_app.json.response(
-        {"status": "ok" if ready else "unavailable", "storage": storage, "rate_limit": limiter}
-    )
-    response.status_code = 200 if ready else 503
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    body = {"status": "ok" if ready else "unavailable", "storage": storage, "rate_limit": limiter}
+    # A probe must see the state now, never a cached answer.
+    return json_response(body, 200 if ready else 503, [("Cache-Control", "no-store")])
