@@ -91,6 +91,16 @@ REASONS = {
 EXPECT_CONTINUE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue[ \t]*(\r?\n)", re.IGNORECASE)
 
 
+def receive(sock: Any) -> bytes | None:
+    """A readable socket's bytes (at most 64 KiB): b"" once the client is gone, None if none yet."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def head_end(data: bytearray, start: int = 0) -> int:
     """Where the body starts (after the blank line ending the head), or -1.
 
@@ -315,12 +325,9 @@ class HeadReadingWorker(ThreadWorker):
         return True
 
     def read_head(self, conn: Any, sock: Any) -> None:
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
+        data = receive(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.stop_reading(conn)
             self.nr_conns -= 1
@@ -365,12 +372,9 @@ class HeadReadingWorker(ThreadWorker):
         self.lingering.append(conn)
 
     def drain(self, conn: Any, sock: Any) -> None:
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
+        data = receive(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained >= LINGER_DRAIN_MAX:
             self.end_linger(conn)
