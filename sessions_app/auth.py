@@ -73,9 +73,11 @@ def needs_key() -> bool:
 
 
 def authenticate() -> None:
-    """Blueprint before-request hook: every non-public view needs a valid key (else 401)."""
-    if not needs_key():
-        return
+    """The request's key must be valid (else 401); it is kept in ``g.api_key``.
+
+    The blueprint's before-request hook, under :func:`rate_limits.guard_authentication`,
+    which calls it only for views that :func:`needs_key`.
+    """
     key = resolve(current_app.extensions["agent_sessions"].storage, presented_token())
     if key is None:
         raise ApiError(401, "unauthorized", "Missing or invalid API key.")

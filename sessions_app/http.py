@@ -117,11 +117,13 @@ def contract_headers(response: Response) -> Response:
     if not service and not current_app.extensions["agent_sessions"].owns_app:
         return response
     headers = response.headers
-    headers["X-Request-ID"] = request_id()
-    headers["X-Content-Type-Options"] = "nosniff"
+    # Nothing before this hook sets these two (one extend: each set scans the headers).
+    added = [("X-Request-ID", request_id()), ("X-Content-Type-Options", "nosniff")]
     if service:
-        headers.setdefault("Cache-Control", "no-store")
-        headers.extend(rate_limits.headers())
+        if "Cache-Control" not in headers:
+            added.append(("Cache-Control", "no-store"))
+        added += rate_limits.headers()
+    headers.extend(added)
     if response.status_code == 204 or (request.method == "OPTIONS" and not response.data):
         headers.pop("Content-Type", None)  # no body, so no type
     return response

@@ -264,6 +264,9 @@ class RateLimits:
                 parse_limit(str(config[name]))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+        # Read once, as checked: the decorators count against these.
+        self.default_limit = str(config["DEFAULT_LIMIT"])
+        self.admin_limit = str(config["ADMIN_LIMIT"])
         uri = str(config["RATELIMIT_STORAGE_URI"])
         self.shared = not uri.startswith("memory:")
         if flag(config["RATELIMIT_REQUIRE_SHARED"]) and not self.shared:
@@ -497,16 +500,20 @@ def _limited(view: Callable, count: Callable[[Any, dict[str, Any]], None]) -> Ca
 
 def per_key(view: Callable) -> Callable:
     """The view counts against ``DEFAULT_LIMIT`` for the calling key."""
-    return _limited(
-        view, lambda key, _: current().hit(current_app.config["DEFAULT_LIMIT"], "api", key.id)
-    )
+    def count(key: Any, _: dict[str, Any]) -> None:
+        limits = current()
+        limits.hit(limits.default_limit, "api", key.id)
+
+    return _limited(view, count)
 
 
 def per_admin_key(view: Callable) -> Callable:
     """The view counts against ``ADMIN_LIMIT`` for the calling key."""
-    return _limited(
-        view, lambda key, _: current().hit(current_app.config["ADMIN_LIMIT"], "admin", key.id)
-    )
+    def count(key: Any, _: dict[str, Any]) -> None:
+        limits = current()
+        limits.hit(limits.admin_limit, "admin", key.id)
+
+    return _limited(view, count)
 
 
 def creates(view: Callable) -> Callable:
