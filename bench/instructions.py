@@ -221,11 +221,11 @@ def main() -> int:
     baseline = counted(ROOT, "baseline", "none", args.requests)
     print(f"baseline: {', '.join(f'{op} {baseline[op]:,.0f}' for op in OPERATIONS)} instr/request")
     header = "".join(f"  {str(t):>28}" for t in trees)
-    print(f"\nratio to the baseline (baseline instructions / service instructions)\n{'':16}{header}")
+    print(
+        f"\nratio to the baseline (baseline instructions / service instructions)\n{'':16}{header}"
+    )
     for backend in args.backends.split(","):
-        results = [
-            counted(tree, "service", backend, args.requests, args.keep) for tree in trees
-        ]
+        results = [counted(tree, "service", backend, args.requests, args.keep) for tree in trees]
         for op in OPERATIONS:
             cells = "".join(
                 f"  {baseline[op] / r[op]:>8.3f} ({r[op] / 1000:>9,.0f}k)" for r in results

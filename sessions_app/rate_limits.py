@@ -500,6 +500,7 @@ def _limited(view: Callable, count: Callable[[Any, dict[str, Any]], None]) -> Ca
 
 def per_key(view: Callable) -> Callable:
     """The view counts against ``DEFAULT_LIMIT`` for the calling key."""
+
     def count(key: Any, _: dict[str, Any]) -> None:
         limits = current()
         limits.hit(limits.default_limit, "api", key.id)
@@ -509,6 +510,7 @@ def per_key(view: Callable) -> Callable:
 
 def per_admin_key(view: Callable) -> Callable:
     """The view counts against ``ADMIN_LIMIT`` for the calling key."""
+
     def count(key: Any, _: dict[str, Any]) -> None:
         limits = current()
         limits.hit(limits.admin_limit, "admin", key.id)
