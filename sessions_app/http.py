@@ -120,7 +120,8 @@ def contract_headers(response: Response) -> Response:
     # Nothing before this hook sets these two (one extend: each set scans the headers).
     added = [("X-Request-ID", request_id()), ("X-Content-Type-Options", "nosniff")]
     if service:
-        if "Cache-Control" not in headers:
+        # Not "in": Headers answers it by raising a KeyError (an exception per request).
+        if not any(name.lower() == "cache-control" for name, _ in headers.items()):
             added.append(("Cache-Control", "no-store"))
         added += rate_limits.headers()
     headers.extend(added)

@@ -385,6 +385,8 @@ class RateLimits:
         (no storage round trip per request): with one process, or with Redis
         from the first failure each worker sees past the limit.
         """
+        if not self._blocked:
+            return
         address = client_address()
         window = self._blocked.get(address)
         if window is None:
