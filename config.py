@@ -65,6 +65,16 @@ class Config:
     TESTING = False
 
 
+#: Names read from the environment outside ``Config``: by gunicorn.conf.py and
+#: the worker (``AGENT_SESSIONS_<NAME>``). With ``Config``'s keys, every name an
+#: operator may set; any other ``AGENT_SESSIONS_*`` name is a typo to warn about.
+SERVER_SETTINGS: tuple[str, ...] = ("BIND", "WORKERS", "THREADS", "TIMEOUT", "HEADER_TIMEOUT")
+
+
+def known_settings() -> list[str]:
+    return sorted({key for key in dir(Config) if key.isupper()} | set(SERVER_SETTINGS))
+
+
 Check = Callable[[str, Any], Any]
 
 

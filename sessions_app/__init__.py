@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import sys
@@ -121,6 +122,24 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.register_blueprint(ops)
     register_commands(app)
+
+
+def unknown_environment_names(environ: Mapping[str, str]) -> list[str]:
+    """One warning line for each ``AGENT_SESSIONS_*`` name that sets nothing, with the closest known.
+
+    Flask's ``from_prefixed_env`` takes any such name as a setting, so a typo
+    (``AGENT_SESSIONS_STORAGE_URLL``) would otherwise be ignored without a word.
+    """
+    known = default_config.known_settings()
+    prefix = ENV_PREFIX + "_"
+    messages = []
+    for name in sorted(environ):
+        if not name.startswith(prefix) or name[len(prefix) :] in known:
+            continue
+        close = difflib.get_close_matches(name[len(prefix) :], known, n=1, cutoff=0.6)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        messages.append(f"unknown setting {name} is ignored{hint}")
+    return messages
 
 
 def default_storage_url(app: Flask) -> str:
