@@ -61,6 +61,11 @@ class Config:
     # Refuse to start on memory:// (which counts per process) when true.
     RATELIMIT_REQUIRE_SHARED = False
 
+    # memory:// under several gunicorn workers gives each a store of its own,
+    # which no CLI reaches: refused unless this is true (a benchmark app that
+    # seeds every worker's store alike).
+    MEMORY_PER_WORKER = False
+
     DEBUG = False
     TESTING = False
 
@@ -174,6 +179,7 @@ CHECKS: dict[str, Check] = {
     "RATELIMIT_TIMEOUT": number(0.001, 3600),
     "RATELIMIT_FAILURE_BACKOFF": number(0, 3600),
     "RATELIMIT_REQUIRE_SHARED": flag,
+    "MEMORY_PER_WORKER": flag,
 }
 
 

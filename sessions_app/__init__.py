@@ -63,6 +63,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # additions) answer errors in the same shape as the blueprint does.
     errors.register(app)
     app.extensions["agent_sessions"].owns_app = True
+    # "/" belongs to the standalone service only: a host application keeps its own.
+    from .ops import index
+
+    app.add_url_rule("/", "index", index, methods=["GET"])
     if app.config["PROXY_COUNT"]:
         # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
         # trusting only as many hops as there are proxies of our own.
@@ -125,7 +129,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
 
 
 def unknown_environment_names(environ: Mapping[str, str]) -> list[str]:
-    """One warning line for each ``AGENT_SESSIONS_*`` name that sets nothing, with the closest known.
+    """A warning line for each ``AGENT_SESSIONS_*`` name that sets nothing, naming the closest.
 
     Flask's ``from_prefixed_env`` takes any such name as a setting, so a typo
     (``AGENT_SESSIONS_STORAGE_URLL``) would otherwise be ignored without a word.

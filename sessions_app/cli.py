@@ -282,10 +282,10 @@ def update_agent(
     changes = checked(
         AgentUpdateSchema, {"name": name, "description": description, "enabled": enabled}
     )
-    if "description" in changes and changes["description"] == "":
-        changes["description"] = None
     if not changes:
-        raise click.UsageError("nothing to change: give --name, --description, --enable or --disable")
+        raise click.UsageError(
+            "nothing to change: give --name, --description, --enable or --disable"
+        )
     agent = storage().update_agent(agent_key=agent_key, changes=changes, now=utcnow())
     echo(f"updated agent {agent.key} ({agent_state(agent)})")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 from flask import current_app
 from werkzeug.wrappers import Response
 
@@ -9,7 +11,7 @@ from storage_backends import Unavailable
 
 from .http import ServiceBlueprint, json_response
 from .openapi import operation
-from .schemas import HealthSchema, ReadinessSchema
+from .schemas import HealthSchema, IndexSchema, ReadinessSchema
 
 ops = ServiceBlueprint("agent_sessions_ops", __name__)
 
@@ -36,3 +38,26 @@ def readyz() -> Response:
     body = {"status": "ok" if ready else "unavailable", "storage": storage, "rate_limit": limiter}
     # A probe must see the state now, never a cached answer.
     return json_response(body, 200 if ready else 503, [("Cache-Control", "no-store")])
+
+
+@operation("Service", 200, IndexSchema)
+def index() -> Response:
+    """Where to start: the API documentation and the OpenAPI document."""
+    prefix = current_app.extensions["agent_sessions"].url_prefix
+    body = {
+        "name": "Agent Sessions",
+        "version": VERSION,
+        "links": {
+            "docs": f"{prefix}/docs",
+            "openapi": f"{prefix}/openapi.json",
+            "health": "/healthz",
+            "ready": "/readyz",
+        },
+    }
+    return json_response(body)
+
+
+try:
+    VERSION = metadata.version("agent-sessions")
+except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    VERSION = "unknown"

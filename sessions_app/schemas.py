@@ -378,10 +378,10 @@ class SessionListSchema(ResponseSchema):
 
 
 class ListQuerySchema(Schema):
-    """Query parameters of list endpoints."""
+    """Query parameters of list endpoints; an unknown one is refused, naming it."""
 
     class Meta:
-        unknown = EXCLUDE
+        unknown = RAISE
 
     limit = StrictInteger(load_default=10, validate=validate.Range(min=1, max=100))
     page_key = PageKey(attribute="after")
@@ -537,3 +537,16 @@ class ReadinessSchema(Schema):
     status = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
     storage = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
     rate_limit = fields.String(required=True, metadata={"enum": ["ok", "degraded"]})
+
+
+class IndexLinksSchema(Schema):
+    docs = fields.String(required=True, metadata={"description": "The API documentation page."})
+    openapi = fields.String(required=True, metadata={"description": "The OpenAPI document."})
+    health = fields.String(required=True)
+    ready = fields.String(required=True)
+
+
+class IndexSchema(Schema):
+    name = fields.String(required=True)
+    version = fields.String(required=True)
+    links = fields.Nested(IndexLinksSchema, required=True)
