@@ -12,7 +12,6 @@ from typing import Any
 
 from flask import current_app
 from marshmallow import (
-    EXCLUDE,
     RAISE,
     Schema,
     ValidationError,
