@@ -7,6 +7,7 @@ Exit statuses (documented in the README): 0 success, 1 the operation failed
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -502,6 +503,219 @@ def purge_expired() -> None:
     """Remove sessions idle past their TTI (suitable for cron)."""
     removed = storage().purge_expired_sessions(now=utcnow())
     echo(f"removed {removed} expired sessions")
+
+
+# Export and import: a session and its whole history as JSON Lines
+
+EXPORT_FORMAT = "agent-sessions/session"
+EXPORT_VERSION = 1
+EVENT_ID = re.compile(r"^aev_[0-9A-Za-z]{1,60}$")
+EVENT_TYPES = (
+    "input_message",
+    "agent_output",
+    "thinking",
+    "tool_input",
+    "tool_output",
+    "structured_output",
+    "step_transition",
+    "skill_load",
+    "compaction",
+)
+HIDE_REASONS = ("manual", "compaction")
+EVENT_KEYS = ("id", "type", "created_at", "hide_reason")
+
+
+def event_line(event: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": event.id, "type": event.type}
+    body["created_at"] = codec.format_ts(event.created_at)
+    if event.hide_reason is not None:
+        body["hide_reason"] = event.hide_reason
+    body.update((k, v) for k, v in event.fields.items() if k not in EVENT_KEYS)
+    return {"event": body}
+
+
+def session_line(session: Any) -> dict[str, Any]:
+    body = SessionSchema().dump(session)
+    if getattr(session, "forked_from", None):
+        body["forked_from"] = dict(session.forked_from)
+    if getattr(session, "active_at", None):
+        body["active_at"] = codec.format_ts(session.active_at)
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "session": body}
+
+
+def progress(items: Iterable[Any], label: str) -> Any:
+    """``items`` with a progress counter on standard error when a person watches it."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(items)
+    return click.progressbar(items, label=label, file=sys.stderr, show_pos=True)
+
+
+@sessions.command("export")
+@click.argument("agent_key")
+@click.argument("session_key")
+@one_line_errors
+def export_session(agent_key: str, session_key: str) -> None:
+    """Write a session and its whole history (hidden events marked) as JSON Lines.
+
+    The first line is the session, then one line per event, oldest first, then
+    an end line with the count; read a batch at a time, in constant memory.
+    """
+    store = storage()
+    store.get_agent(agent_key=check_key(agent_key, "AGENT_KEY"))
+    check_key(session_key, "SESSION_KEY")
+    now = utcnow()
+    session = store.get_session(agent_key=agent_key, session_key=session_key, now=now)
+    events = store.iter_events(agent_key=agent_key, session_key=session_key, now=now)
+    out = click.get_text_stream("stdout")
+    out.write(json_text(session_line(session), indent=None) + "\n")
+    count = 0
+    with progress(events, f"exporting {session_key}") as shown:
+        for event in shown:
+            out.write(json_text(event_line(event), indent=None) + "\n")
+            count += 1
+    out.write(json_text({"end": {"events": count}}, indent=None) + "\n")
+    out.flush()
+    if sys.stderr.isatty():
+        echo(f"exported session {session_key} with {count} events", err=True)
+
+
+class BadExport(ValueError):
+    """A line of an export that cannot be imported; the message names the line."""
+
+
+def parse_line(text: str, number: int) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise BadExport(f"line {number}: not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise BadExport(f"line {number}: expected a JSON object")
+    return value
+
+
+def timestamp(value: Any, where: str) -> dt.datetime:
+    try:
+        return codec.parse_ts(value)
+    except (TypeError, ValueError):
+        raise BadExport(f"{where}: not a timestamp: {value!r}") from None
+
+
+def read_session(first: dict[str, Any], agent_key: str | None, session_key: str | None) -> Any:
+    from storage_backends import Session
+
+    if first.get("format") != EXPORT_FORMAT or first.get("version") != EXPORT_VERSION:
+        raise BadExport(
+            f"line 1: not an export of this service (format {EXPORT_FORMAT}, "
+            f"version {EXPORT_VERSION})"
+        )
+    body = first.get("session")
+    if not isinstance(body, dict):
+        raise BadExport("line 1: no session")
+    from .schemas import SessionCreateSchema
+
+    key = session_key or body.get("key")
+    try:
+        fields = checked(
+            SessionCreateSchema,
+            {k: body.get(k) for k in ("name", "description", "metadata", "enabled", "tti_minutes")}
+            | {"key": key},
+        )
+    except ValueError as err:
+        raise BadExport(f"line 1: {str(err).removeprefix('--')}") from None
+    forked_from = body.get("forked_from")
+    if forked_from is not None and not (
+        isinstance(forked_from, dict) and all(isinstance(v, str) for v in forked_from.values())
+    ):
+        raise BadExport("line 1: forked_from must be an object of strings")
+    created = timestamp(body.get("created_at"), "line 1: created_at")
+    updated = timestamp(body.get("updated_at"), "line 1: updated_at")
+    active = body.get("active_at")
+    return Session(
+        agent_key=agent_key or body.get("agent_key") or "",
+        created_at=created,
+        updated_at=updated,
+        forked_from=forked_from,
+        active_at=timestamp(active, "line 1: active_at") if active is not None else None,
+        **fields,
+    )
+
+
+def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[int]) -> Any:
+    """The events of an export, checked one by one; a missing or wrong end line is an error.
+
+    Raising from here aborts the import's transaction: nothing is stored.
+    """
+    from storage_backends import Event
+
+    for number, text in lines:
+        line = parse_line(text, number)
+        if "end" in line:
+            expected = line["end"].get("events") if isinstance(line["end"], dict) else None
+            if expected != tally[0]:
+                raise BadExport(
+                    f"line {number}: the end line counts {expected!r} events, "
+                    f"the file holds {tally[0]}"
+                )
+            for extra, rest in lines:
+                if rest.strip():
+                    raise BadExport(f"line {extra}: text after the end line")
+            tally[1] = 1
+            return
+        body = line.get("event")
+        if not isinstance(body, dict):
+            raise BadExport(f"line {number}: expected an event or the end line")
+        event_id, kind = body.get("id"), body.get("type")
+        if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
+            raise BadExport(f"line {number}: bad event id {event_id!r}")
+        if kind not in EVENT_TYPES:
+            raise BadExport(f"line {number}: unknown event type {kind!r}")
+        hidden = body.get("hide_reason")
+        if hidden is not None and hidden not in HIDE_REASONS:
+            raise BadExport(f"line {number}: bad hide_reason {hidden!r}")
+        tally[0] += 1
+        yield Event(
+            id=event_id,
+            session_key=session_key,
+            type=kind,
+            fields={k: v for k, v in body.items() if k not in EVENT_KEYS},
+            created_at=timestamp(body.get("created_at"), f"line {number}: created_at"),
+            hide_reason=hidden,
+        )
+    raise BadExport("the file ends before its end line: it is not a whole export")
+
+
+@sessions.command("import")
+@click.argument("source", type=click.File("r", encoding="utf-8"), default="-")
+@click.option("--agent", "agent_key", default=None, help="Import under this agent instead.")
+@click.option("--key", "session_key", default=None, help="Import under this session key instead.")
+@one_line_errors
+def import_session(source: Any, agent_key: str | None, session_key: str | None) -> None:
+    """Read an export (a file, or - for standard input) into a new session, ids kept.
+
+    All or nothing: a bad line, a missing end line or a session key that is
+    taken stores nothing.
+    """
+    store = storage()
+    lines = ((number, text) for number, text in enumerate(source, 1) if text.strip())
+    first = next(lines, None)
+    if first is None:
+        raise BadExport("the input is empty")
+    session = read_session(parse_line(first[1], first[0]), agent_key, session_key)
+    check_key(session.agent_key, "the agent key")
+    store.get_agent(agent_key=session.agent_key)
+    tally = [0, 0]  # events read, end line seen
+    events = read_events(lines, session.key, tally)
+    try:
+        with progress(events, f"importing {session.key}") as shown:
+            count = store.import_session(session=session, events=shown)
+    except Conflict:
+        raise BadExport(
+            f"session {session.key} of agent {session.agent_key} exists, or the file repeats "
+            "an event id: nothing imported (--key imports under another key)"
+        ) from None
+    if not tally[1]:  # a backend that stopped reading early
+        raise BadExport("the import did not reach the end line")
+    echo(f"imported session {session.key} of agent {session.agent_key} with {count} events")
 
 
 # The schema
