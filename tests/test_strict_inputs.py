@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,40 @@ def test_memory_storage_with_several_workers_refuses_to_start(env: dict[str, str
 def test_memory_storage_with_one_worker_serves(tmp_path: Path):
     with serving({"AGENT_SESSIONS_STORAGE_URL": "memory://"}, tmp_path, workers=1) as server:
         assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
+
+
+def test_index_links_the_docs_and_the_openapi_document(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    links = response.get_json()["links"]
+    assert links["docs"] == "/v2/docs" and links["openapi"] == "/v2/openapi.json"
+    for path in links.values():
+        assert client.get(path).status_code == 200, path
+
+
+def test_access_log_has_the_request_id_and_the_duration(tmp_path: Path):
+    with serving(
+        {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/x.db"}, tmp_path, workers=1
+    ) as server:
+        requests.get(server.url + "/readyz", headers={"X-Request-ID": "trace-abc-123"}, timeout=5)
+        generated = requests.get(server.url + "/nowhere", timeout=5).headers["X-Request-ID"]
+        deadline = time.monotonic() + 10
+        while "/nowhere" not in server.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logs = server.logs()
+    line = next(line for line in logs.splitlines() if '"GET /readyz' in line)
+    assert re.search(r" request_id=trace-abc-123 duration=\d+\.\d{6}s$", line), line
+    line = next(line for line in logs.splitlines() if '"GET /nowhere' in line)
+    assert f"request_id={generated} " in line and " 404 " in line, line
+
+
+def test_scripts_serve_refuses_memory_storage():
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "serve")],
+        env={**os.environ, "AGENT_SESSIONS_STORAGE_URL": "memory://"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    assert "memory://" in result.stderr and len(result.stderr.strip().splitlines()) == 1
