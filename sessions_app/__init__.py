@@ -66,7 +66,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # "/" belongs to the standalone service only: a host application keeps its own.
     from .ops import index
 
-    app.add_url_rule("/", "index", index, methods=["GET"])
+    # No slash-redirect for an empty path: the service never redirects (the view 404s it).
+    app.add_url_rule("/", "index", index, methods=["GET"], strict_slashes=False)
     if app.config["PROXY_COUNT"]:
         # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
         # trusting only as many hops as there are proxies of our own.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from flask import current_app
+from flask import current_app, request
+from werkzeug.exceptions import NotFound
 from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
@@ -43,6 +44,8 @@ def readyz() -> Response:
 @operation("Service", 200, IndexSchema)
 def index() -> Response:
     """Where to start: the API documentation and the OpenAPI document."""
+    if request.environ.get("PATH_INFO") != "/":
+        raise NotFound()
     prefix = current_app.extensions["agent_sessions"].url_prefix
     body = {
         "name": "Agent Sessions",
