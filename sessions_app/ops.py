@@ -12,7 +12,7 @@ from storage_backends import Unavailable
 
 from .http import ServiceBlueprint, json_response
 from .openapi import operation
-from .schemas import HealthSchema, IndexSchema, ReadinessSchema
+from .schemas import HealthSchema, ReadinessSchema
 
 ops = ServiceBlueprint("agent_sessions_ops", __name__)
 
@@ -41,7 +41,6 @@ def readyz() -> Response:
     return json_response(body, 200 if ready else 503, [("Cache-Control", "no-store")])
 
 
-@operation("Service", 200, IndexSchema)
 def index() -> Response:
     """Where to start: the API documentation and the OpenAPI document."""
     if request.environ.get("PATH_INFO") != "/":
@@ -59,6 +58,9 @@ def index() -> Response:
     }
     return json_response(body)
 
+
+# A signpost for people, not part of the API the document describes.
+index.openapi_hidden = True  # type: ignore[attr-defined]
 
 try:
     VERSION = metadata.version("agent-sessions")

@@ -536,16 +536,3 @@ class ReadinessSchema(Schema):
     status = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
     storage = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
     rate_limit = fields.String(required=True, metadata={"enum": ["ok", "degraded"]})
-
-
-class IndexLinksSchema(Schema):
-    docs = fields.String(required=True, metadata={"description": "The API documentation page."})
-    openapi = fields.String(required=True, metadata={"description": "The OpenAPI document."})
-    health = fields.String(required=True)
-    ready = fields.String(required=True)
-
-
-class IndexSchema(Schema):
-    name = fields.String(required=True)
-    version = fields.String(required=True)
-    links = fields.Nested(IndexLinksSchema, required=True)
