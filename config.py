@@ -61,8 +61,23 @@ class Config:
     # Refuse to start on memory:// (which counts per process) when true.
     RATELIMIT_REQUIRE_SHARED = False
 
+    # memory:// under several gunicorn workers gives each a store of its own,
+    # which no CLI reaches: refused unless this is true (a benchmark app that
+    # seeds every worker's store alike).
+    MEMORY_PER_WORKER = False
+
     DEBUG = False
     TESTING = False
+
+
+#: Names read from the environment outside ``Config``: by gunicorn.conf.py and
+#: the worker (``AGENT_SESSIONS_<NAME>``). With ``Config``'s keys, every name an
+#: operator may set; any other ``AGENT_SESSIONS_*`` name is a typo to warn about.
+SERVER_SETTINGS: tuple[str, ...] = ("BIND", "WORKERS", "THREADS", "TIMEOUT", "HEADER_TIMEOUT")
+
+
+def known_settings() -> list[str]:
+    return sorted({key for key in dir(Config) if key.isupper()} | set(SERVER_SETTINGS))
 
 
 Check = Callable[[str, Any], Any]
@@ -164,6 +179,7 @@ CHECKS: dict[str, Check] = {
     "RATELIMIT_TIMEOUT": number(0.001, 3600),
     "RATELIMIT_FAILURE_BACKOFF": number(0, 3600),
     "RATELIMIT_REQUIRE_SHARED": flag,
+    "MEMORY_PER_WORKER": flag,
 }
 
 

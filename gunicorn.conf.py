@@ -46,7 +46,12 @@ accesslog = "-"
 # user of Basic auth (%(u)s) and the query string (%(r)s). The logger writes %(U)s
 # as the client sent it (percent-encoded) and escapes control characters in every
 # field and error-log line, so a client cannot forge a line (sessions_app/server.py).
-access_log_format = '%(h)s %(l)s - %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+# Then the answer's X-Request-ID (the id in its body and in the error log) and the
+# time the request took, in seconds.
+access_log_format = (
+    '%(h)s %(l)s - %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s" '
+    "request_id=%({x-request-id}o)s duration=%(L)ss"
+)
 errorlog = "-"
 logger_class = "sessions_app.server.EscapingLogger"
 
@@ -89,7 +94,34 @@ def on_starting(server):
         print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
         sys.exit(4)
     app = create_app_or_exit()
+    refuse_memory_storage_per_worker(server, app)
     warn_if_limits_per_worker(server, app)
+    warn_of_unknown_settings(server)
+
+
+def refuse_memory_storage_per_worker(server, app):
+    """memory:// with several workers would give each its own store: one line, exit 4."""
+    from storage_backends.memory import MemoryStorage
+
+    storage = app.extensions["agent_sessions"].storage
+    workers = server.cfg.workers
+    if workers > 1 and isinstance(storage, MemoryStorage) and not app.config["MEMORY_PER_WORKER"]:
+        print(
+            f"agent-sessions: configuration error: STORAGE_URL is memory:// with {workers} "
+            "workers, each of which would hold a store of its own: run one worker "
+            "(AGENT_SESSIONS_WORKERS=1) or use sqlite:// or postgresql://",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(4)
+
+
+def warn_of_unknown_settings(server):
+    """One line for each AGENT_SESSIONS_* name that sets nothing (a typo), once, in the master."""
+    from sessions_app import unknown_environment_names
+
+    for message in unknown_environment_names(os.environ):
+        server.log.warning("%s", message)
 
 
 def warn_if_limits_per_worker(server, app):

@@ -68,6 +68,8 @@ def prepare(backend: str, workdir: Path, name: str, settings: dict[str, str]) ->
     if backend == "memory":
         token = f"{KEY_ID_PREFIX}{secrets.token_hex(8)}.{secrets.token_urlsafe(32)}"
         env |= {"BENCH_API_TOKEN": token, "BENCH_AGENT": AGENT, "BENCH_SESSION": GET_KEY}
+        # Every worker seeds its own store alike: several workers on memory:// are meant.
+        env["AGENT_SESSIONS_MEMORY_PER_WORKER"] = "true"
         return Store(backend, url, "bench.memory_app:app", env, token)
     cli(env, "agents", "create", AGENT, "--name", "Benchmark agent")
     out = cli(env, "keys", "create", "--name", "benchmark", "--grant", f"{AGENT}={SCOPES}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import sys
@@ -62,6 +63,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # additions) answer errors in the same shape as the blueprint does.
     errors.register(app)
     app.extensions["agent_sessions"].owns_app = True
+    # "/" belongs to the standalone service only: a host application keeps its own.
+    from .ops import index
+
+    # No slash-redirect for an empty path: the service never redirects (the view 404s it).
+    app.add_url_rule("/", "index", index, methods=["GET"], strict_slashes=False)
     if app.config["PROXY_COUNT"]:
         # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
         # trusting only as many hops as there are proxies of our own.
@@ -121,6 +127,24 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.register_blueprint(ops)
     register_commands(app)
+
+
+def unknown_environment_names(environ: Mapping[str, str]) -> list[str]:
+    """A warning line for each ``AGENT_SESSIONS_*`` name that sets nothing, naming the closest.
+
+    Flask's ``from_prefixed_env`` takes any such name as a setting, so a typo
+    (``AGENT_SESSIONS_STORAGE_URLL``) would otherwise be ignored without a word.
+    """
+    known = default_config.known_settings()
+    prefix = ENV_PREFIX + "_"
+    messages = []
+    for name in sorted(environ):
+        if not name.startswith(prefix) or name[len(prefix) :] in known:
+            continue
+        close = difflib.get_close_matches(name[len(prefix) :], known, n=1, cutoff=0.6)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+        messages.append(f"unknown setting {name} is ignored{hint}")
+    return messages
 
 
 def default_storage_url(app: Flask) -> str:

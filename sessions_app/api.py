@@ -103,6 +103,8 @@ def endpoint(
             try:
                 if query_schema is not None:
                     inputs["query"] = query_schema.load(request.args.to_dict())
+                elif request.args:
+                    raise ValidationError(dict.fromkeys(request.args, ["Unknown field."]))
                 if body_schema is not None:
                     inputs["body"] = body_schema.load(http.json_object())
                 result = view(**path, **inputs)

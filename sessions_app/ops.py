@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flask import current_app
+from importlib import metadata
+
+from flask import current_app, request
+from werkzeug.exceptions import NotFound
 from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
@@ -36,3 +39,30 @@ def readyz() -> Response:
     body = {"status": "ok" if ready else "unavailable", "storage": storage, "rate_limit": limiter}
     # A probe must see the state now, never a cached answer.
     return json_response(body, 200 if ready else 503, [("Cache-Control", "no-store")])
+
+
+def index() -> Response:
+    """Where to start: the API documentation and the OpenAPI document."""
+    if request.environ.get("PATH_INFO") != "/":
+        raise NotFound()
+    prefix = current_app.extensions["agent_sessions"].url_prefix
+    body = {
+        "name": "Agent Sessions",
+        "version": VERSION,
+        "links": {
+            "docs": f"{prefix}/docs",
+            "openapi": f"{prefix}/openapi.json",
+            "health": "/healthz",
+            "ready": "/readyz",
+        },
+    }
+    return json_response(body)
+
+
+# A signpost for people, not part of the API the document describes.
+index.openapi_hidden = True  # type: ignore[attr-defined]
+
+try:
+    VERSION = metadata.version("agent-sessions")
+except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    VERSION = "unknown"

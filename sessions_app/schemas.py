@@ -12,7 +12,6 @@ from typing import Any
 
 from flask import current_app
 from marshmallow import (
-    EXCLUDE,
     RAISE,
     Schema,
     ValidationError,
@@ -378,10 +377,10 @@ class SessionListSchema(ResponseSchema):
 
 
 class ListQuerySchema(Schema):
-    """Query parameters of list endpoints."""
+    """Query parameters of list endpoints; an unknown one is refused, naming it."""
 
     class Meta:
-        unknown = EXCLUDE
+        unknown = RAISE
 
     limit = StrictInteger(load_default=10, validate=validate.Range(min=1, max=100))
     page_key = PageKey(attribute="after")

@@ -10,7 +10,7 @@ import abc
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 
@@ -34,12 +34,24 @@ class ApiKeyNotFound(NotFound):
     pass
 
 
+class EventNotFound(NotFound):
+    pass
+
+
 class Conflict(StorageError):
     """A record with the same key already exists."""
 
 
+class StaleHistory(Conflict):
+    """``if_last_event_id`` no longer names the session's last event: nothing was written."""
+
+
 class AgentDisabled(StorageError):
     """The agent exists but its ``enabled`` is false: it takes no new sessions."""
+
+
+class SessionDisabled(StorageError):
+    """The session exists but its ``enabled`` is false: it takes no new events."""
 
 
 class Unavailable(StorageError):
@@ -89,13 +101,18 @@ class Session:
     tti_minutes: int = 0
     created_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
+    #: ``{"agent_key", "session_key", "event_id"?}`` of a forked session's source
+    forked_from: dict[str, str] | None = None
+    #: when the idle clock last restarted (an update or an event written); None: ``updated_at``
+    active_at: dt.datetime | None = None
 
     @property
     def expires_at(self) -> dt.datetime | None:
         """When the session idles out: ``tti_minutes`` after its last update."""
-        if not self.tti_minutes or self.updated_at is None:
+        since = self.active_at or self.updated_at
+        if not self.tti_minutes or since is None:
             return None
-        return self.updated_at + dt.timedelta(minutes=self.tti_minutes)
+        return since + dt.timedelta(minutes=self.tti_minutes)
 
     def expired(self, now: dt.datetime) -> bool:
         expires_at = self.expires_at
@@ -139,6 +156,33 @@ class ApiKey:
         return any(g.agent in ("*", agent_key) and scope in g.scopes for g in self.grants)
 
 
+#: Where an event's ``hide_reason`` comes from.
+HIDDEN_MANUAL = "manual"
+HIDDEN_BY_COMPACTION = "compaction"
+
+
+@dataclasses.dataclass
+class Event:
+    """One entry of a session's history.
+
+    ``fields`` holds the fields of its ``type`` (validated by the web layer
+    before they reach a backend), e.g. ``{"content": "..."}`` for
+    ``agent_output``. ``session_key`` is the session it is stored in (a fork
+    stores copies of the source's events, under the same ids).
+    """
+
+    id: str
+    session_key: str
+    type: str
+    fields: dict[str, Any]
+    created_at: dt.datetime
+    hide_reason: str | None = None
+
+
+#: ``if_last_event_id`` left out: append whatever the last event is.
+ANY_LAST_EVENT: Any = object()
+
+
 @dataclasses.dataclass
 class Page:
     """One page of a listing. ``next_cursor`` is the position after the last item, or None."""
@@ -148,7 +192,7 @@ class Page:
 
 
 class Storage(abc.ABC):
-    """Agents, sessions and API keys.
+    """Agents, sessions with their events, and API keys.
 
     Every method is keyword-only. Objects passed in and returned are copies:
     mutating them never changes what is stored. Listings are ordered by an
@@ -265,6 +309,7 @@ class Storage(abc.ABC):
     ) -> Session:
         """Apply ``changes`` (field to new value) and move ``updated_at`` to ``now``.
 
+        An update restarts the idle clock: ``active_at`` moves to ``now`` too.
         Raises :class:`SessionNotFound`, also when expired at ``now`` (the
         session is then removed, as by :meth:`get_session`).
         """
@@ -276,6 +321,149 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
         """Remove every session idle past its TTI at ``now``; return how many."""
+
+    # Events: the history of one live session, in the order written
+
+    @abc.abstractmethod
+    def append_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+        metadata_patch: Mapping[str, Any] | None = None,
+        check_metadata: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Session:
+        """Append ``events`` (ids chosen by the caller) in one transaction, all or nothing.
+
+        The same transaction restarts the session's idle clock (``active_at``
+        and the stored expiry move to ``now``) and, with ``metadata_patch``,
+        applies it to the session's metadata as a JSON merge patch (RFC 7386),
+        moving ``updated_at``; ``check_metadata`` is called with the result
+        before anything is written and whatever it raises aborts the batch.
+        ``if_last_event_id``: the batch is written only while the session's
+        last event (hidden or not) has this id (``None``: it has no event),
+        else :class:`StaleHistory`. Returns the session as written.
+
+        Raises :class:`SessionNotFound` (also when expired at ``now``),
+        :class:`SessionDisabled`, :class:`Conflict` when an id is already in
+        the session (or twice in the batch).
+        """
+
+    @abc.abstractmethod
+    def list_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        descending: bool = False,
+        include_hidden: bool = False,
+        types: frozenset[str] | None = None,
+    ) -> Page:
+        """A page of the session's events, oldest first (``descending``: newest first).
+
+        ``after`` is the ``next_cursor`` of the previous page in the same
+        direction. The cost of a page does not depend on its depth (keyset).
+        Raises :class:`SessionNotFound`.
+        """
+
+    @abc.abstractmethod
+    def get_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> Event:
+        """An event, hidden or not. Raises :class:`SessionNotFound`, :class:`EventNotFound`."""
+
+    @abc.abstractmethod
+    def set_event_hidden(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        event_id: str,
+        hide_reason: str | None,
+        now: dt.datetime,
+    ) -> Event:
+        """Set (``"manual"``) or clear (None) an event's ``hide_reason``; return the event.
+
+        Raises :class:`SessionNotFound`, :class:`EventNotFound`.
+        """
+
+    @abc.abstractmethod
+    def delete_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> None:
+        """Raises :class:`SessionNotFound`, :class:`EventNotFound`."""
+
+    @abc.abstractmethod
+    def compact_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        up_to_event_id: str | None,
+        compaction: Event,
+        now: dt.datetime,
+    ) -> Event:
+        """Hide by compaction every visible event up to and including ``up_to_event_id``
+        and append ``compaction``, in one transaction; return the compaction event.
+
+        ``up_to_event_id`` None: every visible event before the last visible
+        ``input_message`` (all of them when there is none). The caller fills
+        ``compaction.fields`` except ``turns_compacted`` (input messages
+        hidden) and ``events_compacted`` (events hidden), which the backend
+        sets. Restarts the idle clock like :meth:`append_events`. Raises
+        :class:`SessionNotFound`, :class:`SessionDisabled`,
+        :class:`EventNotFound` (the anchor).
+        """
+
+    @abc.abstractmethod
+    def fork_session(
+        self,
+        *,
+        session: Session,
+        source_agent_key: str,
+        source_session_key: str,
+        include_up_to_event_id: str | None = None,
+        compact_up_to_event_id: str | None = None,
+        compaction: Event | None = None,
+    ) -> Session:
+        """Create ``session`` with a copy of the source's visible events, in one transaction.
+
+        Copies keep their ids, fields and ``created_at``, in order: every
+        visible event, or those up to and including ``include_up_to_event_id``.
+        With ``compact_up_to_event_id`` (and ``compaction``, whose
+        ``*_compacted`` counts the backend sets), the copies up to that anchor
+        are hidden by compaction and ``compaction`` is appended after the last
+        copy. The stored session's ``forked_from`` names the source and the
+        last event copied. Raises what :meth:`create_session` raises for the
+        new session, :class:`SessionNotFound` for the source and
+        :class:`EventNotFound` for an anchor not among its visible events.
+        """
+
+    @abc.abstractmethod
+    def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
+        """Every event of the session, hidden ones included, oldest first.
+
+        Read lazily in batches (constant memory for any history). The session
+        is checked by the call itself, which raises :class:`SessionNotFound`
+        before it returns the iterator (so a streamed answer can still be a 404).
+        Each batch is read on its own: events written or removed meanwhile may
+        or may not appear, but none appears twice or out of order.
+        """
+
+    @abc.abstractmethod
+    def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
+        """Create ``session`` and append ``events`` as given (ids, times and hide
+        reasons kept); return how many. All or nothing; raises what
+        :meth:`create_session` raises, and :class:`Conflict` for an id given
+        twice. A disabled session may be imported (a restore is not new input).
+        ``session.forked_from`` and ``active_at`` are stored as given.
+        """
 
     # API keys
 
