@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import traceback
 from typing import Any
 
 from flask import Flask, g, has_request_context, request
@@ -133,7 +134,10 @@ def access(glogger: Any, resp: Any, req: Any, environ: dict, request_time: dt.ti
     for name, value in environ.get(ENVIRON_KEY, {}).items():
         fields.setdefault(name, value)
     message = f"{fields['method']} {fields['path']} {fields['status']}"
-    glogger.access_log.info(message, extra=fields)
+    try:
+        glogger.access_log.info(message, extra=fields)
+    except Exception:  # noqa: BLE001 - as gunicorn's own access(): the answer is sent already
+        glogger.error(traceback.format_exc())
 
 
 def init_app(app: Flask) -> None:

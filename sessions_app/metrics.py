@@ -21,7 +21,8 @@ Every metric is named ``agent_sessions_*`` and is built per app (kept in
 - ``sessions_created_total``, ``events_written_total``: counted by the views
   (:func:`session_created`, :func:`events_written`).
 - ``auth_failures_total{reason}``: ``missing``, ``malformed``,
-  ``unknown_key``, ``wrong_secret``, ``expired`` (see ``auth.resolve``).
+  ``unknown_key``, ``wrong_secret``, ``expired``, ``revoked`` (see
+  ``auth.check_token``).
 
 Under gunicorn, ``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` (a
 fresh directory) before anything imports ``prometheus_client``: every worker
@@ -69,7 +70,7 @@ LIMIT_NAMES = {
     "auth-failure": "auth_failure",
 }
 DECISIONS = ("allowed", "limited", "failed_open", "failed_closed")
-AUTH_FAILURE_REASONS = ("missing", "malformed", "unknown_key", "wrong_secret", "expired")
+AUTH_FAILURE_REASONS = ("missing", "malformed", "unknown_key", "wrong_secret", "expired", "revoked")
 # A key "near" its limit has used at least this share of it.
 NEAR_LIMIT = 0.9
 RATE_LIMIT_STORAGE = "rate_limit_storage"
