@@ -65,6 +65,17 @@ class Config:
     # which no CLI reaches: refused unless this is true (a benchmark app that
     # seeds every worker's store alike).
     MEMORY_PER_WORKER = False
+    # Observability (sessions_app/metrics.py, logs.py, tracing.py). METRICS_ENABLED:
+    # None means on for the standalone service (create_app), off in a host's init_app.
+    # METRICS_BIND ("HOST:PORT"): /metrics on an address of its own, served by the
+    # gunicorn master, instead of on the service's. LOG_FORMAT: "text" or "json"
+    # (gunicorn's access and error logs, and the service's own). TRACING_ENABLED:
+    # None means on when the otel extra is installed and OTEL_EXPORTER_OTLP_ENDPOINT
+    # (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set.
+    METRICS_ENABLED: bool | None = None
+    METRICS_BIND: str | None = None
+    LOG_FORMAT = "text"
+    TRACING_ENABLED: bool | None = None
 
     DEBUG = False
     TESTING = False
@@ -145,6 +156,17 @@ def optional(inner: Check) -> Check:
     return check
 
 
+def address(name: str, value: Any) -> str | None:
+    """``HOST:PORT`` (an IPv6 host in brackets), or None when empty."""
+    text_value = optional_text(name, value)
+    if text_value is None:
+        return None
+    host, _, port = text_value.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{name} must be HOST:PORT, such as 127.0.0.1:9100, not {value!r}")
+    return text_value
+
+
 def mapping(name: str, value: Any) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, not {value!r}")
@@ -180,6 +202,10 @@ CHECKS: dict[str, Check] = {
     "RATELIMIT_FAILURE_BACKOFF": number(0, 3600),
     "RATELIMIT_REQUIRE_SHARED": flag,
     "MEMORY_PER_WORKER": flag,
+    "METRICS_ENABLED": optional(flag),
+    "METRICS_BIND": address,
+    "LOG_FORMAT": choice("text", "json"),
+    "TRACING_ENABLED": optional(flag),
 }
 
 

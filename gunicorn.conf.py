@@ -1,9 +1,13 @@
 """gunicorn defaults for ``gunicorn wsgi:app``; each can be overridden on the command line."""
 
+import atexit
+import glob
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 
 
 def _count(name: str, default: int, low: int, high: int) -> int:
@@ -55,6 +59,38 @@ access_log_format = (
 errorlog = "-"
 logger_class = "sessions_app.server.EscapingLogger"
 
+# AGENT_SESSIONS_LOG_FORMAT: "text" (default) or "json" (sessions_app/logs.py), read by
+# the logger before the app is built, so checked here.
+_log_format = (os.environ.get("AGENT_SESSIONS_LOG_FORMAT") or "text").strip().lower()
+if _log_format not in ("text", "json"):
+    print(
+        "agent-sessions: configuration error: AGENT_SESSIONS_LOG_FORMAT="
+        f"{os.environ['AGENT_SESSIONS_LOG_FORMAT']!r}: expected text or json",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(4)
+os.environ["AGENT_SESSIONS_LOG_FORMAT"] = _log_format
+
+# Metrics (sessions_app/metrics.py): the workers share their values through files
+# in PROMETHEUS_MULTIPROC_DIR, set before anything imports prometheus_client. An
+# operator's directory is emptied at start; otherwise a fresh one is made and
+# removed when the master exits. child_exit drops a dead worker's live gauges.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if os.environ.get("AGENT_SESSIONS_METRICS_MASTER") == str(os.getpid()):
+    pass  # a reload (SIGHUP) reads this file again: the workers' files stay
+elif _metrics_dir:
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _stale in glob.glob(os.path.join(_metrics_dir, "*.db")):
+        os.remove(_stale)
+else:
+    _metrics_dir = tempfile.mkdtemp(prefix="agent-sessions-metrics-")
+    _master = os.getpid()
+    # Only the master removes it: a worker's exit runs the same atexit hooks.
+    atexit.register(lambda: os.getpid() == _master and shutil.rmtree(_metrics_dir, True))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+os.environ["AGENT_SESSIONS_METRICS_MASTER"] = str(os.getpid())
+
 
 class _ToErrorLog(logging.Handler):
     """Hands a record to gunicorn's error log: its file, its format, its --log-level."""
@@ -97,6 +133,7 @@ def on_starting(server):
     refuse_memory_storage_per_worker(server, app)
     warn_if_limits_per_worker(server, app)
     warn_of_unknown_settings(server)
+    serve_metrics(server, app)
 
 
 def refuse_memory_storage_per_worker(server, app):
@@ -122,6 +159,35 @@ def warn_of_unknown_settings(server):
 
     for message in unknown_environment_names(os.environ):
         server.log.warning("%s", message)
+
+
+def serve_metrics(server, app):
+    """With METRICS_BIND, the master serves /metrics there, summed over every worker."""
+    bind = app.config["METRICS_BIND"]
+    if not (app.config["METRICS_ENABLED"] and bind):
+        return
+    from prometheus_client import start_http_server
+
+    from sessions_app.metrics import multiprocess_registry
+
+    host, _, port = bind.rpartition(":")
+    try:
+        start_http_server(int(port), host.strip("[]"), registry=multiprocess_registry(_metrics_dir))
+    except OSError as err:
+        print(
+            f"agent-sessions: configuration error: METRICS_BIND={bind!r}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(4)
+    server.log.info("metrics served on http://%s/metrics", bind)
+
+
+def child_exit(server, worker):
+    """A worker is gone: its live gauges (requests in progress) go with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _metrics_dir)
 
 
 def warn_if_limits_per_worker(server, app):

@@ -4,6 +4,7 @@ From the repository root::
 
     .venv/bin/python bench/run.py [--quick] [--backends sqlite,memory,postgresql]
                                   [--compare [--floor]] [--scale] [--memory] [--profile]
+                                  [--metrics]
 
 Needs Debian's ``wrk`` (``apt-get install wrk``); ``--profile`` also needs py-spy
 in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
@@ -31,6 +32,11 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
 ``--memory``
     VmRSS of each worker before and after 200,000 requests (create, get,
     list in turn) on the first backend. Target: < 10% growth.
+``--metrics``
+    The cost of Prometheus metrics: the service with metrics on (the default)
+    against the same service with ``AGENT_SESSIONS_METRICS_ENABLED=false``, on
+    the same store, taking turns in the same rounds, driven with creates (the
+    write path, every counter on it). Target: on >= 0.95 of off's requests/s.
 ``--profile``
     py-spy on both workers under load, per operation, on the first backend:
     busy microseconds per request by stage (and each stage's share), for the
@@ -86,6 +92,7 @@ P99_TARGET = 2.0
 SCALE_TARGET = 1.25
 DEEP_PAGE_TARGET = 1.10
 RSS_TARGET = 0.10
+METRICS_TARGET = 0.95
 DEEP_PAGE = 1000
 
 
@@ -212,6 +219,58 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
                 row["floor_ratio"] = results["floor"][op].rps / base.rps
             rows.append(row)
     print_compare(rows, plan)
+    return rows
+
+
+def metrics_cost(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> list[dict]:
+    """Creates with metrics on against metrics off: same store, same rounds, in turn."""
+    rows = []
+    for backend in backends:
+        print(f"\nmetrics: {backend}", flush=True)
+        store = stores.prepare(backend, workdir, "metrics", settings)
+        envs = {
+            "metrics-on": {**store.env, "AGENT_SESSIONS_METRICS_ENABLED": "true"},
+            "metrics-off": {**store.env, "AGENT_SESSIONS_METRICS_ENABLED": "false"},
+        }
+        with contextlib.ExitStack() as running:
+            targets = {
+                name: Target(
+                    running.enter_context(Gunicorn(f"{name}-{backend}", store.app, env, workdir)),
+                    store.token,
+                )
+                for name, env in envs.items()
+            }
+            loads = {name: {"create": Load("create")} for name in targets}
+            results = alternate(targets, loads, plan)
+        on, off = results["metrics-on"]["create"], results["metrics-off"]["create"]
+        ratio = on.rps / off.rps
+        rows.append(
+            {
+                "backend": backend,
+                "op": "create",
+                "on": stats(on),
+                "off": stats(off),
+                "ratio": ratio,
+                "met": ratio >= METRICS_TARGET and not on.non2xx and not off.non2xx,
+            }
+        )
+    print(f"\nMetrics on vs off ({plan.rounds} rounds of {plan.seconds:g} s, medians)")
+    print_table(
+        ["backend", "op", "on req/s", "on p99", "off req/s", "off p99", "ratio (target)", "met"],
+        [
+            [
+                r["backend"],
+                r["op"],
+                f"{r['on']['rps']:,.0f}",
+                f"{r['on']['p99_ms']:.2f}",
+                f"{r['off']['rps']:,.0f}",
+                f"{r['off']['p99_ms']:.2f}",
+                f"{r['ratio']:.3f} (>={METRICS_TARGET:.2f})",
+                "yes" if r["met"] else "NO",
+            ]
+            for r in rows
+        ],
+    )
     return rows
 
 
@@ -527,6 +586,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", action="store_true", help="1M sessions vs an empty store")
     parser.add_argument("--memory", action="store_true", help="worker RSS over many requests")
     parser.add_argument("--profile", action="store_true", help="py-spy: where time goes")
+    parser.add_argument("--metrics", action="store_true", help="creates, metrics on vs off")
     parser.add_argument(
         "--floor", action="store_true", help="compare: also the baseline with the API's headers"
     )
@@ -539,7 +599,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sqlite-synchronous", help="SQLITE_SYNCHRONOUS (default NORMAL)")
     parser.add_argument("--keep", action="store_true", help="keep the server logs and stores")
     args = parser.parse_args(argv)
-    if not (args.scale or args.memory or args.profile):
+    if not (args.scale or args.memory or args.profile or args.metrics):
         args.compare = True
     return args
 
@@ -584,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = memory(backends[0], plan, workdir, settings, args.requests)
         if args.profile:
             results["profile"] = profile(backends[0], plan, workdir, settings)
+        if args.metrics:
+            results["metrics"] = metrics_cost(backends, plan, workdir, settings)
     except BenchError as err:
         print(f"bench: {err}", file=sys.stderr)
         return 1
@@ -594,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
             stores.drop_pg_databases()
     print(f"\nresults written to {save(results).relative_to(BENCH.parent)}")
-    checks = [r["met"] for mode in ("compare", "scale") for r in results.get(mode, [])]
+    checks = [r["met"] for mode in ("compare", "scale", "metrics") for r in results.get(mode, [])]
     checks += [results["memory"]["met"]] if "memory" in results else []
     return 0 if all(checks) else 2
 

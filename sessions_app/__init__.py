@@ -16,7 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
-from . import errors, http
+from . import errors, http, logs, metrics, tracing
 from .rate_limits import RateLimits
 
 log = logging.getLogger("agent_sessions")
@@ -40,6 +40,7 @@ class AgentSessions:
     url_prefix: str
     max_body: int  # bytes of a request body, whatever the host's MAX_CONTENT_LENGTH
     owns_app: bool = False  # the standalone app: every answer is the service's
+    metrics: Any = None  # sessions_app.metrics.Metrics when METRICS_ENABLED
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -55,6 +56,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env(ENV_PREFIX)
     if config:
         app.config.update(config)
+    if app.config.get("METRICS_ENABLED") is None:
+        app.config["METRICS_ENABLED"] = True  # the standalone service counts by default
     app.json.sort_keys = False  # keep the schemas' field order
     app.json.ensure_ascii = False
     app.url_map.merge_slashes = False  # "//" is a 404, never a redirect to another path
@@ -124,6 +127,10 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     # The request id before anything else can answer.
     app.before_request_funcs.setdefault(None, []).insert(0, http.start_request)
     app.after_request(http.contract_headers)
+    # Each off unless configured; a host's init_app gets none by default.
+    metrics.init_app(app, app.extensions["agent_sessions"])
+    logs.init_app(app)
+    tracing.init_app(app)
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.register_blueprint(ops)
     register_commands(app)

@@ -22,7 +22,7 @@ from werkzeug.wrappers import Response
 from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, SessionNotFound, codec
 from storage_backends.codec import utcnow
 
-from . import auth, errors, http, rate_limits
+from . import auth, errors, http, metrics, rate_limits
 from .errors import ApiError
 from .naming import key_candidates
 from .openapi import Operation
@@ -170,6 +170,7 @@ def create_session(agent_key: str, body: dict[str, Any]) -> Any:
         session = service().storage.create_session(session=session)
     else:
         session = create_with_generated_key(session)
+    metrics.session_created()
     return session, created(session.key)
 
 

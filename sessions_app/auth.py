@@ -14,6 +14,7 @@ from flask import current_app, g, request
 from storage_backends import ApiKey, ApiKeyNotFound, Grant, Storage
 from storage_backends.codec import utcnow
 
+from . import metrics
 from .errors import ApiError
 from .naming import KEY_ID_PREFIX
 
@@ -33,17 +34,29 @@ def mint_key() -> tuple[str, str, str]:
 
 def resolve(storage: Storage, token: str) -> ApiKey | None:
     """The active key behind ``token``, or None. One lookup by id, then a constant-time compare."""
+    return check_token(storage, token)[0]
+
+
+def check_token(storage: Storage, token: str) -> tuple[ApiKey | None, str]:
+    """The active key behind ``token`` and "ok", or None and why not.
+
+    The reasons (the ``reason`` label of the auth-failure metric): ``missing``,
+    ``malformed``, ``unknown_key``, ``wrong_secret``, ``expired``, ``revoked``.
+    """
+    if not token:
+        return None, "missing"
     key_id, _, secret = token.partition(".")
     if not key_id.startswith(KEY_ID_PREFIX) or not secret or len(token) > 200:
-        return None
+        return None, "malformed"
     try:
         key = storage.get_api_key(key_id=key_id)
     except ApiKeyNotFound:
         hmac.compare_digest(hash_secret(secret), _DUMMY_HASH)
-        return None
+        return None, "unknown_key"
     if not hmac.compare_digest(hash_secret(secret), key.secret_hash):
-        return None
-    return key if key.active(utcnow()) else None
+        return None, "wrong_secret"
+    state = key.state(utcnow())
+    return (key, "ok") if state == "active" else (None, state)
 
 
 def presented_token() -> str:
@@ -78,8 +91,9 @@ def authenticate() -> None:
     The blueprint's before-request hook, under :func:`rate_limits.guard_authentication`,
     which calls it only for views that :func:`needs_key`.
     """
-    key = resolve(current_app.extensions["agent_sessions"].storage, presented_token())
+    key, reason = check_token(current_app.extensions["agent_sessions"].storage, presented_token())
     if key is None:
+        metrics.auth_failure(reason)
         raise ApiError(401, "unauthorized", "Missing or invalid API key.")
     g.api_key = key
 

@@ -20,6 +20,8 @@ from storage_backends import (
     Unavailable,
 )
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 # Werkzeug's HTTP errors that reach the handler, by status.
@@ -137,6 +139,8 @@ def handle_agent_disabled(err: AgentDisabled) -> Response:
 
 def handle_unavailable(err: Unavailable) -> Response:
     log.warning("answering 503: %s", err)
+    # The rate-limit storage's outage names itself; any other is the storage's.
+    metrics.storage_error(503, getattr(err, "source", None))
     return error_response(
         503,
         "unavailable",
@@ -157,7 +161,19 @@ def handle_http_exception(err: HTTPException) -> Response:
     return error_response(status, code, [message], headers=headers)
 
 
+def raised_in_storage(err: BaseException) -> bool:
+    """Whether the exception came out of the storage layer (its traceback passes through it)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("storage_backends"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def handle_unexpected(err: Exception) -> Response:
+    if raised_in_storage(err):
+        metrics.storage_error(500)
     response = error_response(500, "internal_error", ["An internal error occurred."])
     log.exception("unhandled error (request_id=%s)", g.request_id)
     return response

@@ -237,6 +237,12 @@ class RedisCounters(RedisStorage):
         return isinstance(err, (module.ConnectionError, module.TimeoutError, OSError))
 
 
+class LimiterUnavailable(Unavailable):
+    """The rate-limit storage is unreachable and the policy is "closed": a 503."""
+
+    source = "rate_limit_storage"  # what was unavailable, for the metrics
+
+
 @dataclasses.dataclass(frozen=True)
 class Window:
     """What one limit says about the current request: the X-RateLimit-* numbers."""
@@ -293,6 +299,8 @@ class RateLimits:
         self._blocked: dict[str, Window] = {}
         # Agent key -> time.monotonic() until which it is known to exist (see count_create).
         self._agents: dict[str, float] = {}
+        # The app's metrics (sessions_app.metrics), when on: every decision is counted.
+        self.metrics: Any = None
 
     @property
     def strategy(self) -> Any:
@@ -334,8 +342,9 @@ class RateLimits:
             raise ValueError(f"empty rate-limit key part in {identifiers!r}")
         item = parse_limit(limit)
         parts = (self.prefix, *identifiers) if self.prefix else identifiers
+        kind = identifiers[0]
         if time.monotonic() < self._retry_at:
-            self._storage_failed(None)
+            self._storage_failed(None, kind)
             return None
         try:
             window = self._hit(item, parts)
@@ -343,15 +352,24 @@ class RateLimits:
             if not getattr(self.storage, "unreachable", lambda _: True)(err):
                 # Not an outage: the other requests are counted as usual.
                 log.error("rate-limit storage refused to count %s", limit, exc_info=True)
+                self._decided(kind, "failed_open")
                 return None
             self._retry_at = time.monotonic() + self.backoff
-            self._storage_failed(err)
+            self._storage_failed(err, kind)
             return None
         if self.degraded:
             self.degraded = False
             log.warning("rate-limit storage answers again; limits are enforced again")
         g.rate_limit = window
+        if self.metrics is not None:
+            # Limits counted per API key carry its id (second part); auth failures, an address.
+            key_id = identifiers[1] if kind != "auth-failure" else None
+            self.metrics.window(kind, key_id, window)
         return window
+
+    def _decided(self, kind: str, decision: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decision(kind, decision)
 
     def _hit(self, item: RateLimitItem, parts: tuple[str, ...]) -> Window:
         strategy, storage = self.strategy, self.storage
@@ -363,7 +381,7 @@ class RateLimits:
         reset_at, remaining = strategy.get_window_stats(item, *parts)
         return Window(item.amount, max(0, remaining), reset_at, not allowed)
 
-    def _storage_failed(self, err: Exception | None) -> None:
+    def _storage_failed(self, err: Exception | None, kind: str) -> None:
         if err is not None and not self.degraded:
             log.warning(
                 "rate-limit storage unreachable (%s: %s); %s until it answers",
@@ -372,9 +390,10 @@ class RateLimits:
                 "requests are refused with 503" if self.fail_closed else "limits are not enforced",
             )
         self.degraded = True
+        self._decided(kind, "failed_closed" if self.fail_closed else "failed_open")
         if self.fail_closed:
             retry_after = max(1, math.ceil(self._retry_at - time.monotonic()))
-            raise Unavailable("rate-limit storage unreachable", retry_after=retry_after)
+            raise LimiterUnavailable("rate-limit storage unreachable", retry_after=retry_after)
 
     def refuse_if_blocked(self) -> None:
         """429 for an address that has used up ``AUTH_FAILURE_LIMIT``, until its window ends.
@@ -395,6 +414,7 @@ class RateLimits:
             self._blocked.pop(address, None)
             return
         g.rate_limit = window
+        self._decided("auth-failure", "limited")
         raise too_many("Too many failed authentications from this address; retry later.", window)
 
     def count_auth_failure(self) -> None:

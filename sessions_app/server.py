@@ -51,6 +51,7 @@ from gunicorn.glogging import Logger
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
+from . import logs
 from .text import escape_controls
 
 # Seconds a client has to send a request's head (AGENT_SESSIONS_HEADER_TIMEOUT).
@@ -492,12 +493,23 @@ class EscapingLogger(Logger):
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
+        self.json_lines = logs.json_format()
+        if self.json_lines:  # LOG_FORMAT=json: sessions_app/logs.py formats both logs
+            logs.use_json(self)
+            return
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 if getattr(handler, "_gunicorn", False) and handler.formatter is not None:
                     handler.setFormatter(
                         EscapingFormatter(handler.formatter._fmt, handler.formatter.datefmt)
                     )
+
+    def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
+        if getattr(self, "json_lines", False):
+            if self.access_log_enabled:
+                logs.access(self, resp, req, environ, request_time)
+            return
+        super().access(resp, req, environ, request_time)
 
     def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict:
         atoms = super().atoms(resp, req, environ, request_time)

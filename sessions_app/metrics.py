@@ -1,0 +1,303 @@
+"""Prometheus metrics: what the service did, counted where each thing happens.
+
+Every metric is named ``agent_sessions_*`` and is built per app (kept in
+``app.extensions["agent_sessions"].metrics``):
+
+- ``http_requests_total{route, method, status}`` and
+  ``http_request_duration_seconds{route, method}`` (a histogram), counted by
+  the corridor (:func:`request_started`, :func:`request_finished`). ``route``
+  is the URL rule (``/v2/agents/<record_key:agent_key>/sessions``), never the
+  path: a request no rule matched is ``unmatched``; a method outside HTTP's
+  usual ones is ``other``. ``http_requests_in_progress`` is a gauge.
+- ``rate_limit_decisions_total{limit, decision}``: ``allowed``, ``limited``,
+  ``failed_open``, ``failed_closed``, by limit (``session_create``,
+  ``default``, ``admin``, ``auth_failure``), counted by ``rate_limits``.
+  ``rate_limit_near_total{limit, key_id}``: counted requests that left an API
+  key with 10% or less of its budget (refusals included).
+- ``storage_errors_total{backend, status}``: storage failures answered 503
+  (``Unavailable``) or 500 (an unexpected exception raised in the storage
+  layer); ``unavailable_total{backend}``: every 503, by what was unavailable
+  (the storage backend, or ``rate_limit_storage``). Counted by ``errors``.
+- ``sessions_created_total``, ``events_written_total``: counted by the views
+  (:func:`session_created`, :func:`events_written`).
+- ``auth_failures_total{reason}``: ``missing``, ``malformed``,
+  ``unknown_key``, ``wrong_secret``, ``expired``, ``revoked`` (see
+  ``auth.check_token``).
+
+Under gunicorn, ``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` (a
+fresh directory) before anything imports ``prometheus_client``: every worker
+writes its values to memory-mapped files there, ``GET /metrics`` sums them
+over the workers (the gauge over live workers only, ``livesum``), and a
+worker that exits has its gauge files removed. Anywhere else (the CLI, an app
+embedding the blueprint, the tests) the app has a registry of its own, in
+process.
+
+``METRICS_ENABLED`` (default: on for ``create_app``, off for a host's
+``init_app``) switches all of it; off, nothing is counted and no hook runs.
+``METRICS_BIND`` serves the page on an address of its own, from the gunicorn
+master, instead of at ``/metrics`` of the service.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from werkzeug.wrappers import Response
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNMATCHED = "unmatched"
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# Latency buckets (seconds): a create takes about a millisecond, a timeout 30 s.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The limit names, by the first part of the limit key (see RateLimits.count).
+LIMIT_NAMES = {
+    "create": "session_create",
+    "api": "default",
+    "admin": "admin",
+    "auth-failure": "auth_failure",
+}
+DECISIONS = ("allowed", "limited", "failed_open", "failed_closed")
+AUTH_FAILURE_REASONS = ("missing", "malformed", "unknown_key", "wrong_secret", "expired", "revoked")
+# A key "near" its limit has used at least this share of it.
+NEAR_LIMIT = 0.9
+RATE_LIMIT_STORAGE = "rate_limit_storage"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory the workers share values in, when running under gunicorn."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def backend_name(storage: Any) -> str:
+    """``sqlite``, ``postgres``, ``memory``: the module the storage class lives in."""
+    return type(storage).__module__.rsplit(".", 1)[-1]
+
+
+class Metrics:
+    """The app's metric objects, and children cached per label set for the hot path."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "agent_sessions_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ("route", "method", "status"),
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "agent_sessions_http_request_duration_seconds",
+            "Time from the first hook to the answer, by route template and method.",
+            ("route", "method"),
+            buckets=BUCKETS,
+            registry=reg,
+        )
+        self.in_progress = Gauge(
+            "agent_sessions_http_requests_in_progress",
+            "Requests being answered now (summed over live workers).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.decisions = Counter(
+            "agent_sessions_rate_limit_decisions",
+            "Rate-limit decisions, by limit and outcome.",
+            ("limit", "decision"),
+            registry=reg,
+        )
+        self.near = Counter(
+            "agent_sessions_rate_limit_near",
+            f"Requests that left an API key with {1 - NEAR_LIMIT:.0%} or less of a limit.",
+            ("limit", "key_id"),
+            registry=reg,
+        )
+        self.storage_errors = Counter(
+            "agent_sessions_storage_errors",
+            "Storage failures, by backend and the status answered (503 or 500).",
+            ("backend", "status"),
+            registry=reg,
+        )
+        self.unavailable = Counter(
+            "agent_sessions_unavailable",
+            "Answers 503, by what was unavailable (a storage backend or the rate-limit storage).",
+            ("backend",),
+            registry=reg,
+        )
+        self.sessions_created = Counter(
+            "agent_sessions_sessions_created", "Sessions created.", registry=reg
+        )
+        self.events_written = Counter(
+            "agent_sessions_events_written", "Session events written.", registry=reg
+        )
+        self.auth_failures = Counter(
+            "agent_sessions_auth_failures",
+            "Failed authentications, by reason (never the key).",
+            ("reason",),
+            registry=reg,
+        )
+        # Every series that can exist without a key id exists from the start, at 0,
+        # so rates and ratios have a series to read before the first event.
+        for name in LIMIT_NAMES.values():
+            for decision in DECISIONS:
+                self.decisions.labels(name, decision)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
+        for status in ("500", "503"):
+            self.storage_errors.labels(backend, status)
+        self.unavailable.labels(backend)
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+        self._decisions: dict[tuple[str, str], Any] = {}
+
+    # The hot path: label children looked up once per label set.
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in METHODS:
+            method = "other"  # a client's made-up method is not a series of its own
+        key = (route, method, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(route, method, str(status))
+        histogram = self._durations.get((route, method))
+        if histogram is None:
+            histogram = self._durations[route, method] = self.duration.labels(route, method)
+        counter.inc()
+        histogram.observe(seconds)
+
+    def decision(self, kind: str, decision: str) -> None:
+        key = (kind, decision)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.decisions.labels(
+                LIMIT_NAMES.get(kind, kind), decision
+            )
+        child.inc()
+
+    def window(self, kind: str, key_id: str | None, window: Any) -> None:
+        """A counted request (a ``rate_limits.Window``): allowed or limited, and near the limit."""
+        self.decision(kind, "limited" if window.over else "allowed")
+        if key_id is not None and window.remaining <= (1 - NEAR_LIMIT) * window.limit:
+            self.near.labels(LIMIT_NAMES.get(kind, kind), key_id).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The page in Prometheus' text format, summed over workers under gunicorn."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+        return generate_latest(multiprocess_registry(path)), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry reading every worker's files in ``path`` (built per scrape, as documented)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry
+
+
+def init_app(app: Flask, service: Any) -> None:
+    """Count this app's requests and serve ``/metrics``, when ``METRICS_ENABLED``."""
+    enabled = app.config["METRICS_ENABLED"]
+    if not enabled:
+        return
+    metrics = service.metrics = Metrics(backend_name(service.storage))
+    service.limits.metrics = metrics
+    # First of all hooks (http.start_request may answer a routing error itself), and
+    # an after-request hook; the teardown closes what an unhandled exception left open.
+    app.before_request_funcs.setdefault(None, []).insert(0, partial(request_started, metrics))
+    app.after_request(partial(request_finished, metrics))
+    app.teardown_request(partial(request_torn_down, metrics))
+    if not app.config["METRICS_BIND"]:
+        app.add_url_rule("/metrics", "agent_sessions_metrics", metrics_page)
+
+
+def metrics_page() -> Response:
+    """The metrics in Prometheus' text format (outside /v2, without a key)."""
+    body, content_type = current_app.extensions["agent_sessions"].metrics.exposition()
+    return current_app.response_class(body, 200, {"Content-Type": content_type})
+
+
+# Prometheus' own format, for operators: not an operation of the API's OpenAPI document.
+metrics_page.openapi_hidden = True  # type: ignore[attr-defined]
+
+
+# Hooks of the corridor (sessions_app/http.py).
+
+
+def request_started(metrics: Metrics) -> None:
+    g._metrics_started = time.perf_counter()
+    metrics.in_progress.inc()
+
+
+def request_finished(metrics: Metrics, response: Response) -> Response:
+    _count(metrics, response.status_code)
+    return response
+
+
+def request_torn_down(metrics: Metrics, exc: BaseException | None) -> None:
+    # Only when the after-request hooks did not run (an exception no handler took).
+    _count(metrics, 500)
+
+
+def _count(metrics: Metrics, status: int) -> None:
+    started = g.pop("_metrics_started", None)
+    if started is None:
+        return  # counted already
+    metrics.in_progress.dec()
+    rule = request.url_rule
+    metrics.observe(
+        rule.rule if rule is not None else UNMATCHED,
+        request.method,
+        status,
+        time.perf_counter() - started,
+    )
+
+
+# What the rooms of the service count. Each is a no-op when metrics are off.
+
+
+def current() -> Metrics | None:
+    return current_app.extensions["agent_sessions"].metrics
+
+
+def session_created() -> None:
+    """One session stored (call after the storage call succeeded)."""
+    metrics = current()
+    if metrics is not None:
+        metrics.sessions_created.inc()
+
+
+def events_written(count: int = 1) -> None:
+    """``count`` session events stored (call after the storage call succeeded)."""
+    metrics = current()
+    if metrics is not None and count > 0:
+        metrics.events_written.inc(count)
+
+
+def auth_failure(reason: str) -> None:
+    metrics = current()
+    if metrics is not None:
+        metrics.auth_failures.labels(reason).inc()
+
+
+def storage_error(status: int, source: str | None = None) -> None:
+    """A storage failure answered ``status``; ``source`` names a non-storage cause of a 503."""
+    metrics = current()
+    if metrics is None:
+        return
+    if source is None:
+        metrics.storage_errors.labels(metrics.backend, str(status)).inc()
+    if status == 503:
+        metrics.unavailable.labels(source or metrics.backend).inc()
