@@ -3,7 +3,7 @@
 From the repository root::
 
     .venv/bin/python bench/instructions.py [--requests 200] [--backends sqlite,memory]
-                                           [--tree PATH]... [--keep DIR]
+                                           [--tree PATH]... [--keep DIR] [--metrics]
 
 Each operation of ``bench/run.py --compare`` (create, get, list with limit 10)
 is sent straight to the WSGI application, in-process, with no server and no
@@ -20,6 +20,11 @@ Every ``--tree`` (another checkout of this repository, with its own
 ``.venv``) is measured in the same run with this same script, so two
 versions of the code compare instruction for instruction; the first
 column is this checkout.
+``--metrics`` instead compares this checkout with metrics on (prometheus_client
+in its multiprocess mode, as under gunicorn) against metrics off, and prints
+the ratio of their instructions per request (the issue's budget: create at
+least 0.95).
+
 Needs Debian's ``valgrind``; a run takes about a minute per tree and backend.
 """
 
@@ -87,8 +92,13 @@ def requests(op: str, count: int, start: int, token: str):
             yield environ("GET", base, query="limit=10", token=token)
 
 
-def service_app(backend: str, workdir: str):
+def service_app(backend: str, workdir: str, metrics: str = ""):
     """The service as ``bench/run.py`` serves it, seeded through the storage interface."""
+    if metrics:
+        os.environ["AGENT_SESSIONS_METRICS_ENABLED"] = metrics
+        if metrics == "true":
+            os.makedirs(f"{workdir}/metrics")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = f"{workdir}/metrics"
     os.environ["AGENT_SESSIONS_STORAGE_URL"] = (
         "memory://" if backend == "memory" else f"sqlite:///{workdir}/bench.db"
     )
@@ -134,8 +144,9 @@ def service_app(backend: str, workdir: str):
 def measure(target: str, backend: str, count: int, out: str) -> None:
     """Runs inside callgrind: warm up, zero, ``count`` requests, dump; per operation."""
     with tempfile.TemporaryDirectory() as workdir:
-        if target == "service":
-            app, token = service_app(backend, workdir)
+        if target.startswith("service"):
+            _, _, metrics = target.partition(":")
+            app, token = service_app(backend, workdir, metrics)
         else:
             sys.path.insert(0, str(ROOT / "bench"))
             from baseline_app import app
@@ -190,7 +201,7 @@ def counted(
             raise SystemExit(f"{tree} {target} {backend}: failed\n{run.stderr[-3000:]}")
         per_request = {}
         if keep:
-            target_dir = keep / f"{tree.name}-{target}-{backend}"
+            target_dir = keep / f"{tree.name}-{target.replace(':', '-')}-{backend}"
             target_dir.mkdir(parents=True, exist_ok=True)
             for dump in pathlib.Path(scratch).glob("cg.*"):
                 (target_dir / dump.name).write_bytes(dump.read_bytes())
@@ -211,11 +222,23 @@ def main() -> int:
     parser.add_argument(
         "--keep", type=pathlib.Path, help="copy callgrind's dumps here (for callgrind_annotate)"
     )
+    parser.add_argument("--metrics", action="store_true", help="metrics on against off")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
         target, backend, count, out = args.inside.split(",")
         measure(target, backend, int(count), out)
+        return 0
+    if args.metrics:
+        print("metrics on against off (instructions off / instructions on)")
+        for backend in args.backends.split(","):
+            off = counted(ROOT, "service:false", backend, args.requests, args.keep)
+            on = counted(ROOT, "service:true", backend, args.requests, args.keep)
+            for op in OPERATIONS:
+                print(
+                    f"{backend:>8} {op:<7} {off[op] / on[op]:.3f} "
+                    f"(off {off[op] / 1000:,.0f}k, on {on[op] / 1000:,.0f}k)"
+                )
         return 0
     trees = [ROOT, *(t.resolve() for t in args.tree)]
     baseline = counted(ROOT, "baseline", "none", args.requests)
