@@ -19,6 +19,9 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
+from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory
+
+from .naming import EVENT_ID_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +123,30 @@ def handle_not_found(err: NotFound) -> Response:
         return error_response(404, "agent_not_found", [f"Agent {err} not found."])
     if isinstance(err, SessionNotFound):
         return error_response(404, "session_not_found", [f"Session {err} not found."])
+    if isinstance(err, EventNotFound):
+        return error_response(404, "event_not_found", [f"Event {err} not found."])
     if isinstance(err, ApiKeyNotFound):
         return error_response(404, "not_found", [f"API key {err} not found."])
     return error_response(404, "not_found", ["Not found."])
 
 
 def handle_conflict(err: Conflict) -> Response:
-    return error_response(409, "conflict", [f"Key {err} already exists."])
+    what = "Event" if str(err).startswith(EVENT_ID_PREFIX) else "Key"
+    return error_response(409, "conflict", [f"{what} {err} already exists."])
+
+
+def handle_stale_history(err: StaleHistory) -> Response:
+    return error_response(
+        409,
+        "conflict",
+        ["if_last_event_id no longer names the session's last event; nothing was written."],
+    )
+
+
+def handle_session_disabled(err: SessionDisabled) -> Response:
+    return error_response(
+        409, "session_disabled", [f"Session {err} is disabled: it takes no new events."]
+    )
 
 
 def handle_agent_disabled(err: AgentDisabled) -> Response:
@@ -167,7 +187,9 @@ HANDLERS = (
     (ApiError, handle_api_error),
     (ValidationError, handle_validation_error),
     (NotFound, handle_not_found),
+    (StaleHistory, handle_stale_history),
     (Conflict, handle_conflict),
+    (SessionDisabled, handle_session_disabled),
     (AgentDisabled, handle_agent_disabled),
     (Unavailable, handle_unavailable),
     (HTTPException, handle_http_exception),
