@@ -309,6 +309,7 @@ class Storage(abc.ABC):
     ) -> Session:
         """Apply ``changes`` (field to new value) and move ``updated_at`` to ``now``.
 
+        An update restarts the idle clock: ``active_at`` moves to ``now`` too.
         Raises :class:`SessionNotFound`, also when expired at ``now`` (the
         session is then removed, as by :meth:`get_session`).
         """
@@ -445,20 +446,23 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def iter_events(
-        self, *, agent_key: str, session_key: str, now: dt.datetime
-    ) -> Iterator[Event]:
+    def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
         """Every event of the session, hidden ones included, oldest first.
 
-        Read lazily in batches (constant memory for any history); the session
-        is checked (:class:`SessionNotFound`) before the first event is read.
+        Read lazily in batches (constant memory for any history). The session
+        is checked by the call itself, which raises :class:`SessionNotFound`
+        before it returns the iterator (so a streamed answer can still be a 404).
+        Each batch is read on its own: events written or removed meanwhile may
+        or may not appear, but none appears twice or out of order.
         """
 
     @abc.abstractmethod
     def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
         """Create ``session`` and append ``events`` as given (ids, times and hide
         reasons kept); return how many. All or nothing; raises what
-        :meth:`create_session` and :meth:`append_events` raise.
+        :meth:`create_session` raises, and :class:`Conflict` for an id given
+        twice. A disabled session may be imported (a restore is not new input).
+        ``session.forked_from`` and ``active_at`` are stored as given.
         """
 
     # API keys

@@ -96,3 +96,20 @@ def filter_rows(
         if read >= max_rows or time.monotonic() > deadline:
             return picked, position(row)
     return picked, None
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``target`` with the JSON merge patch ``patch`` applied (RFC 7386); neither is changed.
+
+    An object patch merges key by key, recursively, and a ``None`` (JSON null)
+    removes its key; any other patch replaces the target whole.
+    """
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

@@ -15,24 +15,30 @@ import dataclasses
 import datetime as dt
 import itertools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import config
 
 from .base import (
+    ANY_LAST_EVENT,
+    HIDDEN_BY_COMPACTION,
     Agent,
     AgentDisabled,
     AgentNotFound,
     ApiKey,
     ApiKeyNotFound,
     Conflict,
+    Event,
+    EventNotFound,
     Page,
     Session,
+    SessionDisabled,
     SessionNotFound,
+    StaleHistory,
     Storage,
 )
-from .codec import filter_rows
+from .codec import filter_rows, merge_patch
 
 
 class _Table(dict):
@@ -80,6 +86,8 @@ class MemoryStorage(Storage):
         self._agents = _Table()
         self._sessions: dict[str, _Table] = {}
         self._keys = _Table()
+        #: each session's history, by the session's sequence number
+        self._events: dict[int, _Events] = {}
         self.filter_scan_rows = int(filter_scan_rows)
         self.filter_scan_seconds = float(filter_scan_seconds)
 
@@ -130,7 +138,8 @@ class MemoryStorage(Storage):
         with self._lock:
             self._agent(agent_key)
             self._agents.remove(agent_key)
-            del self._sessions[agent_key]
+            for seq, _ in self._sessions.pop(agent_key).values():
+                self._events.pop(seq, None)
             # A new agent with this key inherits no grants.
             for key_id, (seq, key) in list(self._keys.items()):
                 kept = [grant for grant in key.grants if grant.agent != agent_key]
@@ -147,19 +156,28 @@ class MemoryStorage(Storage):
 
     def create_session(self, *, session: Session) -> Session:
         with self._lock:
-            sessions = self._sessions.get(session.agent_key)
-            if sessions is None:
-                raise AgentNotFound(session.agent_key)
-            if not self._agent(session.agent_key).enabled:
-                raise AgentDisabled(session.agent_key)
-            held = sessions.get(session.key)
-            if held is not None:
-                if not held[1].expired(session.created_at):
-                    raise Conflict(session.key)
-                # Idle past its TTI, the session is gone for clients: its key is free.
-                sessions.remove(session.key)
-            sessions.add(next(self._seq), session.key, _copy(session))
+            self._create_session(session)
             return _copy(session)
+
+    def _create_session(self, session: Session, log: _Events | None = None) -> None:
+        """Store a copy of ``session`` with ``log`` as its history (empty by default).
+
+        Called with the lock held; raises what :meth:`create_session` raises.
+        """
+        sessions = self._sessions.get(session.agent_key)
+        if sessions is None:
+            raise AgentNotFound(session.agent_key)
+        if not self._agent(session.agent_key).enabled:
+            raise AgentDisabled(session.agent_key)
+        held = sessions.get(session.key)
+        if held is not None:
+            if not held[1].expired(session.created_at):
+                raise Conflict(session.key)
+            # Idle past its TTI, the session is gone for clients: its key is free.
+            self._remove_session(sessions, session.key)
+        seq = next(self._seq)
+        sessions.add(seq, session.key, _copy(session))
+        self._events[seq] = _Events() if log is None else log
 
     def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
         with self._lock:
@@ -204,21 +222,23 @@ class MemoryStorage(Storage):
     ) -> Session:
         with self._lock:
             seq, session = self._live_session(agent_key, session_key, now)
-            session = dataclasses.replace(session, **_copy_tree(dict(changes)), updated_at=now)
+            session = dataclasses.replace(
+                session, **_copy_tree(dict(changes)), updated_at=now, active_at=now
+            )
             self._sessions[agent_key][session_key] = (seq, session)
             return _copy(session)
 
     def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
         with self._lock:
             self._live_session(agent_key, session_key, now)
-            self._sessions[agent_key].remove(session_key)
+            self._remove_session(self._sessions[agent_key], session_key)
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
         with self._lock:
             removed = 0
             for sessions in self._sessions.values():
                 for key in [k for k, (_, s) in sessions.items() if s.expired(now)]:
-                    sessions.remove(key)
+                    self._remove_session(sessions, key)
                     removed += 1
             return removed
 
@@ -231,9 +251,199 @@ class MemoryStorage(Storage):
             raise SessionNotFound(session_key)
         seq, session = held
         if session.expired(now):
-            sessions.remove(session_key)
+            self._remove_session(sessions, session_key)
             raise SessionNotFound(session_key)
         return seq, session
+
+    def _remove_session(self, sessions: _Table, session_key: str) -> None:
+        """Remove a session and its events."""
+        seq, _ = sessions[session_key]
+        sessions.remove(session_key)
+        self._events.pop(seq, None)
+
+    # Events
+
+    def append_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+        metadata_patch: Mapping[str, Any] | None = None,
+        check_metadata: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Session:
+        with self._lock:
+            seq, session = self._live_session(agent_key, session_key, now)
+            if not session.enabled:
+                raise SessionDisabled(session_key)
+            log = self._events[seq]
+            if if_last_event_id is not ANY_LAST_EVENT and log.last_id() != if_last_event_id:
+                raise StaleHistory(session_key)
+            log.check_new([event.id for event in events])
+            changes: dict[str, Any] = {"active_at": now}
+            if metadata_patch is not None:
+                metadata = _copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
+                if check_metadata is not None:
+                    check_metadata(_copy_tree(metadata))
+                if metadata != session.metadata:
+                    changes.update(metadata=metadata, updated_at=now)
+            for event in events:
+                log.add(next(self._seq), _stored(event, session_key))
+            session = dataclasses.replace(session, **changes)
+            self._sessions[agent_key][session_key] = (seq, session)
+            return _copy(session)
+
+    def list_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        descending: bool = False,
+        include_hidden: bool = False,
+        types: frozenset[str] | None = None,
+    ) -> Page:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            rows = self._events[seq].rows(
+                after=after, descending=descending, include_hidden=include_hidden
+            )
+            if types is not None:
+                rows = ((s, e) for s, e in rows if e.type in types)
+            return _page(rows, limit)
+
+    def get_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> Event:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            return _copy(self._events[seq].get(event_id))
+
+    def set_event_hidden(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        event_id: str,
+        hide_reason: str | None,
+        now: dt.datetime,
+    ) -> Event:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            return _copy(self._events[seq].set_hidden(event_id, hide_reason))
+
+    def delete_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> None:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            self._events[seq].remove(event_id)
+
+    def compact_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        up_to_event_id: str | None,
+        compaction: Event,
+        now: dt.datetime,
+    ) -> Event:
+        with self._lock:
+            seq, session = self._live_session(agent_key, session_key, now)
+            if not session.enabled:
+                raise SessionDisabled(session_key)
+            log = self._events[seq]
+            visible = [event for _, event in log.rows(include_hidden=False)]
+            if up_to_event_id is None:
+                inputs = [i for i, e in enumerate(visible) if e.type == "input_message"]
+                hidden = visible[: inputs[-1]] if inputs else visible
+            else:
+                anchor = log.seq_of(up_to_event_id)
+                hidden = [e for e in visible if log.seq_of(e.id) <= anchor]
+            log.check_new([compaction.id])
+            stored = _compaction(compaction, session_key, hidden)
+            for event in hidden:
+                log.set_hidden(event.id, HIDDEN_BY_COMPACTION)
+            log.add(next(self._seq), stored)
+            self._sessions[agent_key][session_key] = (
+                seq,
+                dataclasses.replace(session, active_at=now),
+            )
+            return _copy(stored)
+
+    def fork_session(
+        self,
+        *,
+        session: Session,
+        source_agent_key: str,
+        source_session_key: str,
+        include_up_to_event_id: str | None = None,
+        compact_up_to_event_id: str | None = None,
+        compaction: Event | None = None,
+    ) -> Session:
+        with self._lock:
+            now = session.created_at
+            source_seq, _ = self._live_session(source_agent_key, source_session_key, now)
+            source = self._events[source_seq]
+            copies = [_stored(e, session.key) for _, e in source.rows(include_hidden=False)]
+            ids = [event.id for event in copies]
+            if include_up_to_event_id is not None:
+                if include_up_to_event_id not in ids:
+                    raise EventNotFound(include_up_to_event_id)
+                copies = copies[: ids.index(include_up_to_event_id) + 1]
+                ids = ids[: len(copies)]
+            hidden: list[Event] = []
+            if compact_up_to_event_id is not None:
+                if compact_up_to_event_id not in ids:
+                    raise EventNotFound(compact_up_to_event_id)
+                hidden = copies[: ids.index(compact_up_to_event_id) + 1]
+            extra = []
+            if compaction is not None and compact_up_to_event_id is not None:
+                extra.append(_compaction(compaction, session.key, hidden))
+            forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
+            if copies:
+                forked_from["event_id"] = copies[-1].id
+            session = dataclasses.replace(_copy(session), forked_from=forked_from)
+            for event in hidden:
+                event.hide_reason = HIDDEN_BY_COMPACTION
+            log = self._new_log(copies + extra)
+            self._create_session(session, log)
+            return _copy(session)
+
+    def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            log = self._events[seq]
+        return self._iter_events(log)
+
+    def _iter_events(self, log: _Events, batch: int = 1000) -> Iterator[Event]:
+        after = None
+        while True:
+            with self._lock:
+                rows = list(itertools.islice(log.rows(after=after, include_hidden=True), batch))
+                events = [_copy(event) for _, event in rows]
+            yield from events
+            if len(rows) < batch:
+                return
+            after = rows[-1][0]
+
+    def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
+        stored = [_stored(event, session.key) for event in events]
+        with self._lock:
+            self._create_session(_copy(session), self._new_log(stored))
+            return len(stored)
+
+    def _new_log(self, events: list[Event]) -> _Events:
+        """A history holding ``events`` (stored copies); :class:`Conflict` for a repeated id."""
+        log = _Events()
+        log.check_new([event.id for event in events])
+        for event in events:
+            log.add(next(self._seq), event)
+        return log
 
     # API keys
 
@@ -265,6 +475,97 @@ class MemoryStorage(Storage):
                 key = dataclasses.replace(key, revoked_at=now)
                 self._keys[key_id] = (seq, key)
             return _copy(key)
+
+
+class _Events:
+    """One session's history: events by sequence number, with the sorted numbers of
+    all of them and of the visible ones, so that a page starts with a bisection.
+    """
+
+    def __init__(self) -> None:
+        self._by_seq: dict[int, Event] = {}
+        self._seq_of: dict[str, int] = {}
+        self._all: list[int] = []
+        self._visible: list[int] = []
+
+    def check_new(self, ids: list[str]) -> None:
+        """Raise :class:`Conflict` when an id is in the history or twice in ``ids``."""
+        if len(set(ids)) != len(ids):
+            raise Conflict("an event id appears twice in the batch")
+        for event_id in ids:
+            if event_id in self._seq_of:
+                raise Conflict(event_id)
+
+    def add(self, seq: int, event: Event) -> None:
+        # Sequence numbers only grow, so a new event always goes last.
+        self._by_seq[seq] = event
+        self._seq_of[event.id] = seq
+        self._all.append(seq)
+        if event.hide_reason is None:
+            self._visible.append(seq)
+
+    def seq_of(self, event_id: str) -> int:
+        try:
+            return self._seq_of[event_id]
+        except KeyError:
+            raise EventNotFound(event_id) from None
+
+    def get(self, event_id: str) -> Event:
+        return self._by_seq[self.seq_of(event_id)]
+
+    def last_id(self) -> str | None:
+        return self._by_seq[self._all[-1]].id if self._all else None
+
+    def set_hidden(self, event_id: str, hide_reason: str | None) -> Event:
+        seq = self.seq_of(event_id)
+        event = self._by_seq[seq]
+        if (event.hide_reason is None) != (hide_reason is None):
+            if hide_reason is None:
+                bisect.insort(self._visible, seq)
+            else:
+                del self._visible[bisect.bisect_left(self._visible, seq)]
+        event.hide_reason = hide_reason
+        return event
+
+    def remove(self, event_id: str) -> None:
+        seq = self.seq_of(event_id)
+        event = self._by_seq.pop(seq)
+        del self._seq_of[event_id]
+        del self._all[bisect.bisect_left(self._all, seq)]
+        if event.hide_reason is None:
+            del self._visible[bisect.bisect_left(self._visible, seq)]
+
+    def rows(
+        self, *, after: int | None = None, descending: bool = False, include_hidden: bool
+    ) -> Iterator[tuple[int, Event]]:
+        """(sequence number, event) in order (``descending``: newest first), past ``after``."""
+        seqs = self._all if include_hidden else self._visible
+        by_seq = self._by_seq
+        if descending:
+            at = len(seqs) if after is None else bisect.bisect_left(seqs, after)
+            while at > 0:
+                at -= 1
+                yield seqs[at], by_seq[seqs[at]]
+        else:
+            at = 0 if after is None else bisect.bisect_right(seqs, after)
+            while at < len(seqs):
+                yield seqs[at], by_seq[seqs[at]]
+                at += 1
+
+
+def _stored(event: Event, session_key: str) -> Event:
+    """A copy of ``event`` as stored in the session ``session_key``."""
+    return dataclasses.replace(_copy(event), session_key=session_key)
+
+
+def _compaction(compaction: Event, session_key: str, hidden: list[Event]) -> Event:
+    """The compaction event to store, with its counts of what it ``hidden``."""
+    stored = _stored(compaction, session_key)
+    stored.fields.update(
+        turns_compacted=sum(event.type == "input_message" for event in hidden),
+        events_compacted=len(hidden),
+    )
+    return stored
 
 
 def _page(rows: Iterator[tuple[int, Any]], limit: int) -> Page:
