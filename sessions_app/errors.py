@@ -131,8 +131,11 @@ def handle_not_found(err: NotFound) -> Response:
 
 
 def handle_conflict(err: Conflict) -> Response:
-    what = "Event" if str(err).startswith(EVENT_ID_PREFIX) else "Key"
-    return error_response(409, "conflict", [f"{what} {err} already exists."])
+    subject = str(err)
+    if " " in subject:  # a sentence of the backend's own, not a key
+        return error_response(409, "conflict", [subject[:1].upper() + subject[1:] + "."])
+    what = "Event" if subject.startswith(EVENT_ID_PREFIX) else "Key"
+    return error_response(409, "conflict", [f"{what} {subject} already exists."])
 
 
 def handle_stale_history(err: StaleHistory) -> Response:

@@ -280,7 +280,8 @@ class _Builder:
         if scope == "admin":
             described["description"] = "Needs an admin key."
         elif scope:
-            described["description"] = f"Needs a key with `{scope}` on the agent."
+            needed = " or ".join(f"`{one}`" for one in scope.split(" or "))
+            described["description"] = f"Needs a key with {needed} on the agent."
         if not needs_key:
             described["security"] = []
         statuses = {500, *doc.statuses}
