@@ -87,7 +87,8 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     if isinstance(messages, dict):
         for key, value in messages.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
+            # A nested object's own error (not an object at all) is the object's.
+            path = prefix if key == "_schema" and prefix else f"{prefix}.{key}" if prefix else str(key)
             flat.update(flatten_messages(value, path))
     elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
         flat[prefix or "_schema"] = " ".join(messages)
@@ -99,9 +100,16 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+UNKNOWN_FIELD = "Unknown field."
+
+
 def validation_error(err: ValidationError) -> ApiError:
     field_errors = flatten_messages(err.messages)
-    only_metadata = all(path.split(".")[0] == "metadata" for path in field_errors)
+    # An unknown field named "metadata" (in a body that has none) is not metadata.
+    only_metadata = all(
+        path.split(".")[0] == "metadata" and message != UNKNOWN_FIELD
+        for path, message in field_errors.items()
+    )
     code = "invalid_metadata" if only_metadata else "invalid_request"
     messages = [
         message if path == "_schema" else f"{path}: {message}"

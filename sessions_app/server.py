@@ -8,8 +8,10 @@
   sends a partial request, or one byte at a time, costs a socket and a few
   bytes, not a thread; it is closed when its request is not complete
   ``header_timeout`` seconds after it started.
-- Chunked bodies up to 64 KiB are read by the loop too, to their last chunk
-  (a longer one is answered 413 at once). Past gunicorn's own bounds on the
+- Chunked bodies up to 64 KiB are read by the loop too, to their last chunk;
+  a longer one goes to a thread, as a body of declared length over 64 KiB
+  does, and the service reads it against the route's own bound (64 KiB for
+  most routes, so a 413; 4 MiB for a batch of session events). Past gunicorn's own bounds on the
   request line and the headers, a head goes to the parser at once, which
   answers 4xx; each byte is looked at once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
@@ -268,8 +270,8 @@ class HeadReadingWorker(ThreadWorker):
         """Whether a thread can serve the request read so far without waiting on the client.
 
         True once the head is complete and so is a body of declared length up
-        to ``BODY_BUFFER_MAX`` (a longer one is refused by the service before
-        it is read) or a chunked one. Raises ``Refused`` once the data is past
+        to ``BODY_BUFFER_MAX`` (a longer one is read by the thread, against the
+        route's bound) or a chunked one (or once a chunked one is past it). Raises ``Refused`` once the data is past
         what a valid head (or a chunked body the loop reads) can be. Only the
         bytes received since the last call are searched.
         """
@@ -304,9 +306,8 @@ class HeadReadingWorker(ThreadWorker):
         if conn.body_length is not None:
             return len(conn.head) - conn.body_start >= conn.body_length
         conn.chunk_pos, done = chunked_end(conn.head, conn.chunk_pos)
-        if not done and len(conn.head) - conn.body_start > BODY_BUFFER_MAX:
-            raise Refused(413, f"a chunked body is at most {BODY_BUFFER_MAX} bytes")
-        return done
+        # Past the buffer, the service reads the rest against the route's bound.
+        return done or len(conn.head) - conn.body_start > BODY_BUFFER_MAX
 
     def answer_expect_continue(self, conn: Any, end: int) -> bool:
         """Send ``100 Continue`` for a body the loop waits for, as a buffering proxy does.
