@@ -27,27 +27,34 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import itertools
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import config
 
 from .base import (
+    ANY_LAST_EVENT,
+    HIDDEN_BY_COMPACTION,
     Agent,
     AgentDisabled,
     AgentNotFound,
     ApiKey,
     ApiKeyNotFound,
     Conflict,
+    Event,
+    EventNotFound,
     Grant,
     Page,
     SchemaTooNew,
     Session,
+    SessionDisabled,
     SessionNotFound,
+    StaleHistory,
     Storage,
 )
-from .codec import dump_json, filter_rows
+from .codec import dump_json, filter_rows, merge_patch
 
 # The schema
 
@@ -132,6 +139,49 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE api_keys ALTER COLUMN grants TYPE json USING grants::json",
         ),
     ),
+    Migration(
+        3,
+        "session events; a session's fork source and the last restart of its idle clock",
+        # seq is the page cursor: AUTOINCREMENT, so that a number is never
+        # reused after the newest event is deleted. Each listing has an index
+        # that holds exactly its rows in seq order (visible ones: partial on
+        # hide_reason IS NULL; one type: type before seq), so a page at any
+        # depth reads limit + 1 entries, never the hidden or other-typed rows.
+        # The trigger removes a session's events in the statement that removes
+        # the session, whichever statement it is (delete, expiry, purge, the
+        # agent's deletion, a replacement on create).
+        sqlite=(
+            "ALTER TABLE sessions ADD COLUMN forked_from TEXT",
+            "ALTER TABLE sessions ADD COLUMN active_at TEXT",
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "session_id INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, "
+            "created_at TEXT NOT NULL, hide_reason TEXT, fields TEXT NOT NULL)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_events_session_event ON events (session_id, id)",
+            "CREATE INDEX IF NOT EXISTS idx_events_session_seq ON events (session_id, seq)",
+            "CREATE INDEX IF NOT EXISTS idx_events_visible ON events (session_id, seq) "
+            "WHERE hide_reason IS NULL",
+            "CREATE INDEX IF NOT EXISTS idx_events_type ON events (session_id, type, seq)",
+            "CREATE INDEX IF NOT EXISTS idx_events_visible_type "
+            "ON events (session_id, type, seq) WHERE hide_reason IS NULL",
+            "CREATE TRIGGER IF NOT EXISTS sessions_delete_events AFTER DELETE ON sessions "
+            "BEGIN DELETE FROM events WHERE session_id = OLD.id; END",
+        ),
+        postgres=(
+            "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS forked_from json",
+            "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS active_at timestamptz",
+            """CREATE TABLE IF NOT EXISTS events (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            session_id bigint NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            id text NOT NULL, UNIQUE (session_id, id), type text NOT NULL,
+            created_at timestamptz NOT NULL, hide_reason text, fields json NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS events_session_seq ON events (session_id, seq)",
+            "CREATE INDEX IF NOT EXISTS events_visible ON events (session_id, seq) "
+            "WHERE hide_reason IS NULL",
+            "CREATE INDEX IF NOT EXISTS events_type ON events (session_id, type, seq)",
+            "CREATE INDEX IF NOT EXISTS events_visible_type ON events (session_id, type, seq) "
+            "WHERE hide_reason IS NULL",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -173,9 +223,9 @@ SESSIONS = Table(
     Session,
     "id",
     ("agent_key", "key", "name", "description", "metadata", "enabled", "tti_minutes")
-    + ("created_at", "updated_at"),
-    json=("metadata",),
-    times=("created_at", "updated_at"),
+    + ("created_at", "updated_at", "forked_from", "active_at"),
+    json=("metadata", "forked_from"),
+    times=("created_at", "updated_at", "active_at"),
     flags=("enabled",),
     changeable=frozenset({"name", "description", "metadata", "enabled", "tti_minutes"}),
 )
@@ -231,6 +281,50 @@ DELETE_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? RETURNING
 DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? AND expires_at <= ?"
 DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
 PURGE_EXPIRED = "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?"
+
+# Events. A session's events are found by the session's row id, which the
+# session's own lookup (by agent and key, checking its expiry) gives first.
+EVENT_COLUMNS = ("seq", "id", "type", "fields", "created_at", "hide_reason")
+EVENT_SELECT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE session_id = ?"
+INSERT_EVENT = (
+    "INSERT INTO events (session_id, id, type, fields, created_at, hide_reason) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+GET_EVENT = f"{EVENT_SELECT} AND id = ?"
+# One probe of (session_id, seq), from its end.
+LAST_EVENT_ID = "SELECT id FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT 1"
+FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
+EVENT_BATCH = 1_000  # rows per query of iter_events
+IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
+
+
+@functools.lru_cache(maxsize=64)
+def event_page_query(
+    descending: bool, include_hidden: bool, types: int, cursor: bool
+) -> tuple[str, bool]:
+    """The statement of a page of events, and whether it is a union of one per type.
+
+    Parameters, in order: with no types, session_id, the cursor (when
+    ``cursor``) and the limit; with ``types`` types, those three per type
+    (each with the type after session_id) and the page's limit. With several
+    types, each type's branch reads its own index, in order, up to the limit,
+    and the union keeps the first ``limit`` of those: a page reads at most
+    ``types * limit`` index entries at any depth, where one ``type IN (...)``
+    scan would read and sort every matching row past the cursor.
+    """
+    where = "session_id = ?"
+    if types:
+        where += " AND type = ?"
+    if not include_hidden:
+        where += " AND hide_reason IS NULL"
+    if cursor:
+        where += " AND seq < ?" if descending else " AND seq > ?"
+    order = "seq DESC" if descending else "seq"
+    one = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE {where} ORDER BY {order} LIMIT ?"
+    if types <= 1:
+        return one, False
+    branches = " UNION ALL ".join(f"SELECT * FROM ({one}) AS t{i}" for i in range(types))
+    return f"{branches} ORDER BY {order} LIMIT ?", True
 
 
 def identity(value: Any) -> Any:
@@ -391,6 +485,9 @@ class SQLStorage(Storage, abc.ABC):
         if column == "grants":
             encode_json = self.encode_json
             return lambda grants: encode_json([[g.agent, list(g.scopes)] for g in grants])
+        if column == "forked_from":
+            encode_json = self.encode_json
+            return lambda value: None if value is None else encode_json(value)
         if column in table.json:
             return self.encode_json
         if column in table.flags:
@@ -406,7 +503,11 @@ class SQLStorage(Storage, abc.ABC):
                 Grant(agent, tuple(scopes)) for agent, scopes in decode_json(value)
             ]
         if column in table.json:
-            return None if decode_json is identity else decode_json
+            if decode_json is identity:
+                return None
+            if column == "forked_from":
+                return lambda value: None if value is None else decode_json(value)
+            return decode_json
         if column in table.times:
             return self.decode_ts
         if column in table.flags:
@@ -597,14 +698,15 @@ class SQLStorage(Storage, abc.ABC):
         else:
             expires = self.expires_from_tti
             params.append(self.encode_ts(now))
+        # An update restarts the idle clock.
         query = (
-            f"UPDATE sessions SET {assignments}, expires_at = {expires} "
+            f"UPDATE sessions SET {assignments}, expires_at = {expires}, active_at = ? "
             f"WHERE agent_key = ? AND key = ? AND {_LIVE} {SESSIONS.returning}"
         )
         stamp = self.encode_ts(now)
         with self._update_transaction() as conn:
             row = conn.execute(
-                self._sql(query), [*params, agent_key, session_key, stamp]
+                self._sql(query), [*params, stamp, agent_key, session_key, stamp]
             ).fetchone()
             if row is None:
                 # Gone means gone: an expired session is removed by the call that noticed.
@@ -629,6 +731,412 @@ class SQLStorage(Storage, abc.ABC):
                 self._sql(PURGE_EXPIRED),
                 [self.encode_ts(now)],
             ).rowcount
+
+    # Events
+
+    def _event(self, row: Any, session_key: str) -> Event:
+        """An event from a row of :data:`EVENT_COLUMNS`."""
+        _, event_id, kind, fields, created_at, hide_reason = row
+        return Event(
+            id=event_id,
+            session_key=session_key,
+            type=kind,
+            fields=self.decode_json(fields),
+            created_at=self.decode_ts(created_at),
+            hide_reason=hide_reason,
+        )
+
+    def _event_params(self, session_id: int, event: Event) -> list[Any]:
+        """The parameters of :data:`INSERT_EVENT` for ``event`` in the session ``session_id``."""
+        return [
+            session_id,
+            event.id,
+            event.type,
+            self.encode_json(event.fields),
+            self.encode_ts(event.created_at),
+            event.hide_reason,
+        ]
+
+    def _session_id(self, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        """The row id of a live session, for reads.
+
+        Raises :class:`SessionNotFound`, also for a session expired at ``now``
+        (which is then removed, with its events).
+        """
+        with self._reading() as conn:
+            row = conn.execute(self._sql(FIND_SESSION), [agent_key, session_key]).fetchone()
+        if row is None:
+            raise SessionNotFound(session_key)
+        if not self._live(row[1], now):
+            with self._writing() as conn:
+                conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
+            raise SessionNotFound(session_key)
+        return row[0]
+
+    def _touch(
+        self, conn: Any, agent_key: str, session_key: str, now: dt.datetime
+    ) -> tuple[int, Session] | None:
+        """Restart a live session's idle clock in ``conn``'s transaction; (row id, session).
+
+        The UPDATE holds the session's row until the transaction ends, so
+        writers of one session's history take turns (SQLite's writers already
+        do, in BEGIN IMMEDIATE). None when no live session has the key: an
+        expired one is then removed, in this transaction, which the caller
+        lets commit before it raises :class:`SessionNotFound`.
+        """
+        stamp = self.encode_ts(now)
+        row = conn.execute(
+            self._sql(
+                f"UPDATE sessions SET active_at = ?, expires_at = {self.expires_from_tti} "
+                f"WHERE agent_key = ? AND key = ? AND {_LIVE} {SESSIONS.returning}"
+            ),
+            [stamp, stamp, agent_key, session_key, stamp],
+        ).fetchone()
+        if row is None:
+            conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
+            return None
+        return row[0], self._record(SESSIONS, row)
+
+    def append_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+        metadata_patch: Mapping[str, Any] | None = None,
+        check_metadata: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Session:
+        ids = [event.id for event in events]
+        if len(set(ids)) != len(ids):
+            raise Conflict("an event id appears twice in the batch")
+        try:
+            with self._transaction() as conn:
+                touched = self._touch(conn, agent_key, session_key, now)
+                if touched is not None:
+                    session_id, session = touched
+                    if not session.enabled:
+                        raise SessionDisabled(session_key)
+                    if if_last_event_id is not ANY_LAST_EVENT:
+                        last = conn.execute(self._sql(LAST_EVENT_ID), [session_id]).fetchone()
+                        if (None if last is None else last[0]) != if_last_event_id:
+                            raise StaleHistory(session_key)
+                    if metadata_patch is not None:
+                        session = self._patch_metadata(
+                            conn, session_id, session, metadata_patch, check_metadata, now
+                        )
+                    if events:
+                        self._execute_many(
+                            conn,
+                            self._sql(INSERT_EVENT),
+                            [self._event_params(session_id, event) for event in events],
+                        )
+        except self.unique_violation:
+            raise Conflict("an event id of the batch is already in the session") from None
+        if touched is None:
+            raise SessionNotFound(session_key)
+        return session
+
+    def _patch_metadata(
+        self,
+        conn: Any,
+        session_id: int,
+        session: Session,
+        patch: Mapping[str, Any],
+        check: Callable[[dict[str, Any]], None] | None,
+        now: dt.datetime,
+    ) -> Session:
+        """Apply a merge patch to the session's metadata; ``updated_at`` moves if it changed."""
+        metadata = merge_patch(session.metadata, dict(patch))
+        if check is not None:
+            check(metadata)
+        if metadata == session.metadata:
+            return session
+        row = conn.execute(
+            self._sql(
+                f"UPDATE sessions SET metadata = ?, updated_at = ? WHERE id = ? "
+                f"{SESSIONS.returning}"
+            ),
+            [self.encode_json(metadata), self.encode_ts(now), session_id],
+        ).fetchone()
+        return self._record(SESSIONS, row)
+
+    def list_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        descending: bool = False,
+        include_hidden: bool = False,
+        types: frozenset[str] | None = None,
+    ) -> Page:
+        session_id = self._session_id(agent_key, session_key, now)
+        kinds: list[str | None] = [None] if types is None else sorted(types)
+        if not kinds:
+            return Page([], None)
+        query, union = event_page_query(
+            descending, include_hidden, 0 if types is None else len(kinds), after is not None
+        )
+        cursor = [] if after is None else [after]
+        params: list[Any] = []
+        for kind in kinds:
+            params += [session_id, *([] if kind is None else [kind]), *cursor, limit + 1]
+        if union:
+            params.append(limit + 1)
+        with self._reading() as conn:
+            rows = conn.execute(self._sql(query), params).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([self._event(row, session_key) for row in rows], rows[-1][0] if more else None)
+
+    def get_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> Event:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._reading() as conn:
+            row = conn.execute(self._sql(GET_EVENT), [session_id, event_id]).fetchone()
+        if row is None:
+            raise EventNotFound(event_id)
+        return self._event(row, session_key)
+
+    def set_event_hidden(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        event_id: str,
+        hide_reason: str | None,
+        now: dt.datetime,
+    ) -> Event:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._writing() as conn:
+            row = conn.execute(
+                self._sql(
+                    "UPDATE events SET hide_reason = ? WHERE session_id = ? AND id = ? "
+                    f"RETURNING {', '.join(EVENT_COLUMNS)}"
+                ),
+                [hide_reason, session_id, event_id],
+            ).fetchone()
+        if row is None:
+            raise EventNotFound(event_id)
+        return self._event(row, session_key)
+
+    def delete_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> None:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._writing() as conn:
+            deleted = conn.execute(
+                self._sql("DELETE FROM events WHERE session_id = ? AND id = ?"),
+                [session_id, event_id],
+            ).rowcount
+        if deleted == 0:
+            raise EventNotFound(event_id)
+
+    def compact_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        up_to_event_id: str | None,
+        compaction: Event,
+        now: dt.datetime,
+    ) -> Event:
+        try:
+            with self._transaction() as conn:
+                touched = self._touch(conn, agent_key, session_key, now)
+                if touched is not None:
+                    session_id, session = touched
+                    if not session.enabled:
+                        raise SessionDisabled(session_key)
+                    if up_to_event_id is not None:
+                        bound = self._event_seq(conn, session_id, up_to_event_id, visible=False)
+                    else:
+                        # Everything before the last visible input message, or everything.
+                        row = conn.execute(
+                            self._sql(
+                                "SELECT seq FROM events WHERE session_id = ? "
+                                "AND type = 'input_message' AND hide_reason IS NULL "
+                                "ORDER BY seq DESC LIMIT 1"
+                            ),
+                            [session_id],
+                        ).fetchone()
+                        bound = None if row is None else row[0] - 1
+                    turns = self._count(
+                        conn, session_id, "type = 'input_message' AND hide_reason IS NULL", bound
+                    )
+                    hidden = conn.execute(
+                        self._sql(
+                            "UPDATE events SET hide_reason = ? WHERE session_id = ? "
+                            "AND hide_reason IS NULL" + ("" if bound is None else " AND seq <= ?")
+                        ),
+                        [HIDDEN_BY_COMPACTION, session_id, *([] if bound is None else [bound])],
+                    ).rowcount
+                    stored = self._add_compaction(
+                        conn, session_id, session_key, compaction, turns, hidden
+                    )
+        except self.unique_violation:
+            raise Conflict(compaction.id) from None
+        if touched is None:
+            raise SessionNotFound(session_key)
+        return stored
+
+    def _event_seq(self, conn: Any, session_id: int, event_id: str, *, visible: bool) -> int:
+        """The sequence number of an event (``visible``: of a visible one), else EventNotFound."""
+        query = "SELECT seq FROM events WHERE session_id = ? AND id = ?"
+        if visible:
+            query += " AND hide_reason IS NULL"
+        row = conn.execute(self._sql(query), [session_id, event_id]).fetchone()
+        if row is None:
+            raise EventNotFound(event_id)
+        return row[0]
+
+    def _count(self, conn: Any, session_id: int, condition: str, bound: int | None) -> int:
+        """How many of the session's events meet ``condition``, up to ``bound`` (a seq)."""
+        query = f"SELECT count(*) FROM events WHERE session_id = ? AND {condition}"
+        params: list[Any] = [session_id]
+        if bound is not None:
+            query += " AND seq <= ?"
+            params.append(bound)
+        return conn.execute(self._sql(query), params).fetchone()[0]
+
+    def _add_compaction(
+        self,
+        conn: Any,
+        session_id: int,
+        session_key: str,
+        compaction: Event,
+        turns: int,
+        hidden: int,
+    ) -> Event:
+        """Append the compaction event, with its counts of what it hid."""
+        stored = dataclasses.replace(
+            compaction,
+            session_key=session_key,
+            fields={**compaction.fields, "turns_compacted": turns, "events_compacted": hidden},
+        )
+        conn.execute(self._sql(INSERT_EVENT), self._event_params(session_id, stored))
+        return stored
+
+    def _insert_session(self, conn: Any, session: Session) -> int:
+        """create_session inside ``conn``'s transaction; return the new row's id.
+
+        An expired session holding the key is removed first (with its events).
+        """
+        conn.execute(
+            self._sql(DELETE_EXPIRED_SESSION),
+            [session.agent_key, session.key, self.encode_ts(session.created_at)],
+        )
+        params = [*self._encode(SESSIONS, session, SESSION_INSERT_COLUMNS), session.agent_key]
+        row = conn.execute(self._sql(INSERT_SESSION + " RETURNING id"), params).fetchone()
+        if row is None:
+            agent = conn.execute(
+                self._sql("SELECT 1 FROM agents WHERE key = ?"), [session.agent_key]
+            ).fetchone()
+            raise (AgentNotFound if agent is None else AgentDisabled)(session.agent_key)
+        return row[0]
+
+    def fork_session(
+        self,
+        *,
+        session: Session,
+        source_agent_key: str,
+        source_session_key: str,
+        include_up_to_event_id: str | None = None,
+        compact_up_to_event_id: str | None = None,
+        compaction: Event | None = None,
+    ) -> Session:
+        try:
+            with self._transaction() as conn:
+                source = conn.execute(
+                    self._sql(FIND_SESSION), [source_agent_key, source_session_key]
+                ).fetchone()
+                if source is None or not self._live(source[1], session.created_at):
+                    raise SessionNotFound(source_session_key)
+                source_id = source[0]
+                bound = None
+                if include_up_to_event_id is not None:
+                    bound = self._event_seq(conn, source_id, include_up_to_event_id, visible=True)
+                compact_bound = None
+                if compact_up_to_event_id is not None:
+                    compact_bound = self._event_seq(
+                        conn, source_id, compact_up_to_event_id, visible=True
+                    )
+                    if bound is not None and compact_bound > bound:
+                        raise EventNotFound(compact_up_to_event_id)
+                # The last event to copy, which bounds the copy against later appends.
+                last = conn.execute(
+                    self._sql(
+                        "SELECT seq, id FROM events WHERE session_id = ? AND hide_reason IS NULL"
+                        + ("" if bound is None else " AND seq <= ?")
+                        + " ORDER BY seq DESC LIMIT 1"
+                    ),
+                    [source_id, *([] if bound is None else [bound])],
+                ).fetchone()
+                forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
+                if last is not None:
+                    forked_from["event_id"] = last[1]
+                session = dataclasses.replace(session, forked_from=forked_from)
+                session_id = self._insert_session(conn, session)
+                if last is not None:
+                    conn.execute(
+                        self._sql(
+                            "INSERT INTO events "
+                            "(session_id, id, type, fields, created_at, hide_reason) "
+                            "SELECT ?, id, type, fields, created_at, "
+                            "CASE WHEN seq <= ? THEN ? END FROM events "
+                            "WHERE session_id = ? AND hide_reason IS NULL AND seq <= ? "
+                            "ORDER BY seq"
+                        ),
+                        [session_id, compact_bound or 0, HIDDEN_BY_COMPACTION, source_id, last[0]],
+                    )
+                if compact_bound is not None and compaction is not None:
+                    hidden = self._count(conn, session_id, "hide_reason IS NOT NULL", None)
+                    turns = self._count(
+                        conn, session_id, "type = 'input_message' AND hide_reason IS NOT NULL", None
+                    )
+                    self._add_compaction(conn, session_id, session.key, compaction, turns, hidden)
+        except self.unique_violation:
+            raise Conflict(session.key) from None
+        except self.missing_reference:
+            raise AgentNotFound(session.agent_key) from None
+        return session
+
+    def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
+        session_id = self._session_id(agent_key, session_key, now)
+        return self._iter_events(session_id, session_key)
+
+    def _iter_events(self, session_id: int, session_key: str) -> Iterator[Event]:
+        query = self._sql(event_page_query(False, True, 0, True)[0])
+        after = 0
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(query, [session_id, after, EVENT_BATCH]).fetchall()
+            for row in rows:
+                yield self._event(row, session_key)
+            if len(rows) < EVENT_BATCH:
+                return
+            after = rows[-1][0]
+
+    def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
+        stored = 0
+        try:
+            with self._transaction() as conn:
+                session_id = self._insert_session(conn, session)
+                statement = self._sql(INSERT_EVENT)
+                rows = (self._event_params(session_id, event) for event in events)
+                while chunk := list(itertools.islice(rows, IMPORT_BATCH)):
+                    self._execute_many(conn, statement, chunk)
+                    stored += len(chunk)
+        except self.unique_violation:
+            raise Conflict(f"{session.key} or an event id given twice") from None
+        except self.missing_reference:
+            raise AgentNotFound(session.agent_key) from None
+        return stored
 
     # API keys
 
@@ -687,6 +1195,36 @@ class SQLStorage(Storage, abc.ABC):
                     stored += self._execute_many(conn, statement, chunk)
             except self.unique_violation:
                 raise Conflict("a session key of the batch exists") from None
+
+    def load_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: Iterable[Event],
+        batch: int = IMPORT_BATCH,
+    ) -> int:
+        """Append many events to a session as given, ``batch`` to a transaction; return how many.
+
+        For benchmarks and tests: no check of the session's state or of the
+        last event, and the idle clock stays. Raises :class:`SessionNotFound`
+        and :class:`Conflict` (an id already in the session; earlier batches stay).
+        """
+        with self._reading() as conn:
+            row = conn.execute(self._sql(FIND_SESSION), [agent_key, session_key]).fetchone()
+        if row is None:
+            raise SessionNotFound(session_key)
+        stored = 0
+        statement = self._sql(INSERT_EVENT)
+        rows = (self._event_params(row[0], event) for event in events)
+        while chunk := list(itertools.islice(rows, batch)):
+            try:
+                with self._transaction() as conn:
+                    self._execute_many(conn, statement, chunk)
+            except self.unique_violation:
+                raise Conflict("an event id of the batch is already in the session") from None
+            stored += len(chunk)
+        return stored
 
     @abc.abstractmethod
     def _execute_many(self, conn: Any, statement: str, rows: list[list[Any]]) -> int:

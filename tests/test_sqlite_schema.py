@@ -9,6 +9,7 @@ import pytest
 
 from sessions_app import create_app
 from storage_backends import Agent, SchemaTooNew, Session, Unavailable
+from storage_backends.sql import MIGRATIONS
 from storage_backends.sqlite import SCHEMA_VERSION, SQLiteStorage
 from tests.servers import cli
 
@@ -45,22 +46,48 @@ def write_sessions(storage: SQLiteStorage, *tti: int) -> None:
         )
 
 
+def old_database(path, version: int, *tti: int) -> None:
+    """A database as the release at schema ``version`` left it, with an agent and sessions.
+
+    Built by that release's own migrations (the first ``version`` of the list,
+    which only ever grows at its end), with rows of the columns it had.
+    """
+    with sqlite3.connect(path) as conn:
+        for migration in MIGRATIONS[:version]:
+            for statement in migration.sqlite:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+        stamp = "2026-11-28T12:00:00.000Z"
+        conn.execute(
+            "INSERT INTO agents (key, name, metadata, enabled, created_at, updated_at) "
+            "VALUES ('bot', 'bot', '{}', 1, ?, ?)",
+            [stamp, stamp],
+        )
+        for n, minutes in enumerate(tti):
+            conn.execute(
+                "INSERT INTO sessions (agent_key, key, name, metadata, enabled, tti_minutes, "
+                "created_at, updated_at, expires_at) VALUES ('bot', ?, 'n', '{}', 1, ?, ?, ?, ?)",
+                [
+                    f"s{n}",
+                    minutes,
+                    stamp,
+                    stamp,
+                    f"2026-11-28T12:{minutes:02}:00.000Z" if minutes else None,
+                ],
+            )
+
+
 def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     path = tmp_path / "old.db"
-    storage = SQLiteStorage(str(path))
-    write_sessions(storage, 0, 5, 0)
-    storage.close()
     # What release 1 left behind: every session in the expires_at index, user_version 1.
-    with sqlite3.connect(path) as conn:
-        conn.execute("DROP INDEX idx_sessions_expiring")
-        conn.execute("CREATE INDEX idx_sessions_expires_at ON sessions (expires_at)")
-        conn.execute("PRAGMA user_version = 1")
+    old_database(path, 1, 0, 5, 0)
+    assert "idx_sessions_expires_at" in indexes(path)
 
     migrated = SQLiteStorage(str(path))
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 2
+    assert user_version(path) == SCHEMA_VERSION == 3
     assert "idx_sessions_expires_at" not in indexes(path)
     assert "idx_sessions_expiring" in indexes(path)
     assert migrated.purge_expired_sessions(now=T0 + dt.timedelta(minutes=5)) == 1
