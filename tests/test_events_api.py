@@ -13,9 +13,6 @@ from tests.conftest import ALL_SCOPES, assert_error
 EVENT_SCOPES = ("events:create", "events:append")
 EVERYTHING = ALL_SCOPES + EVENT_SCOPES
 
-# The backends whose events are implemented; run with each.
-pytestmark = pytest.mark.parametrize("storage_url", ["memory"], indirect=True)
-
 AGENT = "support-bot"
 SESSIONS = f"/v2/agents/{AGENT}/sessions"
 S1 = f"{SESSIONS}/s1"
