@@ -88,7 +88,9 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(messages, dict):
         for key, value in messages.items():
             # A nested object's own error (not an object at all) is the object's.
-            path = prefix if key == "_schema" and prefix else f"{prefix}.{key}" if prefix else str(key)
+            path = (
+                prefix if key == "_schema" and prefix else f"{prefix}.{key}" if prefix else str(key)
+            )
             flat.update(flatten_messages(value, path))
     elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
         flat[prefix or "_schema"] = " ".join(messages)

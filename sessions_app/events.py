@@ -287,7 +287,9 @@ def _event_schemas() -> tuple[dict[str, type[Schema]], dict[str, type[Schema]]]:
 
 
 EVENT_IN_VARIANTS, EVENT_VARIANTS = _event_schemas()
-REFUSED_IN_BATCH = {kind: f"{kind} events are written by the service only." for kind in SERVICE_TYPES}
+REFUSED_IN_BATCH = {
+    kind: f"{kind} events are written by the service only." for kind in SERVICE_TYPES
+}
 
 
 def dump_event(event: Event) -> dict[str, Any]:
@@ -436,4 +438,3 @@ class EventListQuerySchema(ListQuerySchema):
         attribute="types",
         metadata={"description": "Only events of these types (comma-separated)."},
     )
-

@@ -33,6 +33,7 @@ def is_event_id(value: str) -> bool:
         and value[len(EVENT_ID_PREFIX) :].isalnum()
     )
 
+
 # Vectara's OpenAPI document bounds agent and session keys to 50 characters;
 # keys the service generates stay within it, suffix included (a key a client
 # supplies may have the contract's 64).

@@ -360,9 +360,7 @@ class BodySchema(Schema):
         if isinstance(data, dict):
             known = self.load_fields
             keep = self.KEEP_NULL
-            return {
-                k: v for k, v in data.items() if v is not None or k not in known or k in keep
-            }
+            return {k: v for k, v in data.items() if v is not None or k not in known or k in keep}
         return data
 
     @post_load

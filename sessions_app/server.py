@@ -271,9 +271,9 @@ class HeadReadingWorker(ThreadWorker):
 
         True once the head is complete and so is a body of declared length up
         to ``BODY_BUFFER_MAX`` (a longer one is read by the thread, against the
-        route's bound) or a chunked one (or once a chunked one is past it). Raises ``Refused`` once the data is past
-        what a valid head (or a chunked body the loop reads) can be. Only the
-        bytes received since the last call are searched.
+        route's bound) or a chunked one (or once a chunked one is past it).
+        Raises ``Refused`` once the data is past what a valid head can be. Only
+        the bytes received since the last call are searched.
         """
         data = conn.head
         if conn.body_start < 0:

@@ -162,8 +162,24 @@ def test_key_with_grants_works_against_the_app(env: dict[str, str], client: Any)
 def test_keys_with_event_scopes(env: dict[str, str], client: Any) -> None:
     cli("agents", "create", AGENT, "--name", "Support", env=env)
     admin = {"x-api-key": token_of(cli("keys", "create", "--name", "ops", "--admin", env=env))}
-    bot = {"x-api-key": token_of(cli("keys", "create", "--name", "runtime", "--grant", f"{AGENT}=events:append", env=env))}
-    user = {"x-api-key": token_of(cli("keys", "create", "--name", "front", "--grant", f"{AGENT}=events:create,sessions:create", env=env))}
+    bot = {
+        "x-api-key": token_of(
+            cli("keys", "create", "--name", "runtime", "--grant", f"{AGENT}=events:append", env=env)
+        )
+    }
+    user = {
+        "x-api-key": token_of(
+            cli(
+                "keys",
+                "create",
+                "--name",
+                "front",
+                "--grant",
+                f"{AGENT}=events:create,sessions:create",
+                env=env,
+            )
+        )
+    }
     row = keys_list(env)[key_id_of(bot["x-api-key"])]
     assert "events:append" in "\t".join(row)
     sessions = f"/v2/agents/{AGENT}/sessions"
@@ -172,11 +188,15 @@ def test_keys_with_event_scopes(env: dict[str, str], client: Any) -> None:
     assert client.post(f"{sessions}/s/events", json=message, headers=user).status_code == 201
     answer = {"events": [{"type": "agent_output", "content": "hello"}]}
     assert client.post(f"{sessions}/s/events/batch", json=answer, headers=bot).status_code == 201
-    assert_error(client.post(f"{sessions}/s/events/batch", json=answer, headers=user), 403, "forbidden")
+    assert_error(
+        client.post(f"{sessions}/s/events/batch", json=answer, headers=user), 403, "forbidden"
+    )
     assert_error(client.post(f"{sessions}/s/events", json=message, headers=bot), 403, "forbidden")
     assert client.get(f"{sessions}/s/events", headers=admin).status_code == 200
     assert_error(client.get(f"{sessions}/s/events", headers=bot), 403, "forbidden")
-    bad = cli("keys", "create", "--name", "x", "--grant", f"{AGENT}=events:delete", env=env, check=False)
+    bad = cli(
+        "keys", "create", "--name", "x", "--grant", f"{AGENT}=events:delete", env=env, check=False
+    )
     assert bad.returncode != 0 and "events:append" in bad.stderr
 
 

@@ -32,7 +32,9 @@ FIELDS = {
     "tool_input": st.fixed_dictionaries({**tool, "tool_input": objects}),
     "tool_output": st.fixed_dictionaries({**tool, "tool_output": objects, "error": st.booleans()}),
     "structured_output": st.fixed_dictionaries({"schema_name": texts, "content": json_values}),
-    "step_transition": st.fixed_dictionaries({"from_step": texts, "to_step": texts, "content": texts}),
+    "step_transition": st.fixed_dictionaries(
+        {"from_step": texts, "to_step": texts, "content": texts}
+    ),
     "skill_load": st.fixed_dictionaries({"skill_name": texts, "content": texts}),
     "compaction": st.fixed_dictionaries(
         {
@@ -52,7 +54,8 @@ event_list = st.lists(
             type=st.just(kind),
             fields=FIELDS[kind],
             created_at=st.datetimes(
-                min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(9999, 12, 30),
+                min_value=dt.datetime(1970, 1, 1),
+                max_value=dt.datetime(9999, 12, 30),
                 timezones=st.just(dt.UTC),
             ),
             hide_reason=st.sampled_from([None, "manual", "compaction"]),
@@ -75,8 +78,7 @@ def test_event_pages(items, page_key):
     assert schema.dump(body) == Schema.dump(schema, body)
     for item, dumped in zip(items, schema.dump(body)["events"], strict=True):
         variant = events.EVENT_VARIANTS[item.type]()
-        flat = {"id": item.id, "session_key": item.session_key, "type": item.type,
-                "created_at": item.created_at, "hide_reason": item.hide_reason, **item.fields}  # fmt: skip
+        flat = {**vars(item), **item.fields}
         assert dumped == variant.dump(flat)
         assert events.EventSchema().dump(item) == dumped
     created = events.EventsCreatedSchema()

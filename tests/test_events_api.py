@@ -91,7 +91,9 @@ def test_every_type_round_trips(client, full, session):
         assert answered["session_key"] == "s1" and answered["created_at"].endswith("Z")
         assert "hide_reason" not in answered
         expected = {"error": False} if sent["type"] == "tool_output" else {}
-        assert {k: v for k, v in answered.items() if k not in ("id", "session_key", "created_at")} == {
+        assert {
+            k: v for k, v in answered.items() if k not in ("id", "session_key", "created_at")
+        } == {
             **expected,
             **sent,
         }
@@ -194,7 +196,9 @@ def test_page_keys_are_bound_to_their_list(client, full, session):
     ],
 )
 def test_bad_list_queries(client, full, session, query, field):
-    assert_error(client.get(EVENTS, query_string=query, headers=full), 400, "invalid_request", field)
+    assert_error(
+        client.get(EVENTS, query_string=query, headers=full), 400, "invalid_request", field
+    )
 
 
 # Bad bodies
@@ -261,12 +265,18 @@ def test_bad_batch_bodies(client, full, session, body, field):
         ({"type": "interrupt"}, "type"),
         ({"messages": TEXT["messages"]}, "type"),
         ({"type": "input_message"}, "messages"),
-        ({"type": "input_message", "messages": [{"type": "text", "content": "x"}] * 101}, "messages"),
+        (
+            {"type": "input_message", "messages": [{"type": "text", "content": "x"}] * 101},
+            "messages",
+        ),
         ({**TEXT, "stream_response": "yes"}, "stream_response"),
         ({**TEXT, "since": "aev_1"}, "since"),
         ({"type": "compact"}, "summary_text"),
         ({"type": "compact", "summary_text": ""}, "summary_text"),
-        ({"type": "compact", "summary_text": "s", "compact_up_to_event_id": "x"}, "compact_up_to_event_id"),
+        (
+            {"type": "compact", "summary_text": "s", "compact_up_to_event_id": "x"},
+            "compact_up_to_event_id",
+        ),
         ({"type": "compact", "summary_text": "s", "compaction_message": "m"}, "compaction_message"),
     ],
 )
@@ -298,19 +308,31 @@ def test_hostile_input(client, full, session, app):
     assert batch(client, full, {**TOOL_INPUT, "tool_input": nested(depth)}).status_code == 201
 
     # 10,000 levels in a few kilobytes: the parser refuses it, no RecursionError.
-    bomb = '{"events": [{"type": "structured_output", "schema_name": "s", "content": ' + "[" * 10_000
-    response = client.post(BATCH, data=bomb + "]" * 10_000 + "}]}", headers=full, content_type="application/json")
+    bomb = (
+        '{"events": [{"type": "structured_output", "schema_name": "s", "content": ' + "[" * 10_000
+    )
+    response = client.post(
+        BATCH, data=bomb + "]" * 10_000 + "}]}", headers=full, content_type="application/json"
+    )
     assert_error(response, 400, "invalid_request")
 
     for text in ('"a\\u0000b"', '"\\ud800"', '"\\udfff x"'):
-        raw = '{"events": [{"type": "agent_output", "content": %s}]}' % text
+        raw = f'{{"events": [{{"type": "agent_output", "content": {text}}}]}}'
         response = client.post(BATCH, data=raw, headers=full, content_type="application/json")
         assert_error(response, 400, "invalid_request")
-        raw = '{"type": "input_message", "messages": [{"type": "text", "content": %s}]}' % text
+        raw = f'{{"type": "input_message", "messages": [{{"type": "text", "content": {text}}}]}}'
         response = client.post(EVENTS, data=raw, headers=full, content_type="application/json")
         assert_error(response, 400, "invalid_request")
-    assert_error(client.post(BATCH, data="[]", headers=full, content_type="application/json"), 400, "invalid_request")
-    assert_error(client.post(BATCH, data="x", headers=full, content_type="text/plain"), 415, "unsupported_media_type")
+    assert_error(
+        client.post(BATCH, data="[]", headers=full, content_type="application/json"),
+        400,
+        "invalid_request",
+    )
+    assert_error(
+        client.post(BATCH, data="x", headers=full, content_type="text/plain"),
+        415,
+        "unsupported_media_type",
+    )
     # An event id that is not one matches no route.
     for bad in ("evt_1", "aev_a-b", "aev_" + "a" * 61, "aev_%00"):
         assert_error(client.get(f"{EVENTS}/{bad}", headers=full), 404, "not_found")
@@ -376,7 +398,11 @@ def test_metadata_patch(client, full, session, app):
         "new": "x",
     }
     too_many = {f"k{i}": i for i in range(app.config["METADATA_MAX_KEYS"])}
-    for bad in (too_many, {"x" * 200: 1}, {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {}}}}}}}}}):
+    for bad in (
+        too_many,
+        {"x" * 200: 1},
+        {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {}}}}}}}}},
+    ):
         response = batch(client, full, TEXT, metadata_patch=bad)
         assert_error(response, 400, "invalid_metadata", "metadata_patch")
     assert len(all_events(client, full)) == 1
@@ -406,9 +432,17 @@ def test_disabled_session_takes_no_events(client, full, session):
 
 
 def test_compact(client, full, session):
-    ids = [e["id"] for e in batch(client, full, TEXT, {"type": "agent_output", "content": "a"}).json["events"]]
-    ids += [e["id"] for e in batch(client, full, TEXT, {"type": "agent_output", "content": "b"}).json["events"]]
-    response = client.post(EVENTS, json={"type": "compact", "summary_text": "They said hello."}, headers=full)
+    ids = [
+        e["id"]
+        for e in batch(client, full, TEXT, {"type": "agent_output", "content": "a"}).json["events"]
+    ]
+    ids += [
+        e["id"]
+        for e in batch(client, full, TEXT, {"type": "agent_output", "content": "b"}).json["events"]
+    ]
+    response = client.post(
+        EVENTS, json={"type": "compact", "summary_text": "They said hello."}, headers=full
+    )
     assert response.status_code == 201
     [compaction] = response.json["events"]
     assert compaction["type"] == "compaction" and compaction["summary_text"] == "They said hello."
@@ -431,16 +465,30 @@ def test_compact(client, full, session):
 
 def test_not_found(client, full, session):
     assert_error(client.get(f"{SESSIONS}/nope/events", headers=full), 404, "session_not_found")
-    assert_error(client.get("/v2/agents/ghost/sessions/s1/events", headers=full), 404, "agent_not_found")
-    assert_error(batch(client, full, TEXT, url=f"{SESSIONS}/nope/events/batch"), 404, "session_not_found")
+    assert_error(
+        client.get("/v2/agents/ghost/sessions/s1/events", headers=full), 404, "agent_not_found"
+    )
+    assert_error(
+        batch(client, full, TEXT, url=f"{SESSIONS}/nope/events/batch"), 404, "session_not_found"
+    )
     # 404 before 400: a bad body for a missing session is still a 404.
-    assert_error(batch(client, full, {"type": "x"}, url=f"{SESSIONS}/nope/events/batch"), 404, "session_not_found")
-    assert_error(client.post(f"{SESSIONS}/nope/events", json={}, headers=full), 404, "session_not_found")
-    assert_error(client.get(f"{SESSIONS}/nope/events?limit=0", headers=full), 404, "session_not_found")
+    assert_error(
+        batch(client, full, {"type": "x"}, url=f"{SESSIONS}/nope/events/batch"),
+        404,
+        "session_not_found",
+    )
+    assert_error(
+        client.post(f"{SESSIONS}/nope/events", json={}, headers=full), 404, "session_not_found"
+    )
+    assert_error(
+        client.get(f"{SESSIONS}/nope/events?limit=0", headers=full), 404, "session_not_found"
+    )
     for method, suffix in (("get", ""), ("post", "/hide"), ("post", "/unhide"), ("delete", "")):
         response = getattr(client, method)(f"{EVENTS}/aev_missing{suffix}", headers=full)
         assert_error(response, 404, "event_not_found")
-        response = getattr(client, method)(f"{SESSIONS}/nope/events/aev_missing{suffix}", headers=full)
+        response = getattr(client, method)(
+            f"{SESSIONS}/nope/events/aev_missing{suffix}", headers=full
+        )
         assert_error(response, 404, "session_not_found")
     assert_error(client.put(EVENTS, headers=full), 405, "method_not_allowed")
 
@@ -467,11 +515,25 @@ def test_scopes(client, keys, full, session):
     assert client.get(f"{EVENTS}/{event_id}", headers=reader).status_code == 200
     assert_error(client.post(f"{EVENTS}/{event_id}/hide", headers=reader), 403, "forbidden")
     assert_error(client.delete(f"{EVENTS}/{event_id}", headers=reader), 403, "forbidden")
-    assert client.post(f"{EVENTS}/{event_id}/hide", headers=keys.headers((AGENT, ("sessions:update",)))).status_code == 200
-    assert client.delete(f"{EVENTS}/{event_id}", headers=keys.headers((AGENT, ("sessions:delete",)))).status_code == 204
+    assert (
+        client.post(
+            f"{EVENTS}/{event_id}/hide", headers=keys.headers((AGENT, ("sessions:update",)))
+        ).status_code
+        == 200
+    )
+    assert (
+        client.delete(
+            f"{EVENTS}/{event_id}", headers=keys.headers((AGENT, ("sessions:delete",)))
+        ).status_code
+        == 204
+    )
     # 403 whether or not the session or agent exists, and before a 400.
     for url in (f"{SESSIONS}/nope/events", "/v2/agents/ghost/sessions/s1/events"):
-        assert_error(client.post(url, json=TEXT, headers=runtime if "ghost" not in url else elsewhere), 403, "forbidden")
+        assert_error(
+            client.post(url, json=TEXT, headers=runtime if "ghost" not in url else elsewhere),
+            403,
+            "forbidden",
+        )
         assert_error(client.post(url + "/batch", json={"bad": 1}, headers=user), 403, "forbidden")
     assert_error(client.post(EVENTS, json=compact, headers=user), 403, "forbidden")
     assert_error(client.get(EVENTS, headers={"x-api-key": "ak_0000.nope"}), 401, "unauthorized")
@@ -479,11 +541,18 @@ def test_scopes(client, keys, full, session):
 
 def test_event_scopes_through_the_admin_api(client, admin, agent):
     grant = {"agent": AGENT, "scopes": ["events:append", "sessions:read"]}
-    response = client.post("/v2/api_keys", json={"name": "runtime", "grants": [grant]}, headers=admin)
+    response = client.post(
+        "/v2/api_keys", json={"name": "runtime", "grants": [grant]}, headers=admin
+    )
     assert response.status_code == 201
     assert response.json["grants"] == [grant]
     bad = {"name": "x", "grants": [{"agent": AGENT, "scopes": ["events:delete"]}]}
-    assert_error(client.post("/v2/api_keys", json=bad, headers=admin), 400, "invalid_request", "grants.0.scopes.0")
+    assert_error(
+        client.post("/v2/api_keys", json=bad, headers=admin),
+        400,
+        "invalid_request",
+        "grants.0.scopes.0",
+    )
 
 
 @pytest.mark.parametrize("app_config", [{"DEFAULT_LIMIT": "3/minute"}])
@@ -502,17 +571,31 @@ def test_event_writes_count_under_the_default_limit(client, keys, agent, admin):
 
 
 def test_fork(client, full, session):
-    written = batch(client, full, TEXT, {"type": "agent_output", "content": "a"}, TEXT).json["events"]
+    written = batch(client, full, TEXT, {"type": "agent_output", "content": "a"}, TEXT).json[
+        "events"
+    ]
     ids = [e["id"] for e in written]
     client.post(f"{EVENTS}/{ids[1]}/hide", headers=full)
 
-    plain = client.post(SESSIONS, json={"key": "f1", "name": "F", "from_session": {"session_key": "s1"}}, headers=full)
+    plain = client.post(
+        SESSIONS,
+        json={"key": "f1", "name": "F", "from_session": {"session_key": "s1"}},
+        headers=full,
+    )
     assert plain.status_code == 201, plain.json
-    assert plain.json["forked_from"] == {"agent_key": AGENT, "session_key": "s1", "event_id": ids[2]}
+    assert plain.json["forked_from"] == {
+        "agent_key": AGENT,
+        "session_key": "s1",
+        "event_id": ids[2],
+    }
     copied = all_events(client, full, url=f"{SESSIONS}/f1/events", include_hidden="true")
-    assert [(e["id"], e["created_at"]) for e in copied] == [(written[i]["id"], written[i]["created_at"]) for i in (0, 2)]
+    assert [(e["id"], e["created_at"]) for e in copied] == [
+        (written[i]["id"], written[i]["created_at"]) for i in (0, 2)
+    ]
     assert all(e["session_key"] == "f1" for e in copied)
-    assert client.get(f"{SESSIONS}/f1", headers=full).json["forked_from"] == plain.json["forked_from"]
+    assert (
+        client.get(f"{SESSIONS}/f1", headers=full).json["forked_from"] == plain.json["forked_from"]
+    )
     assert "forked_from" not in client.get(S1, headers=full).json
 
     upto = {"session_key": "s1", "include_up_to_event_id": ids[0]}
@@ -521,8 +604,15 @@ def test_fork(client, full, session):
     assert response.json["forked_from"]["event_id"] == ids[0]
     assert [e["id"] for e in all_events(client, full, url=f"{SESSIONS}/fork-two/events")] == ids[:1]
 
-    compact = {"agent_key": AGENT, "session_key": "s1", "compact_up_to_event_id": ids[0], "summary_text": "hi"}
-    response = client.post(SESSIONS, json={"key": "f3", "name": "F", "from_session": compact}, headers=full)
+    compact = {
+        "agent_key": AGENT,
+        "session_key": "s1",
+        "compact_up_to_event_id": ids[0],
+        "summary_text": "hi",
+    }
+    response = client.post(
+        SESSIONS, json={"key": "f3", "name": "F", "from_session": compact}, headers=full
+    )
     assert response.status_code == 201
     events = all_events(client, full, url=f"{SESSIONS}/f3/events", include_hidden="true")
     assert [e.get("hide_reason") for e in events] == ["compaction", None, None]
@@ -530,28 +620,69 @@ def test_fork(client, full, session):
 
     empty = client.post(SESSIONS, json={"key": "e0", "name": "E"}, headers=full)
     assert empty.status_code == 201
-    response = client.post(SESSIONS, json={"key": "f4", "name": "F", "from_session": {"session_key": "e0"}}, headers=full)
+    response = client.post(
+        SESSIONS,
+        json={"key": "f4", "name": "F", "from_session": {"session_key": "e0"}},
+        headers=full,
+    )
     assert response.json["forked_from"] == {"agent_key": AGENT, "session_key": "e0"}
 
 
 @pytest.mark.parametrize(
     ("source", "status", "code", "field"),
     [
-        ({"session_key": "s1", "include_up_to_event_id": "aev_a", "compact_up_to_event_id": "aev_b", "summary_text": "s"}, 400, "invalid_request", "from_session.compact_up_to_event_id"),
-        ({"session_key": "s1", "compact_up_to_event_id": "aev_a"}, 400, "invalid_request", "from_session.summary_text"),
-        ({"session_key": "s1", "summary_text": "s"}, 400, "invalid_request", "from_session.summary_text"),
+        (
+            {
+                "session_key": "s1",
+                "include_up_to_event_id": "aev_a",
+                "compact_up_to_event_id": "aev_b",
+                "summary_text": "s",
+            },
+            400,
+            "invalid_request",
+            "from_session.compact_up_to_event_id",
+        ),
+        (
+            {"session_key": "s1", "compact_up_to_event_id": "aev_a"},
+            400,
+            "invalid_request",
+            "from_session.summary_text",
+        ),
+        (
+            {"session_key": "s1", "summary_text": "s"},
+            400,
+            "invalid_request",
+            "from_session.summary_text",
+        ),
         ({}, 400, "invalid_request", "from_session.session_key"),
         ({"session_key": "bad key"}, 400, "invalid_request", "from_session.session_key"),
-        ({"session_key": "s1", "include_up_to_event_id": "nope"}, 400, "invalid_request", "from_session.include_up_to_event_id"),
+        (
+            {"session_key": "s1", "include_up_to_event_id": "nope"},
+            400,
+            "invalid_request",
+            "from_session.include_up_to_event_id",
+        ),
         ({"session_key": "s1", "extra": 1}, 400, "invalid_request", "from_session.extra"),
         ("s1", 400, "invalid_request", "from_session"),
         ({"session_key": "missing"}, 404, "session_not_found", None),
-        ({"session_key": "s1", "include_up_to_event_id": "aev_missing"}, 404, "event_not_found", None),
-        ({"session_key": "s1", "compact_up_to_event_id": "aev_missing", "summary_text": "s"}, 404, "event_not_found", None),
+        (
+            {"session_key": "s1", "include_up_to_event_id": "aev_missing"},
+            404,
+            "event_not_found",
+            None,
+        ),
+        (
+            {"session_key": "s1", "compact_up_to_event_id": "aev_missing", "summary_text": "s"},
+            404,
+            "event_not_found",
+            None,
+        ),
     ],
 )
 def test_bad_forks(client, full, session, source, status, code, field):
-    response = client.post(SESSIONS, json={"key": "f", "name": "F", "from_session": source}, headers=full)
+    response = client.post(
+        SESSIONS, json={"key": "f", "name": "F", "from_session": source}, headers=full
+    )
     assert_error(response, status, code, field)
     assert_error(client.get(f"{SESSIONS}/f", headers=full), 404, "session_not_found")
 

@@ -18,9 +18,13 @@ from vectara.agent_events import (  # noqa: E402
 from vectara.agent_sessions.types import CreateAgentSessionRequestFromSession  # noqa: E402
 from vectara.environment import VectaraEnvironment  # noqa: E402
 from vectara.errors import ForbiddenError, NotFoundError  # noqa: E402
-from vectara.types import AgentEvent_AgentOutput, AgentEvent_InputMessage  # noqa: E402
-from vectara.types import AgentEvent_ToolInput, AgentStreamedResponse_End  # noqa: E402
-from vectara.types import AgentStreamedResponse_InputMessage  # noqa: E402
+from vectara.types import (  # noqa: E402  # noqa: E402
+    AgentEvent_AgentOutput,
+    AgentEvent_InputMessage,
+    AgentEvent_ToolInput,
+    AgentStreamedResponse_End,
+    AgentStreamedResponse_InputMessage,  # noqa: E402
+)
 
 pytestmark = pytest.mark.slow
 AGENT = "support-bot"
@@ -32,7 +36,9 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vectara-events")
     env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp}/sessions.db"}
     token = bootstrap(env, grants=f"{AGENT}={SCOPES}")
-    runtime = cli("keys", "create", "--name", "runtime", "--grant", f"{AGENT}=events:append", env=env)
+    runtime = cli(
+        "keys", "create", "--name", "runtime", "--grant", f"{AGENT}=events:append", env=env
+    )
     with serving(env, tmp, workers=2) as server, httpx.Client(timeout=60) as http:
         yield server, token, runtime.stdout.strip().splitlines()[-1], http
 
@@ -82,8 +88,13 @@ def test_history_through_the_official_client(server):
     outputs = [{"type": "agent_output", "content": f"{i} " + "x" * 3000} for i in range(30)]
     body = {
         "events": [
-            {"type": "tool_input", "tool_call_id": "c1", "tool_configuration_name": "kb",
-             "tool_name": "search", "tool_input": {"q": "x"}},  # fmt: skip
+            {
+                "type": "tool_input",
+                "tool_call_id": "c1",
+                "tool_configuration_name": "kb",
+                "tool_name": "search",
+                "tool_input": {"q": "x"},
+            },  # fmt: skip
             *outputs[:15],
         ],
         "if_last_event_id": second.id,
@@ -112,7 +123,9 @@ def test_history_through_the_official_client(server):
     assert hidden.id == every[3].id and hidden.hide_reason == "manual"
     visible = list(client.agent_events.list(AGENT, "chat", limit=10, include_hidden=False))
     assert every[3].id not in [e.id for e in visible] and len(visible) == 32
-    pages = list(client.agent_events.list(AGENT, "chat", limit=10, include_hidden=True).iter_pages())
+    pages = list(
+        client.agent_events.list(AGENT, "chat", limit=10, include_hidden=True).iter_pages()
+    )
     assert len(pages) == 4 and sum(len(page.items) for page in pages) == 33
     assert client.agent_events.get(AGENT, "chat", every[3].id).hide_reason == "manual"
     shown = client.agent_events.unhide(AGENT, "chat", every[3].id)
@@ -137,7 +150,9 @@ def test_history_through_the_official_client(server):
 
     # The user's key cannot write what the agent did.
     user = {"x-api-key": server[1], "content-type": "application/json"}
-    refused = server[3].post(url, content=json.dumps({"events": outputs[:1]}).encode(), headers=user)
+    refused = server[3].post(
+        url, content=json.dumps({"events": outputs[:1]}).encode(), headers=user
+    )
     assert refused.status_code == 403
     with pytest.raises(ForbiddenError):
         connect(server, server[2]).agent_events.list(AGENT, "chat")
