@@ -22,7 +22,7 @@ from pathlib import Path
 from harness import BIN, ROOT
 
 from sessions_app.auth import KEY_ID_PREFIX
-from storage_backends import Agent, Session, storage_from_url
+from storage_backends import Agent, Event, Session, storage_from_url
 from storage_backends.codec import dump_json, utcnow
 from storage_backends.sql import SESSION_INSERT_COLUMNS
 
@@ -173,6 +173,60 @@ def bulk_load(url: str, *, sessions: int, agents: int) -> float:
         raise ValueError(f"no bulk loader for {url}")
     storage.close()
     return time.monotonic() - started
+
+
+EVENT_BATCH = 10_000  # rows per executemany (and transaction) of the events loader
+EVENT_KINDS = ("input_message", "agent_output", "tool_input", "tool_output", "thinking")
+
+
+def bulk_load_events(url: str, *, agent_key: str, session_key: str, count: int) -> float:
+    """Append ``count`` events to an existing session through ``load_events``; return seconds.
+
+    Ids are aev_b0000000, aev_b0000001, ...; the types cycle through five
+    kinds, so a type filter selects one event in five.
+    """
+    started = time.monotonic()
+    storage = storage_from_url(url)
+    try:
+        storage.load_events(
+            agent_key=agent_key,
+            session_key=session_key,
+            events=_events(count, utcnow() - dt.timedelta(days=1)),
+            batch=EVENT_BATCH,
+        )
+        if url.startswith("sqlite:"):
+            storage.db.execute("ANALYZE")
+        else:
+            with storage._connection() as conn:
+                conn.execute("ANALYZE events")
+    finally:
+        storage.close()
+    return time.monotonic() - started
+
+
+def _events(count: int, start: dt.datetime) -> Iterator[Event]:
+    for n in range(count):
+        kind = EVENT_KINDS[n % len(EVENT_KINDS)]
+        if kind == "input_message":
+            fields: dict = {"messages": [{"type": "text", "content": f"question {n}"}]}
+        elif kind in ("tool_input", "tool_output"):
+            fields = {
+                "tool_call_id": f"c{n}",
+                "tool_configuration_name": "search",
+                "tool_name": "search",
+                kind: {"query": f"q {n}"},
+            }
+            if kind == "tool_output":
+                fields["error"] = False
+        else:
+            fields = {"content": f"answer {n}"}
+        yield Event(
+            id=f"aev_b{n:07d}",
+            session_key="",
+            type=kind,
+            fields=fields,
+            created_at=start + dt.timedelta(milliseconds=n),
+        )
 
 
 def _sessions(count: int, agents: list[str], start: dt.datetime) -> Iterator[Session]:

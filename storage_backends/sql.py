@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import itertools
 import operator
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -169,12 +170,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         postgres=(
             "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS forked_from json",
             "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS active_at timestamptz",
+            # The key is (session_id, seq): with an index on seq alone, the planner
+            # may read it in order and skip other sessions' rows for a page (its
+            # statistics make a large session look dense), a cost that grows with
+            # the store. Every index here starts with session_id.
             """CREATE TABLE IF NOT EXISTS events (
-            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            seq bigint GENERATED ALWAYS AS IDENTITY,
             session_id bigint NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            PRIMARY KEY (session_id, seq),
             id text NOT NULL, UNIQUE (session_id, id), type text NOT NULL,
             created_at timestamptz NOT NULL, hide_reason text, fields json NOT NULL)""",
-            "CREATE INDEX IF NOT EXISTS events_session_seq ON events (session_id, seq)",
             "CREATE INDEX IF NOT EXISTS events_visible ON events (session_id, seq) "
             "WHERE hide_reason IS NULL",
             "CREATE INDEX IF NOT EXISTS events_type ON events (session_id, type, seq)",
@@ -292,7 +297,10 @@ INSERT_EVENT = (
 )
 GET_EVENT = f"{EVENT_SELECT} AND id = ?"
 # One probe of (session_id, seq), from its end.
-LAST_EVENT_ID = "SELECT id FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT 1"
+LAST_EVENT_ID = (
+    "SELECT id FROM events /*INDEXED BY idx_events_session_seq*/ "
+    "WHERE session_id = ? ORDER BY seq DESC LIMIT 1"
+)
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
 EVENT_BATCH = 1_000  # rows per query of iter_events
 IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
@@ -320,7 +328,14 @@ def event_page_query(
     if cursor:
         where += " AND seq < ?" if descending else " AND seq > ?"
     order = "seq DESC" if descending else "seq"
-    one = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE {where} ORDER BY {order} LIMIT ?"
+    index = "idx_events_" + ("visible" if not include_hidden else "") + ("_type" if types else "")
+    index = {"idx_events_": "idx_events_session_seq", "idx_events__type": "idx_events_type"}.get(
+        index, index
+    )
+    one = (
+        f"SELECT {', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
+        f"WHERE {where} ORDER BY {order} LIMIT ?"
+    )
     if types <= 1:
         return one, False
     branches = " UNION ALL ".join(f"SELECT * FROM ({one}) AS t{i}" for i in range(types))
@@ -330,6 +345,23 @@ def event_page_query(
 def identity(value: Any) -> Any:
     """The encoding of a value the driver adapts by itself."""
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def with_hints(statement: str) -> str:
+    """A statement with its ``/*INDEXED BY name*/`` comments made SQLite's index hints.
+
+    SQLite's planner knows only each index's average number of rows per
+    session: with one large session in the table, it may read the table in
+    seq order and skip other sessions' rows, a cost that grows with the store.
+    The hint pins the index that holds exactly a query's rows (and fails the
+    statement if that index cannot serve it). PostgreSQL keeps per-value
+    statistics, and reads the comments as comments.
+    """
+    return _HINT.sub(r"\1", statement)
+
+
+_HINT = re.compile(r"/\*(INDEXED BY \w+)\*/")
 
 
 @functools.lru_cache(maxsize=256)
@@ -428,7 +460,7 @@ class SQLStorage(Storage, abc.ABC):
         """The rows of ``query``, read as they are consumed."""
 
     def _sql(self, statement: str) -> str:
-        return statement if self.placeholder == "?" else to_pyformat(statement)
+        return with_hints(statement) if self.placeholder == "?" else to_pyformat(statement)
 
     def _migrate_from(self, conn: Any, current: int) -> list[int]:
         """Apply every migration after ``current`` on ``conn``; return the versions applied.
@@ -959,7 +991,8 @@ class SQLStorage(Storage, abc.ABC):
                         # Everything before the last visible input message, or everything.
                         row = conn.execute(
                             self._sql(
-                                "SELECT seq FROM events WHERE session_id = ? "
+                                "SELECT seq FROM events /*INDEXED BY idx_events_visible_type*/ "
+                                "WHERE session_id = ? "
                                 "AND type = 'input_message' AND hide_reason IS NULL "
                                 "ORDER BY seq DESC LIMIT 1"
                             ),
@@ -971,7 +1004,8 @@ class SQLStorage(Storage, abc.ABC):
                     )
                     hidden = conn.execute(
                         self._sql(
-                            "UPDATE events SET hide_reason = ? WHERE session_id = ? "
+                            "UPDATE events /*INDEXED BY idx_events_visible*/ "
+                            "SET hide_reason = ? WHERE session_id = ? "
                             "AND hide_reason IS NULL" + ("" if bound is None else " AND seq <= ?")
                         ),
                         [HIDDEN_BY_COMPACTION, session_id, *([] if bound is None else [bound])],
@@ -1071,7 +1105,8 @@ class SQLStorage(Storage, abc.ABC):
                 # The last event to copy, which bounds the copy against later appends.
                 last = conn.execute(
                     self._sql(
-                        "SELECT seq, id FROM events WHERE session_id = ? AND hide_reason IS NULL"
+                        "SELECT seq, id FROM events /*INDEXED BY idx_events_visible*/ "
+                        "WHERE session_id = ? AND hide_reason IS NULL"
                         + ("" if bound is None else " AND seq <= ?")
                         + " ORDER BY seq DESC LIMIT 1"
                     ),
@@ -1088,7 +1123,8 @@ class SQLStorage(Storage, abc.ABC):
                             "INSERT INTO events "
                             "(session_id, id, type, fields, created_at, hide_reason) "
                             "SELECT ?, id, type, fields, created_at, "
-                            "CASE WHEN seq <= ? THEN ? END FROM events "
+                            "CASE WHEN seq <= ? THEN ? END "
+                            "FROM events /*INDEXED BY idx_events_visible*/ "
                             "WHERE session_id = ? AND hide_reason IS NULL AND seq <= ? "
                             "ORDER BY seq"
                         ),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import datetime as dt
 import re
 import threading
@@ -16,9 +18,13 @@ from storage_backends import (
     ApiKey,
     ApiKeyNotFound,
     Conflict,
+    Event,
+    EventNotFound,
     Grant,
     Session,
+    SessionDisabled,
     SessionNotFound,
+    StaleHistory,
 )
 from storage_backends.codec import utcnow
 
@@ -497,3 +503,650 @@ def test_a_filtered_list_ends_its_page_when_its_budget_is_spent(storage_url, opt
         assert walk(storage, limit=5, matches=pattern) == ["s4", "s9"]
     finally:
         storage.close()
+
+
+# Events: a session's history
+
+
+def event(n, kind="agent_output", at=T0, **fields):
+    """The event ``aev_<n>`` of ``kind``, with fields of that kind."""
+    if not fields:
+        fields = {
+            "input_message": {"messages": [{"type": "text", "content": f"in {n}"}]},
+            "tool_input": {
+                "tool_call_id": f"c{n}",
+                "tool_configuration_name": "conf",
+                "tool_name": "t",
+                "tool_input": {"q": [1, {"deep": None}]},
+            },
+        }.get(kind, {"content": f"out {n}"})
+    return Event(id=f"aev_{n}", session_key="", type=kind, fields=fields, created_at=at)
+
+
+def compaction(n="c", at=T0):
+    return Event(
+        id=f"aev_{n}",
+        session_key="",
+        type="compaction",
+        fields={"summary_text": "summary", "summary_key": "k"},
+        created_at=at,
+    )
+
+
+def history(storage, *kinds, session_key="s1", at=T0):
+    """Append events 1..n of ``kinds`` (a letter each: i input, o output, t tool input)."""
+    names = {"i": "input_message", "o": "agent_output", "t": "tool_input"}
+    events = [event(n, names[k], at=at) for n, k in enumerate(kinds, start=1)]
+    storage.append_events(agent_key="bot", session_key=session_key, events=events, now=at)
+    return [e.id for e in events]
+
+
+def walk_events(storage, session_key="s1", limit=2, now=T0, **kwargs):
+    ids, after, pages = [], None, 0
+    while True:
+        page = storage.list_events(
+            agent_key="bot", session_key=session_key, limit=limit, after=after, now=now, **kwargs
+        )
+        pages += 1
+        assert len(page.items) <= limit
+        ids += [e.id for e in page.items]
+        if page.next_cursor is None:
+            return ids
+        assert len(page.items) == limit
+        after = page.next_cursor
+        assert pages < 1000
+
+
+def ids_of(storage, session_key="s1", now=T0):
+    return [
+        (e.id, e.hide_reason)
+        for e in storage.iter_events(agent_key="bot", session_key=session_key, now=now)
+    ]
+
+
+@pytest.fixture
+def session(storage):
+    make_agent(storage)
+    return make_session(storage)
+
+
+def test_events_round_trip_in_the_order_written(storage, session):
+    first = event(1, "tool_input")
+    assert (
+        storage.append_events(
+            agent_key="bot", session_key="s1", events=[first, event(2)], now=T0
+        ).key
+        == "s1"
+    )
+    storage.append_events(agent_key="bot", session_key="s1", events=[event(3, "thinking")], now=T0)
+    got = storage.get_event(agent_key="bot", session_key="s1", event_id="aev_1", now=T0)
+    assert got == dataclasses.replace(first, session_key="s1")
+    assert got.fields["tool_input"] == {"q": [1, {"deep": None}]}
+    assert got.created_at == T0 and got.hide_reason is None
+    assert walk_events(storage, limit=10) == ["aev_1", "aev_2", "aev_3"]
+    # Copies in and out.
+    got.fields["tool_input"]["q"] = "changed"
+    first.fields["tool_name"] = "changed"
+    again = storage.get_event(agent_key="bot", session_key="s1", event_id="aev_1", now=T0)
+    assert again.fields["tool_input"]["q"] == [1, {"deep": None}]
+    assert again.fields["tool_name"] == "t"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 7, 20])
+def test_event_pages_miss_and_repeat_nothing_both_ways(storage, session, limit):
+    ids = history(storage, *"iotoiootoi" * 2)
+    assert walk_events(storage, limit=limit) == ids
+    assert walk_events(storage, limit=limit, descending=True) == ids[::-1]
+
+
+def test_hidden_events_are_listed_only_on_request_and_always_got(storage, session):
+    ids = history(storage, *"ioioio")
+    for hidden in ("aev_1", "aev_4", "aev_6"):
+        hid = storage.set_event_hidden(
+            agent_key="bot", session_key="s1", event_id=hidden, hide_reason="manual", now=T0
+        )
+        assert hid.hide_reason == "manual" and hid.id == hidden
+    visible = ["aev_2", "aev_3", "aev_5"]
+    for limit in (1, 2, 5):
+        assert walk_events(storage, limit=limit) == visible
+        assert walk_events(storage, limit=limit, descending=True) == visible[::-1]
+        assert walk_events(storage, limit=limit, include_hidden=True) == ids
+        assert walk_events(storage, limit=limit, include_hidden=True, descending=True) == ids[::-1]
+    got = storage.get_event(agent_key="bot", session_key="s1", event_id="aev_4", now=T0)
+    assert got.hide_reason == "manual"
+    shown = storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_4", hide_reason=None, now=T0
+    )
+    assert shown.hide_reason is None
+    assert walk_events(storage) == ["aev_2", "aev_3", "aev_4", "aev_5"]
+    with pytest.raises(EventNotFound):
+        storage.set_event_hidden(
+            agent_key="bot", session_key="s1", event_id="aev_9", hide_reason="manual", now=T0
+        )
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4])
+def test_a_types_filter_pages_both_ways(storage, session, limit):
+    history(storage, *"iotootitoo")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_6", hide_reason="manual", now=T0
+    )
+    tools = frozenset({"tool_input"})
+    both = frozenset({"tool_input", "input_message"})
+    assert walk_events(storage, limit=limit, types=tools) == ["aev_3", "aev_8"]
+    assert walk_events(storage, limit=limit, types=tools, include_hidden=True) == [
+        "aev_3",
+        "aev_6",
+        "aev_8",
+    ]
+    assert walk_events(storage, limit=limit, types=both) == ["aev_1", "aev_3", "aev_7", "aev_8"]
+    assert walk_events(storage, limit=limit, types=both, descending=True) == [
+        "aev_8",
+        "aev_7",
+        "aev_3",
+        "aev_1",
+    ]
+    assert walk_events(storage, limit=limit, types=both, include_hidden=True, descending=True) == [
+        "aev_8",
+        "aev_7",
+        "aev_6",
+        "aev_3",
+        "aev_1",
+    ]
+    assert walk_events(storage, limit=limit, types=frozenset({"skill_load"})) == []
+    assert walk_events(storage, limit=limit, types=frozenset()) == []
+
+
+def test_delete_event(storage, session):
+    history(storage, *"ioo")
+    storage.delete_event(agent_key="bot", session_key="s1", event_id="aev_2", now=T0)
+    assert walk_events(storage) == ["aev_1", "aev_3"]
+    with pytest.raises(EventNotFound):
+        storage.get_event(agent_key="bot", session_key="s1", event_id="aev_2", now=T0)
+    with pytest.raises(EventNotFound):
+        storage.delete_event(agent_key="bot", session_key="s1", event_id="aev_2", now=T0)
+    # The id is free again, and deleting the newest events reuses no position: a
+    # cursor at the deleted aev_4 still finds what is written after it.
+    storage.append_events(agent_key="bot", session_key="s1", events=[event(4), event(5)], now=T0)
+    page = storage.list_events(agent_key="bot", session_key="s1", limit=3, now=T0)
+    assert [e.id for e in page.items] == ["aev_1", "aev_3", "aev_4"]
+    for newest in ("aev_5", "aev_4"):
+        storage.delete_event(agent_key="bot", session_key="s1", event_id=newest, now=T0)
+    storage.append_events(agent_key="bot", session_key="s1", events=[event(2)], now=T0)
+    rest = storage.list_events(
+        agent_key="bot", session_key="s1", limit=5, now=T0, after=page.next_cursor
+    )
+    assert [e.id for e in rest.items] == ["aev_2"]
+
+
+def test_events_of_an_unknown_session_or_event(storage, session):
+    calls = {
+        "append": lambda key: storage.append_events(
+            agent_key="bot", session_key=key, events=[event(1)], now=T0
+        ),
+        "list": lambda key: storage.list_events(agent_key="bot", session_key=key, limit=5, now=T0),
+        "get": lambda key: storage.get_event(
+            agent_key="bot", session_key=key, event_id="aev_1", now=T0
+        ),
+        "hide": lambda key: storage.set_event_hidden(
+            agent_key="bot", session_key=key, event_id="aev_1", hide_reason="manual", now=T0
+        ),
+        "delete": lambda key: storage.delete_event(
+            agent_key="bot", session_key=key, event_id="aev_1", now=T0
+        ),
+        "compact": lambda key: storage.compact_events(
+            agent_key="bot", session_key=key, up_to_event_id=None, compaction=compaction(), now=T0
+        ),
+        "iter": lambda key: storage.iter_events(agent_key="bot", session_key=key, now=T0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(SessionNotFound):
+            call("nope")
+        with pytest.raises(SessionNotFound):
+            storage.list_events(agent_key="other", session_key="s1", limit=5, now=T0)
+        if name in ("get", "hide", "delete"):
+            with pytest.raises(EventNotFound):
+                call("s1")
+    assert ids_of(storage) == []
+
+
+def test_if_last_event_id(storage, session):
+    def append(n, last):
+        return storage.append_events(
+            agent_key="bot", session_key="s1", events=[event(n)], now=T0, if_last_event_id=last
+        )
+
+    with pytest.raises(StaleHistory):
+        append(1, "aev_0")
+    append(1, None)
+    with pytest.raises(StaleHistory):
+        append(2, None)
+    with pytest.raises(Conflict):  # StaleHistory is a Conflict
+        append(2, "aev_0")
+    append(2, "aev_1")
+    # The last event counts when hidden too.
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_2", hide_reason="manual", now=T0
+    )
+    with pytest.raises(StaleHistory):
+        append(3, "aev_1")
+    append(3, "aev_2")
+    assert ids_of(storage) == [("aev_1", None), ("aev_2", "manual"), ("aev_3", None)]
+
+
+def test_a_duplicate_id_writes_nothing_of_the_batch(storage, session):
+    history(storage, "i")
+    for batch in ([event(2), event(1)], [event(2), event(3), event(2)]):
+        with pytest.raises(Conflict):
+            storage.append_events(
+                agent_key="bot",
+                session_key="s1",
+                events=batch,
+                now=T0 + dt.timedelta(minutes=1),
+                metadata_patch={"x": 1},
+            )
+    assert ids_of(storage) == [("aev_1", None)]
+    assert storage.get_session(agent_key="bot", session_key="s1", now=T0).metadata == {}
+    # Ids are unique within a session only.
+    make_session(storage, "s2")
+    history(storage, "i", session_key="s2")
+
+
+def test_a_disabled_session_takes_no_events_but_is_read_hidden_and_deleted(storage):
+    make_agent(storage)
+    make_session(storage, enabled=True)
+    history(storage, *"io")
+    storage.update_session(agent_key="bot", session_key="s1", changes={"enabled": False}, now=T0)
+    with pytest.raises(SessionDisabled):
+        history(storage, "o")
+    with pytest.raises(SessionDisabled):
+        storage.compact_events(
+            agent_key="bot", session_key="s1", up_to_event_id=None, compaction=compaction(), now=T0
+        )
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_1", hide_reason="manual", now=T0
+    )
+    storage.delete_event(agent_key="bot", session_key="s1", event_id="aev_2", now=T0)
+    assert ids_of(storage) == [("aev_1", "manual")]
+
+
+def test_metadata_patch_is_a_merge_patch(storage):
+    make_agent(storage)
+    make_session(storage, metadata={"keep": 1, "drop": 2, "nested": {"a": 1, "b": 2}})
+    later = T0 + dt.timedelta(minutes=1)
+    seen = []
+    written = storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(1)],
+        now=later,
+        metadata_patch={"drop": None, "nested": {"b": None, "c": [3]}, "new": "n", "gone": None},
+        check_metadata=seen.append,
+    )
+    expected = {"keep": 1, "nested": {"a": 1, "c": [3]}, "new": "n"}
+    assert seen == [expected]
+    assert written.metadata == expected and written.updated_at == later
+    stored = storage.get_session(agent_key="bot", session_key="s1", now=later)
+    assert stored.metadata == expected and stored.updated_at == later
+    # Events alone, or a patch that changes nothing, leave updated_at.
+    for patch in (None, {"keep": 1, "absent": None}):
+        written = storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(len(seen) + 1)],
+            now=later + dt.timedelta(minutes=1),
+            metadata_patch=patch,
+            check_metadata=seen.append,
+        )
+        assert written.updated_at == later and written.metadata == expected
+        seen.append(None)
+
+
+def test_a_refused_metadata_patch_writes_nothing(storage):
+    make_agent(storage)
+    make_session(storage, tti_minutes=10, metadata={"a": 1})
+
+    def refuse(metadata):
+        assert metadata == {"a": 1, "b": 2}
+        raise ValueError("too big")
+
+    with pytest.raises(ValueError, match="too big"):
+        storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(1)],
+            now=T0 + dt.timedelta(minutes=5),
+            metadata_patch={"b": 2},
+            check_metadata=refuse,
+        )
+    assert ids_of(storage) == []
+    stored = storage.get_session(agent_key="bot", session_key="s1", now=T0)
+    assert stored.metadata == {"a": 1} and stored.updated_at == T0
+    # Nor was the idle clock restarted.
+    with pytest.raises(SessionNotFound):
+        storage.get_session(agent_key="bot", session_key="s1", now=T0 + dt.timedelta(minutes=11))
+
+
+def test_events_restart_the_idle_clock(storage):
+    make_agent(storage)
+    make_session(storage, tti_minutes=1)
+    at = T0 + dt.timedelta(seconds=50)
+    written = storage.append_events(agent_key="bot", session_key="s1", events=[event(1)], now=at)
+    assert written.active_at == at and written.updated_at == T0
+    assert written.expires_at == at + dt.timedelta(minutes=1)
+    later = T0 + dt.timedelta(seconds=100)
+    got = storage.get_session(agent_key="bot", session_key="s1", now=later)
+    assert got.active_at == at and got.expires_at == at + dt.timedelta(minutes=1)
+    assert walk(storage, now=later) == ["s1"]
+    # A compaction too.
+    at2 = T0 + dt.timedelta(seconds=105)
+    storage.compact_events(
+        agent_key="bot", session_key="s1", up_to_event_id=None, compaction=compaction(), now=at2
+    )
+    assert storage.purge_expired_sessions(now=at2 + dt.timedelta(seconds=59)) == 0
+    # An update after events restarts it from the update.
+    at3 = T0 + dt.timedelta(seconds=150)
+    storage.update_session(agent_key="bot", session_key="s1", changes={"name": "x"}, now=at3)
+    got = storage.get_session(agent_key="bot", session_key="s1", now=at3)
+    assert got.expires_at == at3 + dt.timedelta(minutes=1)
+    assert storage.purge_expired_sessions(now=at3 + dt.timedelta(seconds=59)) == 0
+    assert storage.purge_expired_sessions(now=at3 + dt.timedelta(seconds=60)) == 1
+
+
+def test_compaction_by_default_keeps_the_last_input_message_and_what_follows(storage, session):
+    history(storage, *"iotoiot")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_2", hide_reason="manual", now=T0
+    )
+    at = T0 + dt.timedelta(seconds=1)
+    stored = storage.compact_events(
+        agent_key="bot", session_key="s1", up_to_event_id=None, compaction=compaction(at=at), now=at
+    )
+    assert stored.id == "aev_c" and stored.type == "compaction" and stored.session_key == "s1"
+    assert stored.created_at == at and stored.hide_reason is None
+    # aev_2 was hidden already: not counted.
+    assert stored.fields == {
+        "summary_text": "summary",
+        "summary_key": "k",
+        "turns_compacted": 1,
+        "events_compacted": 3,
+    }
+    assert ids_of(storage) == [
+        ("aev_1", "compaction"),
+        ("aev_2", "manual"),
+        ("aev_3", "compaction"),
+        ("aev_4", "compaction"),
+        ("aev_5", None),
+        ("aev_6", None),
+        ("aev_7", None),
+        ("aev_c", None),
+    ]
+    assert storage.get_event(agent_key="bot", session_key="s1", event_id="aev_c", now=T0) == stored
+    # Again: the last input message stays, the compaction before it goes.
+    again = storage.compact_events(
+        agent_key="bot", session_key="s1", up_to_event_id=None, compaction=compaction("d"), now=at
+    )
+    assert (again.fields["events_compacted"], again.fields["turns_compacted"]) == (0, 0)
+
+
+def test_compaction_with_no_input_message_hides_everything(storage, session):
+    history(storage, *"oto")
+    stored = storage.compact_events(
+        agent_key="bot", session_key="s1", up_to_event_id=None, compaction=compaction(), now=T0
+    )
+    assert (stored.fields["events_compacted"], stored.fields["turns_compacted"]) == (3, 0)
+    assert walk_events(storage) == ["aev_c"]
+
+
+def test_compaction_up_to_an_anchor(storage, session):
+    history(storage, *"ioioio")
+    stored = storage.compact_events(
+        agent_key="bot", session_key="s1", up_to_event_id="aev_3", compaction=compaction(), now=T0
+    )
+    assert (stored.fields["events_compacted"], stored.fields["turns_compacted"]) == (3, 2)
+    assert walk_events(storage) == ["aev_4", "aev_5", "aev_6", "aev_c"]
+    with pytest.raises(EventNotFound):
+        storage.compact_events(
+            agent_key="bot",
+            session_key="s1",
+            up_to_event_id="aev_9",
+            compaction=compaction("d"),
+            now=T0,
+        )
+    # A compaction id the session has is a conflict, and nothing is hidden.
+    with pytest.raises(Conflict):
+        storage.compact_events(
+            agent_key="bot",
+            session_key="s1",
+            up_to_event_id="aev_5",
+            compaction=compaction(4),
+            now=T0,
+        )
+    assert walk_events(storage) == ["aev_4", "aev_5", "aev_6", "aev_c"]
+
+
+def fork(storage, key="f1", source="s1", **kwargs):
+    return storage.fork_session(
+        session=Session(
+            key=key,
+            agent_key=kwargs.pop("agent_key", "bot"),
+            name="fork",
+            created_at=T0 + dt.timedelta(minutes=1),
+            updated_at=T0 + dt.timedelta(minutes=1),
+        ),
+        source_agent_key="bot",
+        source_session_key=source,
+        **kwargs,
+    )
+
+
+def test_fork_copies_the_visible_events(storage, session):
+    at = [T0 + dt.timedelta(seconds=n) for n in range(5)]
+    for n, kind in enumerate(("input_message", "agent_output", "tool_input", "agent_output")):
+        storage.append_events(
+            agent_key="bot", session_key="s1", events=[event(n + 1, kind, at=at[n])], now=at[n]
+        )
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_2", hide_reason="manual", now=T0
+    )
+    forked = fork(storage)
+    assert forked.forked_from == {"agent_key": "bot", "session_key": "s1", "event_id": "aev_4"}
+    got = storage.get_session(agent_key="bot", session_key="f1", now=T0)
+    assert got.forked_from == forked.forked_from
+    assert storage.get_session(agent_key="bot", session_key="s1", now=T0).forked_from is None
+    copies = list(storage.iter_events(agent_key="bot", session_key="f1", now=T0))
+    originals = [
+        storage.get_event(agent_key="bot", session_key="s1", event_id=i, now=T0)
+        for i in ("aev_1", "aev_3", "aev_4")
+    ]
+    assert copies == [dataclasses.replace(e, session_key="f1") for e in originals]
+    assert [e.created_at for e in copies] == [at[0], at[2], at[3]]
+    # Two histories: writing one leaves the other.
+    history_f1 = storage.append_events(
+        agent_key="bot", session_key="f1", events=[event(5)], now=T0, if_last_event_id="aev_4"
+    )
+    assert history_f1.key == "f1"
+    storage.delete_event(agent_key="bot", session_key="s1", event_id="aev_1", now=T0)
+    assert [e for e, _ in ids_of(storage, "f1")] == ["aev_1", "aev_3", "aev_4", "aev_5"]
+
+
+def test_fork_up_to_an_event(storage, session):
+    history(storage, *"ioio")
+    forked = fork(storage, include_up_to_event_id="aev_2")
+    assert forked.forked_from["event_id"] == "aev_2"
+    assert ids_of(storage, "f1") == [("aev_1", None), ("aev_2", None)]
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_3", hide_reason="manual", now=T0
+    )
+    for anchor in ("aev_3", "aev_9"):
+        with pytest.raises(EventNotFound):
+            fork(storage, "f2", include_up_to_event_id=anchor)
+        with pytest.raises(EventNotFound):
+            fork(storage, "f2", compact_up_to_event_id=anchor, compaction=compaction())
+    with pytest.raises(SessionNotFound):
+        storage.get_session(agent_key="bot", session_key="f2", now=T0)
+
+
+def test_fork_with_compaction(storage, session):
+    history(storage, *"iotoio")
+    forked = fork(storage, compact_up_to_event_id="aev_4", compaction=compaction())
+    assert forked.forked_from["event_id"] == "aev_6"
+    assert ids_of(storage, "f1") == [
+        ("aev_1", "compaction"),
+        ("aev_2", "compaction"),
+        ("aev_3", "compaction"),
+        ("aev_4", "compaction"),
+        ("aev_5", None),
+        ("aev_6", None),
+        ("aev_c", None),
+    ]
+    summary = storage.get_event(agent_key="bot", session_key="f1", event_id="aev_c", now=T0)
+    assert (summary.fields["events_compacted"], summary.fields["turns_compacted"]) == (4, 1)
+    assert summary.fields["summary_text"] == "summary"
+    # The source is untouched.
+    assert [h for _, h in ids_of(storage)] == [None] * 6
+
+
+def test_fork_of_an_empty_session_names_no_event(storage, session):
+    forked = fork(storage)
+    assert forked.forked_from == {"agent_key": "bot", "session_key": "s1"}
+    assert storage.get_session(agent_key="bot", session_key="f1", now=T0).forked_from == {
+        "agent_key": "bot",
+        "session_key": "s1",
+    }
+    assert ids_of(storage, "f1") == []
+
+
+def test_fork_raises_what_create_raises(storage, session):
+    history(storage, *"io")
+    with pytest.raises(SessionNotFound):
+        fork(storage, source="nope")
+    with pytest.raises(Conflict):
+        fork(storage, "s1")
+    with pytest.raises(AgentNotFound):
+        fork(storage, agent_key="nobody")
+    make_agent(storage, "off", enabled=False)
+    with pytest.raises(AgentDisabled):
+        fork(storage, agent_key="off")
+    assert ids_of(storage) == [("aev_1", None), ("aev_2", None)]
+    make_agent(storage, "other")
+    fork(storage, agent_key="other")
+    assert [e for e, _ in ids_of_agent(storage, "other", "f1")] == ["aev_1", "aev_2"]
+
+
+def ids_of_agent(storage, agent_key, session_key):
+    return [
+        (e.id, e.hide_reason)
+        for e in storage.iter_events(agent_key=agent_key, session_key=session_key, now=T0)
+    ]
+
+
+def test_events_go_with_their_session(storage):
+    make_agent(storage)
+    for key in ("gone", "kept"):
+        make_session(storage, key)
+        history(storage, *"io", session_key=key)
+    storage.delete_session(agent_key="bot", session_key="gone", now=T0)
+    make_session(storage, "gone")
+    assert ids_of(storage, "gone") == []
+    assert len(ids_of(storage, "kept")) == 2
+
+
+def test_events_go_with_their_agent(storage):
+    make_agent(storage)
+    make_session(storage)
+    history(storage, *"io")
+    storage.delete_agent(agent_key="bot")
+    make_agent(storage)
+    make_session(storage)
+    assert ids_of(storage) == []
+
+
+@pytest.mark.parametrize("noticed_by", ["get", "list_events", "update", "purge", "create"])
+def test_events_go_with_an_expired_session(storage, noticed_by):
+    make_agent(storage)
+    make_session(storage, tti_minutes=1)
+    history(storage, *"io")
+    late = T0 + dt.timedelta(minutes=2)
+    with contextlib.suppress(SessionNotFound):
+        {
+            "get": lambda: storage.get_session(agent_key="bot", session_key="s1", now=late),
+            "list_events": lambda: storage.list_events(
+                agent_key="bot", session_key="s1", limit=5, now=late
+            ),
+            "update": lambda: storage.update_session(
+                agent_key="bot", session_key="s1", changes={"name": "x"}, now=late
+            ),
+            "purge": lambda: storage.purge_expired_sessions(now=late),
+            "create": lambda: None,
+        }[noticed_by]()
+    # The key taken again: the new session inherits nothing.
+    make_session(storage, at=late)
+    assert ids_of(storage, now=late) == []
+    storage.append_events(
+        agent_key="bot", session_key="s1", events=[event(1)], now=late, if_last_event_id=None
+    )
+
+
+def test_iter_events_reads_every_event_in_batches(storage, session):
+    count = 2_345
+    for start in range(0, count, 100):
+        storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(n) for n in range(start, min(start + 100, count))],
+            now=T0,
+        )
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_1500", hide_reason="manual", now=T0
+    )
+    events = storage.iter_events(agent_key="bot", session_key="s1", now=T0)
+    first = next(events)
+    assert first.id == "aev_0"
+    rest = list(events)
+    assert [e.id for e in rest] == [f"aev_{n}" for n in range(1, count)]
+    assert rest[1499].hide_reason == "manual"
+
+
+def test_import_session_keeps_ids_times_and_hide_reasons(storage, session):
+    history(storage, *"ioio")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_2", hide_reason="manual", now=T0
+    )
+    exported = list(storage.iter_events(agent_key="bot", session_key="s1", now=T0))
+    copy_of = Session(
+        key="copy",
+        agent_key="bot",
+        name="copy",
+        enabled=False,
+        metadata={"m": 1},
+        created_at=T0,
+        updated_at=T0,
+        forked_from={"agent_key": "a", "session_key": "b"},
+    )
+    assert storage.import_session(session=copy_of, events=iter(exported)) == 4
+    imported = list(storage.iter_events(agent_key="bot", session_key="copy", now=T0))
+    assert imported == [dataclasses.replace(e, session_key="copy") for e in exported]
+    got = storage.get_session(agent_key="bot", session_key="copy", now=T0)
+    assert got.forked_from == {"agent_key": "a", "session_key": "b"}
+    assert got.enabled is False and got.metadata == {"m": 1}
+
+
+def test_import_session_is_all_or_nothing(storage, session):
+    events = [event(1), event(2), event(1)]
+    for target, raised in (("s1", Conflict), ("new", Conflict)):
+        with pytest.raises(raised):
+            storage.import_session(
+                session=Session(
+                    key=target, agent_key="bot", name="n", created_at=T0, updated_at=T0
+                ),
+                events=events,
+            )
+    with pytest.raises(SessionNotFound):
+        storage.get_session(agent_key="bot", session_key="new", now=T0)
+    with pytest.raises(AgentNotFound):
+        storage.import_session(
+            session=Session(key="x", agent_key="nobody", name="n", created_at=T0, updated_at=T0),
+            events=[event(1)],
+        )
+    assert ids_of(storage) == []
