@@ -37,6 +37,13 @@ class Config:
     METADATA_MAX_DEPTH = 8
     METADATA_MAX_BYTES = 16 * 1024
     FILTER_MAX_LENGTH = 256
+    # Session events: the bytes of one event as answered (larger is a 413, never
+    # truncated), the bytes of a POST /events/batch body (the other bodies keep
+    # MAX_CONTENT_LENGTH), and the nesting depth of an event's JSON values
+    # (tool_input, tool_output, structured_output content).
+    EVENT_MAX_BYTES = 256 * 1024
+    EVENTS_MAX_CONTENT_LENGTH = 4 * 1024 * 1024
+    EVENT_MAX_DEPTH = 32
     # Number of trusted reverse proxies in front of the service (for client addresses).
     PROXY_COUNT = 0
 
@@ -186,6 +193,9 @@ CHECKS: dict[str, Check] = {
     "METADATA_MAX_DEPTH": integer(1, 100),
     "METADATA_MAX_BYTES": integer(2, 1 << 30),
     "FILTER_MAX_LENGTH": integer(1, 100_000),
+    "EVENT_MAX_BYTES": integer(1024, 1 << 30),
+    "EVENTS_MAX_CONTENT_LENGTH": integer(1024, 1 << 30),
+    "EVENT_MAX_DEPTH": integer(1, 200),
     "FILTER_SCAN_ROWS": integer(1, 10_000_000),
     "FILTER_SCAN_SECONDS": number(0.001, 60),
     "POSTGRES_POOL_MIN": integer(0, 1000),

@@ -20,14 +20,33 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, SessionNotFound, codec
-from storage_backends.codec import utcnow
+from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
+from storage_backends.codec import dump_json, utcnow
 
 from . import auth, errors, http, metrics, rate_limits
 from .errors import ApiError
-from .naming import key_candidates
+from .events import (
+    EventBatchSchema,
+    EventCreateSchema,
+    EventListQuerySchema,
+    EventListSchema,
+    EventSchema,
+    EventsCreatedSchema,
+    check_size,
+    dump_event,
+)
+from .naming import key_candidates, new_event_id
 from .openapi import Operation
 from .openapi.docs import docs
-from .openapi.examples import AGENT, API_KEY_REQUEST, SESSION, SESSION_REQUEST
+from .openapi.examples import (
+    AGENT,
+    API_KEY_REQUEST,
+    EVENT,
+    EVENT_BATCH_REQUEST,
+    EVENT_REQUEST,
+    SESSION,
+    SESSION_REQUEST,
+)
 from .schemas import (
     AgentCreateSchema,
     AgentListSchema,
@@ -42,6 +61,7 @@ from .schemas import (
     SessionListSchema,
     SessionSchema,
     SessionUpdateSchema,
+    check_metadata,
 )
 
 bp = http.ServiceBlueprint(http.SERVICE_BLUEPRINT, __name__)
@@ -82,10 +102,18 @@ def endpoint(
     *,
     body: type[Schema] | None = None,
     query: type[Schema] | None = None,
+    body_limit: str | None = None,
+    authorize: Callable[[dict[str, str], dict[str, Any]], None] | None = None,
     **described: Any,
 ) -> Callable:
     """Declare a view: its query and body schemas (loaded into ``query=`` and ``body=``),
-    the schema dumping what it returns (an object, or an object and headers) and its status.
+    the schema dumping what it returns (an object, or an object and headers; a
+    Response goes out as it is) and its status.
+
+    ``body_limit`` names the configuration key bounding the body's bytes
+    (default: ``MAX_CONTENT_LENGTH``). ``authorize`` sees the path and the
+    parsed body before the schema does: a permission that depends on the body
+    is a 403 before any 404 or 400.
 
     The order of refusals is the contract's: a bad query or body is a 400 only
     once the records the path names are known to exist (404 before 400), and a
@@ -106,7 +134,11 @@ def endpoint(
                 elif request.args:
                     raise ValidationError(dict.fromkeys(request.args, ["Unknown field."]))
                 if body_schema is not None:
-                    inputs["body"] = body_schema.load(http.json_object())
+                    limit = current_app.config[body_limit] if body_limit else None
+                    raw = http.json_object(limit)
+                    if authorize is not None:
+                        authorize(path, raw)
+                    inputs["body"] = body_schema.load(raw)
                 result = view(**path, **inputs)
             except (ValidationError, ApiError, HTTPException) as err:
                 if _is_bad_input(err):
@@ -117,6 +149,8 @@ def endpoint(
                 raise
             if response_schema is None:
                 return http.no_content()
+            if isinstance(result, Response):
+                return result
             obj, headers = result if isinstance(result, tuple) else (result, None)
             return http.json_response(response_schema.dump(obj), status, headers)
 
@@ -149,6 +183,17 @@ def compile_filter(pattern: str) -> Any:
 # Sessions
 
 
+def authorize_fork(path: dict[str, str], body: dict[str, Any]) -> None:
+    """A fork reads its source: the key needs sessions:read on the source's agent."""
+    source = body.get("from_session")
+    if isinstance(source, dict):
+        agent_key = source.get("agent_key")
+        if agent_key is None:
+            agent_key = path["agent_key"]
+        if isinstance(agent_key, str):
+            auth.check(agent_key, "sessions:read", "the source session's agent")
+
+
 @bp.post("/agents/<record_key:agent_key>/sessions")
 @rate_limits.creates
 @auth.require("sessions:create")
@@ -157,29 +202,56 @@ def compile_filter(pattern: str) -> Any:
     201,
     SessionSchema,
     body=SessionCreateSchema,
+    authorize=authorize_fork,
     statuses=(409,),
     headers=("Location",),
     examples={"request": SESSION_REQUEST, "response": SESSION},
+    errors={
+        403: "`forbidden`: the key lacks sessions:create on this agent, or (with "
+        "`from_session`) sessions:read on the source session's agent.",
+        404: "`agent_not_found`: no agent has this key. With `from_session`: "
+        "`session_not_found` (no such source session) or `event_not_found` (an anchor "
+        "that is not among the source's visible events).",
+    },
 )
 def create_session(agent_key: str, body: dict[str, Any]) -> Any:
-    """Create a session."""
+    """Create a session, or fork one (``from_session``)."""
     now = utcnow()
     key = body.pop("key", None)
+    source = body.pop("from_session", None)
     session = Session(agent_key=agent_key, key=key or "", created_at=now, updated_at=now, **body)
-    if key is not None:
-        session = service().storage.create_session(session=session)
+    if source is not None:
+        create = functools.partial(fork, source=source, now=now)
     else:
-        session = create_with_generated_key(session)
+        create = service().storage.create_session
+    if key is not None:
+        session = create(session=session)
+    else:
+        session = create_with_generated_key(session, create)
     metrics.session_created()
     return session, created(session.key)
 
 
-def create_with_generated_key(session: Session) -> Session:
-    storage = service().storage
+def fork(*, session: Session, source: dict[str, Any], now: Any) -> Session:
+    """Create ``session`` with a copy of the source's visible history."""
+    compaction = None
+    if "compact_up_to_event_id" in source:
+        compaction = compaction_event(session.key, source["summary_text"], now)
+    return service().storage.fork_session(
+        session=session,
+        source_agent_key=source.get("agent_key", session.agent_key),
+        source_session_key=source["session_key"],
+        include_up_to_event_id=source.get("include_up_to_event_id"),
+        compact_up_to_event_id=source.get("compact_up_to_event_id"),
+        compaction=compaction,
+    )
+
+
+def create_with_generated_key(session: Session, create: Callable[..., Session]) -> Session:
     for candidate in key_candidates(session.name):
         session.key = candidate
         try:
-            return storage.create_session(session=session)
+            return create(session=session)
         except Conflict:
             continue
     raise ApiError(409, "conflict", "Could not generate a free key; supply one.")
@@ -239,6 +311,259 @@ def update_session(agent_key: str, session_key: str, body: dict[str, Any]) -> An
 def delete_session(agent_key: str, session_key: str) -> None:
     """Delete a session."""
     service().storage.delete_session(agent_key=agent_key, session_key=session_key, now=utcnow())
+
+
+# Session events
+
+EVENTS_PATH = "/agents/<record_key:agent_key>/sessions/<record_key:session_key>/events"
+EVENT_PATH = EVENTS_PATH + "/<event_id:event_id>"
+
+WRITE_CONFLICTS = {
+    409: "`session_disabled`: the session's `enabled` is false; it takes no new events.",
+}
+BATCH_CONFLICTS = {
+    409: "`conflict`: an event id the session already has (or twice in the batch), or an "
+    "`if_last_event_id` that no longer names the session's last event; nothing is written. "
+    "`session_disabled`: the session's `enabled` is false; it takes no new events.",
+    413: "`payload_too_large`: the body is over {events_max_body} bytes, or an event "
+    "serializes to more than {event_max_bytes}.",
+}
+EVENT_NOT_FOUND = {
+    404: "`agent_not_found`, `session_not_found`, or `event_not_found`: the session has no "
+    "event with this id; `not_found`: the path does not name a route.",
+}
+
+
+def compaction_event(session_key: str, summary_text: str, now: Any) -> Event:
+    """A compaction event to write (the backend counts what it hid). Its summary is the
+    event itself, so its ``summary_key`` is its id."""
+    event_id = new_event_id()
+    return Event(
+        id=event_id,
+        session_key=session_key,
+        type="compaction",
+        fields={"summary_text": summary_text, "summary_key": event_id},
+        created_at=now,
+    )
+
+
+def event_stream(events: list[Event]) -> Response:
+    """The events as server-sent events, each on one ``data:`` line, then ``{"type": "end"}``."""
+    lines = [f"data: {dump_json(dump_event(event))}\n\n" for event in events]
+    lines.append('data: {"type":"end"}\n\n')
+    return current_app.response_class("".join(lines), 201, mimetype="text/event-stream")
+
+
+def authorize_event_write(path: dict[str, str], body: dict[str, Any]) -> None:
+    """A user's input needs events:create; a compaction, what the agent runtime writes,
+    events:append."""
+    kind = body.get("type")
+    if kind == "input_message":
+        auth.check(path["agent_key"], "events:create")
+    elif kind == "compact":
+        auth.check(path["agent_key"], "events:append")
+
+
+@bp.get(EVENTS_PATH)
+@rate_limits.per_key
+@auth.require("sessions:read")
+@endpoint(
+    "Events",
+    200,
+    EventListSchema,
+    query=EventListQuerySchema,
+    examples={"response": {"events": [EVENT], "metadata": {}}},
+)
+def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
+    """List the session's events, a page at a time."""
+    descending = query.pop("order") == "desc"
+    scope = f"{agent_key}/{session_key}"
+    page_key = query.pop("page_key", None)
+    if page_key is not None:
+        try:
+            query["after"] = http.decode_scoped_cursor(page_key, scope=scope, descending=descending)
+        except ValueError:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "page_key: Not a page key of this list in this order.",
+                field_errors={"page_key": "Not a page key of this list in this order."},
+            ) from None
+    page = service().storage.list_events(
+        agent_key=agent_key,
+        session_key=session_key,
+        now=utcnow(),
+        descending=descending,
+        **query,
+    )
+    cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
+    return {"events": page.items, "metadata": {"page_key": cursor}}
+
+
+@bp.get(EVENT_PATH)
+@rate_limits.per_key
+@auth.require("sessions:read")
+@endpoint("Events", 200, EventSchema, examples={"response": EVENT}, errors=EVENT_NOT_FOUND)
+def get_event(agent_key: str, session_key: str, event_id: str) -> Any:
+    """Read one event, hidden or not."""
+    return service().storage.get_event(
+        agent_key=agent_key, session_key=session_key, event_id=event_id, now=utcnow()
+    )
+
+
+@bp.post(EVENTS_PATH)
+@rate_limits.per_key
+@auth.require("events:create", "events:append")
+@endpoint(
+    "Events",
+    201,
+    EventsCreatedSchema,
+    body=EventCreateSchema,
+    body_limit="EVENT_MAX_BYTES",
+    authorize=authorize_event_write,
+    stream=True,
+    examples={
+        "request": EVENT_REQUEST,
+        "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
+    },
+    errors={
+        403: "`forbidden`: the key lacks `events:create` (for `input_message`) or "
+        "`events:append` (for `compact`) on this agent.",
+        404: "`agent_not_found`, `session_not_found`; on compact, `event_not_found`: "
+        "`compact_up_to_event_id` is not among the session's events.",
+        **WRITE_CONFLICTS,
+        413: "`payload_too_large`: the body, or the event, is over {event_max_bytes} bytes.",
+    },
+)
+def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
+    """Add a user's input to the session, or compact its history."""
+    now = utcnow()
+    storage = service().storage
+    if body["type"] == "compact":
+        compaction = compaction_event(session_key, body["summary_text"], now)
+        check_size(None, compaction)
+        written = storage.compact_events(
+            agent_key=agent_key,
+            session_key=session_key,
+            up_to_event_id=body.get("compact_up_to_event_id"),
+            compaction=compaction,
+            now=now,
+        )
+    else:
+        written = Event(
+            id=new_event_id(),
+            session_key=session_key,
+            type="input_message",
+            fields={"messages": body["messages"]},
+            created_at=now,
+        )
+        check_size(None, written)
+        storage.append_events(
+            agent_key=agent_key, session_key=session_key, events=[written], now=now
+        )
+    metrics.events_written(1)
+    if body["stream_response"]:
+        return event_stream([written])
+    return {"events": [written], "session_key": session_key}
+
+
+@bp.post(EVENTS_PATH + "/batch")
+@rate_limits.per_key
+@auth.require("events:append")
+@endpoint(
+    "Events",
+    201,
+    EventsCreatedSchema,
+    body=EventBatchSchema,
+    body_limit="EVENTS_MAX_CONTENT_LENGTH",
+    examples={
+        "request": EVENT_BATCH_REQUEST,
+        "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
+    },
+    errors=BATCH_CONFLICTS,
+)
+def append_events(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
+    """Append what the agent did to the session's history, all or nothing."""
+    now = utcnow()
+    events = []
+    for index, item in enumerate(body["events"]):
+        kind = item.pop("type")
+        event = Event(
+            id=item.pop("id", None) or new_event_id(),
+            session_key=session_key,
+            type=kind,
+            fields=item,
+            created_at=now,
+        )
+        check_size(index, event)
+        events.append(event)
+    service().storage.append_events(
+        agent_key=agent_key,
+        session_key=session_key,
+        events=events,
+        now=now,
+        if_last_event_id=body.get("if_last_event_id", ANY_LAST_EVENT),
+        metadata_patch=body.get("metadata_patch"),
+        check_metadata=check_patched_metadata if "metadata_patch" in body else None,
+    )
+    metrics.events_written(len(events))
+    return {"events": events, "session_key": session_key}
+
+
+def check_patched_metadata(metadata: dict[str, Any]) -> None:
+    """The session's metadata once patched must keep the metadata bounds (else nothing is
+    written)."""
+    try:
+        check_metadata(metadata)
+    except ValidationError as err:
+        message = " ".join(err.messages) if isinstance(err.messages, list) else str(err.messages)
+        raise ApiError(
+            400,
+            "invalid_metadata",
+            f"metadata_patch: the patched metadata is out of bounds: {message}",
+            field_errors={"metadata_patch": message},
+        ) from None
+
+
+@bp.post(EVENT_PATH + "/hide")
+@rate_limits.per_key
+@auth.require("sessions:update")
+@endpoint("Events", 200, EventSchema, errors=EVENT_NOT_FOUND)
+def hide_event(agent_key: str, session_key: str, event_id: str) -> Any:
+    """Hide an event from lists (``hide_reason: manual``)."""
+    return service().storage.set_event_hidden(
+        agent_key=agent_key,
+        session_key=session_key,
+        event_id=event_id,
+        hide_reason=HIDDEN_MANUAL,
+        now=utcnow(),
+    )
+
+
+@bp.post(EVENT_PATH + "/unhide")
+@rate_limits.per_key
+@auth.require("sessions:update")
+@endpoint("Events", 200, EventSchema, errors=EVENT_NOT_FOUND)
+def unhide_event(agent_key: str, session_key: str, event_id: str) -> Any:
+    """Show a hidden event in lists again."""
+    return service().storage.set_event_hidden(
+        agent_key=agent_key,
+        session_key=session_key,
+        event_id=event_id,
+        hide_reason=None,
+        now=utcnow(),
+    )
+
+
+@bp.delete(EVENT_PATH)
+@rate_limits.per_key
+@auth.require("sessions:delete")
+@endpoint("Events", 204, errors=EVENT_NOT_FOUND)
+def delete_event(agent_key: str, session_key: str, event_id: str) -> None:
+    """Delete an event from the session's history."""
+    service().storage.delete_event(
+        agent_key=agent_key, session_key=session_key, event_id=event_id, now=utcnow()
+    )
 
 
 # Agents (admin)

@@ -98,20 +98,31 @@ def authenticate() -> None:
     g.api_key = key
 
 
-def require(scope: str) -> Callable:
-    """The key must hold ``scope`` on the agent in the URL (else 403, whether it exists or not)."""
+def require(scope: str, *others: str) -> Callable:
+    """The key must hold ``scope`` (or one of ``others``) on the agent in the URL (else 403,
+    whether it exists or not). With several, the view checks which one its input needs
+    (:func:`check`)."""
+    scopes = (scope, *others)
 
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapper(agent_key: str, **kwargs: Any) -> Any:
-            if not g.api_key.allows(agent_key, scope):
-                raise ApiError(403, "forbidden", f"This key lacks {scope} on this agent.")
+            key = g.api_key
+            if not any(key.allows(agent_key, one) for one in scopes):
+                needed = " or ".join(scopes)
+                raise ApiError(403, "forbidden", f"This key lacks {needed} on this agent.")
             return view(agent_key=agent_key, **kwargs)
 
-        wrapper.scope = scope  # type: ignore[attr-defined]
+        wrapper.scope = " or ".join(scopes)  # type: ignore[attr-defined]
         return wrapper
 
     return decorator
+
+
+def check(agent_key: str, scope: str, where: str = "this agent") -> None:
+    """403 unless the request's key holds ``scope`` on ``agent_key`` (``where`` says which)."""
+    if not g.api_key.allows(agent_key, scope):
+        raise ApiError(403, "forbidden", f"This key lacks {scope} on {where}.")
 
 
 def require_admin(view: Callable) -> Callable:

@@ -19,6 +19,9 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
+from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory
+
+from .naming import EVENT_ID_PREFIX
 
 from . import metrics
 
@@ -86,7 +89,10 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     if isinstance(messages, dict):
         for key, value in messages.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
+            # A nested object's own error (not an object at all) is the object's.
+            path = (
+                prefix if key == "_schema" and prefix else f"{prefix}.{key}" if prefix else str(key)
+            )
             flat.update(flatten_messages(value, path))
     elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
         flat[prefix or "_schema"] = " ".join(messages)
@@ -98,9 +104,16 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+UNKNOWN_FIELD = "Unknown field."
+
+
 def validation_error(err: ValidationError) -> ApiError:
     field_errors = flatten_messages(err.messages)
-    only_metadata = all(path.split(".")[0] == "metadata" for path in field_errors)
+    # An unknown field named "metadata" (in a body that has none) is not metadata.
+    only_metadata = all(
+        path.split(".")[0] == "metadata" and message != UNKNOWN_FIELD
+        for path, message in field_errors.items()
+    )
     code = "invalid_metadata" if only_metadata else "invalid_request"
     messages = [
         message if path == "_schema" else f"{path}: {message}"
@@ -122,13 +135,33 @@ def handle_not_found(err: NotFound) -> Response:
         return error_response(404, "agent_not_found", [f"Agent {err} not found."])
     if isinstance(err, SessionNotFound):
         return error_response(404, "session_not_found", [f"Session {err} not found."])
+    if isinstance(err, EventNotFound):
+        return error_response(404, "event_not_found", [f"Event {err} not found."])
     if isinstance(err, ApiKeyNotFound):
         return error_response(404, "not_found", [f"API key {err} not found."])
     return error_response(404, "not_found", ["Not found."])
 
 
 def handle_conflict(err: Conflict) -> Response:
-    return error_response(409, "conflict", [f"Key {err} already exists."])
+    subject = str(err)
+    if " " in subject:  # a sentence of the backend's own, not a key
+        return error_response(409, "conflict", [subject[:1].upper() + subject[1:] + "."])
+    what = "Event" if subject.startswith(EVENT_ID_PREFIX) else "Key"
+    return error_response(409, "conflict", [f"{what} {subject} already exists."])
+
+
+def handle_stale_history(err: StaleHistory) -> Response:
+    return error_response(
+        409,
+        "conflict",
+        ["if_last_event_id no longer names the session's last event; nothing was written."],
+    )
+
+
+def handle_session_disabled(err: SessionDisabled) -> Response:
+    return error_response(
+        409, "session_disabled", [f"Session {err} is disabled: it takes no new events."]
+    )
 
 
 def handle_agent_disabled(err: AgentDisabled) -> Response:
@@ -183,7 +216,9 @@ HANDLERS = (
     (ApiError, handle_api_error),
     (ValidationError, handle_validation_error),
     (NotFound, handle_not_found),
+    (StaleHistory, handle_stale_history),
     (Conflict, handle_conflict),
+    (SessionDisabled, handle_session_disabled),
     (AgentDisabled, handle_agent_disabled),
     (Unavailable, handle_unavailable),
     (HTTPException, handle_http_exception),

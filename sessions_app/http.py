@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
@@ -49,7 +50,17 @@ class ApiKeyIdConverter(BaseConverter):
     regex = rf"{naming.KEY_ID_PREFIX}[{naming.KEY_CHARS}]{{1,{naming.KEY_MAX_LENGTH - 3}}}"
 
 
-CONVERTERS = {"record_key": RecordKeyConverter, "api_key_id": ApiKeyIdConverter}
+class EventIdConverter(BaseConverter):
+    """An event id: ``aev_`` and then letters and digits, at most 64 characters in all."""
+
+    regex = rf"{naming.EVENT_ID_PREFIX}[0-9A-Za-z]{{1,{naming.EVENT_ID_MAX_LENGTH - 4}}}"
+
+
+CONVERTERS = {
+    "record_key": RecordKeyConverter,
+    "api_key_id": ApiKeyIdConverter,
+    "event_id": EventIdConverter,
+}
 
 
 class ServiceBlueprint(Blueprint):
@@ -154,17 +165,49 @@ def encode_cursor(position: int | None) -> str | None:
 
 def decode_cursor(page_key: str) -> int:
     """The position in a page key, or ValueError."""
+    return _position(_unpack(page_key))
+
+
+def _unpack(page_key: str) -> str:
     try:
-        raw = base64.urlsafe_b64decode(page_key + "=" * (-len(page_key) % 4)).decode()
+        return base64.urlsafe_b64decode(page_key + "=" * (-len(page_key) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError):
         raise ValueError(page_key) from None
+
+
+def _position(raw: str) -> int:
     version, _, position = raw.partition(":")
     # Positions are 64-bit signed integers in every backend: larger ones never exist.
     if version != "v1" or not position.isdigit() or len(position) > 19:
-        raise ValueError(page_key)
+        raise ValueError(raw)
     if int(position) > INT64_MAX:
-        raise ValueError(page_key)
+        raise ValueError(raw)
     return int(position)
+
+
+def _cursor_tag(scope: str, descending: bool) -> str:
+    digest = hashlib.blake2b(scope.encode(), digest_size=6).hexdigest()
+    return ("d" if descending else "a") + digest
+
+
+def encode_scoped_cursor(position: int | None, *, scope: str, descending: bool) -> str | None:
+    """A page key that only the list it came from (``scope``, direction) accepts back."""
+    if position is None:
+        return None
+    raw = f"v1:{position}:{_cursor_tag(scope, descending)}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_scoped_cursor(page_key: str, *, scope: str, descending: bool) -> int:
+    """The position in a page key of :func:`encode_scoped_cursor`, or ValueError.
+
+    A page key of another list, or of the same list in the other direction, is
+    refused: its position means nothing there.
+    """
+    head, _, tag = _unpack(page_key).rpartition(":")
+    if tag != _cursor_tag(scope, descending):
+        raise ValueError(page_key)
+    return _position(head)
 
 
 # Strict JSON request bodies.
@@ -284,8 +327,11 @@ def read_body(limit: int) -> bytes:
     return raw
 
 
-def json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or an ApiError (400, 413, 415)."""
+def json_object(limit: int | None = None) -> dict[str, Any]:
+    """The request body as a JSON object, or an ApiError (400, 413, 415).
+
+    ``limit``: its bytes at most (default: the service's ``max_body``).
+    """
     # application/json only: a +json type names a format of its own (merge-patch,
     # json-patch, ...) whose meaning this API does not apply.
     if request.mimetype != "application/json":
@@ -296,7 +342,7 @@ def json_object() -> dict[str, Any]:
     encoding = request.environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
     if encoding not in ("identity", ""):
         raise _unsupported("Content-Encoding is not supported; send the body as it is.")
-    raw = read_body(current_app.extensions["agent_sessions"].max_body)
+    raw = read_body(limit or current_app.extensions["agent_sessions"].max_body)
     try:
         data = parse(raw)
     except ValueError as err:

@@ -13,6 +13,26 @@ KEY_MAX_LENGTH = 64
 KEY_PATTERN = rf"^[{KEY_CHARS}]+$"
 # API key ids: this prefix, then key characters.
 KEY_ID_PREFIX = "ak_"
+# Event ids: this prefix, then letters and digits, at most 64 characters in all.
+EVENT_ID_PREFIX = "aev_"
+EVENT_ID_MAX_LENGTH = 64
+EVENT_ID_PATTERN = rf"^{EVENT_ID_PREFIX}[0-9a-zA-Z]+$"
+
+
+def new_event_id() -> str:
+    """A fresh event id: the prefix and 24 random hexadecimal digits (96 bits)."""
+    return EVENT_ID_PREFIX + secrets.token_hex(12)
+
+
+def is_event_id(value: str) -> bool:
+    return (
+        len(value) <= EVENT_ID_MAX_LENGTH
+        and value.startswith(EVENT_ID_PREFIX)
+        and len(value) > len(EVENT_ID_PREFIX)
+        and value[len(EVENT_ID_PREFIX) :].isascii()
+        and value[len(EVENT_ID_PREFIX) :].isalnum()
+    )
+
 
 # Vectara's OpenAPI document bounds agent and session keys to 50 characters;
 # keys the service generates stay within it, suffix included (a key a client

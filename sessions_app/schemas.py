@@ -21,16 +21,24 @@ from marshmallow import (
     pre_load,
     validate,
     validates,
+    validates_schema,
 )
 
 from storage_backends.codec import dump_json, format_ts, utcnow
 
 from . import http
-from .naming import KEY_MAX_LENGTH, KEY_PATTERN
+from .naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, KEY_MAX_LENGTH, KEY_PATTERN, is_event_id
 from .rate_limits import BOUNDS, parse_limit
 
 TTI_MAX_MINUTES = 2**31 - 1
-SCOPES = ("sessions:create", "sessions:read", "sessions:update", "sessions:delete")
+SCOPES = (
+    "sessions:create",
+    "sessions:read",
+    "sessions:update",
+    "sessions:delete",
+    "events:create",  # a user's input into a session
+    "events:append",  # what the agent did: for the agent runtime's keys
+)
 
 
 def is_key(value: str) -> bool:
@@ -131,6 +139,25 @@ class Description(fields.String):
         return value
 
 
+class EventId(fields.String):
+    """``aev_`` and then letters and digits, at most 64 characters in all."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(
+            pattern=EVENT_ID_PATTERN, maxLength=EVENT_ID_MAX_LENGTH
+        )
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if not is_event_id(value):
+            raise ValidationError(
+                f"Must be aev_ and then letters and digits, at most {EVENT_ID_MAX_LENGTH} "
+                "characters in all."
+            )
+        return value
+
+
 class PageKey(fields.String):
     """The opaque position a list's ``metadata.page_key`` gave; loads as the position."""
 
@@ -161,22 +188,27 @@ class Metadata(fields.Dict):
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
         if not isinstance(value, dict):
             raise self.make_error("invalid")
-        config = current_app.config
-        max_keys = config["METADATA_MAX_KEYS"]
-        if len(value) > max_keys:
-            raise ValidationError(f"At most {max_keys} top-level keys are allowed.")
-        _check_tree(
-            value,
-            depth=1,
-            max_depth=config["METADATA_MAX_DEPTH"],
-            max_key_length=config["METADATA_MAX_KEY_LENGTH"],
-        )
-        size = len(dump_json(value).encode())
-        if size > config["METADATA_MAX_BYTES"]:
-            raise ValidationError(
-                f"At most {config['METADATA_MAX_BYTES']} bytes serialized are allowed."
-            )
+        check_metadata(value)
         return value
+
+
+def check_metadata(value: dict[str, Any]) -> None:
+    """Raise ValidationError unless ``value`` is within the configured metadata bounds."""
+    config = current_app.config
+    max_keys = config["METADATA_MAX_KEYS"]
+    if len(value) > max_keys:
+        raise ValidationError(f"At most {max_keys} top-level keys are allowed.")
+    _check_tree(
+        value,
+        depth=1,
+        max_depth=config["METADATA_MAX_DEPTH"],
+        max_key_length=config["METADATA_MAX_KEY_LENGTH"],
+    )
+    size = len(dump_json(value).encode())
+    if size > config["METADATA_MAX_BYTES"]:
+        raise ValidationError(
+            f"At most {config['METADATA_MAX_BYTES']} bytes serialized are allowed."
+        )
 
 
 def _check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) -> None:
@@ -267,10 +299,11 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
             optional.append(key)
     if len(attributes) == 1:
         read_attribute = lambda obj, name=attributes[0]: (getattr(obj, name),)  # noqa: E731
-        read_item = lambda obj, name=attributes[0]: (obj[name],)  # noqa: E731
+        read_item = lambda obj, name=attributes[0]: (obj.get(name),)  # noqa: E731
     else:
         read_attribute = operator.attrgetter(*attributes)
-        read_item = operator.itemgetter(*attributes)
+        # A mapping may leave an optional key out (``forked_from`` without ``event_id``).
+        read_item = lambda obj, names=tuple(attributes): tuple(map(obj.get, names))  # noqa: E731
 
     def dump(obj: Any) -> dict[str, Any]:
         read = read_item if isinstance(obj, Mapping) else read_attribute
@@ -289,6 +322,9 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
 
 def _conversion(field: fields.Field) -> Callable[[Any], Any] | None:
     kind = type(field)
+    compiled = getattr(field, "compiled_dump", None)
+    if compiled is not None:
+        return compiled
     plain = (
         getattr(field, "key_field", None) is None and getattr(field, "value_field", None) is None
     )
@@ -302,6 +338,9 @@ def _conversion(field: fields.Field) -> Callable[[Any], Any] | None:
         inner = field.inner.schema
         if isinstance(inner, ResponseSchema):
             return functools.partial(inner.dump, many=True)
+    if kind is fields.List and getattr(field.inner, "compiled_dump", None) is not None:
+        one = field.inner.compiled_dump
+        return lambda items: [one(item) for item in items]
     raise TypeError(f"no compiled dump for {kind.__name__} field {field.name!r}")
 
 
@@ -311,12 +350,16 @@ class BodySchema(Schema):
     class Meta:
         unknown = RAISE
 
+    #: Fields whose null is a value of its own, not "absent".
+    KEEP_NULL: frozenset[str] = frozenset()
+
     @pre_load
     def drop_nulls(self, data: Any, **kwargs: Any) -> Any:
         """A known field sent as null is left out; an unknown one stays, to be refused."""
         if isinstance(data, dict):
             known = self.load_fields
-            return {k: v for k, v in data.items() if v is not None or k not in known}
+            keep = self.KEEP_NULL
+            return {k: v for k, v in data.items() if v is not None or k not in known or k in keep}
         return data
 
     @post_load
@@ -328,6 +371,17 @@ class BodySchema(Schema):
 
 
 # Sessions
+
+
+class ForkedFromSchema(ResponseSchema):
+    """Where a forked session came from."""
+
+    class Meta:
+        ordered = True
+
+    agent_key = fields.String(required=True)
+    session_key = fields.String(required=True)
+    event_id = fields.String(metadata={"description": "The last event copied; absent if none."})
 
 
 class SessionSchema(ResponseSchema):
@@ -345,6 +399,35 @@ class SessionSchema(ResponseSchema):
     tti_minutes = fields.Integer(required=True)
     created_at = Timestamp(required=True)
     updated_at = Timestamp(required=True)
+    forked_from = fields.Nested(
+        ForkedFromSchema, metadata={"description": "Only on a session created by a fork."}
+    )
+
+
+class FromSessionSchema(BodySchema):
+    """The source of a forked session."""
+
+    agent_key = Key(metadata={"description": "The source's agent; by default the one in the URL."})
+    session_key = Key(required=True)
+    include_up_to_event_id = EventId()
+    compact_up_to_event_id = EventId()
+    summary_text = fields.String(validate=validate.Length(min=1))
+
+    @validates_schema
+    def check_anchors(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "include_up_to_event_id" in data and "compact_up_to_event_id" in data:
+            raise ValidationError(
+                "Give include_up_to_event_id or compact_up_to_event_id, not both.",
+                field_name="compact_up_to_event_id",
+            )
+        if "compact_up_to_event_id" in data and "summary_text" not in data:
+            raise ValidationError(
+                "Required with compact_up_to_event_id.", field_name="summary_text"
+            )
+        if "summary_text" in data and "compact_up_to_event_id" not in data:
+            raise ValidationError(
+                "Only meaningful with compact_up_to_event_id.", field_name="summary_text"
+            )
 
 
 class SessionCreateSchema(BodySchema):
@@ -356,6 +439,10 @@ class SessionCreateSchema(BodySchema):
     tti_minutes = StrictInteger(
         validate=validate.Range(min=0, max=TTI_MAX_MINUTES),
         metadata={"description": "Idle minutes before the session expires; 0 never."},
+    )
+    from_session = fields.Nested(
+        FromSessionSchema,
+        metadata={"description": "Fork: start with a copy of this session's visible events."},
     )
 
 

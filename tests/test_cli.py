@@ -159,6 +159,47 @@ def test_key_with_grants_works_against_the_app(env: dict[str, str], client: Any)
     assert_error(client.post("/v2/agents", json=agent, headers=headers), 403, "forbidden")
 
 
+def test_keys_with_event_scopes(env: dict[str, str], client: Any) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    admin = {"x-api-key": token_of(cli("keys", "create", "--name", "ops", "--admin", env=env))}
+    bot = {
+        "x-api-key": token_of(
+            cli("keys", "create", "--name", "runtime", "--grant", f"{AGENT}=events:append", env=env)
+        )
+    }
+    user = {
+        "x-api-key": token_of(
+            cli(
+                "keys",
+                "create",
+                "--name",
+                "front",
+                "--grant",
+                f"{AGENT}=events:create,sessions:create",
+                env=env,
+            )
+        )
+    }
+    row = keys_list(env)[key_id_of(bot["x-api-key"])]
+    assert "events:append" in "\t".join(row)
+    sessions = f"/v2/agents/{AGENT}/sessions"
+    assert client.post(sessions, json={"key": "s", "name": "S"}, headers=user).status_code == 201
+    message = {"type": "input_message", "messages": [{"type": "text", "content": "hi"}]}
+    assert client.post(f"{sessions}/s/events", json=message, headers=user).status_code == 201
+    answer = {"events": [{"type": "agent_output", "content": "hello"}]}
+    assert client.post(f"{sessions}/s/events/batch", json=answer, headers=bot).status_code == 201
+    assert_error(
+        client.post(f"{sessions}/s/events/batch", json=answer, headers=user), 403, "forbidden"
+    )
+    assert_error(client.post(f"{sessions}/s/events", json=message, headers=bot), 403, "forbidden")
+    assert client.get(f"{sessions}/s/events", headers=admin).status_code == 200
+    assert_error(client.get(f"{sessions}/s/events", headers=bot), 403, "forbidden")
+    bad = cli(
+        "keys", "create", "--name", "x", "--grant", f"{AGENT}=events:delete", env=env, check=False
+    )
+    assert bad.returncode != 0 and "events:append" in bad.stderr
+
+
 def test_admin_key(env: dict[str, str], client: Any) -> None:
     result = cli("keys", "create", "--name", "ops", "--admin", env=env)
     headers = {"x-api-key": token_of(result)}

@@ -139,7 +139,7 @@ BAD_BODIES = [
     ({"name": "n", "agent_key": "other"}, "invalid_request", "agent_key"),
     ({"name": "n", "created_at": "2020-01-01T00:00:00.000Z"}, "invalid_request", "created_at"),
     ({"name": "n", "updated_at": "2020-01-01T00:00:00.000Z"}, "invalid_request", "updated_at"),
-    ({"name": "n", "from_session": {"session_key": "x"}}, "invalid_request", "from_session"),
+    ({"name": "n", "from_session": "x"}, "invalid_request", "from_session"),  # an object
     ({"name": "n", "metadata": []}, "invalid_metadata", "metadata"),
     ({"name": "n", "metadata": "text"}, "invalid_metadata", "metadata"),
     ({"name": "n", "metadata": 3}, "invalid_metadata", "metadata"),

@@ -32,6 +32,7 @@ from tests.conftest import ALL_SCOPES, Keys
 from tests.servers import cli
 
 MEMORY = pytest.mark.parametrize("storage_url", ["memory"], indirect=True)
+EVENTS = "/v2/agents/{agent_key}/sessions/{session_key}/events"
 
 # Every endpoint of API.md, method and path as the document spells them.
 ENDPOINTS = {
@@ -40,6 +41,13 @@ ENDPOINTS = {
     ("GET", "/v2/agents/{agent_key}/sessions/{session_key}"),
     ("PATCH", "/v2/agents/{agent_key}/sessions/{session_key}"),
     ("DELETE", "/v2/agents/{agent_key}/sessions/{session_key}"),
+    ("GET", f"{EVENTS}"),
+    ("POST", f"{EVENTS}"),
+    ("POST", f"{EVENTS}/batch"),
+    ("GET", f"{EVENTS}/{{event_id}}"),
+    ("DELETE", f"{EVENTS}/{{event_id}}"),
+    ("POST", f"{EVENTS}/{{event_id}}/hide"),
+    ("POST", f"{EVENTS}/{{event_id}}/unhide"),
     ("POST", "/v2/agents"),
     ("GET", "/v2/agents"),
     ("GET", "/v2/agents/{agent_key}"),
@@ -68,6 +76,13 @@ STATUSES = [
     ("GET", "/v2/agents", {"200", "400"} | KEYED),
     ("DELETE", "/v2/api_keys/{key_id}", {"204", "404"} | KEYED),
     ("POST", "/v2/api_keys", {"201"} | KEYED | BODIED),
+    ("GET", EVENTS, {"200", "400", "404"} | KEYED),
+    ("POST", EVENTS, {"201", "404", "409"} | KEYED | BODIED),
+    ("POST", f"{EVENTS}/batch", {"201", "404", "409"} | KEYED | BODIED),
+    ("GET", f"{EVENTS}/{{event_id}}", {"200", "404"} | KEYED),
+    ("DELETE", f"{EVENTS}/{{event_id}}", {"204", "404"} | KEYED),
+    ("POST", f"{EVENTS}/{{event_id}}/hide", {"200", "404"} | KEYED),
+    ("POST", f"{EVENTS}/{{event_id}}/unhide", {"200", "404"} | KEYED),
     ("GET", "/v2/openapi.json", {"200", "500"}),
     ("GET", "/readyz", {"200", "500", "503"}),
 ]
@@ -140,6 +155,61 @@ def test_security_parameters_and_examples(doc: dict[str, Any]) -> None:
     session = doc["components"]["schemas"]["SessionCreate"]["properties"]
     assert session["metadata"]["maxProperties"] == 64
     assert session["description"]["nullable"] is True
+
+
+@MEMORY
+def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> None:
+    schemas = doc["components"]["schemas"]
+    answer_types = {
+        "input_message", "agent_output", "thinking", "tool_input", "tool_output",
+        "structured_output", "step_transition", "skill_load", "compaction",
+    }  # fmt: skip
+
+    def union(schema: dict[str, Any]) -> dict[str, str]:
+        assert schema["discriminator"]["propertyName"] == "type"
+        mapping = schema["discriminator"]["mapping"]
+        assert [ref["$ref"] for ref in schema["oneOf"]] == list(mapping.values())
+        for kind, ref in mapping.items():
+            variant = schemas[ref.rpartition("/")[2]]
+            assert variant["properties"]["type"]["enum"] == [kind]
+            assert "type" in variant["required"]
+        return mapping
+
+    events = doc["paths"][f"{EVENTS}/{{event_id}}"]["get"]["responses"]["200"]
+    one = union(events["content"]["application/json"]["schema"])
+    assert set(one) == answer_types
+    listed = union(schemas["EventList"]["properties"]["events"]["items"])
+    assert listed == one
+    assert set(union(schemas["EventBatch"]["properties"]["events"]["items"])) == answer_types - {
+        "compaction"
+    }
+    create = doc["paths"][EVENTS]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert set(union(body)) == {"input_message", "compact"}
+    assert set(create["responses"]["201"]["content"]) == {"application/json", "text/event-stream"}
+    messages = schemas["InputMessageBody"]["properties"]["messages"]
+    assert (messages["minItems"], messages["maxItems"]) == (1, 100)
+    assert set(union(messages["items"])) == {"text", "skill"}
+    tool = schemas["ToolOutputEvent"]
+    assert set(tool["required"]) == {
+        "id", "session_key", "type", "created_at", "tool_call_id",
+        "tool_configuration_name", "tool_name", "tool_output",
+    }  # fmt: skip
+    assert "hide_reason" in tool["properties"]
+    session = schemas["Session"]["properties"]
+    assert session["forked_from"]["allOf"] == [{"$ref": "#/components/schemas/ForkedFrom"}]
+    assert "forked_from" not in schemas["Session"]["required"]
+    assert "from_session" in schemas["SessionCreate"]["properties"]
+    listing = doc["paths"][EVENTS]["get"]
+    query = {p["name"] for p in listing["parameters"] if p["in"] == "query"}
+    assert query == {"limit", "page_key", "include_hidden", "order", "type"}
+    path = {p["name"]: p for p in create["parameters"]}
+    assert set(path) == {"agent_key", "session_key"}
+    get = doc["paths"][f"{EVENTS}/{{event_id}}"]["get"]
+    param = next(p for p in get["parameters"] if p["name"] == "event_id")
+    assert param["schema"]["maxLength"] == 64
+    assert "event_not_found" in get["responses"]["404"]["description"]
+    assert "events:append" in doc["paths"][f"{EVENTS}/batch"]["post"]["description"]
 
 
 @MEMORY
@@ -264,6 +334,15 @@ def fuzz_target(path: Path) -> tuple[Flask, dict[str, str]]:
     )
     assert response.status_code == 201
     keys.create(("support-agent", ALL_SCOPES), name="scoped")
+    # The admin key of the fuzzing holds every scope too, so event calls are served.
+    everything = ALL_SCOPES + ("events:create", "events:append")
+    headers = {"x-api-key": keys.create(("*", everything), admin=True, name="fuzz-all")[1]}
+    response = client.post(
+        "/v2/agents/support-agent/sessions/user_12345_session/events",
+        json={"type": "input_message", "messages": [{"type": "text", "content": "hi"}]},
+        headers=headers,
+    )
+    assert response.status_code == 201
     return app, headers
 
 

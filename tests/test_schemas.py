@@ -61,6 +61,7 @@ def test_every_response_schema_is_covered():
         "ListMetadataSchema",
         "SessionListSchema",
         "AgentListSchema",
+        "ForkedFromSchema",  # in forked sessions: test_forked_session_dump
     }
 
 
@@ -78,6 +79,20 @@ def test_session_dump(session):
     schema = schemas.SessionSchema()
     assert schema.dump(session) == marshmallow_dump(schema, session)
     assert list(schema.dump(session)) == list(marshmallow_dump(schema, session))
+
+
+forks = st.fixed_dictionaries(
+    {"agent_key": texts, "session_key": texts}, optional={"event_id": texts}
+)
+
+
+@settings(max_examples=100)
+@given(session=sessions, forked_from=forks)
+def test_forked_session_dump(session, forked_from):
+    session.forked_from = forked_from
+    schema = schemas.SessionSchema()
+    assert schema.dump(session) == marshmallow_dump(schema, session)
+    assert schema.dump(session)["forked_from"] == forked_from
 
 
 @settings(max_examples=200)

@@ -23,6 +23,8 @@ from flask import Flask
 from marshmallow import Schema
 
 from .. import auth
+from ..events import Tagged, TaggedSchema
+from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN
 from ..schemas import (
     KEY_MAX_LENGTH,
     KEY_PATTERN,
@@ -54,6 +56,9 @@ class Operation:
     statuses: tuple[int, ...] = ()  # beyond those the route implies
     headers: tuple[str, ...] = ()  # of the success response, beyond X-Request-ID
     examples: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Error statuses whose description is the operation's own (and which it can answer).
+    errors: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    stream: bool = False  # the success may also be text/event-stream
 
 
 def operation(tag: str, status: int, response: Any = None, **kwargs: Any) -> Callable:
@@ -73,6 +78,10 @@ HTML_PAGE = {"text/html": {"schema": {"type": "string"}}}
 
 TAGS = [
     {"name": "Sessions", "description": "Conversations between users and an agent."},
+    {
+        "name": "Events",
+        "description": "A session's history: what users said and what the agent did.",
+    },
     {"name": "Agents", "description": "Agents (admin keys only)."},
     {"name": "API keys", "description": "API keys and their grants (admin keys only)."},
     {"name": "Service", "description": "This document, its docs page, health and readiness."},
@@ -89,6 +98,11 @@ PATH_PARAMETERS = {
         {"type": "string", "pattern": KEY_PATTERN, "minLength": 1, "maxLength": KEY_MAX_LENGTH},
         "user_12345_session",
         "`session_not_found`: the agent has no session with this key (or it idled out).",
+    ),
+    "event_id": (
+        {"type": "string", "pattern": EVENT_ID_PATTERN, "maxLength": EVENT_ID_MAX_LENGTH},
+        "aev_5f0c2a9d8b7e4f3a1c6d2e0b",
+        "`event_not_found`: the session has no event with this id.",
     ),
     "key_id": (
         {"type": "string", "pattern": f"^{auth.KEY_ID_PREFIX}[0-9a-f]+$", "maxLength": 64},
@@ -173,11 +187,25 @@ def _headers(*names: str) -> dict[str, Any]:
     return {name: _ref("headers", name) for name in ("X-Request-ID", *names)}
 
 
+def _union(converter: Any, variants: Mapping[str, Any]) -> dict[str, Any]:
+    """``oneOf`` the variants' schemas, with a ``discriminator`` on ``type``."""
+    refs = {kind: converter.resolve_nested_schema(schema) for kind, schema in variants.items()}
+    return {
+        "oneOf": list(refs.values()),
+        "discriminator": {
+            "propertyName": "type",
+            "mapping": {kind: ref["$ref"] for kind, ref in refs.items()},
+        },
+    }
+
+
 def _field_attributes(config: Any) -> Callable[..., dict[str, Any]]:
     """What the schemas say in code rather than in field arguments, as apispec attributes."""
 
     def attributes(converter: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
         found: dict[str, Any] = {}
+        if isinstance(field, Tagged):
+            return _union(converter, field.variants)
         if isinstance(field.parent, BodySchema) and not field.required:
             found["nullable"] = True  # JSON null means "absent" in request bodies
         if isinstance(field, Metadata):
@@ -252,7 +280,8 @@ class _Builder:
         if scope == "admin":
             described["description"] = "Needs an admin key."
         elif scope:
-            described["description"] = f"Needs a key with `{scope}` on the agent."
+            needed = " or ".join(f"`{one}`" for one in scope.split(" or "))
+            described["description"] = f"Needs a key with {needed} on the agent."
         if not needs_key:
             described["security"] = []
         statuses = {500, *doc.statuses}
@@ -262,13 +291,14 @@ class _Builder:
             described["parameters"].append({"in": "query", "schema": doc.query})
             statuses.add(400)
         if doc.body is not None:
-            content: dict[str, Any] = {"schema": doc.body}
+            content: dict[str, Any] = {"schema": self.schema(doc.body)}
             if "request" in doc.examples:
                 content["example"] = doc.examples["request"]
             described["requestBody"] = {"required": True, "content": {"application/json": content}}
             statuses |= {400, 413, 415}
         if arguments:
             statuses.add(404)
+        statuses |= set(doc.errors)
         responses = {str(doc.status): self.success(doc, needs_key)}
         for status in sorted(statuses):
             responses[str(status)] = self.error(status, doc, arguments)
@@ -276,6 +306,12 @@ class _Builder:
         if not described["parameters"]:
             del described["parameters"]
         return described
+
+    def schema(self, schema: Any) -> Any:
+        """A schema class as apispec takes it; a union of schemas as ``oneOf``."""
+        if isinstance(schema, type) and issubclass(schema, TaggedSchema):
+            return _union(self.plugin.converter, schema.VARIANTS)
+        return schema
 
     def path_parameter(self, name: str) -> dict[str, Any]:
         schema, example, _ = PATH_PARAMETERS.get(name, ({"type": "string"}, None, None))
@@ -293,10 +329,19 @@ class _Builder:
             if isinstance(doc.response, dict):
                 response["content"] = doc.response
             else:
-                content: dict[str, Any] = {"schema": doc.response}
+                content: dict[str, Any] = {"schema": self.schema(doc.response)}
                 if "response" in doc.examples:
                     content["example"] = doc.examples["response"]
                 response["content"] = {"application/json": content}
+                if doc.stream:
+                    response["content"]["text/event-stream"] = {
+                        "schema": {
+                            "type": "string",
+                            "description": "With `stream_response: true`: one `data:` line "
+                            "holding each event written (the schema of `events` items), "
+                            'then `data: {"type":"end"}`, each followed by a blank line.',
+                        }
+                    }
         return response
 
     def error(self, status: int, doc: Operation, arguments: list[str]) -> dict[str, Any]:
@@ -307,14 +352,20 @@ class _Builder:
                 "headers": _headers(),
                 "content": {"application/json": {"schema": ReadinessSchema}},
             }
-        if status == 404:
+        config = self.app.config
+        sizes = {
+            "max_body": self.app.extensions["agent_sessions"].max_body,
+            "events_max_body": config["EVENTS_MAX_CONTENT_LENGTH"],
+            "event_max_bytes": config["EVENT_MAX_BYTES"],
+        }
+        if status in doc.errors:
+            description = doc.errors[status].format(**sizes)
+        elif status == 404:
             reasons = [PATH_PARAMETERS[arg][2] for arg in arguments if arg in PATH_PARAMETERS]
             reasons.append("`not_found`: the path does not name a route.")
             description = " ".join(reasons)
         else:
-            description = ERROR_DESCRIPTIONS[status].format(
-                max_body=self.app.extensions["agent_sessions"].max_body
-            )
+            description = ERROR_DESCRIPTIONS[status].format(**sizes)
         headers: tuple[str, ...] = ()
         if status == 429:
             headers = ("Retry-After", *RATE_LIMIT_HEADERS)

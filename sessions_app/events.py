@@ -1,0 +1,440 @@
+"""Session events: the schemas of a session's history and of its endpoints.
+
+Every event type has one request schema (``...EventInSchema``: what a batch may
+carry) and one answer schema (``...EventSchema``: what the API returns), built
+from the same field declarations, so validation, answers and the OpenAPI
+document say the same thing. A JSON object whose ``type`` picks its schema is a
+:class:`Tagged` field (or, for a whole body or answer, a :class:`TaggedSchema`);
+the OpenAPI document describes both as ``oneOf`` with a ``discriminator``.
+
+Bounds: an event is at most ``EVENT_MAX_BYTES`` as answered (checked by
+:func:`check_size`, a 413), its JSON values (``tool_input``, ``tool_output``,
+``structured_output`` content) at most ``EVENT_MAX_DEPTH`` levels deep, its
+names (tool, skill, step, schema names and tool call ids) 1 to 255 characters.
+NUL characters and unpaired surrogates never get this far: the body parser
+refuses them (``http.parse``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from flask import current_app
+from marshmallow import Schema, ValidationError, fields, validate
+
+from storage_backends.base import HIDDEN_BY_COMPACTION, HIDDEN_MANUAL, Event
+from storage_backends.codec import dump_json, format_ts
+
+from .errors import ApiError
+from .naming import EVENT_ID_PATTERN
+from .schemas import (
+    AnswerSchema,
+    BodySchema,
+    EventId,
+    ListMetadataSchema,
+    ListQuerySchema,
+    ResponseSchema,
+    StrictBoolean,
+    Timestamp,
+)
+
+NAME_MAX_LENGTH = 255
+MESSAGES_MAX = 100
+BATCH_MAX = 100
+#: Types only the service writes (compact and fork); a batch cannot carry them.
+SERVICE_TYPES = frozenset({"compaction"})
+
+
+# Fields
+
+
+class Label(fields.String):
+    """A name (of a tool, skill, step or schema) or a tool call id: 1 to 255 characters."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(validate=validate.Length(min=1, max=NAME_MAX_LENGTH), **kwargs)
+
+
+class Text(fields.String):
+    """Free text of any length (the event's size bounds it)."""
+
+
+class JsonValue(fields.Raw):
+    """Any JSON value, nested at most ``EVENT_MAX_DEPTH`` levels."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        check_depth(value, current_app.config["EVENT_MAX_DEPTH"])
+        return value
+
+
+class JsonObject(JsonValue):
+    """A JSON object, nested at most ``EVENT_MAX_DEPTH`` levels."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(type="object")
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValidationError("Must be a JSON object.")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def check_depth(value: Any, max_depth: int) -> None:
+    """Raise ValidationError when ``value`` nests objects and arrays deeper than ``max_depth``.
+
+    Iterative, so no depth the parser accepts can exhaust the stack here.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            raise ValidationError(f"Nesting deeper than {max_depth} levels is not allowed.")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+class BoundedList(fields.List):
+    """A list whose length is checked before its items are loaded: a body of a hundred
+    thousand items is refused at once, not after loading each."""
+
+    def __init__(self, inner: fields.Field, *, low: int, high: int, **kwargs: Any):
+        super().__init__(inner, validate=validate.Length(min=low, max=high), **kwargs)
+        self.low, self.high = low, high
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
+        if isinstance(value, list) and not self.low <= len(value) <= self.high:
+            raise ValidationError(f"Must hold {self.low} to {self.high} items.")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Tagged(fields.Field):
+    """A JSON object whose ``type`` picks the schema that loads (or describes) it.
+
+    ``refused`` names types that exist but are not accepted here, with the reason.
+    ``dump``, when given, shapes answers (and is what compiled dumps call).
+    """
+
+    def __init__(
+        self,
+        variants: Mapping[str, type[Schema]],
+        *,
+        refused: Mapping[str, str] | None = None,
+        dump: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.variants = dict(variants)
+        self.refused = dict(refused or {})
+        self.compiled_dump = dump
+        self._schemas: dict[str, Schema] = {}
+
+    def schema(self, kind: str) -> Schema:
+        schema = self._schemas.get(kind)
+        if schema is None:
+            schema = self._schemas[kind] = self.variants[kind]()
+        return schema
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
+        return value if self.compiled_dump is None else self.compiled_dump(value)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        return load_tagged(self, value)
+
+
+def load_tagged(union: Tagged | TaggedSchema, value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValidationError("Must be a JSON object.")
+    kind = value.get("type")
+    if kind is None:
+        raise ValidationError({"type": ["Missing data for required field."]})
+    if isinstance(kind, str) and kind in union.refused:
+        raise ValidationError({"type": [union.refused[kind]]})
+    if not isinstance(kind, str) or kind not in union.variants:
+        raise ValidationError({"type": [f"Must be one of: {', '.join(union.variants)}."]})
+    return union.schema(kind).load(value)
+
+
+class TaggedSchema(Schema):
+    """A body or answer that is one of ``VARIANTS``, picked by its ``type``."""
+
+    VARIANTS: Mapping[str, type[Schema]] = {}
+    refused: Mapping[str, str] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.variants = dict(self.VARIANTS)
+        self._schemas: dict[str, Schema] = {}
+
+    schema = Tagged.schema
+
+    def load(self, data: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return load_tagged(self, data)
+
+
+# Messages of an input_message
+
+
+def _typed(kind: str) -> fields.String:
+    return fields.String(required=True, validate=validate.Equal(kind))
+
+
+class TextInputSchema(BodySchema):
+    type = _typed("text")
+    content = Text(required=True)
+
+
+class SkillInputSchema(BodySchema):
+    type = _typed("skill")
+    skill_name = Label(required=True)
+
+
+MESSAGE_VARIANTS = {"text": TextInputSchema, "skill": SkillInputSchema}
+
+
+def _messages() -> fields.Field:
+    return BoundedList(Tagged(MESSAGE_VARIANTS), low=1, high=MESSAGES_MAX, required=True)
+
+
+# Event types: the fields of each, declared once
+
+
+def _tool_fields() -> dict[str, fields.Field]:
+    return {
+        "tool_call_id": Label(required=True),
+        "tool_configuration_name": Label(required=True),
+        "tool_name": Label(required=True),
+    }
+
+
+TYPE_FIELDS: dict[str, Callable[[], dict[str, fields.Field]]] = {
+    "input_message": lambda: {"messages": _messages()},
+    "agent_output": lambda: {"content": Text(required=True)},
+    "thinking": lambda: {"content": Text()},
+    "tool_input": lambda: {**_tool_fields(), "tool_input": JsonObject(required=True)},
+    "tool_output": lambda: {
+        **_tool_fields(),
+        "tool_output": JsonObject(required=True),
+        "error": StrictBoolean(load_default=False, dump_default=False),
+    },
+    "structured_output": lambda: {
+        "schema_name": Label(required=True),
+        "content": JsonValue(required=True, allow_none=True),
+    },
+    "step_transition": lambda: {
+        "from_step": Label(required=True),
+        "to_step": Label(required=True),
+        "content": Text(required=True),
+    },
+    "skill_load": lambda: {"skill_name": Label(required=True), "content": Text(required=True)},
+    "compaction": lambda: {
+        "turns_compacted": fields.Integer(required=True),
+        "events_compacted": fields.Integer(required=True),
+        "summary_text": fields.String(required=True),
+        "summary_key": fields.String(required=True),
+    },
+}
+EVENT_TYPES = tuple(TYPE_FIELDS)
+
+
+def _class_name(kind: str) -> str:
+    return "".join(part.capitalize() for part in kind.split("_"))
+
+
+class EventInSchema(BodySchema):
+    """An event a batch carries: its type's fields, and optionally its own id."""
+
+    # structured_output's content may be JSON null, a value like any other.
+    KEEP_NULL = frozenset({"content"})
+
+    id = EventId(metadata={"description": "Assigned by the service when omitted."})
+
+
+class EventBaseSchema(AnswerSchema):
+    class Meta:
+        ordered = True
+
+    id = fields.String(required=True, metadata={"pattern": EVENT_ID_PATTERN})
+    session_key = fields.String(required=True)
+    created_at = Timestamp(required=True)
+    hide_reason = fields.String(
+        validate=validate.OneOf([HIDDEN_MANUAL, HIDDEN_BY_COMPACTION]),
+        metadata={"description": "Absent on a visible event."},
+    )
+
+
+def _event_schemas() -> tuple[dict[str, type[Schema]], dict[str, type[Schema]]]:
+    requests: dict[str, type[Schema]] = {}
+    answers: dict[str, type[Schema]] = {}
+    for kind, declare in TYPE_FIELDS.items():
+        name = _class_name(kind)
+        if kind not in SERVICE_TYPES:
+            attrs = {"type": _typed(kind), **declare()}
+            if kind != "structured_output":
+                attrs["KEEP_NULL"] = frozenset()
+            requests[kind] = type(f"{name}EventInSchema", (EventInSchema,), attrs)
+        answer = {"type": _typed(kind), **declare()}
+        answer["Meta"] = type("Meta", (), {"ordered": True})
+        answers[kind] = type(f"{name}EventSchema", (EventBaseSchema,), answer)
+    return requests, answers
+
+
+EVENT_IN_VARIANTS, EVENT_VARIANTS = _event_schemas()
+REFUSED_IN_BATCH = {
+    kind: f"{kind} events are written by the service only." for kind in SERVICE_TYPES
+}
+
+
+def dump_event(event: Event) -> dict[str, Any]:
+    """An event as the API answers it: id, session_key, type, created_at, hide_reason?, fields."""
+    out: dict[str, Any] = {
+        "id": event.id,
+        "session_key": event.session_key,
+        "type": event.type,
+        "created_at": format_ts(event.created_at),
+    }
+    if event.hide_reason is not None:
+        out["hide_reason"] = event.hide_reason
+    out.update(event.fields)
+    return out
+
+
+def event_field() -> Tagged:
+    return Tagged(EVENT_VARIANTS, dump=dump_event)
+
+
+def check_size(index: int | None, event: Event) -> None:
+    """413 ``payload_too_large`` unless ``event`` serializes to at most ``EVENT_MAX_BYTES``."""
+    limit = current_app.config["EVENT_MAX_BYTES"]
+    size = len(dump_json(dump_event(event)).encode())
+    if size > limit:
+        where = "event" if index is None else f"events.{index}"
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"{where}: the event serializes to {size} bytes; at most {limit} are allowed.",
+        )
+
+
+# Answers
+
+
+class EventSchema(TaggedSchema):
+    """One event, of any type."""
+
+    VARIANTS = EVENT_VARIANTS
+
+    def dump(self, obj: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return dump_event(obj)
+
+
+class EventListSchema(ResponseSchema):
+    events = fields.List(event_field(), required=True)
+    metadata = fields.Nested(ListMetadataSchema, required=True)
+
+
+class EventsCreatedSchema(ResponseSchema):
+    events = fields.List(event_field(), required=True)
+    session_key = fields.String(required=True)
+
+
+# Request bodies
+
+
+class InputMessageBodySchema(BodySchema):
+    type = _typed("input_message")
+    messages = _messages()
+    stream_response = StrictBoolean(
+        load_default=False,
+        metadata={"description": "Answer text/event-stream: the event, then an end event."},
+    )
+
+
+class CompactBodySchema(BodySchema):
+    type = _typed("compact")
+    compact_up_to_event_id = EventId(
+        metadata={
+            "description": "Hide the visible events up to and including this one. By default, "
+            "all but the last input_message and what follows it."
+        }
+    )
+    summary_text = Text(required=True, validate=validate.Length(min=1))
+    stream_response = StrictBoolean(load_default=False)
+
+
+class EventCreateSchema(TaggedSchema):
+    """The body of POST /events: a user's input, or a compaction of the history."""
+
+    VARIANTS = {"input_message": InputMessageBodySchema, "compact": CompactBodySchema}
+
+
+class EventBatchSchema(BodySchema):
+    # Null is a value here: "the session has no event yet".
+    KEEP_NULL = frozenset({"if_last_event_id"})
+
+    events = BoundedList(
+        Tagged(EVENT_IN_VARIANTS, refused=REFUSED_IN_BATCH), low=1, high=BATCH_MAX, required=True
+    )
+    if_last_event_id = EventId(
+        allow_none=True,
+        metadata={
+            "description": "Write only while the session's last event has this id "
+            "(null: while it has none); else 409 conflict."
+        },
+    )
+    metadata_patch = fields.Dict(
+        keys=fields.String(),
+        metadata={"description": "A JSON merge patch (RFC 7386) of the session's metadata."},
+    )
+
+
+# The list's query
+
+
+class QueryBoolean(fields.Boolean):
+    """Exactly ``true`` or ``false`` in a query string."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if value == "true":
+            return True
+        if value == "false":
+            return False
+        raise ValidationError("Must be true or false.")
+
+
+class TypeList(fields.String):
+    """A comma-separated list of event types."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> frozenset[str]:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        kinds = value.split(",")
+        unknown = [kind for kind in kinds if kind not in TYPE_FIELDS]
+        if unknown:
+            raise ValidationError(
+                f"Unknown event type {unknown[0][:64]!r}; use {', '.join(EVENT_TYPES)}."
+            )
+        return frozenset(kinds)
+
+
+class EventListQuerySchema(ListQuerySchema):
+    page_key = fields.String(
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "The page_key of the previous page of this list, same order."},
+    )
+    include_hidden = QueryBoolean(load_default=False)
+    order = fields.String(
+        load_default="asc",
+        validate=validate.OneOf(["asc", "desc"]),
+        metadata={"description": "asc: oldest first; desc: newest first."},
+    )
+    type = TypeList(
+        attribute="types",
+        metadata={"description": "Only events of these types (comma-separated)."},
+    )

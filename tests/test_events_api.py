@@ -1,0 +1,713 @@
+"""Session events over HTTP: every endpoint, its errors, scopes, fork, SSE and hostile input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sessions_app import create_app
+from tests.conftest import ALL_SCOPES, assert_error
+
+EVENT_SCOPES = ("events:create", "events:append")
+EVERYTHING = ALL_SCOPES + EVENT_SCOPES
+
+AGENT = "support-bot"
+SESSIONS = f"/v2/agents/{AGENT}/sessions"
+S1 = f"{SESSIONS}/s1"
+EVENTS = f"{S1}/events"
+BATCH = f"{EVENTS}/batch"
+
+TEXT = {"type": "input_message", "messages": [{"type": "text", "content": "hello"}]}
+TOOL = {"tool_call_id": "call_1", "tool_configuration_name": "kb", "tool_name": "search"}
+TOOL_INPUT = {"type": "tool_input", **TOOL, "tool_input": {"q": "x"}}
+TOOL_OUTPUT = {"type": "tool_output", **TOOL, "tool_output": {"hits": []}}
+EVERY_TYPE = [
+    {"type": "input_message", "messages": [{"type": "skill", "skill_name": "greet"}]},
+    {"type": "agent_output", "content": "hi"},
+    {"type": "thinking"},
+    {"type": "thinking", "content": "hmm"},
+    TOOL_INPUT,
+    {**TOOL_OUTPUT, "error": True},
+    TOOL_OUTPUT,
+    {"type": "structured_output", "schema_name": "order", "content": [1, {"a": None}]},
+    {"type": "structured_output", "schema_name": "order", "content": None},
+    {"type": "step_transition", "from_step": "a", "to_step": "b", "content": "go"},
+    {"type": "skill_load", "skill_name": "greet", "content": "Say hi."},
+]
+
+
+@pytest.fixture
+def app_config() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def app(storage_url: str, app_config: dict[str, Any]) -> Any:
+    app = create_app({"TESTING": True, "STORAGE_URL": storage_url, **app_config})
+    yield app
+    app.extensions["agent_sessions"].storage.close()
+
+
+@pytest.fixture
+def full(keys: Any, agent: str) -> dict[str, str]:
+    return keys.headers(("*", EVERYTHING))
+
+
+@pytest.fixture
+def session(client: Any, full: dict[str, str]) -> str:
+    response = client.post(SESSIONS, json={"key": "s1", "name": "One"}, headers=full)
+    assert response.status_code == 201, response.json
+    return "s1"
+
+
+def batch(client: Any, headers: dict[str, str], *events: dict, url: str = BATCH, **extra: Any):
+    return client.post(url, json={"events": list(events), **extra}, headers=headers)
+
+
+def all_events(client: Any, headers: dict[str, str], url: str = EVENTS, **query: Any) -> list:
+    found, page_key = [], None
+    while True:
+        params = {"limit": 100, **query, **({"page_key": page_key} if page_key else {})}
+        response = client.get(url, query_string=params, headers=headers)
+        assert response.status_code == 200, response.json
+        found += response.json["events"]
+        page_key = response.json["metadata"].get("page_key")
+        if page_key is None:
+            return found
+
+
+# Writing and reading
+
+
+def test_every_type_round_trips(client, full, session):
+    response = batch(client, full, *EVERY_TYPE)
+    assert response.status_code == 201, response.json
+    written = response.json["events"]
+    assert response.json["session_key"] == "s1"
+    for sent, answered in zip(EVERY_TYPE, written, strict=True):
+        assert answered["id"].startswith("aev_") and len(answered["id"]) <= 64
+        assert answered["session_key"] == "s1" and answered["created_at"].endswith("Z")
+        assert "hide_reason" not in answered
+        expected = {"error": False} if sent["type"] == "tool_output" else {}
+        assert {
+            k: v for k, v in answered.items() if k not in ("id", "session_key", "created_at")
+        } == {
+            **expected,
+            **sent,
+        }
+    assert all_events(client, full) == written
+    one = client.get(f"{EVENTS}/{written[5]['id']}", headers=full)
+    assert one.status_code == 200 and one.json == written[5]
+
+
+def test_input_message_answer_and_stream(client, full, session):
+    response = client.post(EVENTS, json=TEXT, headers=full)
+    assert response.status_code == 201
+    [event] = response.json["events"]
+    assert event["type"] == "input_message" and event["messages"] == TEXT["messages"]
+
+    streamed = client.post(EVENTS, json={**TEXT, "stream_response": True}, headers=full)
+    assert streamed.status_code == 201
+    assert streamed.mimetype == "text/event-stream"
+    frames = streamed.get_data(as_text=True).split("\n\n")
+    assert frames[-1] == "" and len(frames) == 3
+    assert frames[0].startswith("data: ") and "\n" not in frames[0]
+    stored = json.loads(frames[0][len("data: ") :])
+    assert json.loads(frames[1][len("data: ") :]) == {"type": "end"}
+    assert client.get(f"{EVENTS}/{stored['id']}", headers=full).json == stored
+    assert [e["id"] for e in all_events(client, full)] == [event["id"], stored["id"]]
+
+
+def test_pages_both_ways_filters_and_hidden(client, full, session):
+    ids = []
+    for i in range(7):
+        kind = {"type": "agent_output", "content": str(i)} if i % 2 else TEXT
+        ids += [e["id"] for e in batch(client, full, kind).json["events"]]
+    assert client.post(f"{EVENTS}/{ids[3]}/hide", headers=full).json["hide_reason"] == "manual"
+
+    visible = [i for i in ids if i != ids[3]]
+    for limit in (1, 2, 3, 10):
+        assert [e["id"] for e in all_events(client, full, limit=limit)] == visible
+        newest = all_events(client, full, limit=limit, order="desc")
+        assert [e["id"] for e in newest] == visible[::-1]
+        hidden = all_events(client, full, limit=limit, include_hidden="true")
+        assert [e["id"] for e in hidden] == ids
+        assert all_events(client, full, limit=limit, include_hidden="false") != hidden
+    outputs = all_events(client, full, type="agent_output", include_hidden="true")
+    assert [e["id"] for e in outputs] == ids[1::2]
+    both = all_events(client, full, type="agent_output,input_message")
+    assert [e["id"] for e in both] == visible
+    first = client.get(EVENTS, query_string={"limit": 2}, headers=full).json
+    assert len(first["events"]) == 2 and "page_key" in first["metadata"]
+    default = client.get(EVENTS, headers=full).json
+    assert len(default["events"]) == 6 and default["metadata"] == {}
+
+    # get returns hidden events; unhide brings it back.
+    assert client.get(f"{EVENTS}/{ids[3]}", headers=full).json["hide_reason"] == "manual"
+    shown = client.post(f"{EVENTS}/{ids[3]}/unhide", headers=full)
+    assert shown.status_code == 200 and "hide_reason" not in shown.json
+    assert [e["id"] for e in all_events(client, full)] == ids
+
+    deleted = client.delete(f"{EVENTS}/{ids[0]}", headers=full)
+    assert deleted.status_code == 204 and deleted.data == b""
+    assert_error(client.get(f"{EVENTS}/{ids[0]}", headers=full), 404, "event_not_found")
+    assert_error(client.delete(f"{EVENTS}/{ids[0]}", headers=full), 404, "event_not_found")
+    assert [e["id"] for e in all_events(client, full)] == ids[1:]
+
+
+def test_page_keys_are_bound_to_their_list(client, full, session):
+    client.post(SESSIONS, json={"key": "s2", "name": "Two"}, headers=full)
+    for url in (BATCH, f"{SESSIONS}/s2/events/batch"):
+        batch(client, full, TEXT, TEXT, TEXT, url=url)
+    asc = client.get(EVENTS, query_string={"limit": 1}, headers=full).json["metadata"]["page_key"]
+    desc = client.get(EVENTS, query_string={"limit": 1, "order": "desc"}, headers=full)
+    desc = desc.json["metadata"]["page_key"]
+    other = f"{SESSIONS}/s2/events"
+    refused = [
+        (other, {"page_key": asc}),  # another session's
+        (EVENTS, {"page_key": asc, "order": "desc"}),  # the other order's
+        (EVENTS, {"page_key": desc}),
+        (EVENTS, {"page_key": "djE6MQ"}),  # a session list's page key (v1:1)
+        (EVENTS, {"page_key": "!!!"}),
+        (EVENTS, {"page_key": "x" * 300}),
+        (EVENTS, {"page_key": ""}),
+    ]
+    for url, query in refused:
+        assert_error(client.get(url, query_string=query, headers=full), 400, "invalid_request")
+    ok = client.get(EVENTS, query_string={"page_key": desc, "order": "desc"}, headers=full)
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"include_hidden": "1"}, "include_hidden"),
+        ({"include_hidden": "True"}, "include_hidden"),
+        ({"include_hidden": ""}, "include_hidden"),
+        ({"order": "up"}, "order"),
+        ({"type": "agent_output,nope"}, "type"),
+        ({"type": ""}, "type"),
+        ({"type": "agent_output,"}, "type"),
+    ],
+)
+def test_bad_list_queries(client, full, session, query, field):
+    assert_error(
+        client.get(EVENTS, query_string=query, headers=full), 400, "invalid_request", field
+    )
+
+
+# Bad bodies
+
+
+BAD_EVENTS = [
+    ({"type": "agent_output"}, "events.0.content"),
+    ({"type": "agent_output", "content": 5}, "events.0.content"),
+    ({"type": "agent_output", "content": "x", "extra": 1}, "events.0.extra"),
+    ({"type": "nope"}, "events.0.type"),
+    ({"content": "x"}, "events.0.type"),
+    ({"type": 5}, "events.0.type"),
+    ({"type": "compaction", "turns_compacted": 1}, "events.0.type"),
+    ({**TOOL_INPUT, "tool_name": ""}, "events.0.tool_name"),
+    ({**TOOL_INPUT, "tool_name": None}, "events.0.tool_name"),
+    ({**TOOL_INPUT, "tool_name": "t" * 256}, "events.0.tool_name"),
+    ({**TOOL_INPUT, "tool_input": []}, "events.0.tool_input"),
+    ({**TOOL_INPUT, "tool_input": "{}"}, "events.0.tool_input"),
+    ({**TOOL_OUTPUT, "error": "no"}, "events.0.error"),
+    ({**TOOL_OUTPUT, "tool_input": {}}, "events.0.tool_input"),
+    ({**TOOL_INPUT, "id": "evt_1"}, "events.0.id"),
+    ({**TOOL_INPUT, "id": "aev_" + "a" * 61}, "events.0.id"),
+    ({**TOOL_INPUT, "id": "aev_a-b"}, "events.0.id"),
+    ({**TOOL_INPUT, "id": "aev_"}, "events.0.id"),
+    ({"type": "structured_output", "content": 1}, "events.0.schema_name"),
+    ({"type": "input_message", "messages": []}, "events.0.messages"),
+    ({"type": "input_message", "messages": [{"type": "image"}]}, "events.0.messages.0.type"),
+    ({"type": "input_message", "messages": [{"type": "text"}]}, "events.0.messages.0.content"),
+    ({"type": "input_message", "messages": "hi"}, "events.0.messages"),
+    ({"type": "step_transition", "from_step": "a", "content": "c"}, "events.0.to_step"),
+    ("agent_output", "events.0"),
+]
+
+
+@pytest.mark.parametrize(("event", "field"), BAD_EVENTS)
+def test_bad_batch_events(client, full, session, event, field):
+    response = batch(client, full, {"type": "agent_output", "content": "fine"}, event)
+    field = field.replace("events.0", "events.1")
+    assert_error(response, 400, "invalid_request", field)
+    assert all_events(client, full, include_hidden="true") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "events"),
+        ({"events": []}, "events"),
+        ({"events": [TEXT] * 101}, "events"),
+        ({"events": {"type": "thinking"}}, "events"),
+        ({"events": [TEXT], "if_last_event_id": "nope"}, "if_last_event_id"),
+        ({"events": [TEXT], "if_last_event_id": 5}, "if_last_event_id"),
+        ({"events": [TEXT], "metadata_patch": [1]}, "metadata_patch"),
+        ({"events": [TEXT], "metadata": {}}, "metadata"),
+    ],
+)
+def test_bad_batch_bodies(client, full, session, body, field):
+    assert_error(client.post(BATCH, json=body, headers=full), 400, "invalid_request", field)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"type": "agent_output", "content": "x"}, "type"),
+        ({"type": "interrupt"}, "type"),
+        ({"messages": TEXT["messages"]}, "type"),
+        ({"type": "input_message"}, "messages"),
+        (
+            {"type": "input_message", "messages": [{"type": "text", "content": "x"}] * 101},
+            "messages",
+        ),
+        ({**TEXT, "stream_response": "yes"}, "stream_response"),
+        ({**TEXT, "since": "aev_1"}, "since"),
+        ({"type": "compact"}, "summary_text"),
+        ({"type": "compact", "summary_text": ""}, "summary_text"),
+        (
+            {"type": "compact", "summary_text": "s", "compact_up_to_event_id": "x"},
+            "compact_up_to_event_id",
+        ),
+        ({"type": "compact", "summary_text": "s", "compaction_message": "m"}, "compaction_message"),
+    ],
+)
+def test_bad_create_bodies(client, full, session, body, field):
+    assert_error(client.post(EVENTS, json=body, headers=full), 400, "invalid_request", field)
+
+
+def test_hostile_input(client, full, session, app):
+    huge = {"type": "input_message", "messages": [{"type": "text", "content": ""}] * 100_000}
+    response = client.post(BATCH, json={"events": [huge]}, headers=full)
+    assert response.status_code in (400, 413)
+    assert_error(client.post(EVENTS, json=huge, headers=full), 413, "payload_too_large")
+
+    depth = app.config["EVENT_MAX_DEPTH"]
+    assert depth == 32
+
+    def nested(levels: int) -> dict:
+        value: dict = {}
+        for _ in range(levels - 1):
+            value = {"a": value}
+        return value
+
+    deep = {**TOOL_INPUT, "tool_input": nested(depth + 1)}
+    assert_error(batch(client, full, deep), 400, "invalid_request", "events.0.tool_input")
+    deep_list = {"type": "structured_output", "schema_name": "s", "content": [[[[]]]]}
+    for _ in range(depth):
+        deep_list["content"] = [deep_list["content"]]
+    assert_error(batch(client, full, deep_list), 400, "invalid_request", "events.0.content")
+    assert batch(client, full, {**TOOL_INPUT, "tool_input": nested(depth)}).status_code == 201
+
+    # 10,000 levels in a few kilobytes: the parser refuses it, no RecursionError.
+    bomb = (
+        '{"events": [{"type": "structured_output", "schema_name": "s", "content": ' + "[" * 10_000
+    )
+    response = client.post(
+        BATCH, data=bomb + "]" * 10_000 + "}]}", headers=full, content_type="application/json"
+    )
+    assert_error(response, 400, "invalid_request")
+
+    for text in ('"a\\u0000b"', '"\\ud800"', '"\\udfff x"'):
+        raw = f'{{"events": [{{"type": "agent_output", "content": {text}}}]}}'
+        response = client.post(BATCH, data=raw, headers=full, content_type="application/json")
+        assert_error(response, 400, "invalid_request")
+        raw = f'{{"type": "input_message", "messages": [{{"type": "text", "content": {text}}}]}}'
+        response = client.post(EVENTS, data=raw, headers=full, content_type="application/json")
+        assert_error(response, 400, "invalid_request")
+    assert_error(
+        client.post(BATCH, data="[]", headers=full, content_type="application/json"),
+        400,
+        "invalid_request",
+    )
+    assert_error(
+        client.post(BATCH, data="x", headers=full, content_type="text/plain"),
+        415,
+        "unsupported_media_type",
+    )
+    # An event id that is not one matches no route.
+    for bad in ("evt_1", "aev_a-b", "aev_" + "a" * 61, "aev_%00"):
+        assert_error(client.get(f"{EVENTS}/{bad}", headers=full), 404, "not_found")
+    assert [e["type"] for e in all_events(client, full)] == ["tool_input"]
+
+
+@pytest.mark.parametrize(
+    "app_config", [{"EVENT_MAX_BYTES": 4096, "EVENTS_MAX_CONTENT_LENGTH": 16384}]
+)
+def test_size_bounds(client, full, session):
+    fits = {"type": "agent_output", "content": "x" * 3500}
+    too_big = {"type": "agent_output", "content": "x" * 4096}
+    response = batch(client, full, fits, too_big)
+    body = assert_error(response, 413, "payload_too_large")
+    assert "events.1" in body["messages"][0]
+    assert all_events(client, full) == []
+    assert_error(batch(client, full, *[fits] * 5), 413, "payload_too_large")  # body > 16 KiB
+    assert batch(client, full, fits, fits, fits).status_code == 201
+    message = {"type": "input_message", "messages": [{"type": "text", "content": "y" * 4000}]}
+    assert_error(client.post(EVENTS, json=message, headers=full), 413, "payload_too_large")
+    compact = {"type": "compact", "summary_text": "z" * 5000}
+    assert_error(client.post(EVENTS, json=compact, headers=full), 413, "payload_too_large")
+    assert len(all_events(client, full)) == 3
+
+
+def test_batch_bodies_past_the_usual_limit(client, full, session):
+    events = [{"type": "agent_output", "content": "x" * 20_000} for _ in range(50)]  # ~1 MB
+    response = batch(client, full, *events)
+    assert response.status_code == 201, response.json
+    assert len(all_events(client, full)) == 50
+    # Other bodies keep the usual 64 KiB.
+    big = {"key": "big", "name": "n", "description": "d", "metadata": {"x": "y" * 70_000}}
+    assert_error(client.post(SESSIONS, json=big, headers=full), 413, "payload_too_large")
+
+
+# History conditions, metadata, ids
+
+
+def test_if_last_event_id(client, full, session):
+    first = batch(client, full, TEXT, if_last_event_id=None)
+    assert first.status_code == 201
+    last = first.json["events"][0]["id"]
+    assert_error(batch(client, full, TEXT, if_last_event_id=None), 409, "conflict")
+    assert_error(batch(client, full, TEXT, if_last_event_id="aev_nope"), 409, "conflict")
+    second = batch(client, full, TEXT, if_last_event_id=last)
+    assert second.status_code == 201
+    newest = second.json["events"][0]["id"]
+    # Hidden or not, the last event is the last one.
+    client.post(f"{EVENTS}/{newest}/hide", headers=full)
+    assert_error(batch(client, full, TEXT, if_last_event_id=last), 409, "conflict")
+    assert batch(client, full, TEXT, if_last_event_id=newest).status_code == 201
+    assert batch(client, full, TEXT).status_code == 201  # absent: no check
+    assert len(all_events(client, full, include_hidden="true")) == 4
+
+
+def test_metadata_patch(client, full, session, app):
+    client.patch(S1, json={"metadata": {"keep": 1, "drop": 2, "deep": {"a": 1}}}, headers=full)
+    patch = {"drop": None, "deep": {"b": 2}, "new": "x"}
+    assert batch(client, full, TEXT, metadata_patch=patch).status_code == 201
+    assert client.get(S1, headers=full).json["metadata"] == {
+        "keep": 1,
+        "deep": {"a": 1, "b": 2},
+        "new": "x",
+    }
+    too_many = {f"k{i}": i for i in range(app.config["METADATA_MAX_KEYS"])}
+    for bad in (
+        too_many,
+        {"x" * 200: 1},
+        {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {}}}}}}}}},
+    ):
+        response = batch(client, full, TEXT, metadata_patch=bad)
+        assert_error(response, 400, "invalid_metadata", "metadata_patch")
+    assert len(all_events(client, full)) == 1
+    assert client.get(S1, headers=full).json["metadata"]["new"] == "x"
+
+
+def test_own_ids_and_duplicates(client, full, session):
+    mine = {"type": "agent_output", "content": "a", "id": "aev_Import01"}
+    assert batch(client, full, mine).json["events"][0]["id"] == "aev_Import01"
+    assert_error(batch(client, full, TEXT, mine), 409, "conflict")
+    twice = {**mine, "id": "aev_Import02"}
+    assert_error(batch(client, full, twice, twice), 409, "conflict")
+    assert [e["id"] for e in all_events(client, full)] == ["aev_Import01"]
+    assert client.get(f"{EVENTS}/aev_Import01", headers=full).json["content"] == "a"
+
+
+def test_disabled_session_takes_no_events(client, full, session):
+    event_id = batch(client, full, TEXT).json["events"][0]["id"]
+    client.patch(S1, json={"enabled": False}, headers=full)
+    assert_error(client.post(EVENTS, json=TEXT, headers=full), 409, "session_disabled")
+    assert_error(batch(client, full, TEXT), 409, "session_disabled")
+    compact = {"type": "compact", "summary_text": "s"}
+    assert_error(client.post(EVENTS, json=compact, headers=full), 409, "session_disabled")
+    assert client.get(EVENTS, headers=full).status_code == 200
+    assert client.post(f"{EVENTS}/{event_id}/hide", headers=full).status_code == 200
+    assert client.delete(f"{EVENTS}/{event_id}", headers=full).status_code == 204
+
+
+def test_compact(client, full, session):
+    ids = [
+        e["id"]
+        for e in batch(client, full, TEXT, {"type": "agent_output", "content": "a"}).json["events"]
+    ]
+    ids += [
+        e["id"]
+        for e in batch(client, full, TEXT, {"type": "agent_output", "content": "b"}).json["events"]
+    ]
+    response = client.post(
+        EVENTS, json={"type": "compact", "summary_text": "They said hello."}, headers=full
+    )
+    assert response.status_code == 201
+    [compaction] = response.json["events"]
+    assert compaction["type"] == "compaction" and compaction["summary_text"] == "They said hello."
+    assert (compaction["turns_compacted"], compaction["events_compacted"]) == (1, 2)
+    assert compaction["summary_key"]
+    listed = all_events(client, full, include_hidden="true")
+    assert [e.get("hide_reason") for e in listed] == ["compaction", "compaction", None, None, None]
+    assert [e["id"] for e in all_events(client, full)] == ids[2:] + [compaction["id"]]
+
+    anchored = {"type": "compact", "summary_text": "s", "compact_up_to_event_id": ids[2]}
+    again = client.post(EVENTS, json={**anchored, "stream_response": True}, headers=full)
+    assert again.status_code == 201 and again.mimetype == "text/event-stream"
+    assert json.loads(again.get_data(as_text=True).split("\n\n")[0][6:])["events_compacted"] == 1
+    missing = {**anchored, "compact_up_to_event_id": "aev_missing"}
+    assert_error(client.post(EVENTS, json=missing, headers=full), 404, "event_not_found")
+
+
+# Not found, scopes
+
+
+def test_not_found(client, full, session):
+    assert_error(client.get(f"{SESSIONS}/nope/events", headers=full), 404, "session_not_found")
+    assert_error(
+        client.get("/v2/agents/ghost/sessions/s1/events", headers=full), 404, "agent_not_found"
+    )
+    assert_error(
+        batch(client, full, TEXT, url=f"{SESSIONS}/nope/events/batch"), 404, "session_not_found"
+    )
+    # 404 before 400: a bad body for a missing session is still a 404.
+    assert_error(
+        batch(client, full, {"type": "x"}, url=f"{SESSIONS}/nope/events/batch"),
+        404,
+        "session_not_found",
+    )
+    assert_error(
+        client.post(f"{SESSIONS}/nope/events", json={}, headers=full), 404, "session_not_found"
+    )
+    assert_error(
+        client.get(f"{SESSIONS}/nope/events?limit=0", headers=full), 404, "session_not_found"
+    )
+    for method, suffix in (("get", ""), ("post", "/hide"), ("post", "/unhide"), ("delete", "")):
+        response = getattr(client, method)(f"{EVENTS}/aev_missing{suffix}", headers=full)
+        assert_error(response, 404, "event_not_found")
+        response = getattr(client, method)(
+            f"{SESSIONS}/nope/events/aev_missing{suffix}", headers=full
+        )
+        assert_error(response, 404, "session_not_found")
+    assert_error(client.put(EVENTS, headers=full), 405, "method_not_allowed")
+
+
+def test_scopes(client, keys, full, session):
+    event_id = batch(client, full, TEXT).json["events"][0]["id"]
+    user = keys.headers((AGENT, ("events:create",)))
+    runtime = keys.headers((AGENT, ("events:append",)))
+    reader = keys.headers((AGENT, ("sessions:read",)))
+    elsewhere = keys.headers(("other-bot", EVERYTHING))
+    compact = {"type": "compact", "summary_text": "s"}
+
+    assert client.post(EVENTS, json=TEXT, headers=user).status_code == 201
+    assert_error(client.post(EVENTS, json=compact, headers=user), 403, "forbidden")
+    assert_error(batch(client, user, TEXT), 403, "forbidden")
+    assert_error(client.post(EVENTS, json=TEXT, headers=runtime), 403, "forbidden")
+    assert batch(client, runtime, TEXT).status_code == 201
+    assert client.post(EVENTS, json=compact, headers=runtime).status_code == 201
+    for headers in (reader, elsewhere):
+        assert_error(client.post(EVENTS, json=TEXT, headers=headers), 403, "forbidden")
+        assert_error(batch(client, headers, TEXT), 403, "forbidden")
+    assert_error(client.get(EVENTS, headers=user), 403, "forbidden")
+    assert client.get(EVENTS, headers=reader).status_code == 200
+    assert client.get(f"{EVENTS}/{event_id}", headers=reader).status_code == 200
+    assert_error(client.post(f"{EVENTS}/{event_id}/hide", headers=reader), 403, "forbidden")
+    assert_error(client.delete(f"{EVENTS}/{event_id}", headers=reader), 403, "forbidden")
+    assert (
+        client.post(
+            f"{EVENTS}/{event_id}/hide", headers=keys.headers((AGENT, ("sessions:update",)))
+        ).status_code
+        == 200
+    )
+    assert (
+        client.delete(
+            f"{EVENTS}/{event_id}", headers=keys.headers((AGENT, ("sessions:delete",)))
+        ).status_code
+        == 204
+    )
+    # 403 whether or not the session or agent exists, and before a 400.
+    for url in (f"{SESSIONS}/nope/events", "/v2/agents/ghost/sessions/s1/events"):
+        assert_error(
+            client.post(url, json=TEXT, headers=runtime if "ghost" not in url else elsewhere),
+            403,
+            "forbidden",
+        )
+        assert_error(client.post(url + "/batch", json={"bad": 1}, headers=user), 403, "forbidden")
+    assert_error(client.post(EVENTS, json=compact, headers=user), 403, "forbidden")
+    assert_error(client.get(EVENTS, headers={"x-api-key": "ak_0000.nope"}), 401, "unauthorized")
+
+
+def test_event_scopes_through_the_admin_api(client, admin, agent):
+    grant = {"agent": AGENT, "scopes": ["events:append", "sessions:read"]}
+    response = client.post(
+        "/v2/api_keys", json={"name": "runtime", "grants": [grant]}, headers=admin
+    )
+    assert response.status_code == 201
+    assert response.json["grants"] == [grant]
+    bad = {"name": "x", "grants": [{"agent": AGENT, "scopes": ["events:delete"]}]}
+    assert_error(
+        client.post("/v2/api_keys", json=bad, headers=admin),
+        400,
+        "invalid_request",
+        "grants.0.scopes.0",
+    )
+
+
+@pytest.mark.parametrize("app_config", [{"DEFAULT_LIMIT": "3/minute"}])
+def test_event_writes_count_under_the_default_limit(client, keys, agent, admin):
+    headers = keys.headers(("*", EVERYTHING), create_limit="100/minute")
+    client.post(SESSIONS, json={"key": "s1", "name": "n"}, headers=headers)  # the creation limit
+    assert batch(client, headers, TEXT).status_code == 201
+    assert client.post(EVENTS, json=TEXT, headers=headers).status_code == 201
+    assert client.get(EVENTS, headers=headers).headers["X-RateLimit-Remaining"] == "0"
+    response = batch(client, headers, TEXT)
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert "Retry-After" in response.headers
+
+
+# Fork
+
+
+def test_fork(client, full, session):
+    written = batch(client, full, TEXT, {"type": "agent_output", "content": "a"}, TEXT).json[
+        "events"
+    ]
+    ids = [e["id"] for e in written]
+    client.post(f"{EVENTS}/{ids[1]}/hide", headers=full)
+
+    plain = client.post(
+        SESSIONS,
+        json={"key": "f1", "name": "F", "from_session": {"session_key": "s1"}},
+        headers=full,
+    )
+    assert plain.status_code == 201, plain.json
+    assert plain.json["forked_from"] == {
+        "agent_key": AGENT,
+        "session_key": "s1",
+        "event_id": ids[2],
+    }
+    copied = all_events(client, full, url=f"{SESSIONS}/f1/events", include_hidden="true")
+    assert [(e["id"], e["created_at"]) for e in copied] == [
+        (written[i]["id"], written[i]["created_at"]) for i in (0, 2)
+    ]
+    assert all(e["session_key"] == "f1" for e in copied)
+    assert (
+        client.get(f"{SESSIONS}/f1", headers=full).json["forked_from"] == plain.json["forked_from"]
+    )
+    assert "forked_from" not in client.get(S1, headers=full).json
+
+    upto = {"session_key": "s1", "include_up_to_event_id": ids[0]}
+    response = client.post(SESSIONS, json={"name": "Fork two", "from_session": upto}, headers=full)
+    assert response.status_code == 201 and response.headers["Location"].endswith("/fork-two")
+    assert response.json["forked_from"]["event_id"] == ids[0]
+    assert [e["id"] for e in all_events(client, full, url=f"{SESSIONS}/fork-two/events")] == ids[:1]
+
+    compact = {
+        "agent_key": AGENT,
+        "session_key": "s1",
+        "compact_up_to_event_id": ids[0],
+        "summary_text": "hi",
+    }
+    response = client.post(
+        SESSIONS, json={"key": "f3", "name": "F", "from_session": compact}, headers=full
+    )
+    assert response.status_code == 201
+    events = all_events(client, full, url=f"{SESSIONS}/f3/events", include_hidden="true")
+    assert [e.get("hide_reason") for e in events] == ["compaction", None, None]
+    assert events[-1]["type"] == "compaction" and events[-1]["summary_text"] == "hi"
+
+    empty = client.post(SESSIONS, json={"key": "e0", "name": "E"}, headers=full)
+    assert empty.status_code == 201
+    response = client.post(
+        SESSIONS,
+        json={"key": "f4", "name": "F", "from_session": {"session_key": "e0"}},
+        headers=full,
+    )
+    assert response.json["forked_from"] == {"agent_key": AGENT, "session_key": "e0"}
+
+
+@pytest.mark.parametrize(
+    ("source", "status", "code", "field"),
+    [
+        (
+            {
+                "session_key": "s1",
+                "include_up_to_event_id": "aev_a",
+                "compact_up_to_event_id": "aev_b",
+                "summary_text": "s",
+            },
+            400,
+            "invalid_request",
+            "from_session.compact_up_to_event_id",
+        ),
+        (
+            {"session_key": "s1", "compact_up_to_event_id": "aev_a"},
+            400,
+            "invalid_request",
+            "from_session.summary_text",
+        ),
+        (
+            {"session_key": "s1", "summary_text": "s"},
+            400,
+            "invalid_request",
+            "from_session.summary_text",
+        ),
+        ({}, 400, "invalid_request", "from_session.session_key"),
+        ({"session_key": "bad key"}, 400, "invalid_request", "from_session.session_key"),
+        (
+            {"session_key": "s1", "include_up_to_event_id": "nope"},
+            400,
+            "invalid_request",
+            "from_session.include_up_to_event_id",
+        ),
+        ({"session_key": "s1", "extra": 1}, 400, "invalid_request", "from_session.extra"),
+        ("s1", 400, "invalid_request", "from_session"),
+        ({"session_key": "missing"}, 404, "session_not_found", None),
+        (
+            {"session_key": "s1", "include_up_to_event_id": "aev_missing"},
+            404,
+            "event_not_found",
+            None,
+        ),
+        (
+            {"session_key": "s1", "compact_up_to_event_id": "aev_missing", "summary_text": "s"},
+            404,
+            "event_not_found",
+            None,
+        ),
+    ],
+)
+def test_bad_forks(client, full, session, source, status, code, field):
+    response = client.post(
+        SESSIONS, json={"key": "f", "name": "F", "from_session": source}, headers=full
+    )
+    assert_error(response, status, code, field)
+    assert_error(client.get(f"{SESSIONS}/f", headers=full), 404, "session_not_found")
+
+
+def test_fork_permissions(client, keys, full, admin, session):
+    client.post("/v2/agents", json={"key": "other-bot", "name": "Other"}, headers=admin)
+    batch(client, full, TEXT)
+    creator = keys.headers(("other-bot", ("sessions:create", "sessions:read")))
+    body = {"key": "f", "name": "F", "from_session": {"agent_key": AGENT, "session_key": "s1"}}
+    other = "/v2/agents/other-bot/sessions"
+    # The source's agent is not readable: 403, whether or not the source exists.
+    assert_error(client.post(other, json=body, headers=creator), 403, "forbidden")
+    missing = {**body, "from_session": {"agent_key": AGENT, "session_key": "missing"}}
+    assert_error(client.post(other, json=missing, headers=creator), 403, "forbidden")
+    ghost = {**body, "from_session": {"agent_key": "ghost", "session_key": "s1"}}
+    assert_error(client.post(other, json=ghost, headers=creator), 403, "forbidden")
+    # Read on the source without create on the new agent: 403.
+    reader = keys.headers(("*", ("sessions:read",)))
+    assert_error(client.post(other, json=body, headers=reader), 403, "forbidden")
+    both = keys.headers(("other-bot", ("sessions:create",)), (AGENT, ("sessions:read",)))
+    response = client.post(other, json=body, headers=both)
+    assert response.status_code == 201, response.json
+    assert response.json["forked_from"]["agent_key"] == AGENT
+    assert len(all_events(client, full, url=f"{other}/f/events")) == 1
+    # A source agent the key may read but that does not exist: 404.
+    anywhere = keys.headers(("*", ("sessions:create", "sessions:read")))
+    response = client.post(other, json={**ghost, "key": "g"}, headers=anywhere)
+    assert response.status_code == 404
