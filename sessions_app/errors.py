@@ -21,9 +21,8 @@ from storage_backends import (
 )
 from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory
 
-from .naming import EVENT_ID_PREFIX
-
 from . import metrics
+from .naming import EVENT_ID_PREFIX
 
 log = logging.getLogger(__name__)
 
