@@ -26,7 +26,7 @@ from werkzeug.wrappers import Response
 
 from storage_backends.codec import dump_json
 
-from . import errors, naming, rate_limits
+from . import errors, metrics, naming, rate_limits
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
@@ -106,6 +106,9 @@ def start_request() -> Response | None:
     shape; elsewhere they stay the host application's business.
     """
     request_id()
+    counted = current_app.extensions["agent_sessions"].metrics
+    if counted is not None:
+        metrics.request_started(counted)
     err = request.routing_exception
     if isinstance(err, HTTPException) and err.code in (404, 405) and is_service_request():
         if "//" in request.path:
@@ -124,8 +127,11 @@ def contract_headers(response: Response) -> Response:
     answers (health checks, unknown paths) carry the first two; a host's own
     routes are left alone.
     """
+    extension = current_app.extensions["agent_sessions"]
+    if extension.metrics is not None:
+        metrics.request_finished(extension.metrics, response)
     service = is_service_request()
-    if not service and not current_app.extensions["agent_sessions"].owns_app:
+    if not service and not extension.owns_app:
         return response
     headers = response.headers
     # Nothing before this hook sets these two (one extend: each set scans the headers).

@@ -214,10 +214,10 @@ def init_app(app: Flask, service: Any) -> None:
         return
     metrics = service.metrics = Metrics(backend_name(service.storage))
     service.limits.metrics = metrics
-    # First of all hooks (http.start_request may answer a routing error itself), and
-    # an after-request hook; the teardown closes what an unhandled exception left open.
-    app.before_request_funcs.setdefault(None, []).insert(0, partial(request_started, metrics))
-    app.after_request(partial(request_finished, metrics))
+    # The corridor's first and last hooks (http.start_request, http.contract_headers)
+    # call request_started and request_finished: no hooks of their own, each of which
+    # Flask dispatches at a cost. The teardown closes what an unhandled exception
+    # left open.
     app.teardown_request(partial(request_torn_down, metrics))
     if not app.config["METRICS_BIND"]:
         app.add_url_rule("/metrics", "agent_sessions_metrics", metrics_page)
@@ -241,9 +241,8 @@ def request_started(metrics: Metrics) -> None:
     metrics.in_progress.inc()
 
 
-def request_finished(metrics: Metrics, response: Response) -> Response:
+def request_finished(metrics: Metrics, response: Response) -> None:
     _count(metrics, response.status_code)
-    return response
 
 
 def request_torn_down(metrics: Metrics, exc: BaseException | None) -> None:
