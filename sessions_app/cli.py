@@ -584,8 +584,11 @@ class BadExport(ValueError):
 
 
 def parse_line(text: str, number: int) -> dict[str, Any]:
+    """One line, parsed as strictly as a request body (no NUL, no unpaired surrogate)."""
+    from .http import parse
+
     try:
-        value = json.loads(text)
+        value = parse(text.encode("utf-8", "surrogatepass"))
     except ValueError as err:
         raise BadExport(f"line {number}: not JSON ({err})") from None
     if not isinstance(value, dict):
@@ -640,12 +643,31 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
     )
 
 
+def event_fields(body: dict[str, Any], number: int) -> dict[str, Any]:
+    """The fields of an event line, checked by its type's schema as a batch is."""
+    from .events import STORED_EVENT_VARIANTS
+
+    given = {k: v for k, v in body.items() if k not in EVENT_KEYS}
+    try:
+        loaded = STORED_EVENT_VARIANTS[body["type"]]().load({"type": body["type"], **given})
+    except ValidationError as err:
+        path, message = next(iter(flatten_messages(err.messages).items()))
+        raise BadExport(f"line {number}: {path}: {message}") from None
+    loaded.pop("type", None)
+    loaded.pop("id", None)
+    # The line's own order first, then what the schema added (defaults).
+    return {k: loaded[k] for k in given if k in loaded} | loaded
+
+
 def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[int]) -> Any:
     """The events of an export, checked one by one; a missing or wrong end line is an error.
 
     Raising from here aborts the import's transaction: nothing is stored.
     """
     from storage_backends import Event
+    from storage_backends.codec import dump_json
+
+    from .events import dump_event
 
     for number, text in lines:
         line = parse_line(text, number)
@@ -673,14 +695,21 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
         if hidden is not None and hidden not in HIDE_REASONS:
             raise BadExport(f"line {number}: bad hide_reason {hidden!r}")
         tally[0] += 1
-        yield Event(
+        event = Event(
             id=event_id,
             session_key=session_key,
             type=kind,
-            fields={k: v for k, v in body.items() if k not in EVENT_KEYS},
+            fields=event_fields(body, number),
             created_at=timestamp(body.get("created_at"), f"line {number}: created_at"),
             hide_reason=hidden,
         )
+        size = len(dump_json(dump_event(event)).encode())
+        if size > current_app.config["EVENT_MAX_BYTES"]:
+            raise BadExport(
+                f"line {number}: the event serializes to {size} bytes; at most "
+                f"{current_app.config['EVENT_MAX_BYTES']} are allowed"
+            )
+        yield event
     raise BadExport("the file ends before its end line: it is not a whole export")
 
 

@@ -287,6 +287,19 @@ def _event_schemas() -> tuple[dict[str, type[Schema]], dict[str, type[Schema]]]:
 
 
 EVENT_IN_VARIANTS, EVENT_VARIANTS = _event_schemas()
+#: What an imported export may hold: every type's fields, checked as a batch checks
+#: them, the service's own types included (an export carries its compactions).
+STORED_EVENT_VARIANTS: dict[str, type[Schema]] = {
+    **EVENT_IN_VARIANTS,
+    **{
+        kind: type(
+            f"{_class_name(kind)}StoredEventSchema",
+            (EventInSchema,),
+            {"type": _typed(kind), "KEEP_NULL": frozenset(), **TYPE_FIELDS[kind]()},
+        )
+        for kind in SERVICE_TYPES
+    },
+}
 REFUSED_IN_BATCH = {
     kind: f"{kind} events are written by the service only." for kind in SERVICE_TYPES
 }

@@ -487,3 +487,75 @@ def test_backup_refusals(env: dict[str, str], tmp_path: Path) -> None:
         assert [k.name for k in copy.list_api_keys(limit=10).items] == ["k"]
     finally:
         copy.close()
+
+
+def _event_at(lines: list[str], index: int, change: Any) -> list[str]:
+    """``lines`` with the event on line ``index`` replaced by ``change(event)``."""
+    event = json.loads(lines[index])["event"]
+    return [*lines[:index], json.dumps({"event": change(event)}), *lines[index + 1 :]]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # What the API refuses in a request body, an import refuses too.
+        (lambda e: {**e, "messages": [{"type": "text", "content": "a\u0000b"}]}, ("NUL",)),
+        (lambda e: {**e, "messages": [{"type": "text", "content": "a\ud800b"}]}, ("surrogate",)),
+        (lambda e: {**e, "messages": [{"type": "text", "content": "x"}] * 101}, ("messages",)),
+        (lambda e: {**e, "messages": [{"type": "image", "content": "x"}]}, ("messages.0.type",)),
+        (lambda e: {**e, "session_key": "elsewhere"}, ("session_key", "Unknown")),
+        (lambda e: {**e, "bogus": 1}, ("bogus", "Unknown")),
+        (lambda e: {"id": e["id"], "type": "agent_output", "created_at": e["created_at"]}, ("content",)),
+        (
+            lambda e: {**e, "messages": [{"type": "text", "content": "x" * 300_000}]},
+            ("262144",),
+        ),
+        (
+            lambda e: {
+                "id": e["id"],
+                "type": "compaction",
+                "created_at": e["created_at"],
+                "turns_compacted": "many",
+                "events_compacted": 1,
+                "summary_text": "s",
+                "summary_key": "k",
+            },
+            ("turns_compacted",),
+        ),
+    ],
+)
+def test_an_import_checks_each_event_as_the_api_does(
+    env: dict[str, str], tmp_path: Path, change, words
+) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    make_session(env, "chat", events=5)
+    lines = cli("sessions", "export", AGENT, "chat", env=env).stdout.splitlines()
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(_event_at(lines, 3, change)) + "\n", errors="surrogatepass")
+    result = cli("sessions", "import", str(path), "--key", "copy", env=env, check=False)
+    one_error_line(result, 1, "line 4", *words)
+    assert cli("sessions", "get", AGENT, "copy", env=env, check=False).returncode == 1
+
+
+def test_an_export_with_compactions_imports_unchanged(env: dict[str, str], tmp_path: Path) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    make_session(env, "chat", events=5)
+    store = store_of(env)
+    try:
+        now = utcnow()
+        summary = {"summary_text": "sum", "summary_key": "aev_sum1"}
+        compaction = Event(
+            id="aev_sum1", session_key="chat", type="compaction", fields=summary, created_at=now
+        )
+        store.compact_events(
+            agent_key=AGENT, session_key="chat", up_to_event_id=None, compaction=compaction, now=now
+        )
+    finally:
+        store.close()
+    exported = cli("sessions", "export", AGENT, "chat", env=env).stdout
+    path = tmp_path / "chat.jsonl"
+    path.write_text(exported)
+    assert '"type": "compaction"' in exported and '"hide_reason": "compaction"' in exported
+    cli("sessions", "import", str(path), "--key", "copy", env=env)
+    again = cli("sessions", "export", AGENT, "copy", env=env).stdout.splitlines()
+    assert again[1:] == exported.splitlines()[1:]
