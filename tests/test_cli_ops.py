@@ -505,7 +505,10 @@ def _event_at(lines: list[str], index: int, change: Any) -> list[str]:
         (lambda e: {**e, "messages": [{"type": "image", "content": "x"}]}, ("messages.0.type",)),
         (lambda e: {**e, "session_key": "elsewhere"}, ("session_key", "Unknown")),
         (lambda e: {**e, "bogus": 1}, ("bogus", "Unknown")),
-        (lambda e: {"id": e["id"], "type": "agent_output", "created_at": e["created_at"]}, ("content",)),
+        (
+            lambda e: {"id": e["id"], "type": "agent_output", "created_at": e["created_at"]},
+            ("content",),
+        ),
         (
             lambda e: {**e, "messages": [{"type": "text", "content": "x" * 300_000}]},
             ("262144",),
