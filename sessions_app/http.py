@@ -115,7 +115,16 @@ def start_request() -> Response | None:
             # A host's map merges slashes to find a rule: the path as sent names none.
             err = NotFound()
         return errors.handle_http_exception(err)
+    if _encoded_slash() and is_service_request():
+        # No key or id holds a "/": an encoded one is not a path separator to route by.
+        return errors.handle_http_exception(NotFound())
     return None
+
+
+def _encoded_slash() -> bool:
+    """Whether the path as sent (before decoding) holds ``%2F``, which WSGI decodes to ``/``."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
+    return "%2f" in raw.split("?", 1)[0].lower()
 
 
 def contract_headers(response: Response) -> Response:

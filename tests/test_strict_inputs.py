@@ -167,3 +167,19 @@ def test_scripts_serve_refuses_memory_storage():
     )
     assert result.returncode == 3
     assert "memory://" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        SESSIONS + "%2F{session}",
+        SESSIONS + "/{session}%2fevents",
+        "/v2/agents%2F{agent}/sessions",
+    ],
+)
+def test_an_encoded_slash_is_no_path_separator(client, full, agent, session, path):
+    # WSGI decodes %2F to "/" in PATH_INFO; the path as sent names no route.
+    url = path.format(agent=agent, session=session)
+    assert_error(client.get(url, headers=full), 404, "not_found")
+    # The same path with a real slash is served.
+    assert client.get(url.replace("%2F", "/").replace("%2f", "/"), headers=full).status_code == 200
