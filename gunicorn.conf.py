@@ -77,7 +77,7 @@ os.environ["AGENT_SESSIONS_LOG_FORMAT"] = _log_format
 # operator's directory is emptied at start; otherwise a fresh one is made and
 # removed when the master exits. child_exit drops a dead worker's live gauges.
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if os.environ.get("AGENT_SESSIONS_METRICS_MASTER") == str(os.getpid()):
+if os.environ.get("_AGENT_SESSIONS_METRICS_MASTER") == str(os.getpid()):
     pass  # a reload (SIGHUP) reads this file again: the workers' files stay
 elif _metrics_dir:
     os.makedirs(_metrics_dir, exist_ok=True)
@@ -89,7 +89,7 @@ else:
     # Only the master removes it: a worker's exit runs the same atexit hooks.
     atexit.register(lambda: os.getpid() == _master and shutil.rmtree(_metrics_dir, True))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
-os.environ["AGENT_SESSIONS_METRICS_MASTER"] = str(os.getpid())
+os.environ["_AGENT_SESSIONS_METRICS_MASTER"] = str(os.getpid())
 
 
 class _ToErrorLog(logging.Handler):

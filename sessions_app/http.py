@@ -357,6 +357,11 @@ def json_object(limit: int | None = None) -> dict[str, Any]:
     encoding = request.environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
     if encoding not in ("identity", ""):
         raise _unsupported("Content-Encoding is not supported; send the body as it is.")
+    # The server decodes chunked framing only: any other transfer coding (gzip,
+    # chunked) would reach the parser still coded.
+    codings = request.environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
+    if any(coding.strip() not in ("chunked", "identity", "") for coding in codings):
+        raise _unsupported("Transfer-Encoding other than chunked is not supported.")
     raw = read_body(limit or current_app.extensions["agent_sessions"].max_body)
     try:
         data = parse(raw)

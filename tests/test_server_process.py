@@ -435,3 +435,31 @@ def test_a_bad_process_setting_stops_gunicorn_with_one_line(env, tmp_path, setti
     assert "Traceback" not in logs and "Booting worker" not in logs, logs
     lines = [line for line in logs.splitlines() if name in line]
     assert len(lines) == 1 and "configuration error" in lines[0], logs
+
+
+@pytest.mark.parametrize(
+    ("coding", "expected"),
+    # gunicorn itself answers a coding it does not know, as RFC 9112 says (501).
+    [(b"gzip, chunked", 415), (b"deflate,chunked", 415), (b"x-custom, chunked", 501)],
+)
+def test_a_transfer_coding_other_than_chunked_is_refused_and_writes_nothing(
+    env, tmp_path, coding, expected
+):
+    token = bootstrap(env)
+    body = b'{"key": "coded", "name": "coded"}'
+    head = (
+        CHUNKED_HEAD.replace(b"{key}", token.encode())
+        .replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+        .replace(b"Transfer-Encoding: chunked", b"Transfer-Encoding: " + coding)
+    )
+    assert coding in head
+    with serving(env, tmp_path) as server:
+        answer = send(server, head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        status, _, payload = parse_answer(answer)
+        assert status == expected and "request_id" in payload, answer[:300]
+        if expected == 415:
+            assert payload["error"] == "unsupported_media_type"
+        listed = requests.get(
+            server.url + "/v2/agents/support-bot/sessions", headers={"x-api-key": token}, timeout=5
+        ).json()
+    assert listed["sessions"] == []

@@ -183,3 +183,12 @@ def test_an_encoded_slash_is_no_path_separator(client, full, agent, session, pat
     assert_error(client.get(url, headers=full), 404, "not_found")
     # The same path with a real slash is served.
     assert client.get(url.replace("%2F", "/").replace("%2f", "/"), headers=full).status_code == 200
+
+
+def test_a_first_start_on_the_defaults_warns_of_no_setting(tmp_path: Path):
+    # The settings gunicorn.conf.py passes to its workers are none of the operator's.
+    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/x.db"}
+    with serving(env, tmp_path, workers=2) as server:
+        assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+        logs = server.logs()
+    assert "unknown setting" not in logs, logs
