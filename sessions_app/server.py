@@ -79,6 +79,7 @@ ERROR_NAMES = {
     403: "forbidden",
     413: "payload_too_large",
     414: "invalid_request",
+    408: "invalid_request",
     417: "invalid_request",
     431: "invalid_request",
     500: "internal_error",
@@ -89,6 +90,7 @@ REASONS = {
     403: "Forbidden",
     413: "Payload Too Large",
     414: "URI Too Long",
+    408: "Request Timeout",
     417: "Expectation Failed",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
@@ -402,6 +404,17 @@ class HeadReadingWorker(ThreadWorker):
             conn = self.reading_heads[0]
             self.stop_reading(conn)
             self.nr_conns -= 1
+            if conn.head and self.alive:
+                # A request begun and not finished in time: say so (best effort, the
+                # client may not read), and leave a line for the operator.
+                self.log.warning(
+                    "request not complete within %ss (%d bytes received): 408",
+                    self.header_timeout,
+                    len(conn.head),
+                )
+                with contextlib.suppress(OSError):
+                    conn.sock.setblocking(False)
+                    conn.sock.send(error_answer(408, "The request was not sent in time."))
             conn.close()
         now = float("inf") if force else time.monotonic()
         while self.lingering and self.lingering[0].linger_deadline <= now:

@@ -463,3 +463,20 @@ def test_a_transfer_coding_other_than_chunked_is_refused_and_writes_nothing(
             server.url + "/v2/agents/support-bot/sessions", headers={"x-api-key": token}, timeout=5
         ).json()
     assert listed["sessions"] == []
+
+
+def test_a_request_not_sent_in_time_is_answered_408_and_logged(env, tmp_path):
+    env = {**env, "AGENT_SESSIONS_HEADER_TIMEOUT": "1"}
+    with serving(env, tmp_path) as server:
+        for partial in (PARTIAL_HEAD, PARTIAL_BODY):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(partial)
+                answer = read_all(sock)
+            status, fields, payload = parse_answer(answer)
+            assert status == 408 and payload["error"] == "invalid_request", answer[:300]
+            assert fields["x-request-id"] == payload["request_id"]
+        # A connection that sent nothing is closed without a word, as an idle one is.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            assert read_all(sock) == b""
+        logs = server.logs()
+    assert logs.count("request not complete within 1.0s") == 2, logs
