@@ -81,7 +81,11 @@ from harness import BENCH, Gunicorn, Summary, WrkResult, call, reachable, requir
 BASELINE_APP = "bench.baseline_app:app"
 FLOOR_APP = "bench.baseline_app:app_with_api_headers"
 OPS = ("create", "get", "list")
-THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70}
+# Events: append one agent_output event (POST .../events/batch, an events:append
+# key), and list the newest 20 (GET .../events?order=desc&limit=20).
+EVENT_OPS = ("append", "newest 20")
+COMPARE_OPS = OPS + EVENT_OPS
+THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70, "append": 0.70, "newest 20": 0.70}
 P99_TARGET = 2.0
 SCALE_TARGET = 1.25
 DEEP_PAGE_TARGET = 1.10
@@ -116,7 +120,8 @@ class Load:
 
     op: str
     random_keys: int = 0  # get: read random bulk sessions among this many
-    page_key: str | None = None  # list: start here instead of the first page
+    page_key: str | None = None  # list, events page: start here instead of the first page
+    session: str | None = None  # events: the session (default: the store's seeded ones)
 
 
 _create_runs = itertools.count()
@@ -134,7 +139,21 @@ def drive(target: Target, load: Load, seconds: float, during: Any = None) -> Wrk
         return wrk(base + "/", "get", args, seconds, during)
     if load.op == "get":
         return wrk(f"{base}/{stores.GET_KEY}", "get", [token], seconds, during)
+    if load.op == "append":
+        return wrk(
+            f"{base}/{load.session or stores.APPEND_KEY}/events/batch",
+            "append",
+            [token],
+            seconds,
+            during,
+        )
+    if load.op == "newest 20":
+        url = f"{base}/{load.session or stores.HISTORY_KEY}/events?order=desc&limit=20"
+        return wrk(url, "list", [token], seconds, during)
     query = "limit=10" + (f"&page_key={load.page_key}" if load.page_key else "")
+    if load.op == "events page":
+        url = f"{base}/{load.session or stores.HISTORY_KEY}/events?{query}"
+        return wrk(url, "list", [token], seconds, during)
     return wrk(f"{base}?{query}", "list", [token], seconds, during)
 
 
@@ -191,9 +210,9 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
                 )
                 for name, app in apps.items()
             }
-            loads = {name: {op: Load(op) for op in OPS} for name in targets}
+            loads = {name: {op: Load(op) for op in COMPARE_OPS} for name in targets}
             results = alternate(targets, loads, plan)
-        for op in OPS:
+        for op in COMPARE_OPS:
             ours, base = results["service"][op], results["baseline"][op]
             ratio = ours.rps / base.rps
             p99_ratio = ours.p99_ms / base.p99_ms
@@ -425,7 +444,7 @@ def profile(backend: str, plan: Plan, workdir: Path, settings: dict) -> dict:
     service = Gunicorn(f"profile-{backend}", store.app, store.env, workdir)
     baseline = Gunicorn(f"profile-baseline-{backend}", BASELINE_APP, store.env, workdir)
     with service, baseline:
-        for op in OPS:
+        for op in COMPARE_OPS:
             report[op] = {}
             for name, target in (
                 ("service", Target(service, store.token)),

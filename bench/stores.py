@@ -22,7 +22,7 @@ from pathlib import Path
 from harness import BIN, ROOT
 
 from sessions_app.auth import KEY_ID_PREFIX
-from storage_backends import Agent, Event, Session, storage_from_url
+from storage_backends import Agent, Event, Session, Storage, storage_from_url
 from storage_backends.codec import dump_json, utcnow
 from storage_backends.sql import SESSION_INSERT_COLUMNS
 
@@ -34,7 +34,11 @@ AGENT = "bench-agent"
 GET_KEY = "bench-get"
 # Limits stay on, counted and reported in headers, but never reached.
 HIGH_LIMIT = "100000000/minute"
-SCOPES = "sessions:create,sessions:read"
+SCOPES = "sessions:create,sessions:read,events:create,events:append"
+# Events: appends go to one session, newest-20 lists read another's history.
+APPEND_KEY = "bench-append"
+HISTORY_KEY = "bench-history"
+HISTORY_EVENTS = 100
 
 BULK_KEY_PREFIX = "s"  # bulk keys are s0000000, s0000001, ... within each agent
 BULK_BATCH = 50_000
@@ -84,8 +88,26 @@ def prepare(backend: str, workdir: Path, name: str, settings: dict[str, str]) ->
             updated_at=now,
         )
     )
+    seed_events(storage)
     storage.close()
     return Store(backend, url, "wsgi:app", env, token)
+
+
+def seed_events(storage: Storage, agent_key: str = AGENT) -> None:
+    """The session appends go to, and one with a history of ``HISTORY_EVENTS`` events to list."""
+    now = utcnow()
+    for key in (APPEND_KEY, HISTORY_KEY):
+        storage.create_session(
+            session=Session(
+                key=key, agent_key=agent_key, name=key, metadata={}, created_at=now, updated_at=now
+            )
+        )
+    storage.append_events(
+        agent_key=agent_key,
+        session_key=HISTORY_KEY,
+        events=list(_events(HISTORY_EVENTS, now)),
+        now=now,
+    )
 
 
 def fresh_url(backend: str, workdir: Path, name: str) -> str:
