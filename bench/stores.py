@@ -226,8 +226,54 @@ def bulk_load_events(url: str, *, agent_key: str, session_key: str, count: int) 
     return time.monotonic() - started
 
 
-def _events(count: int, start: dt.datetime) -> Iterator[Event]:
-    for n in range(count):
+def bulk_load_history(url: str, *, session_key: str, events: int, store_events: int) -> float:
+    """``events`` events in a new session ``session_key``, ``store_events`` in the store; seconds.
+
+    The rest go to four more sessions, and the five are loaded a batch of
+    each in turn, so their rows interleave as busy sessions' rows do. SQLite's
+    WAL is checkpointed and truncated afterwards (its size before is printed).
+    """
+    started = time.monotonic()
+    others = [f"{session_key}-other-{n}" for n in range(1, 5)]
+    counts = {session_key: events} | {key: (store_events - events) // len(others) for key in others}
+    storage = storage_from_url(url)
+    now = utcnow()
+    try:
+        for key in counts:
+            storage.create_session(
+                session=Session(
+                    key=key, agent_key=AGENT, name=key, metadata={}, created_at=now, updated_at=now
+                )
+            )
+        start = now - dt.timedelta(days=1)
+        for first in range(0, max(counts.values()), EVENT_BATCH):
+            for key, count in counts.items():
+                if first < count:
+                    storage.load_events(
+                        agent_key=AGENT,
+                        session_key=key,
+                        events=_events(min(EVENT_BATCH, count - first), start, first),
+                        batch=EVENT_BATCH,
+                    )
+        if url.startswith("sqlite:"):
+            storage.db.execute("ANALYZE")
+            wal = Path(storage.path + "-wal")
+            size = wal.stat().st_size if wal.exists() else 0
+            busy, frames, done = storage.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            print(
+                f"  WAL after the load: {size / 2**20:,.0f} MiB, {frames} frames; "
+                f"checkpointed {done}, busy {busy}"
+            )
+        else:
+            with storage._connection() as conn:
+                conn.execute("ANALYZE events")
+    finally:
+        storage.close()
+    return time.monotonic() - started
+
+
+def _events(count: int, start: dt.datetime, first: int = 0) -> Iterator[Event]:
+    for n in range(first, first + count):
         kind = EVENT_KINDS[n % len(EVENT_KINDS)]
         if kind == "input_message":
             fields: dict = {"messages": [{"type": "text", "content": f"question {n}"}]}
