@@ -3,7 +3,8 @@
 From the repository root::
 
     .venv/bin/python bench/run.py [--quick] [--backends sqlite,memory,postgresql]
-                                  [--compare [--floor]] [--scale] [--memory] [--profile]
+                                  [--compare [--floor]] [--scale] [--scale-events]
+                                  [--memory] [--profile]
 
 Needs Debian's ``wrk`` (``apt-get install wrk``); ``--profile`` also needs py-spy
 in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
@@ -14,10 +15,14 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     Both run under gunicorn with the project's ``gunicorn.conf.py`` and
     ``-w 2`` (access log included, identically) and are driven in turn with
     ``wrk -t2 -c16`` with the very same requests: create (POST, a unique key
-    per request), get (one session), list (first page, limit 10). Targets: create >= 0.70 of the
-    baseline's requests/s, get >= 0.80, list >= 0.70; p99 <= 2x the
-    baseline's; no answer but 2xx. With ``--floor``, a third server takes its
-    turn: the baseline sending the six response headers the contract requires
+    per request), get (one session), list (first page, limit 10), append
+    (``POST .../events/batch`` with one ``agent_output`` event, the id chosen
+    by the service, under the key's ``events:append``), newest 20 (``GET
+    .../events?order=desc&limit=20`` of a session of 100 events). Targets:
+    create >= 0.70 of the baseline's requests/s, get >= 0.80, list >= 0.70,
+    append >= 0.70, newest 20 >= 0.70; p99 <= 2x the baseline's; no answer
+    but 2xx. The baseline answers the events URLs as thinly as the others.
+    With ``--floor``, a third server takes its turn: the baseline sending the six response headers the contract requires
     on every answer (``app_with_api_headers``), whose ratio to the baseline is
     what those headers alone cost.
 ``--scale``
@@ -28,6 +33,18 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     found by walking) against the first page. Targets: the loaded store
     costs (1 / requests per second) at most 1.25x the empty one's; the deep
     page at most 1.10x the first (i.e. the same, within noise).
+``--scale-events``
+    A session of 1,000,000 events (``--events``) in a store of 5,000,000
+    (``--store-events``; the rest in four more sessions, loaded a batch of
+    each in turn through ``load_events``, SQLite's WAL then checkpointed)
+    against a fresh store, each behind its own server, taking turns: append
+    (to an empty session there), newest 20 and a page of 10 that starts
+    100,000 events in (page_key found by walking; there: the first page of a
+    100-event session). Target: the loaded cost at most 1.25x. Then the big
+    session is exported as JSON Lines, through ``agent-sessions sessions
+    export`` when the CLI has it, else ``bench/export_events.py``
+    (``iter_events``, the same reading): its events per second, and its RSS
+    sampled from the first line written to the end. Target: growth < 50 MB.
 ``--memory``
     VmRSS of each worker before and after 200,000 requests (create, get,
     list in turn) on the first backend. Target: < 10% growth.
