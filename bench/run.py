@@ -22,9 +22,10 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     create >= 0.70 of the baseline's requests/s, get >= 0.80, list >= 0.70,
     append >= 0.70, newest 20 >= 0.70; p99 <= 2x the baseline's; no answer
     but 2xx. The baseline answers the events URLs as thinly as the others.
-    With ``--floor``, a third server takes its turn: the baseline sending the six response headers the contract requires
-    on every answer (``app_with_api_headers``), whose ratio to the baseline is
-    what those headers alone cost.
+    With ``--floor``, a third server takes its turn: the baseline sending the
+    six response headers the contract requires on every answer
+    (``app_with_api_headers``), whose ratio to the baseline is what those
+    headers alone cost.
 ``--scale``
     The same operations on a store of 1,000,000 sessions over 5 agents
     (bulk-loaded through the storage layer, ``bench/stores.py``) against an
