@@ -17,7 +17,8 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     ``wrk -t2 -c16`` with the very same requests: create (POST, a unique key
     per request), get (one session), list (first page, limit 10), append
     (``POST .../events/batch`` with one ``agent_output`` event, the id chosen
-    by the service, under the key's ``events:append``), newest 20 (``GET
+    by the service, under the key's ``events:append``, to a random one of 64
+    sessions: one session's writers take turns by contract), newest 20 (``GET
     .../events?order=desc&limit=20`` of a session of 100 events). Targets:
     create >= 0.70 of the baseline's requests/s, get >= 0.80, list >= 0.70,
     append >= 0.70, newest 20 >= 0.70; p99 <= 2x the baseline's; no answer
@@ -143,7 +144,7 @@ class Load:
     """One kind of request for wrk: an operation and what it needs."""
 
     op: str
-    random_keys: int = 0  # get: read random bulk sessions among this many
+    random_keys: int = 0  # get: random bulk sessions among this many; append: bench-append-N
     page_key: str | None = None  # list, events page: start here instead of the first page
     session: str | None = None  # events: the session (default: the store's seeded ones)
 
@@ -163,6 +164,9 @@ def drive(target: Target, load: Load, seconds: float, during: Any = None) -> Wrk
         return wrk(base + "/", "get", args, seconds, during)
     if load.op == "get":
         return wrk(f"{base}/{stores.GET_KEY}", "get", [token], seconds, during)
+    if load.op == "append" and load.session is None and load.random_keys:
+        args = [token, f"{stores.APPEND_KEY}-", str(load.random_keys)]
+        return wrk(base + "/", "append", args, seconds, during)
     if load.op == "append":
         return wrk(
             f"{base}/{load.session or stores.APPEND_KEY}/events/batch",
@@ -234,7 +238,7 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
                 )
                 for name, app in apps.items()
             }
-            loads = {name: {op: Load(op) for op in COMPARE_OPS} for name in targets}
+            loads = {name: {op: compare_load(op) for op in COMPARE_OPS} for name in targets}
             results = alternate(targets, loads, plan)
         for op in COMPARE_OPS:
             ours, base = results["service"][op], results["baseline"][op]
@@ -256,6 +260,11 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
             rows.append(row)
     print_compare(rows, plan)
     return rows
+
+
+def compare_load(op: str) -> Load:
+    """Appends spread over many sessions; the other operations as they are."""
+    return Load(op, random_keys=stores.APPEND_SESSIONS) if op == "append" else Load(op)
 
 
 def print_compare(rows: list[dict], plan: Plan) -> None:

@@ -35,8 +35,11 @@ GET_KEY = "bench-get"
 # Limits stay on, counted and reported in headers, but never reached.
 HIGH_LIMIT = "100000000/minute"
 SCOPES = "sessions:create,sessions:read,events:create,events:append"
-# Events: appends go to one session, newest-20 lists read another's history.
+# Events: compare's appends go to a random one of APPEND_SESSIONS sessions
+# (bench-append-0, ...), as agent runtimes write many conversations at once;
+# newest-20 lists read another session's history.
 APPEND_KEY = "bench-append"
+APPEND_SESSIONS = 64
 HISTORY_KEY = "bench-history"
 HISTORY_EVENTS = 100
 
@@ -96,7 +99,7 @@ def prepare(backend: str, workdir: Path, name: str, settings: dict[str, str]) ->
 def seed_events(storage: Storage, agent_key: str = AGENT) -> None:
     """The session appends go to, and one with a history of ``HISTORY_EVENTS`` events to list."""
     now = utcnow()
-    for key in (APPEND_KEY, HISTORY_KEY):
+    for key in (APPEND_KEY, HISTORY_KEY, *(f"{APPEND_KEY}-{n}" for n in range(APPEND_SESSIONS))):
         storage.create_session(
             session=Session(
                 key=key, agent_key=agent_key, name=key, metadata={}, created_at=now, updated_at=now
