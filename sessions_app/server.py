@@ -8,10 +8,11 @@
   sends a partial request, or one byte at a time, costs a socket and a few
   bytes, not a thread; it is closed when its request is not complete
   ``header_timeout`` seconds after it started.
-- Chunked bodies up to 64 KiB are read by the loop too, to their last chunk;
-  a longer one goes to a thread, as a body of declared length over 64 KiB
-  does, and the service reads it against the route's own bound (64 KiB for
-  most routes, so a 413; 4 MiB for a batch of session events). Past gunicorn's own bounds on the
+- Chunked bodies up to 64 KiB are read by the loop too, to their last chunk
+  (a longer one is answered 413 at once), except on the one route that takes
+  larger bodies (``POST .../events/batch``, up to 4 MiB): there a longer one
+  goes to a thread, as a body of declared length over 64 KiB does, and the
+  service reads it against that route's bound. Past gunicorn's own bounds on the
   request line and the headers, a head goes to the parser at once, which
   answers 4xx; each byte is looked at once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
@@ -59,6 +60,8 @@ from .text import escape_controls
 HEADER_TIMEOUT = 10.0
 # Bodies of a declared length up to this are read by the event loop too.
 BODY_BUFFER_MAX = 65536
+# The request line of the one route whose bodies may be longer (EVENTS_MAX_CONTENT_LENGTH).
+LARGE_BODY_ROUTE = re.compile(rb"POST /[^ ?#]*/events/batch(?:\?[^ ]*)? HTTP/1\.[01]\r?\n")
 # How long an answered request waits for a body it did not read, before the
 # connection closes instead of staying open for the next request.
 DRAIN_WAIT = 0.05
@@ -271,9 +274,10 @@ class HeadReadingWorker(ThreadWorker):
 
         True once the head is complete and so is a body of declared length up
         to ``BODY_BUFFER_MAX`` (a longer one is read by the thread, against the
-        route's bound) or a chunked one (or once a chunked one is past it).
-        Raises ``Refused`` once the data is past what a valid head can be. Only
-        the bytes received since the last call are searched.
+        route's bound) or a chunked one (or, on ``LARGE_BODY_ROUTE``, once a
+        chunked one is past it). Raises ``Refused`` once the data is past what
+        a valid head (or a chunked body the loop reads) can be. Only the bytes
+        received since the last call are searched.
         """
         data = conn.head
         if conn.body_start < 0:
@@ -306,8 +310,11 @@ class HeadReadingWorker(ThreadWorker):
         if conn.body_length is not None:
             return len(conn.head) - conn.body_start >= conn.body_length
         conn.chunk_pos, done = chunked_end(conn.head, conn.chunk_pos)
-        # Past the buffer, the service reads the rest against the route's bound.
-        return done or len(conn.head) - conn.body_start > BODY_BUFFER_MAX
+        if not done and len(conn.head) - conn.body_start > BODY_BUFFER_MAX:
+            if LARGE_BODY_ROUTE.match(conn.head):
+                return True  # the service reads the rest against the route's bound
+            raise Refused(413, f"a chunked body is at most {BODY_BUFFER_MAX} bytes")
+        return done
 
     def answer_expect_continue(self, conn: Any, end: int) -> bool:
         """Send ``100 Continue`` for a body the loop waits for, as a buffering proxy does.
