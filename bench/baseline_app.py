@@ -1,7 +1,7 @@
 """The yardstick of ``bench/run.py``: the thinnest Flask app answering the benchmark's requests.
 
-It answers the same URLs as the service, parses the create body with Flask's own
-``get_json`` and returns a small JSON object, with no authentication, rate
+It answers the same URLs as the service, parses the create and append bodies
+with Flask's own ``get_json`` and returns a small JSON object, with no authentication, rate
 limit, validation or storage. ``bench/run.py`` serves it with the same gunicorn
 command and configuration file as the service, so whatever gunicorn costs per
 request (HTTP parsing, access log) is in both measurements.
@@ -32,6 +32,15 @@ def make_app(*, api_headers: bool = False) -> Flask:
     @app.get("/v2/agents/<agent_key>/sessions")
     def list_sessions(agent_key: str):
         return {"sessions": [], "metadata": {"page_key": None}}
+
+    @app.post("/v2/agents/<agent_key>/sessions/<session_key>/events/batch")
+    def append_events(agent_key: str, session_key: str):
+        events = request.get_json()["events"]
+        return {"events": [{"id": "aev_0", **events[0]}], "session_key": session_key}, 201
+
+    @app.get("/v2/agents/<agent_key>/sessions/<session_key>/events")
+    def list_events(agent_key: str, session_key: str):
+        return {"events": [], "metadata": {}}
 
     @app.get("/healthz")
     def healthz():

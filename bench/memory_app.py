@@ -4,17 +4,23 @@ Each gunicorn worker holds its own memory store, which the operator CLI cannot
 reach. Without ``--preload`` gunicorn imports this module once in every worker,
 so every worker seeds its own store here, identically, through the storage
 interface: the benchmark agent, one API key whose token ``bench/run.py``
-passes in ``BENCH_API_TOKEN``, and the session the ``get`` script reads.
+passes in ``BENCH_API_TOKEN``, the session the ``get`` script reads, and the
+sessions of the events operations (``stores.seed_events``).
 Everything else (creates, lists) then runs as on any other backend, each
 request answered by whichever worker accepted its connection.
 """
 
 import os
+import sys
 
-from sessions_app import create_app
-from sessions_app.auth import hash_secret
-from storage_backends import Agent, ApiKey, Grant, Session
-from storage_backends.codec import utcnow
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s modules, as run.py has
+
+from stores import SCOPES, seed_events  # noqa: E402
+
+from sessions_app import create_app  # noqa: E402
+from sessions_app.auth import hash_secret  # noqa: E402
+from storage_backends import Agent, ApiKey, Grant, Session  # noqa: E402
+from storage_backends.codec import utcnow  # noqa: E402
 
 app = create_app()
 
@@ -28,7 +34,7 @@ def seed(storage, *, token: str, agent_key: str, session_key: str) -> None:
             id=key_id,
             name="benchmark",
             secret_hash=hash_secret(secret),
-            grants=[Grant(agent_key, ("sessions:create", "sessions:read"))],
+            grants=[Grant(agent_key, tuple(SCOPES.split(",")))],
             created_at=now,
         )
     )
@@ -42,6 +48,7 @@ def seed(storage, *, token: str, agent_key: str, session_key: str) -> None:
             updated_at=now,
         )
     )
+    seed_events(storage, agent_key)
 
 
 seed(

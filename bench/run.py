@@ -3,8 +3,8 @@
 From the repository root::
 
     .venv/bin/python bench/run.py [--quick] [--backends sqlite,memory,postgresql]
-                                  [--compare [--floor]] [--scale] [--memory] [--profile]
-                                  [--metrics]
+                                  [--compare [--floor]] [--scale] [--scale-events]
+                                  [--memory] [--profile] [--metrics]
 
 Needs Debian's ``wrk`` (``apt-get install wrk``); ``--profile`` also needs py-spy
 in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
@@ -15,12 +15,18 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     Both run under gunicorn with the project's ``gunicorn.conf.py`` and
     ``-w 2`` (access log included, identically) and are driven in turn with
     ``wrk -t2 -c16`` with the very same requests: create (POST, a unique key
-    per request), get (one session), list (first page, limit 10). Targets: create >= 0.70 of the
-    baseline's requests/s, get >= 0.80, list >= 0.70; p99 <= 2x the
-    baseline's; no answer but 2xx. With ``--floor``, a third server takes its
-    turn: the baseline sending the six response headers the contract requires
-    on every answer (``app_with_api_headers``), whose ratio to the baseline is
-    what those headers alone cost.
+    per request), get (one session), list (first page, limit 10), append
+    (``POST .../events/batch`` with one ``agent_output`` event, the id chosen
+    by the service, under the key's ``events:append``, to a random one of 64
+    sessions: one session's writers take turns by contract), newest 20 (``GET
+    .../events?order=desc&limit=20`` of a session of 100 events). Targets:
+    create >= 0.70 of the baseline's requests/s, get >= 0.80, list >= 0.70,
+    append >= 0.70, newest 20 >= 0.70; p99 <= 2x the baseline's; no answer
+    but 2xx. The baseline answers the events URLs as thinly as the others.
+    With ``--floor``, a third server takes its turn: the baseline sending the
+    six response headers the contract requires on every answer
+    (``app_with_api_headers``), whose ratio to the baseline is what those
+    headers alone cost.
 ``--scale``
     The same operations on a store of 1,000,000 sessions over 5 agents
     (bulk-loaded through the storage layer, ``bench/stores.py``) against an
@@ -29,6 +35,18 @@ in the venv (``.venv/bin/pip install py-spy``). Without a mode it compares.
     found by walking) against the first page. Targets: the loaded store
     costs (1 / requests per second) at most 1.25x the empty one's; the deep
     page at most 1.10x the first (i.e. the same, within noise).
+``--scale-events``
+    A session of 1,000,000 events (``--events``) in a store of 5,000,000
+    (``--store-events``; the rest in four more sessions, loaded a batch of
+    each in turn through ``load_events``, SQLite's WAL then checkpointed)
+    against a fresh store, each behind its own server, taking turns: append
+    (to an empty session there), newest 20 and a page of 10 that starts
+    100,000 events in (page_key found by walking; there: the first page of a
+    100-event session). Target: the loaded cost at most 1.25x. Then the big
+    session is exported as JSON Lines, through ``agent-sessions sessions
+    export`` when the CLI has it, else ``bench/export_events.py``
+    (``iter_events``, the same reading): its events per second, and its RSS
+    sampled from the first line written to the end. Target: growth < 50 MB.
 ``--memory``
     VmRSS of each worker before and after 200,000 requests (create, get,
     list in turn) on the first backend. Target: < 10% growth.
@@ -72,28 +90,38 @@ import dataclasses
 import datetime as dt
 import itertools
 import json
+import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import profiling
 import stores
-from harness import BENCH, Gunicorn, Summary, WrkResult, call, reachable, require_wrk, wrk
+from harness import BENCH, BIN, Gunicorn, Summary, WrkResult, call, reachable, require_wrk, wrk
 
 BASELINE_APP = "bench.baseline_app:app"
 FLOOR_APP = "bench.baseline_app:app_with_api_headers"
 OPS = ("create", "get", "list")
-THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70}
+# Events: append one agent_output event (POST .../events/batch, an events:append
+# key), and list the newest 20 (GET .../events?order=desc&limit=20).
+EVENT_OPS = ("append", "newest 20")
+COMPARE_OPS = OPS + EVENT_OPS
+THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70, "append": 0.70, "newest 20": 0.70}
 P99_TARGET = 2.0
 SCALE_TARGET = 1.25
 DEEP_PAGE_TARGET = 1.10
 RSS_TARGET = 0.10
 METRICS_TARGET = 0.95
 DEEP_PAGE = 1000
+BIG_SESSION = "bench-big"
+DEEP_EVENTS = 100_000  # the deep events page starts this far in: page 10,001 of 10
+EXPORT_RSS_TARGET_MIB = 50
 
 
 class BenchError(RuntimeError):
@@ -122,8 +150,9 @@ class Load:
     """One kind of request for wrk: an operation and what it needs."""
 
     op: str
-    random_keys: int = 0  # get: read random bulk sessions among this many
-    page_key: str | None = None  # list: start here instead of the first page
+    random_keys: int = 0  # get: random bulk sessions among this many; append: bench-append-N
+    page_key: str | None = None  # list, events page: start here instead of the first page
+    session: str | None = None  # events: the session (default: the store's seeded ones)
 
 
 _create_runs = itertools.count()
@@ -141,7 +170,24 @@ def drive(target: Target, load: Load, seconds: float, during: Any = None) -> Wrk
         return wrk(base + "/", "get", args, seconds, during)
     if load.op == "get":
         return wrk(f"{base}/{stores.GET_KEY}", "get", [token], seconds, during)
+    if load.op == "append" and load.session is None and load.random_keys:
+        args = [token, f"{stores.APPEND_KEY}-", str(load.random_keys)]
+        return wrk(base + "/", "append", args, seconds, during)
+    if load.op == "append":
+        return wrk(
+            f"{base}/{load.session or stores.APPEND_KEY}/events/batch",
+            "append",
+            [token],
+            seconds,
+            during,
+        )
+    if load.op == "newest 20":
+        url = f"{base}/{load.session or stores.HISTORY_KEY}/events?order=desc&limit=20"
+        return wrk(url, "list", [token], seconds, during)
     query = "limit=10" + (f"&page_key={load.page_key}" if load.page_key else "")
+    if load.op == "events page":
+        url = f"{base}/{load.session or stores.HISTORY_KEY}/events?{query}"
+        return wrk(url, "list", [token], seconds, during)
     return wrk(f"{base}?{query}", "list", [token], seconds, during)
 
 
@@ -198,9 +244,9 @@ def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> l
                 )
                 for name, app in apps.items()
             }
-            loads = {name: {op: Load(op) for op in OPS} for name in targets}
+            loads = {name: {op: compare_load(op) for op in COMPARE_OPS} for name in targets}
             results = alternate(targets, loads, plan)
-        for op in OPS:
+        for op in COMPARE_OPS:
             ours, base = results["service"][op], results["baseline"][op]
             ratio = ours.rps / base.rps
             p99_ratio = ours.p99_ms / base.p99_ms
@@ -272,6 +318,11 @@ def metrics_cost(backends: list[str], plan: Plan, workdir: Path, settings: dict)
         ],
     )
     return rows
+
+
+def compare_load(op: str) -> Load:
+    """Appends spread over many sessions; the other operations as they are."""
+    return Load(op, random_keys=stores.APPEND_SESSIONS) if op == "append" else Load(op)
 
 
 def print_compare(rows: list[dict], plan: Plan) -> None:
@@ -370,6 +421,10 @@ def print_scale(rows: list[dict], plan: Plan, sessions: int) -> None:
         f"({plan.rounds} rounds of {plan.seconds:g} s, medians). cost x = empty req/s "
         f"over loaded req/s; for the deep list, first page req/s over page {DEEP_PAGE:,}'s"
     )
+    print_scale_table(rows, plan)
+
+
+def print_scale_table(rows: list[dict], plan: Plan) -> None:
     print_table(
         [
             "backend",
@@ -414,6 +469,194 @@ def scale_row(backend: str, op: str, empty: Summary | None, loaded: Summary, cos
         "target": target,
         "met": cost <= target and not non2xx,
     }
+
+
+def scale_events(
+    backends: list[str],
+    plan: Plan,
+    workdir: Path,
+    settings: dict,
+    events: int,
+    store_events: int,
+    export_too: bool,
+) -> tuple[list[dict], list[dict]]:
+    """A session of ``events`` events in a store of ``store_events`` against a near-empty one.
+
+    The reference is a fresh store: appends go to an empty session, the
+    newest-20 and the page read a session of 100 events (so every page is
+    full). In the loaded store all three go to the big session, the page
+    being the one ``DEEP_EVENTS`` events in (page_key found by walking).
+    """
+    if events <= DEEP_EVENTS + 10:
+        raise BenchError(f"--scale-events needs over {DEEP_EVENTS + 10:,} events")
+    rows: list[dict] = []
+    exports: list[dict] = []
+    for backend in backends:
+        if backend == "memory":
+            print("\nscale-events: memory:// skipped (one store per worker)")
+            continue
+        print(f"\nscale-events: {backend}", flush=True)
+        empty = stores.prepare(backend, workdir, "evempty", settings)
+        loaded = stores.prepare(backend, workdir, "evloaded", settings)
+        seconds = stores.bulk_load_history(
+            loaded.url, session_key=BIG_SESSION, events=events, store_events=store_events
+        )
+        print(
+            f"  loaded {events:,} events in one session, {store_events:,} in the store, "
+            f"in {seconds:.0f} s",
+            flush=True,
+        )
+        with (
+            Gunicorn(f"evempty-{backend}", empty.app, empty.env, workdir) as empty_server,
+            Gunicorn(f"evloaded-{backend}", loaded.app, loaded.env, workdir) as loaded_server,
+        ):
+            started = time.monotonic()
+            page_key = walk_events(loaded_server.url, loaded.token, BIG_SESSION, DEEP_EVENTS)
+            print(f"  walked {DEEP_EVENTS:,} events in {time.monotonic() - started:.1f} s")
+            targets = {
+                "empty": Target(empty_server, empty.token),
+                "loaded": Target(loaded_server, loaded.token),
+            }
+            loads = {
+                "empty": {
+                    "append": Load("append"),
+                    "newest 20": Load("newest 20"),
+                    "deep page": Load("events page"),
+                },
+                "loaded": {
+                    "append": Load("append", session=BIG_SESSION),
+                    "newest 20": Load("newest 20", session=BIG_SESSION),
+                    "deep page": Load("events page", session=BIG_SESSION, page_key=page_key),
+                },
+            }
+            results = alternate(targets, loads, plan)
+        for op in loads["empty"]:
+            empty_run, loaded_run = results["empty"][op], results["loaded"][op]
+            rows.append(
+                scale_row(backend, op, empty_run, loaded_run, empty_run.rps / loaded_run.rps)
+            )
+        if export_too:
+            exports.append(export(backend, loaded, BIG_SESSION, events, workdir))
+    if rows:
+        print(
+            f"\nScale of a history: {events:,} events in one session ({store_events:,} in the "
+            f"store) vs a fresh store ({plan.rounds} rounds of {plan.seconds:g} s, medians). "
+            f"cost x = empty req/s over loaded req/s; deep page: {DEEP_EVENTS:,} events in, "
+            "against the first page of a 100-event session"
+        )
+        print_scale_table(rows, plan)
+    if exports:
+        print_exports(exports)
+    return rows, exports
+
+
+def walk_events(url: str, token: str, session_key: str, events: int) -> str:
+    """The page_key after the first ``events`` events of a session (pages of 100)."""
+    page_key = None
+    base = f"{url}/v2/agents/{stores.AGENT}/sessions/{session_key}/events?limit=100"
+    for number in range(1, events // 100 + 1):
+        status, body = call("GET", base + (f"&page_key={page_key}" if page_key else ""), token)
+        if status != 200 or body["metadata"].get("page_key") is None:
+            raise BenchError(f"walk: events page {number} answered {status} {str(body)[:300]}")
+        page_key = body["metadata"]["page_key"]
+    return page_key
+
+
+def export_command(store: stores.Store, session_key: str) -> tuple[list[str], str]:
+    """The operator CLI's export when this tree has it, else bench/export_events.py."""
+    cli = [str(BIN / "agent-sessions"), "sessions", "export"]
+    env = {**os.environ, **store.env}
+    probe = subprocess.run([*cli, "--help"], env=env, capture_output=True, timeout=60)
+    if probe.returncode == 0:
+        return [*cli, stores.AGENT, session_key], "agent-sessions sessions export"
+    script = [sys.executable, str(BENCH / "export_events.py"), store.url]
+    return [*script, stores.AGENT, session_key], "bench/export_events.py (iter_events)"
+
+
+def export(backend: str, store: stores.Store, session_key: str, events: int, workdir: Path) -> dict:
+    """Export a session as JSON Lines: RSS (sampled) from its first line to its end; its rate."""
+    command, how = export_command(store, session_key)
+    print(f"\nexport: {backend}, {events:,} events through {how}", flush=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=BENCH.parent,
+        env={**os.environ, **store.env},
+        stdout=subprocess.PIPE,
+        stderr=open(workdir / f"export-{backend}.err", "wb"),  # noqa: SIM115 - the child's
+    )
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError, ValueError, IndexError):  # gone, or a zombie
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                samples.append(int(status.split("VmRSS:")[1].split()[0]))
+            time.sleep(0.02)
+
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    started, at_first = time.monotonic(), len(samples)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines, last = (1 if first else 0), first
+    for last in proc.stdout:  # noqa: B007 - the end line is wanted
+        lines += 1
+    seconds = time.monotonic() - started
+    done.set()
+    sampler.join()
+    code = proc.wait(timeout=60)
+    if code != 0 or not samples:
+        raise BenchError(f"export exited {code}: {(workdir / f'export-{backend}.err').read_text()}")
+    baseline = samples[at_first] if at_first < len(samples) else samples[0]
+    growth_mib = (max(samples) - baseline) / 1024
+    # Both end with {"end": {"events": n}}; the CLI's export starts with the session's line.
+    exported = lines - 2 if how.startswith("agent-sessions") else lines - 1
+    try:
+        told = json.loads(last)["end"]["events"]
+    except (ValueError, KeyError, TypeError):
+        raise BenchError(f"export: no end line, last line {last[:200]!r}") from None
+    return {
+        "backend": backend,
+        "how": how,
+        "events": exported,
+        "seconds": seconds,
+        "rate": exported / seconds,
+        "rss_start_mib": baseline / 1024,
+        "rss_peak_mib": max(samples) / 1024,
+        "growth_mib": growth_mib,
+        # The session holds the loaded events and what the benchmark appended.
+        "met": growth_mib < EXPORT_RSS_TARGET_MIB and exported == told >= events,
+    }
+
+
+def print_exports(rows: list[dict]) -> None:
+    print("\nExport of a session (RSS from the first line written to the end, sampled every 20 ms)")
+    print_table(
+        [
+            "backend",
+            "through",
+            "events",
+            "events/s",
+            "RSS start MiB",
+            "peak MiB",
+            f"growth MiB (< {EXPORT_RSS_TARGET_MIB})",
+            "met",
+        ],
+        [
+            [
+                r["backend"],
+                r["how"],
+                f"{r['events']:,}",
+                f"{r['rate']:,.0f}",
+                f"{r['rss_start_mib']:.1f}",
+                f"{r['rss_peak_mib']:.1f}",
+                f"{r['growth_mib']:.1f}",
+                "yes" if r["met"] else "NO",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def walk(url: str, token: str, pages: int) -> str:
@@ -484,7 +727,7 @@ def profile(backend: str, plan: Plan, workdir: Path, settings: dict) -> dict:
     service = Gunicorn(f"profile-{backend}", store.app, store.env, workdir)
     baseline = Gunicorn(f"profile-baseline-{backend}", BASELINE_APP, store.env, workdir)
     with service, baseline:
-        for op in OPS:
+        for op in COMPARE_OPS:
             report[op] = {}
             for name, target in (
                 ("service", Target(service, store.token)),
@@ -584,6 +827,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compare", action="store_true", help="service vs baseline (default)")
     parser.add_argument("--scale", action="store_true", help="1M sessions vs an empty store")
+    parser.add_argument(
+        "--scale-events", action="store_true", help="a 1M-event session vs an empty one, and export"
+    )
+    parser.add_argument("--events", type=int, default=1_000_000, help="for --scale-events")
+    parser.add_argument(
+        "--store-events", type=int, default=5_000_000, help="for --scale-events: in the store"
+    )
     parser.add_argument("--memory", action="store_true", help="worker RSS over many requests")
     parser.add_argument("--profile", action="store_true", help="py-spy: where time goes")
     parser.add_argument("--metrics", action="store_true", help="creates, metrics on vs off")
@@ -599,7 +849,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sqlite-synchronous", help="SQLITE_SYNCHRONOUS (default NORMAL)")
     parser.add_argument("--keep", action="store_true", help="keep the server logs and stores")
     args = parser.parse_args(argv)
-    if not (args.scale or args.memory or args.profile or args.metrics):
+    if not (args.scale or args.scale_events or args.memory or args.profile or args.metrics):
         args.compare = True
     return args
 
@@ -640,6 +890,10 @@ def main(argv: list[str] | None = None) -> int:
             results["compare"] = compare(backends, plan, workdir, settings)
         if args.scale:
             results["scale"] = scale(backends, plan, workdir, settings, args.sessions, args.agents)
+        if args.scale_events:
+            results["scale_events"], results["export"] = scale_events(
+                backends, plan, workdir, settings, args.events, args.store_events, True
+            )
         if args.memory:
             results["memory"] = memory(backends[0], plan, workdir, settings, args.requests)
         if args.profile:
@@ -656,7 +910,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
             stores.drop_pg_databases()
     print(f"\nresults written to {save(results).relative_to(BENCH.parent)}")
-    checks = [r["met"] for mode in ("compare", "scale", "metrics") for r in results.get(mode, [])]
+    modes = ("compare", "scale", "scale_events", "export", "metrics")
+    checks = [r["met"] for mode in modes for r in results.get(mode, [])]
     checks += [results["memory"]["met"]] if "memory" in results else []
     return 0 if all(checks) else 2
 

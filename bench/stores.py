@@ -22,7 +22,7 @@ from pathlib import Path
 from harness import BIN, ROOT
 
 from sessions_app.auth import KEY_ID_PREFIX
-from storage_backends import Agent, Event, Session, storage_from_url
+from storage_backends import Agent, Event, Session, Storage, storage_from_url
 from storage_backends.codec import dump_json, utcnow
 from storage_backends.sql import SESSION_INSERT_COLUMNS
 
@@ -34,7 +34,14 @@ AGENT = "bench-agent"
 GET_KEY = "bench-get"
 # Limits stay on, counted and reported in headers, but never reached.
 HIGH_LIMIT = "100000000/minute"
-SCOPES = "sessions:create,sessions:read"
+SCOPES = "sessions:create,sessions:read,events:create,events:append"
+# Events: compare's appends go to a random one of APPEND_SESSIONS sessions
+# (bench-append-0, ...), as agent runtimes write many conversations at once;
+# newest-20 lists read another session's history.
+APPEND_KEY = "bench-append"
+APPEND_SESSIONS = 64
+HISTORY_KEY = "bench-history"
+HISTORY_EVENTS = 100
 
 BULK_KEY_PREFIX = "s"  # bulk keys are s0000000, s0000001, ... within each agent
 BULK_BATCH = 50_000
@@ -86,8 +93,26 @@ def prepare(backend: str, workdir: Path, name: str, settings: dict[str, str]) ->
             updated_at=now,
         )
     )
+    seed_events(storage)
     storage.close()
     return Store(backend, url, "wsgi:app", env, token)
+
+
+def seed_events(storage: Storage, agent_key: str = AGENT) -> None:
+    """The session appends go to, and one with a history of ``HISTORY_EVENTS`` events to list."""
+    now = utcnow()
+    for key in (APPEND_KEY, HISTORY_KEY, *(f"{APPEND_KEY}-{n}" for n in range(APPEND_SESSIONS))):
+        storage.create_session(
+            session=Session(
+                key=key, agent_key=agent_key, name=key, metadata={}, created_at=now, updated_at=now
+            )
+        )
+    storage.append_events(
+        agent_key=agent_key,
+        session_key=HISTORY_KEY,
+        events=list(_events(HISTORY_EVENTS, now)),
+        now=now,
+    )
 
 
 def fresh_url(backend: str, workdir: Path, name: str) -> str:
@@ -206,8 +231,54 @@ def bulk_load_events(url: str, *, agent_key: str, session_key: str, count: int) 
     return time.monotonic() - started
 
 
-def _events(count: int, start: dt.datetime) -> Iterator[Event]:
-    for n in range(count):
+def bulk_load_history(url: str, *, session_key: str, events: int, store_events: int) -> float:
+    """``events`` events in a new session ``session_key``, ``store_events`` in the store; seconds.
+
+    The rest go to four more sessions, and the five are loaded a batch of
+    each in turn, so their rows interleave as busy sessions' rows do. SQLite's
+    WAL is checkpointed and truncated afterwards (its size before is printed).
+    """
+    started = time.monotonic()
+    others = [f"{session_key}-other-{n}" for n in range(1, 5)]
+    counts = {session_key: events} | {key: (store_events - events) // len(others) for key in others}
+    storage = storage_from_url(url)
+    now = utcnow()
+    try:
+        for key in counts:
+            storage.create_session(
+                session=Session(
+                    key=key, agent_key=AGENT, name=key, metadata={}, created_at=now, updated_at=now
+                )
+            )
+        start = now - dt.timedelta(days=1)
+        for first in range(0, max(counts.values()), EVENT_BATCH):
+            for key, count in counts.items():
+                if first < count:
+                    storage.load_events(
+                        agent_key=AGENT,
+                        session_key=key,
+                        events=_events(min(EVENT_BATCH, count - first), start, first),
+                        batch=EVENT_BATCH,
+                    )
+        if url.startswith("sqlite:"):
+            storage.db.execute("ANALYZE")
+            wal = Path(storage.path + "-wal")
+            size = wal.stat().st_size if wal.exists() else 0
+            busy, frames, done = storage.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            print(
+                f"  WAL after the load: {size / 2**20:,.0f} MiB, {frames} frames; "
+                f"checkpointed {done}, busy {busy}"
+            )
+        else:
+            with storage._connection() as conn:
+                conn.execute("ANALYZE events")
+    finally:
+        storage.close()
+    return time.monotonic() - started
+
+
+def _events(count: int, start: dt.datetime, first: int = 0) -> Iterator[Event]:
+    for n in range(first, first + count):
         kind = EVENT_KINDS[n % len(EVENT_KINDS)]
         if kind == "input_message":
             fields: dict = {"messages": [{"type": "text", "content": f"question {n}"}]}
