@@ -37,6 +37,7 @@ from .schemas import (
     ResponseSchema,
     StrictBoolean,
     Timestamp,
+    check_tree,
 )
 
 NAME_MAX_LENGTH = 255
@@ -388,6 +389,33 @@ class EventCreateSchema(TaggedSchema):
     VARIANTS = {"input_message": InputMessageBodySchema, "compact": CompactBodySchema}
 
 
+class MetadataPatch(fields.Dict):
+    """A merge patch no deeper than metadata may be (a deeper one could only make it too deep)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(keys=fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        patch = super()._deserialize(value, attr, data, **kwargs)
+        config = current_app.config
+        try:
+            check_tree(
+                patch,
+                depth=1,
+                max_depth=config["METADATA_MAX_DEPTH"],
+                max_key_length=config["METADATA_MAX_KEY_LENGTH"],
+            )
+        except ValidationError as err:
+            message = " ".join(err.messages)
+            raise ApiError(
+                400,
+                "invalid_metadata",
+                f"metadata_patch: {message}",
+                field_errors={"metadata_patch": message},
+            ) from None
+        return patch
+
+
 class EventBatchSchema(BodySchema):
     # Null is a value here: "the session has no event yet".
     KEEP_NULL = frozenset({"if_last_event_id"})
@@ -402,8 +430,7 @@ class EventBatchSchema(BodySchema):
             "(null: while it has none); else 409 conflict."
         },
     )
-    metadata_patch = fields.Dict(
-        keys=fields.String(),
+    metadata_patch = MetadataPatch(
         metadata={"description": "A JSON merge patch (RFC 7386) of the session's metadata."},
     )
 

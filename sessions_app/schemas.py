@@ -198,7 +198,7 @@ def check_metadata(value: dict[str, Any]) -> None:
     max_keys = config["METADATA_MAX_KEYS"]
     if len(value) > max_keys:
         raise ValidationError(f"At most {max_keys} top-level keys are allowed.")
-    _check_tree(
+    check_tree(
         value,
         depth=1,
         max_depth=config["METADATA_MAX_DEPTH"],
@@ -211,7 +211,7 @@ def check_metadata(value: dict[str, Any]) -> None:
         )
 
 
-def _check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) -> None:
+def check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) -> None:
     if depth > max_depth:
         raise ValidationError(f"Nesting deeper than {max_depth} levels is not allowed.")
     if isinstance(value, dict):
@@ -225,7 +225,7 @@ def _check_tree(value: Any, *, depth: int, max_depth: int, max_key_length: int) 
         return
     for child in children:
         if isinstance(child, dict | list):
-            _check_tree(child, depth=depth + 1, max_depth=max_depth, max_key_length=max_key_length)
+            check_tree(child, depth=depth + 1, max_depth=max_depth, max_key_length=max_key_length)
 
 
 class Timestamp(fields.Field):

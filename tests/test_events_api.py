@@ -405,6 +405,15 @@ def test_metadata_patch(client, full, session, app):
     ):
         response = batch(client, full, TEXT, metadata_patch=bad)
         assert_error(response, 400, "invalid_metadata", "metadata_patch")
+    # A patch nested far past the bound is refused before any merge (no recursion).
+    deep: dict = {}
+    for _ in range(700):
+        deep = {"a": deep}
+    body = b'{"events": [{"type": "agent_output", "content": "x"}], "metadata_patch": '
+    body += json.dumps(deep).encode() + b"}"
+    response = client.post(BATCH, data=body, headers=full | {"Content-Type": "application/json"})
+    assert response.status_code == 400, response.get_data()[:300]
+    assert response.json["error"] in ("invalid_metadata", "invalid_request")
     assert len(all_events(client, full)) == 1
     assert client.get(S1, headers=full).json["metadata"]["new"] == "x"
 
