@@ -525,6 +525,9 @@ HIDE_REASONS = ("manual", "compaction")
 EVENT_KEYS = ("id", "type", "created_at", "hide_reason")
 
 
+FORKED_FROM_FIELDS = frozenset({"agent_key", "session_key", "event_id"})
+
+
 def event_line(event: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"id": event.id, "type": event.type}
     body["created_at"] = codec.format_ts(event.created_at)
@@ -617,6 +620,8 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
     from .schemas import SessionCreateSchema
 
     key = session_key or body.get("key")
+    if key is None:
+        raise BadExport("line 1: the session has no key; give one with --key")
     try:
         fields = checked(
             SessionCreateSchema,
@@ -627,9 +632,14 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
         raise BadExport(f"line 1: {str(err).removeprefix('--')}") from None
     forked_from = body.get("forked_from")
     if forked_from is not None and not (
-        isinstance(forked_from, dict) and all(isinstance(v, str) for v in forked_from.values())
+        isinstance(forked_from, dict)
+        and {"agent_key", "session_key"} <= forked_from.keys() <= FORKED_FROM_FIELDS
+        and all(isinstance(v, str) and v for v in forked_from.values())
     ):
-        raise BadExport("line 1: forked_from must be an object of strings")
+        raise BadExport(
+            "line 1: forked_from must be an object of agent_key, session_key and "
+            "optionally event_id, each a string"
+        )
     created = timestamp(body.get("created_at"), "line 1: created_at")
     updated = timestamp(body.get("updated_at"), "line 1: updated_at")
     active = body.get("active_at")

@@ -562,3 +562,34 @@ def test_an_export_with_compactions_imports_unchanged(env: dict[str, str], tmp_p
     cli("sessions", "import", str(path), "--key", "copy", env=env)
     again = cli("sessions", "export", AGENT, "copy", env=env).stdout.splitlines()
     assert again[1:] == exported.splitlines()[1:]
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "words"),
+    [
+        (lambda s: {k: v for k, v in s.items() if k != "key"}, (), ("no key", "--key")),
+        (lambda s: {**s, "forked_from": {"x": "y"}}, ("--key", "copy"), ("forked_from",)),
+        (lambda s: {**s, "forked_from": {}}, ("--key", "copy"), ("forked_from",)),
+        (
+            lambda s: {**s, "forked_from": {"agent_key": AGENT, "session_key": 3}},
+            ("--key", "copy"),
+            ("forked_from",),
+        ),
+    ],
+    ids=["no-key", "forked-from-unknown", "forked-from-empty", "forked-from-not-string"],
+)
+def test_an_import_refuses_a_session_line_the_api_could_not_answer(
+    env: dict[str, str], tmp_path: Path, change, args, words
+) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    make_session(env, "chat", events=1)
+    lines = cli("sessions", "export", AGENT, "chat", env=env).stdout.splitlines()
+    first = json.loads(lines[0])
+    first["session"] = change(first["session"])
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    result = cli("sessions", "import", str(path), *args, env=env, check=False)
+    one_error_line(result, 1, "line 1", *words)
+    assert "Traceback" not in result.stderr
+    listed = cli("sessions", "list", AGENT, "--json", env=env).stdout
+    assert [s["key"] for s in json.loads(listed)["sessions"]] == ["chat"]
