@@ -61,8 +61,9 @@ from .text import escape_controls
 HEADER_TIMEOUT = 10.0
 # Bodies of a declared length up to this are read by the event loop too.
 BODY_BUFFER_MAX = 65536
-# The request line of the one route whose bodies may be longer (EVENTS_MAX_CONTENT_LENGTH).
-LARGE_BODY_ROUTE = re.compile(rb"POST /[^ ?#]*/events/batch(?:\?[^ ]*)? HTTP/1\.[01]\r?\n")
+# The request lines of the routes whose bodies may be longer: POST /events (EVENT_MAX_BYTES)
+# and its batch (EVENTS_MAX_CONTENT_LENGTH).
+LARGE_BODY_ROUTE = re.compile(rb"POST /[^ ?#]*/events(?:/batch)?(?:\?[^ ]*)? HTTP/1\.[01]\r?\n")
 # How long an answered request waits for a body it did not read, before the
 # connection closes instead of staying open for the next request.
 DRAIN_WAIT = 0.05

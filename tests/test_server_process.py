@@ -480,3 +480,20 @@ def test_a_request_not_sent_in_time_is_answered_408_and_logged(env, tmp_path):
             assert read_all(sock) == b""
         logs = server.logs()
     assert logs.count("request not complete within 1.0s") == 2, logs
+
+
+def test_a_chunked_input_message_past_the_loop_buffer_is_read_whole(env, tmp_path):
+    # POST /events takes up to EVENT_MAX_BYTES (256 KiB), chunked as well as declared.
+    token = bootstrap(env, grants="support-bot=sessions:create,sessions:read,events:create")
+    headers = {"x-api-key": token, "content-type": "application/json"}
+    with serving(env, tmp_path) as server:
+        sessions = server.url + "/v2/agents/support-bot/sessions"
+        assert requests.post(sessions, json={"key": "s", "name": "S"}, headers=headers).ok
+        data = json.dumps(
+            {"type": "input_message", "messages": [{"type": "text", "content": "x" * 100_000}]}
+        ).encode()
+        chunks = (data[i : i + 16384] for i in range(0, len(data), 16384))
+        answer = requests.post(sessions + "/s/events", data=chunks, headers=headers, timeout=10)
+        assert answer.status_code == 201, answer.text[:300]
+        listed = requests.get(sessions + "/s/events", headers=headers, timeout=10).json()
+    assert len(listed["events"][0]["messages"][0]["content"]) == 100_000
