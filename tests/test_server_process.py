@@ -492,8 +492,13 @@ def test_a_chunked_input_message_past_the_loop_buffer_is_read_whole(env, tmp_pat
         data = json.dumps(
             {"type": "input_message", "messages": [{"type": "text", "content": "x" * 100_000}]}
         ).encode()
-        chunks = (data[i : i + 16384] for i in range(0, len(data), 16384))
-        answer = requests.post(sessions + "/s/events", data=chunks, headers=headers, timeout=10)
+
+        def chunks():  # slowly, so the loop sees the body grow past its buffer unfinished
+            for i in range(0, len(data), 16384):
+                time.sleep(0.05)
+                yield data[i : i + 16384]
+
+        answer = requests.post(sessions + "/s/events", data=chunks(), headers=headers, timeout=10)
         assert answer.status_code == 201, answer.text[:300]
         listed = requests.get(sessions + "/s/events", headers=headers, timeout=10).json()
     assert len(listed["events"][0]["messages"][0]["content"]) == 100_000
