@@ -814,7 +814,9 @@ class SQLStorage(Storage, abc.ABC):
         writers of one session's history take turns (SQLite's writers already
         do, in BEGIN IMMEDIATE). None when no live session has the key: an
         expired one is then removed, in this transaction, which the caller
-        lets commit before it raises :class:`SessionNotFound`.
+        lets commit before it raises :class:`SessionNotFound`. Raises
+        :class:`SessionDisabled` (rolling the restart back) for a session that
+        takes no events.
         """
         stamp = self.encode_ts(now)
         row = conn.execute(
@@ -827,7 +829,10 @@ class SQLStorage(Storage, abc.ABC):
         if row is None:
             conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
             return None
-        return row[0], self._record(SESSIONS, row)
+        session = self._record(SESSIONS, row)
+        if not session.enabled:
+            raise SessionDisabled(session_key)
+        return row[0], session
 
     def append_events(
         self,
@@ -848,8 +853,6 @@ class SQLStorage(Storage, abc.ABC):
                 touched = self._touch(conn, agent_key, session_key, now)
                 if touched is not None:
                     session_id, session = touched
-                    if not session.enabled:
-                        raise SessionDisabled(session_key)
                     if if_last_event_id is not ANY_LAST_EVENT:
                         last = conn.execute(self._sql(LAST_EVENT_ID), [session_id]).fetchone()
                         if (None if last is None else last[0]) != if_last_event_id:
@@ -982,9 +985,7 @@ class SQLStorage(Storage, abc.ABC):
             with self._transaction() as conn:
                 touched = self._touch(conn, agent_key, session_key, now)
                 if touched is not None:
-                    session_id, session = touched
-                    if not session.enabled:
-                        raise SessionDisabled(session_key)
+                    session_id, _ = touched
                     if up_to_event_id is not None:
                         bound = self._event_seq(conn, session_id, up_to_event_id, visible=False)
                     else:
