@@ -5,11 +5,11 @@ writers of one history, and the query plans that keep a page's cost flat.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 import threading
 
 import psycopg
 import pytest
+from sqlite_utils.utils import sqlite3
 
 from storage_backends import Event, StaleHistory, storage_from_url
 from storage_backends.sql import LAST_EVENT_ID, MIGRATIONS, event_page_query

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
 from tests.conftest import REDIS_URL, Keys, require_server

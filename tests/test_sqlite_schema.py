@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 
 import pytest
+from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
 from storage_backends import Agent, SchemaTooNew, Session, Unavailable
