@@ -13,10 +13,22 @@ Concurrency rules this module keeps:
 - Writers take turns on a lock file beside the database (``<db>-writer``)
   before they touch SQLite's own lock. SQLite's busy handler polls by
   sleeping for a millisecond and more; the kernel hands a released flock to
-  the next waiter at once. Measured on create-heavy load with two workers,
-  the turns raise throughput by about a third.
+  the next waiter at once. It is a matter of speed, not of safety: SQLite's
+  own lock keeps writers apart either way.
+- Requests never checkpoint the WAL: each process's checkpointer thread
+  does, every CHECKPOINT_INTERVAL_S, beside readers and writers (a PASSIVE
+  checkpoint waits for neither). A request's connection checkpoints only
+  past REQUEST_AUTOCHECKPOINT_PAGES, which bounds the WAL should the thread
+  fall behind. Running a checkpoint beside other writers is safe from SQLite
+  3.51.3 on (the WAL-reset bug, https://sqlite.org/wal.html#walresetbug);
+  the default install bundles a newer SQLite (``pysqlite3``), and an older
+  one is warned about at start.
+- Every connection comes from sqlite-utils' choice of library
+  (``sqlite_utils.utils.sqlite3``: pysqlite3 when installed): two SQLite
+  libraries in one process on one file would drop each other's POSIX locks.
 - A thread's connection and its descriptor of the lock file are closed
-  together, when the thread ends or by :meth:`SQLiteStorage.close`.
+  together, when the thread ends or by :meth:`SQLiteStorage.close`, which
+  also stops the checkpointer.
 
 The operations themselves are :class:`~storage_backends.sql.SQLStorage`'s.
 """
@@ -50,6 +62,13 @@ log = logging.getLogger(__name__)
 # connections at once (https://sqlite.org/wal.html#walresetbug).
 WAL_RESET_FIXED = (3, 51, 3)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# How often each process's checkpointer moves the WAL into the database.
+CHECKPOINT_INTERVAL_S = 1.0
+# A request's connection checkpoints only past this many WAL pages (SQLite's
+# default is 1,000): a bound for when the checkpointer falls behind.
+REQUEST_AUTOCHECKPOINT_PAGES = 10_000
+# After a checkpoint has reset it, the WAL file is truncated to this size.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 class SQLiteStorage(SQLStorage):
@@ -87,6 +106,7 @@ class SQLiteStorage(SQLStorage):
         self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._schema_ready_pid: int | None = None
         self._schema_lock = threading.Lock()
+        self._checkpointer: _Checkpointer | None = None
 
     @classmethod
     def from_url(cls, url: str, *, options: Mapping[str, Any]) -> SQLiteStorage:
@@ -158,7 +178,15 @@ class SQLiteStorage(SQLStorage):
             connection = self._connect()
             local.connection = connection
             self._connections.add(connection)
+            self._start_checkpointer()
         return connection
+
+    def _start_checkpointer(self) -> None:
+        """This process's checkpointer, started with its first connection (see _Checkpointer)."""
+        with self._schema_lock:
+            current = self._checkpointer
+            if current is None or current.pid != os.getpid():
+                self._checkpointer = _Checkpointer(self)
 
     def _connect(self) -> _ThreadConnection:
         with _translated():
@@ -177,6 +205,8 @@ class SQLiteStorage(SQLStorage):
                 if db.journal_mode != "wal":
                     db.enable_wal()
                 db.execute(f"PRAGMA synchronous = {self.synchronous}")
+                db.execute(f"PRAGMA wal_autocheckpoint = {REQUEST_AUTOCHECKPOINT_PAGES}")
+                db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
                 self._ensure_schema(db)
                 # Each thread opens its own descriptor: flock turns are per open file.
                 writer_fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
@@ -203,6 +233,9 @@ class SQLiteStorage(SQLStorage):
         """Close every thread's connection opened by this process (at shutdown)."""
         connections, self._connections = list(self._connections), weakref.WeakSet()
         self._local = threading.local()
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None and checkpointer.pid == os.getpid():
+            checkpointer.stop()
         for connection in connections:
             connection.close()
 
@@ -238,6 +271,49 @@ class _ThreadConnection:
 
     def close(self) -> None:
         self._finalizer()
+
+
+class _Checkpointer:
+    """A daemon thread that checkpoints the WAL every CHECKPOINT_INTERVAL_S, one per process.
+
+    Requests then write without ever running a checkpoint themselves (its two
+    fsyncs were what set create's p99): their connections checkpoint only past
+    REQUEST_AUTOCHECKPOINT_PAGES, a bound on the WAL should this thread fall
+    behind. A PASSIVE checkpoint waits for no reader or writer; with SQLite
+    3.51.3 or newer it may run beside them (the WAL-reset bug is fixed).
+    The thread holds no reference to the storage: it stops with
+    :meth:`stop`, or when the storage is garbage-collected.
+    """
+
+    def __init__(self, storage: SQLiteStorage):
+        self.pid = os.getpid()
+        self._stop = threading.Event()
+        weakref.finalize(storage, self._stop.set)
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(storage.path, storage.busy_timeout_ms, storage.synchronous, self._stop),
+            name="sqlite-checkpointer",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _run(path: str, busy_timeout_ms: int, synchronous: str, stop: threading.Event) -> None:
+        conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+            while not stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as err:
+                    log.warning("sqlite checkpoint failed: %s", err)
+        finally:
+            conn.close()
 
 
 # Connections inherited over a fork: a child must not close its parent's

@@ -265,6 +265,7 @@ def test_server_log_has_the_sqlite_version_and_no_secret(tmp_path):
     assert {200, 201, 401, 429} <= set(statuses), statuses
     assert sqlite3.sqlite_version in logs
     assert re.search(rf"\[INFO\] storage: SQLite {re.escape(sqlite3.sqlite_version)}", logs)
+    assert "walresetbug" not in logs  # the default install's SQLite has the fix
     for secret in secrets:
         assert secret not in logs, f"a secret is in the log: {secret[:12]}..."
     # Nor in the database and its WAL: only hashes are stored.

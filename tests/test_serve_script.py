@@ -1,4 +1,5 @@
-"""scripts/serve, as a newcomer runs it: the key it prints works, for sessions and history."""
+"""scripts/serve, as a newcomer runs it: the key it prints works, for sessions and history,
+and nothing warns about the SQLite it installs."""
 
 from __future__ import annotations
 
@@ -66,7 +67,13 @@ def test_the_printed_curl_line_and_key_create_a_session_and_write_its_history(tm
         assert replied.status_code == 201, replied.text
         listed = requests.get(url, headers={"x-api-key": key}, timeout=10).json()
         assert [e["type"] for e in listed["events"]] == ["input_message", "agent_output"]
-        assert "unknown setting" not in log.read_text()
+        text = log.read_text()
+        assert "unknown setting" not in text
+        # The default install's SQLite, as the server reports it, needs no warning.
+        version = re.search(r"storage: SQLite (\d+)\.(\d+)\.(\d+)", text)
+        assert version is not None, text
+        assert tuple(map(int, version.groups())) >= (3, 51, 3), text
+        assert "walresetbug" not in text and "WAL-reset" not in text, text
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=30)

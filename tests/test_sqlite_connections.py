@@ -1,17 +1,26 @@
-"""SQLite connections: one per thread, closed with the thread or by close()."""
+"""SQLite connections: one per thread, closed with the thread or by close(); one SQLite
+library, without the WAL-reset bug; checkpoints in a thread of their own."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlite_utils.utils import sqlite3
 
+from sessions_app import maintenance
 from storage_backends import Agent, Session
-from storage_backends.sqlite import SQLiteStorage
+from storage_backends.sqlite import (
+    CHECKPOINT_INTERVAL_S,
+    REQUEST_AUTOCHECKPOINT_PAGES,
+    WAL_RESET_FIXED,
+    SQLiteStorage,
+)
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
@@ -111,3 +120,60 @@ def test_a_failed_commit_is_rolled_back(storage):
     # The connection is out of the transaction, and what it held was undone.
     assert not conn.in_transaction
     assert storage.get_agent(agent_key="bot").name == "bot"
+
+
+# The SQLite library: one, and without the WAL-reset bug
+
+
+def test_the_backend_runs_a_sqlite_without_the_wal_reset_bug(storage):
+    # Asked of the backend's own connection, not of a module: what serves requests.
+    version = storage.db.execute("SELECT sqlite_version()").fetchone()[0]
+    assert tuple(int(part) for part in version.split(".")) >= WAL_RESET_FIXED, version
+
+
+def test_every_connection_to_a_database_comes_from_one_sqlite_library(storage, tmp_path):
+    # Two SQLite libraries in one process on one file do not see each other's
+    # POSIX locks: closing a descriptor in one drops the other's locks.
+    backup = maintenance.sqlite_connect(str(tmp_path / "s.db"), readonly=True)
+    try:
+        assert type(backup) is type(storage.db.conn)
+    finally:
+        backup.close()
+    assert type(storage.db.conn).__module__.startswith(sqlite3.__name__)
+
+
+def test_no_project_file_imports_the_stdlib_sqlite3_itself():
+    root = Path(__file__).resolve().parent.parent
+    direct = re.compile(r"^\s*(import sqlite3\b|from sqlite3\b)", re.M)
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if not {".venv", ".git", "build"} & set(path.relative_to(root).parts)
+        and direct.search(path.read_text())
+    ]
+    assert offenders == [], "use `from sqlite_utils.utils import sqlite3`"
+
+
+# Checkpoints: a thread of their own, not the requests
+
+
+def test_a_thread_checkpoints_what_requests_write(storage, tmp_path):
+    db = tmp_path / "s.db"
+    for n in range(50):  # about 50 pages: far below any request connection's threshold
+        storage.create_session(
+            session=Session(key=f"s{n}", agent_key="bot", name="n", created_at=T0, updated_at=T0)
+        )
+    assert storage.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
+        REQUEST_AUTOCHECKPOINT_PAGES
+    )
+    pages = storage.db.execute("PRAGMA page_count").fetchone()[0]
+    deadline = time.monotonic() + 3 * CHECKPOINT_INTERVAL_S + 2
+    while db.stat().st_size < pages * 4096 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Written back into the database file, without a request checkpointing.
+    assert db.stat().st_size >= pages * 4096
+    threads = [t for t in threading.enumerate() if t.name == "sqlite-checkpointer"]
+    assert threads
+    storage.close()
+    assert not any(t.is_alive() for t in threads)
+    assert not (tmp_path / "s.db-wal").exists()  # the last connection closed
