@@ -17,6 +17,7 @@ import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
 from . import errors, http, logs, metrics, tracing
+from .keycache import KeyCache
 from .rate_limits import RateLimits
 
 log = logging.getLogger("agent_sessions")
@@ -41,6 +42,8 @@ class AgentSessions:
     max_body: int  # bytes of a request body, whatever the host's MAX_CONTENT_LENGTH
     owns_app: bool = False  # the standalone app: every answer is the service's
     metrics: Any = None  # sessions_app.metrics.Metrics when METRICS_ENABLED
+    # Keys found in storage, each at most a second old (API.md allows that long).
+    key_cache: KeyCache = dataclasses.field(default_factory=KeyCache)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:

@@ -625,6 +625,7 @@ def update_agent(agent_key: str, body: dict[str, Any]) -> Any:
 def delete_agent(agent_key: str) -> None:
     """Delete an agent and all its sessions."""
     service().storage.delete_agent(agent_key=agent_key)
+    service().key_cache.clear()  # its grants ended: this worker sees that at once
 
 
 # API keys (admin)
@@ -670,3 +671,4 @@ def list_api_keys(query: dict[str, Any]) -> Any:
 def revoke_api_key(key_id: str) -> None:
     """Revoke an API key."""
     service().storage.revoke_api_key(key_id=key_id, now=utcnow())
+    service().key_cache.forget(key_id)  # this worker sees the revocation at once

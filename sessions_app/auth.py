@@ -16,6 +16,7 @@ from storage_backends.codec import utcnow
 
 from . import metrics
 from .errors import ApiError
+from .keycache import KeyCache
 from .naming import KEY_ID_PREFIX
 
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
@@ -37,11 +38,15 @@ def resolve(storage: Storage, token: str) -> ApiKey | None:
     return check_token(storage, token)[0]
 
 
-def check_token(storage: Storage, token: str) -> tuple[ApiKey | None, str]:
+def check_token(
+    storage: Storage, token: str, cache: KeyCache | None = None
+) -> tuple[ApiKey | None, str]:
     """The active key behind ``token`` and "ok", or None and why not.
 
     The reasons (the ``reason`` label of the auth-failure metric): ``missing``,
     ``malformed``, ``unknown_key``, ``wrong_secret``, ``expired``, ``revoked``.
+    With ``cache``, a key found less than a second ago is not read again; the
+    secret and the expiry are still checked here on every call.
     """
     if not token:
         return None, "missing"
@@ -49,7 +54,10 @@ def check_token(storage: Storage, token: str) -> tuple[ApiKey | None, str]:
     if not key_id.startswith(KEY_ID_PREFIX) or not secret or len(token) > 200:
         return None, "malformed"
     try:
-        key = storage.get_api_key(key_id=key_id)
+        if cache is None:
+            key = storage.get_api_key(key_id=key_id)
+        else:
+            key = cache.get(storage, key_id)
     except ApiKeyNotFound:
         hmac.compare_digest(hash_secret(secret), _DUMMY_HASH)
         return None, "unknown_key"
@@ -91,7 +99,8 @@ def authenticate() -> None:
     The blueprint's before-request hook, under :func:`rate_limits.guard_authentication`,
     which calls it only for views that :func:`needs_key`.
     """
-    key, reason = check_token(current_app.extensions["agent_sessions"].storage, presented_token())
+    service = current_app.extensions["agent_sessions"]
+    key, reason = check_token(service.storage, presented_token(), service.key_cache)
     if key is None:
         metrics.auth_failure(reason)
         raise ApiError(401, "unauthorized", "Missing or invalid API key.")

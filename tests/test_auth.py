@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -108,7 +109,19 @@ def test_key_in_query_string_is_ignored(client, keys, agent, session):
         assert_error(response, 401, "unauthorized")
 
 
-def test_revocation_is_effective_at_the_next_request(client, keys, agent, session):
+def test_revocation_through_the_api_is_effective_at_the_next_request(
+    client, keys, admin, agent, session
+):
+    """The worker that revoked the key forgets it at once, cache or not."""
+    key_id, token = keys.create(("*", ALL_SCOPES))
+    path = ONE.format(agent=agent, session=session)
+    assert client.get(path, headers={"x-api-key": token}).status_code == 200
+    assert client.delete(f"/v2/api_keys/{key_id}", headers=admin).status_code == 204
+    assert_error(client.get(path, headers={"x-api-key": token}), 401, "unauthorized")
+
+
+def test_revocation_elsewhere_is_effective_within_one_second(client, keys, agent, session):
+    """A revocation this worker did not make (the CLI, another worker) waits out the key cache."""
     key_id, token = keys.create(("*", ALL_SCOPES))
     path = ONE.format(agent=agent, session=session)
     assert client.get(path, headers={"x-api-key": token}).status_code == 200
@@ -116,7 +129,22 @@ def test_revocation_is_effective_at_the_next_request(client, keys, agent, sessio
         client.application.extensions["agent_sessions"].storage.revoke_api_key(
             key_id=key_id, now=utcnow()
         )
+    revoked = time.monotonic()
+    time.sleep(max(0.0, revoked + 1.0 - time.monotonic()))
     assert_error(client.get(path, headers={"x-api-key": token}), 401, "unauthorized")
+
+
+def test_deleting_an_agent_ends_its_grants_at_once_here(client, keys, admin, agent, session):
+    """The grants an agent's deletion ends are gone at this worker's next request."""
+    token = keys.headers((agent, ALL_SCOPES))
+    path = ONE.format(agent=agent, session=session)
+    assert client.get(path, headers=token).status_code == 200
+    assert client.delete(f"/v2/agents/{agent}", headers=admin).status_code == 204
+    assert (
+        client.post("/v2/agents", json={"key": agent, "name": "Again"}, headers=admin).status_code
+        == 201
+    )
+    assert_error(client.get(f"/v2/agents/{agent}/sessions", headers=token), 403, "forbidden")
 
 
 @pytest.mark.parametrize(("method", "template", "scope", "body"), SESSION_ROUTES)

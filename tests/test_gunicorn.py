@@ -200,7 +200,7 @@ def test_sustained_write_load(server: Server, env: dict[str, str]) -> None:
     assert_clean_log(server)
 
 
-def test_revocation_through_the_cli_reaches_every_worker(
+def test_revocation_through_the_cli_reaches_every_worker_within_one_second(
     server: Server, env: dict[str, str]
 ) -> None:
     token = bootstrap(env, agent="revoke")
@@ -224,6 +224,9 @@ def test_revocation_through_the_cli_reaches_every_worker(
 
     key_id = token.partition(".")[0]
     cli("keys", "revoke", key_id, env=env)
+    # Each worker may keep the key it found for under a second (API.md), no longer.
+    revoked = time.monotonic()
+    time.sleep(max(0.0, revoked + 1.0 - time.monotonic()))
     for n in range(20):
         response = requests.get(f"{base}/after-{n}", headers=headers, timeout=10)
         assert_error(response, 401, "unauthorized")

@@ -137,7 +137,6 @@ def test_a_key_revoked_through_the_cli_is_refused_by_every_host(hosts: Hosts) ->
         time.sleep(0.05)
     print("after revocation (seconds, status):", seen[:3], "...")
     assert all(status == 401 for at, status in seen if at >= 1.0), seen
-    assert seen[0][1] == 401, seen  # no cache today: refused at the very next request
     for url in (hosts.a.url, hosts.b.url):
         for _ in range(4):  # reach both workers of each host
             assert requests.get(url + SESSIONS, headers=headers, timeout=10).status_code == 401
