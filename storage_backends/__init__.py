@@ -23,6 +23,8 @@ from .base import (
     Grant,
     NotFound,
     Page,
+    Precondition,
+    PreconditionFailed,
     SchemaTooNew,
     Session,
     SessionDisabled,
