@@ -94,6 +94,8 @@ __all__ = [
     "Grant",
     "NotFound",
     "Page",
+    "Precondition",
+    "PreconditionFailed",
     "SchemaTooNew",
     "Session",
     "SessionDisabled",
