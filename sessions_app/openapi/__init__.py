@@ -339,8 +339,8 @@ class _Builder:
             statuses.add(404)
         conditional = doc.etag and method != "POST"
         if conditional:
-            described["parameters"] += CONDITION_PARAMETERS
-            statuses.add(412)
+            described["parameters"] += [dict(one) for one in CONDITION_PARAMETERS]
+            statuses |= {400, 412}
         statuses |= set(doc.errors)
         responses = {str(doc.status): self.success(doc, needs_key)}
         if conditional and method == "GET":
@@ -418,6 +418,11 @@ class _Builder:
             description = " ".join(reasons)
         else:
             description = ERROR_DESCRIPTIONS[status].format(**sizes)
+        if status == 400 and doc.etag:
+            description += (
+                " `invalid_request` too: an `If-Match` or `If-None-Match` that is not `*` or "
+                "a list of entity tags."
+            )
         headers: tuple[str, ...] = ()
         if status == 429:
             headers = ("Retry-After", *RATE_LIMIT_HEADERS)
