@@ -138,11 +138,14 @@ def endpoint(
         @functools.wraps(view)
         def wrapper(**path: str) -> Response:
             inputs: dict[str, Any] = {}
-            conditions = None
+            conditions = method = None
             try:
-                if etag_schema is not None and request.method != "POST":
-                    conditions = etags.Conditions.of_request(request.environ, etag_schema)
-                    if request.method in ("PATCH", "DELETE"):
+                if etag_schema is not None:
+                    environ = request.environ  # one look through the proxy, not three
+                    method = environ["REQUEST_METHOD"]
+                    if method != "POST":
+                        conditions = etags.Conditions.of_request(environ, etag_schema)
+                    if method in ("PATCH", "DELETE"):
                         inputs["precondition"] = conditions
                 if query_schema is not None:
                     inputs["query"] = query_schema.load(request.args.to_dict())
@@ -171,13 +174,15 @@ def endpoint(
                 return http.json_response(response_schema.dump(obj), status, headers)
             data = etags.representation(response_schema.dump(obj))
             etag = etags.tag(data)
-            headers = [*(headers or ()), ("ETag", etag)]
-            if conditions is not None and request.method in ("GET", "HEAD"):
+            if conditions is not None and method in ("GET", "HEAD"):
                 if not conditions.matches(etag):
                     return errors.precondition_failed()
                 if not conditions.none_match(etag):
-                    return http.not_modified(headers)
-            return http.json_data_response(data, status, headers)
+                    return http.not_modified([*(headers or ()), ("ETag", etag)])
+            response = http.json_data_response(data, status, headers)
+            # Added last: each header the response sets meanwhile scans those before it.
+            response.headers.add("ETag", etag)
+            return response
 
         wrapper.operation = declared  # type: ignore[attr-defined]
         return wrapper
