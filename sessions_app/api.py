@@ -23,7 +23,7 @@ from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, Sess
 from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, utcnow
 
-from . import auth, errors, http, metrics, rate_limits
+from . import auth, errors, etags, http, metrics, rate_limits
 from .errors import ApiError
 from .events import (
     EventBatchSchema,
@@ -104,6 +104,7 @@ def endpoint(
     query: type[Schema] | None = None,
     body_limit: str | None = None,
     authorize: Callable[[dict[str, str], dict[str, Any]], None] | None = None,
+    etag: type[Schema] | None = None,
     **described: Any,
 ) -> Callable:
     """Declare a view: its query and body schemas (loaded into ``query=`` and ``body=``),
@@ -115,6 +116,12 @@ def endpoint(
     parsed body before the schema does: a permission that depends on the body
     is a 403 before any 404 or 400.
 
+    ``etag`` is the schema of the record the path names (:mod:`.etags`): its
+    answers carry the record's ``ETag``; a GET checks ``If-Match`` and
+    ``If-None-Match`` against it (412, 304), and a PATCH or DELETE hands them
+    to the view as ``precondition=``, for the storage to check in the write's
+    own transaction. A create (POST) only answers the tag.
+
     The order of refusals is the contract's: a bad query or body is a 400 only
     once the records the path names are known to exist (404 before 400), and a
     missing session of a missing agent is ``agent_not_found``.
@@ -122,13 +129,24 @@ def endpoint(
     query_schema = query() if query is not None else None
     body_schema = body() if body is not None else None
     response_schema = response() if response is not None else None
-    declared = Operation(tag, status, response, body=body, query=query, **described)
+    etag_schema = etag() if etag is not None else None
+    declared = Operation(
+        tag, status, response, body=body, query=query, etag=etag is not None, **described
+    )
 
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapper(**path: str) -> Response:
             inputs: dict[str, Any] = {}
+            conditions = method = None
             try:
+                if etag_schema is not None:
+                    environ = request.environ  # one look through the proxy, not three
+                    method = environ["REQUEST_METHOD"]
+                    if method != "POST":
+                        conditions = etags.Conditions.of_request(environ, etag_schema)
+                    if method in ("PATCH", "DELETE"):
+                        inputs["precondition"] = conditions
                 if query_schema is not None:
                     inputs["query"] = query_schema.load(request.args.to_dict())
                 elif request.args:
@@ -152,7 +170,19 @@ def endpoint(
             if isinstance(result, Response):
                 return result
             obj, headers = result if isinstance(result, tuple) else (result, None)
-            return http.json_response(response_schema.dump(obj), status, headers)
+            if etag_schema is None:
+                return http.json_response(response_schema.dump(obj), status, headers)
+            data = etags.representation(response_schema.dump(obj))
+            etag = etags.tag(data)
+            if conditions is not None and method in ("GET", "HEAD"):
+                if not conditions.matches(etag):
+                    return errors.precondition_failed()
+                if not conditions.none_match(etag):
+                    return http.not_modified([*(headers or ()), ("ETag", etag)])
+            response = http.json_data_response(data, status, headers)
+            # Added last: each header the response sets meanwhile scans those before it.
+            response.headers.add("ETag", etag)
+            return response
 
         wrapper.operation = declared  # type: ignore[attr-defined]
         return wrapper
@@ -205,6 +235,7 @@ def authorize_fork(path: dict[str, str], body: dict[str, Any]) -> None:
     authorize=authorize_fork,
     statuses=(409,),
     headers=("Location",),
+    etag=SessionSchema,
     examples={"request": SESSION_REQUEST, "response": SESSION},
     errors={
         403: "`forbidden`: the key lacks sessions:create on this agent, or (with "
@@ -281,7 +312,7 @@ def list_sessions(agent_key: str, query: dict[str, Any]) -> Any:
 @bp.get("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
 @rate_limits.per_key
 @auth.require("sessions:read")
-@endpoint("Sessions", 200, SessionSchema, examples={"response": SESSION})
+@endpoint("Sessions", 200, SessionSchema, etag=SessionSchema, examples={"response": SESSION})
 def get_session(agent_key: str, session_key: str) -> Any:
     """Read one session."""
     return service().storage.get_session(agent_key=agent_key, session_key=session_key, now=utcnow())
@@ -295,22 +326,31 @@ def get_session(agent_key: str, session_key: str) -> Any:
     200,
     SessionSchema,
     body=SessionUpdateSchema,
+    etag=SessionSchema,
     examples={"request": {"enabled": False}, "response": SESSION | {"enabled": False}},
 )
-def update_session(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
+def update_session(
+    agent_key: str, session_key: str, body: dict[str, Any], precondition: Any
+) -> Any:
     """Change some fields of a session."""
     return service().storage.update_session(
-        agent_key=agent_key, session_key=session_key, changes=body, now=utcnow()
+        agent_key=agent_key,
+        session_key=session_key,
+        changes=body,
+        now=utcnow(),
+        precondition=precondition,
     )
 
 
 @bp.delete("/agents/<record_key:agent_key>/sessions/<record_key:session_key>")
 @rate_limits.per_key
 @auth.require("sessions:delete")
-@endpoint("Sessions", 204)
-def delete_session(agent_key: str, session_key: str) -> None:
+@endpoint("Sessions", 204, etag=SessionSchema)
+def delete_session(agent_key: str, session_key: str, precondition: Any) -> None:
     """Delete a session."""
-    service().storage.delete_session(agent_key=agent_key, session_key=session_key, now=utcnow())
+    service().storage.delete_session(
+        agent_key=agent_key, session_key=session_key, now=utcnow(), precondition=precondition
+    )
 
 
 # Session events
@@ -579,6 +619,7 @@ def delete_event(agent_key: str, session_key: str, event_id: str) -> None:
     body=AgentCreateSchema,
     statuses=(409,),
     headers=("Location",),
+    etag=AgentSchema,
     examples={
         "request": {k: AGENT[k] for k in ("key", "name", "description")},
         "response": AGENT,
@@ -603,7 +644,7 @@ def list_agents(query: dict[str, Any]) -> Any:
 @bp.get("/agents/<record_key:agent_key>")
 @rate_limits.per_admin_key
 @auth.require_admin
-@endpoint("Agents", 200, AgentSchema, examples={"response": AGENT})
+@endpoint("Agents", 200, AgentSchema, etag=AgentSchema, examples={"response": AGENT})
 def get_agent(agent_key: str) -> Any:
     """Read one agent."""
     return service().storage.get_agent(agent_key=agent_key)
@@ -612,19 +653,21 @@ def get_agent(agent_key: str) -> Any:
 @bp.patch("/agents/<record_key:agent_key>")
 @rate_limits.per_admin_key
 @auth.require_admin
-@endpoint("Agents", 200, AgentSchema, body=AgentUpdateSchema)
-def update_agent(agent_key: str, body: dict[str, Any]) -> Any:
+@endpoint("Agents", 200, AgentSchema, body=AgentUpdateSchema, etag=AgentSchema)
+def update_agent(agent_key: str, body: dict[str, Any], precondition: Any) -> Any:
     """Change some fields of an agent."""
-    return service().storage.update_agent(agent_key=agent_key, changes=body, now=utcnow())
+    return service().storage.update_agent(
+        agent_key=agent_key, changes=body, now=utcnow(), precondition=precondition
+    )
 
 
 @bp.delete("/agents/<record_key:agent_key>")
 @rate_limits.per_admin_key
 @auth.require_admin
-@endpoint("Agents", 204)
-def delete_agent(agent_key: str) -> None:
+@endpoint("Agents", 204, etag=AgentSchema)
+def delete_agent(agent_key: str, precondition: Any) -> None:
     """Delete an agent and all its sessions."""
-    service().storage.delete_agent(agent_key=agent_key)
+    service().storage.delete_agent(agent_key=agent_key, precondition=precondition)
     service().key_cache.clear()  # its grants ended: this worker sees that at once
 
 

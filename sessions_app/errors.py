@@ -16,6 +16,7 @@ from storage_backends import (
     ApiKeyNotFound,
     Conflict,
     NotFound,
+    PreconditionFailed,
     SessionNotFound,
     Unavailable,
 )
@@ -36,6 +37,7 @@ HTTP_CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    412: "precondition_failed",
     429: "rate_limit_exceeded",
     503: "unavailable",
 }
@@ -157,6 +159,21 @@ def handle_stale_history(err: StaleHistory) -> Response:
     )
 
 
+def handle_precondition_failed(err: PreconditionFailed) -> Response:
+    return precondition_failed()
+
+
+def precondition_failed() -> Response:
+    return error_response(
+        412,
+        "precondition_failed",
+        [
+            "If-Match or If-None-Match does not hold for the record's current ETag; "
+            "nothing was changed. Read it again for its current ETag."
+        ],
+    )
+
+
 def handle_session_disabled(err: SessionDisabled) -> Response:
     return error_response(
         409, "session_disabled", [f"Session {err} is disabled: it takes no new events."]
@@ -217,6 +234,7 @@ HANDLERS = (
     (NotFound, handle_not_found),
     (StaleHistory, handle_stale_history),
     (Conflict, handle_conflict),
+    (PreconditionFailed, handle_precondition_failed),
     (SessionDisabled, handle_session_disabled),
     (AgentDisabled, handle_agent_disabled),
     (Unavailable, handle_unavailable),

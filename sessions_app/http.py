@@ -151,7 +151,7 @@ def contract_headers(response: Response) -> Response:
             added.append(("Cache-Control", "no-store"))
         added += rate_limits.headers()
     headers.extend(added)
-    if response.status_code == 204 or (request.method == "OPTIONS" and not response.data):
+    if response.status_code in (204, 304) or (request.method == "OPTIONS" and not response.data):
         headers.pop("Content-Type", None)  # no body, so no type
     return response
 
@@ -163,6 +163,18 @@ def json_response(
     return current_app.response_class(
         dump_json(body) + "\n", status, headers, mimetype="application/json"
     )
+
+
+def json_data_response(
+    data: bytes, status: int = 200, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """A JSON answer already encoded (by :func:`etags.representation`, whose hash is its ETag)."""
+    return current_app.response_class(data, status, headers, mimetype="application/json")
+
+
+def not_modified(headers: list[tuple[str, str]]) -> Response:
+    """304: the client's copy is current; no body, the record's ETag among ``headers``."""
+    return current_app.response_class(status=304, headers=headers)
 
 
 def no_content() -> Response:

@@ -11,7 +11,9 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+_Record = TypeVar("_Record")
 
 
 class StorageError(Exception):
@@ -44,6 +46,10 @@ class Conflict(StorageError):
 
 class StaleHistory(Conflict):
     """``if_last_event_id`` no longer names the session's last event: nothing was written."""
+
+
+class PreconditionFailed(StorageError):
+    """The caller's ``precondition`` refused the record as stored: nothing was written."""
 
 
 class AgentDisabled(StorageError):
@@ -179,6 +185,9 @@ class Event:
     hide_reason: str | None = None
 
 
+#: A write's condition on the record as stored (an ``If-Match``): True lets it through.
+Precondition = Callable[[_Record], bool]
+
 #: ``if_last_event_id`` left out: append whatever the last event is.
 ANY_LAST_EVENT: Any = object()
 
@@ -241,19 +250,33 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def update_agent(
-        self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
+        self,
+        *,
+        agent_key: str,
+        changes: Mapping[str, Any],
+        now: dt.datetime,
+        precondition: Precondition[Agent] | None = None,
     ) -> Agent:
         """Apply ``changes`` (field to new value) and move ``updated_at``.
 
-        Raises :class:`AgentNotFound`.
+        ``precondition``, when given, is called with the agent as stored, in
+        the transaction of the write and with the record held against other
+        writers: when it returns False nothing is written and
+        :class:`PreconditionFailed` is raised (so of two writers whose
+        precondition held for one version, the second sees the first's
+        result). Raises :class:`AgentNotFound` (before any precondition).
         """
 
     @abc.abstractmethod
-    def delete_agent(self, *, agent_key: str) -> None:
+    def delete_agent(
+        self, *, agent_key: str, precondition: Precondition[Agent] | None = None
+    ) -> None:
         """Delete the agent, all its sessions and every grant naming it, in one transaction.
 
         An API key keeps its other grants (``*`` ones included), so a new agent
-        with the same key gives no old key access. Raises :class:`AgentNotFound`.
+        with the same key gives no old key access. ``precondition`` as for
+        :meth:`update_agent`. Raises :class:`AgentNotFound`,
+        :class:`PreconditionFailed`.
         """
 
     # Sessions
@@ -306,17 +329,28 @@ class Storage(abc.ABC):
         session_key: str,
         changes: Mapping[str, Any],
         now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
     ) -> Session:
         """Apply ``changes`` (field to new value) and move ``updated_at`` to ``now``.
 
         An update restarts the idle clock: ``active_at`` moves to ``now`` too.
         Raises :class:`SessionNotFound`, also when expired at ``now`` (the
-        session is then removed, as by :meth:`get_session`).
+        session is then removed, as by :meth:`get_session`), and
+        :class:`PreconditionFailed` when ``precondition`` (see
+        :meth:`update_agent`) returns False for the live session as stored.
         """
 
     @abc.abstractmethod
-    def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
-        """Raises :class:`SessionNotFound` (also when expired at ``now``)."""
+    def delete_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
+    ) -> None:
+        """Raises :class:`SessionNotFound` (also when expired at ``now``) and
+        :class:`PreconditionFailed` (see :meth:`update_agent`)."""
 
     @abc.abstractmethod
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:

@@ -32,6 +32,8 @@ from .base import (
     Event,
     EventNotFound,
     Page,
+    Precondition,
+    PreconditionFailed,
     Session,
     SessionDisabled,
     SessionNotFound,
@@ -124,19 +126,26 @@ class MemoryStorage(Storage):
             return _page(self._agents.after(after), limit)
 
     def update_agent(
-        self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
+        self,
+        *,
+        agent_key: str,
+        changes: Mapping[str, Any],
+        now: dt.datetime,
+        precondition: Precondition[Agent] | None = None,
     ) -> Agent:
         with self._lock:
             seq, _ = self._agents.get(agent_key, (None, None))
-            agent = dataclasses.replace(
-                self._agent(agent_key), **_copy_tree(dict(changes)), updated_at=now
-            )
+            agent = self._agent(agent_key)
+            _check(precondition, agent)
+            agent = dataclasses.replace(agent, **_copy_tree(dict(changes)), updated_at=now)
             self._agents[agent_key] = (seq, agent)
             return _copy(agent)
 
-    def delete_agent(self, *, agent_key: str) -> None:
+    def delete_agent(
+        self, *, agent_key: str, precondition: Precondition[Agent] | None = None
+    ) -> None:
         with self._lock:
-            self._agent(agent_key)
+            _check(precondition, self._agent(agent_key))
             self._agents.remove(agent_key)
             for seq, _ in self._sessions.pop(agent_key).values():
                 self._events.pop(seq, None)
@@ -219,18 +228,27 @@ class MemoryStorage(Storage):
         session_key: str,
         changes: Mapping[str, Any],
         now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
     ) -> Session:
         with self._lock:
             seq, session = self._live_session(agent_key, session_key, now)
+            _check(precondition, session)
             session = dataclasses.replace(
                 session, **_copy_tree(dict(changes)), updated_at=now, active_at=now
             )
             self._sessions[agent_key][session_key] = (seq, session)
             return _copy(session)
 
-    def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
+    def delete_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
+    ) -> None:
         with self._lock:
-            self._live_session(agent_key, session_key, now)
+            _check(precondition, self._live_session(agent_key, session_key, now)[1])
             self._remove_session(self._sessions[agent_key], session_key)
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
@@ -566,6 +584,13 @@ def _compaction(compaction: Event, session_key: str, hidden: list[Event]) -> Eve
         events_compacted=len(hidden),
     )
     return stored
+
+
+def _check(precondition: Precondition[Any] | None, record: Any) -> None:
+    """Raise :class:`PreconditionFailed` unless ``precondition`` (if any) holds for a copy
+    of ``record`` (called with the lock held, so the write that follows sees the same)."""
+    if precondition is not None and not precondition(_copy(record)):
+        raise PreconditionFailed(getattr(record, "key", ""))
 
 
 def _page(rows: Iterator[tuple[int, Any]], limit: int) -> Page:

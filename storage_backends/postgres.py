@@ -106,6 +106,8 @@ class PostgresStorage(SQLStorage):
     missing_reference = errors.ForeignKeyViolation
     # ON DELETE CASCADE removes an agent's sessions in the agent's DELETE.
     sessions_cascade = True
+    # READ COMMITTED: a second writer waits for the row, then reads the first's version.
+    row_lock = " FOR UPDATE"
     expires_from_tti = "CASE WHEN tti_minutes > 0 THEN ? + make_interval(mins => tti_minutes) END"
     json_contains = "strpos({}::text, ?) > 0"
 

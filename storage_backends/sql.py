@@ -10,6 +10,9 @@ subclass supplies only what differs between databases:
   write statement, in autocommit), ``_transaction`` (statements that commit
   together), ``_update_transaction`` (update_session's UPDATE, and the removal
   of the session it found expired), ``_scan`` (rows read lazily, for filters);
+- ``row_lock``: what a SELECT adds to hold its row until the transaction ends
+  (PostgreSQL's ``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already holds the
+  whole database), so a write's precondition and the write see one version;
 - error mapping: ``unique_violation`` and ``missing_reference`` are the
   driver's exceptions for a duplicate key and a missing agent; failures to
   reach the database become :class:`Unavailable` inside the connection hooks;
@@ -48,6 +51,8 @@ from .base import (
     EventNotFound,
     Grant,
     Page,
+    Precondition,
+    PreconditionFailed,
     SchemaTooNew,
     Session,
     SessionDisabled,
@@ -405,6 +410,9 @@ class SQLStorage(Storage, abc.ABC):
     json_contains: str
     #: whether deleting an agent deletes its sessions by itself (a foreign key)
     sessions_cascade = False
+    #: appended to a SELECT in a write transaction: the row stays this transaction's
+    #: until it ends (nothing for a database whose write transactions hold it all)
+    row_lock = ""
 
     filter_scan_rows = config.Config.FILTER_SCAN_ROWS
     filter_scan_seconds = config.Config.FILTER_SCAN_SECONDS
@@ -596,18 +604,45 @@ class SQLStorage(Storage, abc.ABC):
         return self._page(AGENTS, rows, limit)
 
     def update_agent(
-        self, *, agent_key: str, changes: Mapping[str, Any], now: dt.datetime
+        self,
+        *,
+        agent_key: str,
+        changes: Mapping[str, Any],
+        now: dt.datetime,
+        precondition: Precondition[Agent] | None = None,
     ) -> Agent:
         assignments, params = self._assignments(AGENTS, changes, now)
         query = f"UPDATE agents SET {assignments} WHERE key = ? {AGENTS.returning}"
-        with self._writing() as conn:
-            row = conn.execute(self._sql(query), [*params, agent_key]).fetchone()
+        if precondition is None:
+            with self._writing() as conn:
+                row = conn.execute(self._sql(query), [*params, agent_key]).fetchone()
+        else:
+            with self._transaction() as conn:
+                self._check_agent(conn, agent_key, precondition)
+                row = conn.execute(self._sql(query), [*params, agent_key]).fetchone()
         if row is None:
             raise AgentNotFound(agent_key)
         return self._record(AGENTS, row)
 
-    def delete_agent(self, *, agent_key: str) -> None:
+    def _check_agent(self, conn: Any, agent_key: str, precondition: Precondition[Agent]) -> None:
+        """Hold the agent's row in ``conn``'s transaction and check ``precondition`` on it."""
+        row = self._held(conn, GET_AGENT, [agent_key])
+        if row is None:
+            raise AgentNotFound(agent_key)
+        if not precondition(self._record(AGENTS, row)):
+            raise PreconditionFailed(agent_key)
+
+    def _held(self, conn: Any, query: str, params: list[Any]) -> Any:
+        """The first row of ``query``, held against other writers until ``conn``'s
+        transaction ends, so that a check on it and the write after it see one version."""
+        return conn.execute(self._sql(query + self.row_lock), params).fetchone()
+
+    def delete_agent(
+        self, *, agent_key: str, precondition: Precondition[Agent] | None = None
+    ) -> None:
         with self._transaction() as conn:
+            if precondition is not None:
+                self._check_agent(conn, agent_key, precondition)
             deleted = conn.execute(self._sql("DELETE FROM agents WHERE key = ?"), [agent_key])
             if deleted.rowcount == 0:
                 raise AgentNotFound(agent_key)
@@ -720,6 +755,7 @@ class SQLStorage(Storage, abc.ABC):
         session_key: str,
         changes: Mapping[str, Any],
         now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
     ) -> Session:
         assignments, params = self._assignments(SESSIONS, changes, now)
         # expires_at moves with updated_at, by the new tti_minutes or the stored one.
@@ -736,6 +772,16 @@ class SQLStorage(Storage, abc.ABC):
             f"WHERE agent_key = ? AND key = ? AND {_LIVE} {SESSIONS.returning}"
         )
         stamp = self.encode_ts(now)
+        if precondition is not None:
+            with self._transaction() as conn:
+                row = None
+                if self._check_session(conn, agent_key, session_key, now, precondition):
+                    row = conn.execute(
+                        self._sql(query), [*params, stamp, agent_key, session_key, stamp]
+                    ).fetchone()
+            if row is None:
+                raise SessionNotFound(session_key)
+            return self._record(SESSIONS, row)
         with self._update_transaction() as conn:
             row = conn.execute(
                 self._sql(query), [*params, stamp, agent_key, session_key, stamp]
@@ -747,7 +793,43 @@ class SQLStorage(Storage, abc.ABC):
             raise SessionNotFound(session_key)
         return self._record(SESSIONS, row)
 
-    def delete_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> None:
+    def _check_session(
+        self,
+        conn: Any,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        precondition: Precondition[Session],
+    ) -> int | None:
+        """Hold the session's row in ``conn``'s transaction and check ``precondition`` on it;
+        its row id, or None when no live session has the key (an expired one is then
+        removed in this transaction, which the caller lets commit)."""
+        row = self._held(conn, GET_SESSION, [agent_key, session_key])
+        if row is None:
+            return None
+        if not self._live(row[-1], now):
+            conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
+            return None
+        if not precondition(self._record(SESSIONS, row)):
+            raise PreconditionFailed(session_key)
+        return row[0]
+
+    def delete_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
+    ) -> None:
+        if precondition is not None:
+            with self._transaction() as conn:
+                session_id = self._check_session(conn, agent_key, session_key, now, precondition)
+                if session_id is not None:
+                    conn.execute(self._sql("DELETE FROM sessions WHERE id = ?"), [session_id])
+            if session_id is None:
+                raise SessionNotFound(session_key)
+            return
         with self._writing() as conn:
             row = conn.execute(
                 self._sql(DELETE_SESSION),

@@ -64,14 +64,21 @@ ENDPOINTS = {
 
 KEYED = {"401", "403", "429", "500", "503"}
 BODIED = {"400", "413", "415"}
+# A record with an ETag: a malformed condition header, a failed one, and (reads) 304.
+WRITE_IF = {"400", "412"}
+READ_IF = WRITE_IF | {"304"}
 
 # Statuses each operation documents: success, then every error it can answer.
 STATUSES = [
     ("POST", "/v2/agents/{agent_key}/sessions", {"201", "404", "409"} | KEYED | BODIED),
     ("GET", "/v2/agents/{agent_key}/sessions", {"200", "400", "404"} | KEYED),
-    ("GET", "/v2/agents/{agent_key}/sessions/{session_key}", {"200", "404"} | KEYED),
-    ("PATCH", "/v2/agents/{agent_key}/sessions/{session_key}", {"200", "404"} | KEYED | BODIED),
-    ("DELETE", "/v2/agents/{agent_key}/sessions/{session_key}", {"204", "404"} | KEYED),
+    ("GET", "/v2/agents/{agent_key}/sessions/{session_key}", {"200", "404"} | KEYED | READ_IF),
+    (
+        "PATCH",
+        "/v2/agents/{agent_key}/sessions/{session_key}",
+        {"200", "404"} | KEYED | BODIED | WRITE_IF,
+    ),
+    ("DELETE", "/v2/agents/{agent_key}/sessions/{session_key}", {"204", "404"} | KEYED | WRITE_IF),
     ("POST", "/v2/agents", {"201", "409"} | KEYED | BODIED),
     ("GET", "/v2/agents", {"200", "400"} | KEYED),
     ("DELETE", "/v2/api_keys/{key_id}", {"204", "404"} | KEYED),
@@ -86,6 +93,31 @@ STATUSES = [
     ("GET", "/v2/openapi.json", {"200", "500"}),
     ("GET", "/readyz", {"200", "500", "503"}),
 ]
+
+
+RECORDS = ["/v2/agents/{agent_key}/sessions/{session_key}", "/v2/agents/{agent_key}"]
+
+
+@MEMORY
+@pytest.mark.parametrize("path", RECORDS)
+def test_records_document_their_etag_and_conditions(doc: dict[str, Any], path: str) -> None:
+    collection = path.rpartition("/")[0]
+    assert "ETag" in doc["components"]["headers"]
+    created = doc["paths"][collection]["post"]
+    assert "ETag" in created["responses"]["201"]["headers"]
+    assert not any(p["in"] == "header" for p in created.get("parameters", []))
+    for method in ("get", "patch", "delete"):
+        operation = doc["paths"][path][method]
+        named = {p["name"] for p in operation["parameters"] if p["in"] == "header"}
+        assert named == {"If-Match", "If-None-Match"}, method
+        assert "precondition_failed" in operation["responses"]["412"]["description"]
+        success = operation["responses"]["204" if method == "delete" else "200"]
+        assert ("ETag" in success["headers"]) == (method != "delete")
+    not_modified = doc["paths"][path]["get"]["responses"]["304"]
+    assert "content" not in not_modified and "ETag" in not_modified["headers"]
+    assert "304" not in doc["paths"][path]["patch"]["responses"]
+    # Lists and events have no ETag.
+    assert "ETag" not in doc["paths"][collection]["get"]["responses"]["200"]["headers"]
 
 
 def operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:

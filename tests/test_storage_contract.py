@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import re
 import threading
+import time
 
 import pytest
 
@@ -21,6 +22,7 @@ from storage_backends import (
     Event,
     EventNotFound,
     Grant,
+    PreconditionFailed,
     Session,
     SessionDisabled,
     SessionNotFound,
@@ -1150,3 +1152,156 @@ def test_import_session_is_all_or_nothing(storage, session):
             events=[event(1)],
         )
     assert ids_of(storage) == []
+
+
+# Preconditions (If-Match): checked on the record as stored, in the write's transaction
+
+
+def test_a_precondition_sees_the_stored_record_and_a_refusal_writes_nothing(storage):
+    make_agent(storage, description="d")
+    make_session(storage, metadata={"a": 1})
+    seen = []
+
+    def refuse(record):
+        seen.append(record)
+        return False
+
+    later = T0 + dt.timedelta(minutes=1)
+    for write in (
+        lambda: storage.update_session(
+            agent_key="bot", session_key="s1", changes={"name": "x"}, now=later, precondition=refuse
+        ),
+        lambda: storage.delete_session(
+            agent_key="bot", session_key="s1", now=later, precondition=refuse
+        ),
+        lambda: storage.update_agent(
+            agent_key="bot", changes={"name": "x"}, now=later, precondition=refuse
+        ),
+        lambda: storage.delete_agent(agent_key="bot", precondition=refuse),
+    ):
+        with pytest.raises(PreconditionFailed):
+            write()
+    assert [type(r) for r in seen] == [Session, Session, Agent, Agent]
+    assert seen[0] == storage.get_session(agent_key="bot", session_key="s1", now=later)
+    assert seen[2] == storage.get_agent(agent_key="bot")
+    # Nothing changed: not the fields, not updated_at, not the idle clock.
+    session = storage.get_session(agent_key="bot", session_key="s1", now=later)
+    assert (session.name, session.updated_at, session.metadata) == ("name s1", T0, {"a": 1})
+    assert session.active_at in (None, T0)
+    agent = storage.get_agent(agent_key="bot")
+    assert (agent.name, agent.updated_at) == ("bot", T0)
+    # A mutated record handed to the precondition changes nothing stored.
+    storage.update_session(
+        agent_key="bot",
+        session_key="s1",
+        changes={"name": "y"},
+        now=later,
+        precondition=lambda record: record.metadata.update(b=2) is None,
+    )
+    assert storage.get_session(agent_key="bot", session_key="s1", now=later).metadata == {"a": 1}
+
+
+def test_a_precondition_that_holds_lets_every_write_through(storage):
+    make_agent(storage)
+    make_session(storage)
+    later = T0 + dt.timedelta(minutes=1)
+    updated = storage.update_session(
+        agent_key="bot",
+        session_key="s1",
+        changes={"name": "x"},
+        now=later,
+        precondition=lambda record: record.name == "name s1",
+    )
+    assert (updated.name, updated.updated_at) == ("x", later)
+    assert storage.get_session(agent_key="bot", session_key="s1", now=later) == updated
+    storage.delete_session(
+        agent_key="bot", session_key="s1", now=later, precondition=lambda record: True
+    )
+    with pytest.raises(SessionNotFound):
+        storage.get_session(agent_key="bot", session_key="s1", now=later)
+    agent = storage.update_agent(
+        agent_key="bot", changes={"enabled": False}, now=later, precondition=lambda r: r.enabled
+    )
+    assert agent.enabled is False and storage.get_agent(agent_key="bot") == agent
+    storage.delete_agent(agent_key="bot", precondition=lambda record: not record.enabled)
+    with pytest.raises(AgentNotFound):
+        storage.get_agent(agent_key="bot")
+
+
+def test_a_missing_or_expired_record_is_not_found_before_any_precondition(storage):
+    make_agent(storage)
+    make_session(storage, key="idle", tti_minutes=1)
+    later = T0 + dt.timedelta(minutes=2)
+    called = []
+
+    def never(record):
+        called.append(record)
+        return False
+
+    for key in ("idle", "nope"):
+        with pytest.raises(SessionNotFound):
+            storage.update_session(
+                agent_key="bot",
+                session_key=key,
+                changes={"name": "x"},
+                now=later,
+                precondition=never,
+            )
+        with pytest.raises(SessionNotFound):
+            storage.delete_session(agent_key="bot", session_key=key, now=later, precondition=never)
+    with pytest.raises(AgentNotFound):
+        storage.update_agent(agent_key="nope", changes={"name": "x"}, now=T0, precondition=never)
+    with pytest.raises(AgentNotFound):
+        storage.delete_agent(agent_key="nope", precondition=never)
+    assert called == []
+    # Gone means gone: the expired session was removed by the call that noticed it.
+    make_session(storage, key="idle", at=later)
+
+
+@pytest.mark.parametrize("operation", ["update_session", "delete_session", "update_agent"])
+def test_two_writers_with_one_precondition_one_wins(storage, operation):
+    """The check and the write are one step: while the first writer's precondition
+    runs (slowly), the second cannot read the version the first is replacing."""
+    make_agent(storage)
+    make_session(storage)
+    start = threading.Barrier(2)
+    outcomes = []
+
+    def unchanged_name(record):
+        time.sleep(0.2)  # wide open, were the check and the write apart
+        return record.name == ("name s1" if operation != "update_agent" else "bot")
+
+    def write(n):
+        now = utcnow()
+        start.wait()
+        try:
+            if operation == "update_session":
+                storage.update_session(
+                    agent_key="bot",
+                    session_key="s1",
+                    changes={"name": f"w{n}"},
+                    now=now,
+                    precondition=unchanged_name,
+                )
+            elif operation == "delete_session":
+                storage.delete_session(
+                    agent_key="bot", session_key="s1", now=now, precondition=unchanged_name
+                )
+            else:
+                storage.update_agent(
+                    agent_key="bot",
+                    changes={"name": f"w{n}"},
+                    now=now,
+                    precondition=unchanged_name,
+                )
+            outcomes.append("ok")
+        except (PreconditionFailed, SessionNotFound) as err:
+            outcomes.append(type(err).__name__)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    expected_loser = "SessionNotFound" if operation == "delete_session" else "PreconditionFailed"
+    assert sorted(outcomes) == sorted(["ok", expected_loser])

@@ -59,6 +59,8 @@ class Operation:
     # Error statuses whose description is the operation's own (and which it can answer).
     errors: Mapping[int, str] = dataclasses.field(default_factory=dict)
     stream: bool = False  # the success may also be text/event-stream
+    # The record answers an ETag; reads and writes of it take If-Match and If-None-Match.
+    etag: bool = False
 
 
 def operation(tag: str, status: int, response: Any = None, **kwargs: Any) -> Callable:
@@ -122,6 +124,9 @@ ERROR_DESCRIPTIONS = {
         "On session creation, `agent_disabled`: the agent's `enabled` is false."
     ),
     413: "`payload_too_large`: the body is over {max_body} bytes.",
+    412: "`precondition_failed`: `If-Match` names none of the record's current entity tag "
+    "(a weak tag never matches), or `If-None-Match` names it (or is `*`); nothing was "
+    "changed.",
     415: "`unsupported_media_type`: the body is not UTF-8 JSON (`application/json`), is a "
     "JSON patch format (merge-patch, json-patch), or has a `Content-Encoding` other than "
     "`identity`.",
@@ -140,6 +145,13 @@ HEADERS = {
         "schema": {"type": "string"},
     },
     "Location": {"description": "The URL of the created record.", "schema": {"type": "string"}},
+    "ETag": {
+        "description": "The record's strong entity tag: a hash of this representation, which "
+        "changes whenever any of its fields does. Send it back in `If-Match` to change or "
+        "delete the record only as you last saw it, or in `If-None-Match` to read it only "
+        "when it changed.",
+        "schema": {"type": "string"},
+    },
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
         "schema": {"type": "integer"},
@@ -157,6 +169,31 @@ HEADERS = {
         "schema": {"type": "integer"},
     },
 }
+
+# Request headers of a read or write of a record with an ETag (RFC 9110, section 13.1).
+CONDITION_PARAMETERS = [
+    {
+        "in": "header",
+        "name": "If-Match",
+        "required": False,
+        "description": 'Entity tags (`"..."`, comma-separated) or `*`: answer (GET) or write '
+        "(PATCH, DELETE) only if the record's current ETag is one of them, compared strongly "
+        "(a weak `W/` tag never matches), else 412 `precondition_failed` and nothing changes. "
+        "A write checks it in the same transaction as the write itself. `*` matches any "
+        "existing record. Not a list of entity tags: 400 `invalid_request`.",
+        "schema": {"type": "string"},
+        "example": '"5d41402abc4b2a76b9719d911017c592"',
+    },
+    {
+        "in": "header",
+        "name": "If-None-Match",
+        "required": False,
+        "description": "Entity tags or `*`, compared weakly: on GET, 304 with no body when "
+        "the record's current ETag is one of them (or `*`); on PATCH and DELETE, 412 "
+        "`precondition_failed`. Not a list of entity tags: 400 `invalid_request`.",
+        "schema": {"type": "string"},
+    },
+]
 
 INFO_DESCRIPTION = """\
 Conversational sessions between users and AI agents.
@@ -257,14 +294,16 @@ class _Builder:
             if doc is None:
                 raise LookupError(f"{rule.rule}: view {rule.endpoint} has no OpenAPI description")
             operations = {
-                method.lower(): self.describe(name, view, _RULE_ARGUMENT.findall(rule.rule), doc)
+                method.lower(): self.describe(
+                    name, view, _RULE_ARGUMENT.findall(rule.rule), doc, method
+                )
                 for method in sorted(rule.methods - {"HEAD", "OPTIONS"})
             }
             self.spec.path(path=_path_template(rule.rule), operations=operations)
         return self.spec.to_dict()
 
     def describe(
-        self, name: str, view: Callable, arguments: list[str], doc: Operation
+        self, name: str, view: Callable, arguments: list[str], doc: Operation, method: str = "GET"
     ) -> dict[str, Any]:
         summary = (view.__doc__ or name).strip().splitlines()[0]
         needs_key = view.__module__ == f"{SERVICE_PACKAGE}.api" and not getattr(
@@ -298,8 +337,18 @@ class _Builder:
             statuses |= {400, 413, 415}
         if arguments:
             statuses.add(404)
+        conditional = doc.etag and method != "POST"
+        if conditional:
+            described["parameters"] += [dict(one) for one in CONDITION_PARAMETERS]
+            statuses |= {400, 412}
         statuses |= set(doc.errors)
         responses = {str(doc.status): self.success(doc, needs_key)}
+        if conditional and method == "GET":
+            responses["304"] = {
+                "description": "Not modified: `If-None-Match` names the record's current "
+                "entity tag (or is `*`). No body.",
+                "headers": _headers("ETag", *(RATE_LIMIT_HEADERS if needs_key else ())),
+            }
         for status in sorted(statuses):
             responses[str(status)] = self.error(status, doc, arguments)
         described["responses"] = responses
@@ -324,7 +373,10 @@ class _Builder:
         descriptions = {200: "OK.", 201: "Created.", 204: "Done; no body."}
         response: dict[str, Any] = {"description": descriptions[doc.status]}
         # Every authenticated call counts against a limit of its key.
-        response["headers"] = _headers(*doc.headers, *(RATE_LIMIT_HEADERS if needs_key else ()))
+        etag = ("ETag",) if doc.etag and doc.response is not None else ()
+        response["headers"] = _headers(
+            *doc.headers, *etag, *(RATE_LIMIT_HEADERS if needs_key else ())
+        )
         if doc.response is not None:
             if isinstance(doc.response, dict):
                 response["content"] = doc.response
@@ -366,6 +418,11 @@ class _Builder:
             description = " ".join(reasons)
         else:
             description = ERROR_DESCRIPTIONS[status].format(**sizes)
+        if status == 400 and doc.etag:
+            description += (
+                " `invalid_request` too: an `If-Match` or `If-None-Match` that is not `*` or "
+                "a list of entity tags."
+            )
         headers: tuple[str, ...] = ()
         if status == 429:
             headers = ("Retry-After", *RATE_LIMIT_HEADERS)
