@@ -102,9 +102,7 @@ _COUNTERS_ENV = "_AGENT_SESSIONS_RATELIMIT_COUNTERS"
 if os.environ.get("_AGENT_SESSIONS_LIMITS_MASTER") != str(os.getpid()):
     _limits_dir = tempfile.mkdtemp(prefix="agent-sessions-limits-")
     _limits_master = os.getpid()
-    atexit.register(
-        lambda: os.getpid() == _limits_master and shutil.rmtree(_limits_dir, True)
-    )
+    atexit.register(lambda: os.getpid() == _limits_master and shutil.rmtree(_limits_dir, True))
     os.environ[_COUNTERS_ENV] = os.path.join(_limits_dir, "counters.db")
     os.environ["_AGENT_SESSIONS_LIMITS_MASTER"] = str(os.getpid())
 

@@ -149,7 +149,7 @@ class HostCounters(Storage):
         return float(row[0]) if row else time.time()
 
     def check(self) -> bool:
-        """The file can be written: a read alone would pass while a writer holds it past the timeout."""
+        """The file can be written (a read would pass while a writer holds it past the timeout)."""
         connection, fd = self._connection()
         with _turn(fd):
             connection.execute("BEGIN IMMEDIATE")

@@ -74,7 +74,6 @@ from storage_backends import AgentNotFound, Unavailable
 from .auth import needs_key
 from .errors import ApiError
 from .host_counters import SCHEME as HOST_SCHEME
-from .host_counters import HostCounters
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Rate limits on memory:// counted across the processes of one host (sessions_app/host_counters.py)."""
+"""Rate limits on memory:// counted across the processes of one host (host_counters)."""
 
 from __future__ import annotations
 
@@ -159,8 +159,9 @@ def test_memory_counts_in_the_file_when_given_one(
     # A second app on the same file (another worker) sees the same counts.
     other = service(monkeypatch, tmp_path / "c.db", DEFAULT_LIMIT="3/minute")
     other.extensions["agent_sessions"].storage = app.extensions["agent_sessions"].storage
-    assert_error(other.test_client().get(SESSIONS, headers={"x-api-key": token}), 429,
-                 "rate_limit_exceeded")
+    assert_error(
+        other.test_client().get(SESSIONS, headers={"x-api-key": token}), 429, "rate_limit_exceeded"
+    )
 
 
 def test_other_strategies_stay_in_the_process(
@@ -182,9 +183,7 @@ def test_a_failing_file_follows_the_failure_policy(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, policy: str, failure: str
 ) -> None:
     path = tmp_path / ("c.db" if failure == "locked" else "gone/c.db")
-    app = service(
-        monkeypatch, path, RATELIMIT_FAILURE_POLICY=policy, RATELIMIT_FAILURE_BACKOFF=0.2
-    )
+    app = service(monkeypatch, path, RATELIMIT_FAILURE_POLICY=policy, RATELIMIT_FAILURE_BACKOFF=0.2)
     _, token = Keys(app).create(("*", ALL_SCOPES))
     client = app.test_client()
     holder = None
@@ -253,8 +252,9 @@ def test_limit_is_exact_across_four_workers_without_redis(tmp_path: Path) -> Non
             time.sleep(0.1)
         for _ in range(8):  # reaches every worker
             assert create(server.url, token).status_code == 429
-        remaining = [create(server.url, other_token).headers["X-RateLimit-Remaining"]
-                     for _ in range(4)]
+        remaining = [
+            create(server.url, other_token).headers["X-RateLimit-Remaining"] for _ in range(4)
+        ]
         assert remaining == [str(n - i) for i in range(1, 5)]
         logs = server.logs()
     assert "RATE LIMITS ARE PER WORKER" not in logs
