@@ -91,6 +91,21 @@ else:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 os.environ["_AGENT_SESSIONS_METRICS_MASTER"] = str(os.getpid())
 
+# Rate limits on memory:// (sessions_app/rate_limits.py): the workers of this
+# server count in one SQLite file (sessions_app/host_counters.py) in a directory
+# of this master's own, made here and removed when the master exits, so every
+# limit is exact across them. A dead worker leaves nothing half-written (WAL:
+# its uncommitted frames are ignored; the kernel releases its flock). A reload
+# (SIGHUP) keeps the file and its counts. on_starting drops it for one worker,
+# which counts in its own memory.
+_COUNTERS_ENV = "_AGENT_SESSIONS_RATELIMIT_COUNTERS"
+if os.environ.get("_AGENT_SESSIONS_LIMITS_MASTER") != str(os.getpid()):
+    _limits_dir = tempfile.mkdtemp(prefix="agent-sessions-limits-")
+    _limits_master = os.getpid()
+    atexit.register(lambda: os.getpid() == _limits_master and shutil.rmtree(_limits_dir, True))
+    os.environ[_COUNTERS_ENV] = os.path.join(_limits_dir, "counters.db")
+    os.environ["_AGENT_SESSIONS_LIMITS_MASTER"] = str(os.getpid())
+
 
 class _ToErrorLog(logging.Handler):
     """Hands a record to gunicorn's error log: its file, its format, its --log-level."""
@@ -129,6 +144,8 @@ def on_starting(server):
     except ValueError as err:
         print(f"agent-sessions: configuration error: {err}", file=sys.stderr, flush=True)
         sys.exit(4)
+    if server.cfg.workers == 1 and not server.cfg.preload_app:
+        os.environ.pop(_COUNTERS_ENV, None)  # one worker: its own memory is exact, and cheaper
     app = create_app_or_exit()
     refuse_memory_storage_per_worker(server, app)
     warn_if_limits_per_worker(server, app)
@@ -191,18 +208,21 @@ def child_exit(server, worker):
 
 
 def warn_if_limits_per_worker(server, app):
-    """Say loudly that memory:// counts rate limits per worker when there are several.
+    """Say loudly when rate limits are counted per worker and there are several.
 
-    ``AGENT_SESSIONS_RATELIMIT_REQUIRE_SHARED=true`` turns this into a refusal
-    to start (create_app raises ConfigError for memory:// then).
+    On memory:// the workers share the server's counters file, so this is only
+    said for a strategy the file does not keep (moving-window,
+    sliding-window-counter), which stays in each worker's memory.
     """
     workers = server.cfg.workers
-    if workers > 1 and not app.extensions["agent_sessions"].limits.shared:
+    if workers > 1 and app.extensions["agent_sessions"].limits.per_process:
         server.log.warning(
-            "RATE LIMITS ARE PER WORKER: RATELIMIT_STORAGE_URI is memory:// with %d workers, "
-            "so each limit admits up to %d times its count on this host (more with several "
-            "hosts). Set AGENT_SESSIONS_RATELIMIT_STORAGE_URI=redis://HOST:6379/0 for exact "
-            "limits, or AGENT_SESSIONS_RATELIMIT_REQUIRE_SHARED=true to refuse memory://.",
+            "RATE LIMITS ARE PER WORKER: RATELIMIT_STORAGE_URI is memory:// with %d workers "
+            "and RATELIMIT_STRATEGY=%s, which is kept in each worker's memory, so each limit "
+            "admits up to %d times its count on this host. Use RATELIMIT_STRATEGY=fixed-window "
+            "(counted across the workers) or AGENT_SESSIONS_RATELIMIT_STORAGE_URI="
+            "redis://HOST:6379/0.",
             workers,
+            app.config["RATELIMIT_STRATEGY"],
             workers,
         )

@@ -30,12 +30,15 @@ counting; the service's whole create takes ~600 µs. So the extension's hooks
 are removed and the decorators here count through the strategy and storage
 it configured.
 
-Two ``limits`` storages registered for their own URL schemes make the
+Three ``limits`` storages registered for their own URL schemes make the
 counting cheap: ``memory://`` without the 10 ms expiry timer thread, and
 ``redis://`` where one Lua script counts the hit and returns the time left in
 the window, so the decision and the ``X-RateLimit-*`` numbers take one round
 trip. Both keep ``limits``' own key layout, so its strategies (and
-Flask-Limiter's CLI) read the same counters.
+Flask-Limiter's CLI) read the same counters. Under gunicorn with several
+workers, ``memory://`` counts in a SQLite file of the server's own instead
+(:mod:`sessions_app.host_counters`, path in ``COUNTERS_ENV``, set by
+``gunicorn.conf.py``), so the limits are exact across the workers of a host.
 
 When the storage is unreachable (Redis stopped or stalled past
 ``RATELIMIT_TIMEOUT``), the request is served with a warning logged
@@ -53,6 +56,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +73,7 @@ from storage_backends import AgentNotFound, Unavailable
 
 from .auth import needs_key
 from .errors import ApiError
+from .host_counters import SCHEME as HOST_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,9 @@ MAX_TRUSTED_AGENTS = 4096
 
 # The URL schemes of the storages below: "<SCHEME_PREFIX><limits' own scheme>".
 SCHEME_PREFIX = "agent-sessions+"
+
+# The counters file memory:// counts in, when set (by gunicorn.conf.py, for its workers).
+COUNTERS_ENV = "_AGENT_SESSIONS_RATELIMIT_COUNTERS"
 
 
 @functools.lru_cache(maxsize=256)
@@ -149,9 +157,17 @@ def storage_options(config: Any) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
-def storage_uri(uri: str) -> str:
-    """The URI of this module's storage for the operator's ``memory://`` or ``redis://``."""
+def storage_uri(uri: str, strategy: str = "fixed-window") -> str:
+    """The URI of this module's storage for the operator's ``memory://`` or ``redis://``.
+
+    ``memory://`` with a counters file given in ``COUNTERS_ENV`` (gunicorn's
+    workers) counts in that file; the file keeps fixed windows only, so other
+    strategies stay in the process.
+    """
     scheme = uri.split(":", 1)[0]
+    counters = os.environ.get(COUNTERS_ENV)
+    if scheme in MemoryCounters.LIMITS_SCHEMES and counters and strategy == "fixed-window":
+        return f"{HOST_SCHEME}://{counters}"
     if scheme in (*MemoryCounters.LIMITS_SCHEMES, *RedisCounters.LIMITS_SCHEMES):
         return SCHEME_PREFIX + uri
     return uri
@@ -278,13 +294,15 @@ class RateLimits:
         if flag(config["RATELIMIT_REQUIRE_SHARED"]) and not self.shared:
             raise ValueError(
                 "RATELIMIT_REQUIRE_SHARED is set but RATELIMIT_STORAGE_URI is memory://, "
-                "which counts per process; use a shared storage such as redis://host:6379/0"
+                "which counts on one host only (in the process, or for the workers of one "
+                "gunicorn server); use a storage shared by every host such as "
+                "redis://host:6379/0"
             )
         self.prefix = str(config["RATELIMIT_KEY_PREFIX"] or "")
         self.backoff = float(config["RATELIMIT_FAILURE_BACKOFF"])
         self.extension = Limiter(
             key_func=client_address,
-            storage_uri=storage_uri(uri),
+            storage_uri=storage_uri(uri, str(config["RATELIMIT_STRATEGY"])),
             storage_options=storage_options(config),
         )
         try:
@@ -293,6 +311,8 @@ class RateLimits:
             raise ValueError(f"rate limits: {err}") from None
         detach_request_hooks(app, self.extension)
         self.enabled = self.extension.enabled
+        # Counted inside this process (so per worker when there are several).
+        self.per_process = isinstance(self.storage, MemoryStorage)
         self.degraded = False
         self._retry_at = 0.0  # time.monotonic() before which the storage is left alone
         # Client address -> the auth-failure window it has used up (see refuse_if_blocked).
