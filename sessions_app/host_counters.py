@@ -16,8 +16,8 @@ read and swept every ``SWEEP_EVERY`` hits of a process.
 
 Writers take turns on a lock file beside the counters (``<file>-writer``),
 as the SQLite storage does: the kernel hands a released flock to the next
-waiter at once where SQLite's busy handler sleeps, and the turns keep writers
-and checkpoints from running together on an SQLite with the WAL-reset bug.
+waiter at once where SQLite's busy handler sleeps (measured: the turns cost
+nothing per hit, and spare the waiters the busy handler's sleeps).
 
 A file that cannot be written (disk full, locked past ``BUSY_TIMEOUT_MS``,
 removed) raises :class:`sqlite3.OperationalError` and the like, which
