@@ -15,19 +15,18 @@ counters die with the server anyway. Windows past their end are ignored when
 read and swept every ``SWEEP_EVERY`` hits of a process.
 
 Writers take turns on a lock file beside the counters (``<file>-writer``),
-as the SQLite storage does: the kernel hands a released flock to the next
-waiter at once where SQLite's busy handler sleeps (measured: the turns cost
-nothing per hit, and spare the waiters the busy handler's sleeps).
+as the SQLite storage does (``storage_backends.sqlite.WritersTurn``): a
+waiter polls it more often than SQLite's busy handler would (measured: the
+turns cost nothing per hit).
 
-A file that cannot be written (disk full, locked past ``BUSY_TIMEOUT_MS``,
-removed) raises :class:`sqlite3.OperationalError` and the like, which
+A file that cannot be written (disk full, locked or its writers' turn taken
+past ``BUSY_TIMEOUT_MS``, removed) raises :class:`sqlite3.OperationalError` and the like, which
 :meth:`HostCounters.unreachable` calls an outage: the service's
 ``RATELIMIT_FAILURE_POLICY`` then applies, as for a stalled Redis.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 import time
@@ -35,6 +34,8 @@ from typing import Any
 
 from limits.storage import Storage
 from sqlite_utils.utils import sqlite3
+
+from storage_backends.sqlite import WritersTurn
 
 SCHEME = "agent-sessions+file"
 BUSY_TIMEOUT_MS = 200
@@ -88,24 +89,32 @@ class HostCounters(Storage):
                 isolation_level=None,
                 check_same_thread=False,
             )
+            writer_fd = None
             try:
                 connection.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                writer_fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
                 if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    with _turn(os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)):
+                    with self._turn(writer_fd):
                         connection.execute("PRAGMA journal_mode = WAL")
                 connection.execute("PRAGMA synchronous = OFF")
                 connection.execute(SCHEMA)
             except BaseException:
                 connection.close()
+                if writer_fd is not None:
+                    os.close(writer_fd)
                 raise
             local.connection = connection
-            local.writer_fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT, 0o600)
+            local.writer_fd = writer_fd
             local.pid = os.getpid()
         return local.connection, local.writer_fd
 
+    def _turn(self, fd: int) -> WritersTurn:
+        """This process's turn to write, waited for ``busy_timeout_ms`` at most."""
+        return WritersTurn(fd, self.busy_timeout_ms / 1000)
+
     def _write(self, sql: str, params: Any = ()) -> list[tuple]:
         connection, fd = self._connection()
-        with _turn(fd):
+        with self._turn(fd):
             return connection.execute(sql, params).fetchall()
 
     def _read(self, sql: str, params: Any = ()) -> tuple | None:
@@ -151,7 +160,7 @@ class HostCounters(Storage):
     def check(self) -> bool:
         """The file can be written (a read would pass while a writer holds it past the timeout)."""
         connection, fd = self._connection()
-        with _turn(fd):
+        with self._turn(fd):
             connection.execute("BEGIN IMMEDIATE")
             connection.execute("ROLLBACK")
         return True
@@ -173,18 +182,3 @@ class HostCounters(Storage):
     def unreachable(self, err: Exception) -> bool:
         """The file cannot be used (locked, full, gone, unreadable): the failure policy applies."""
         return isinstance(err, (sqlite3.OperationalError, sqlite3.DatabaseError, OSError))
-
-
-class _turn:
-    """This process's turn to write (an exclusive flock on the ``-writer`` file)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -11,18 +11,20 @@ Concurrency rules this module keeps:
   whatever the busy timeout.
 - The unique index on (agent_key, key) decides races between creates.
 - Writers take turns on a lock file beside the database (``<db>-writer``)
-  before they touch SQLite's own lock. SQLite's busy handler polls by
-  sleeping for a millisecond and more; the kernel hands a released flock to
-  the next waiter at once. It is a matter of speed, not of safety: SQLite's
-  own lock keeps writers apart either way.
+  before they touch SQLite's own lock (:class:`WritersTurn`). SQLite's busy
+  handler polls by sleeping for a millisecond and more; the turn is polled
+  every 50-500 µs. It is a matter of speed, not of safety: SQLite's own lock
+  keeps writers apart either way. The turn is waited for up to the busy
+  timeout, then the write is a 503.
 - Requests never checkpoint the WAL: each process's checkpointer thread
   does, every CHECKPOINT_INTERVAL_S, beside readers and writers (a PASSIVE
   checkpoint waits for neither). A request's connection checkpoints only
   past REQUEST_AUTOCHECKPOINT_PAGES, which bounds the WAL should the thread
   fall behind. Running a checkpoint beside other writers is safe from SQLite
   3.51.3 on (the WAL-reset bug, https://sqlite.org/wal.html#walresetbug);
-  the default install bundles a newer SQLite (``pysqlite3``), and an older
-  one is warned about at start.
+  the default install bundles a newer SQLite (``pysqlite3``). With an older
+  one (warned about at start) there is no checkpointer thread: SQLite's own
+  autocheckpoint runs inside the writers' turn.
 - Every connection comes from sqlite-utils' choice of library
   (``sqlite_utils.utils.sqlite3``: pysqlite3 when installed): two SQLite
   libraries in one process on one file would drop each other's POSIX locks.
@@ -41,6 +43,7 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -54,13 +57,16 @@ from .base import Unavailable
 from .codec import dump_json, format_ts, parse_ts
 from .sql import SCHEMA_VERSION, SQLStorage
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
+__all__ = ["SCHEMA_VERSION", "SQLiteStorage", "WritersTurn"]
 
 log = logging.getLogger(__name__)
 
 # SQLite before this release can corrupt a WAL database written by several
 # connections at once (https://sqlite.org/wal.html#walresetbug).
 WAL_RESET_FIXED = (3, 51, 3)
+# With such a SQLite, checkpoints run only inside a writer's turn, as SQLite's
+# own autocheckpoint does, never from a thread beside the writers.
+WAL_RESET_BUG = sqlite3.sqlite_version_info < WAL_RESET_FIXED
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # How often each process's checkpointer moves the WAL into the database.
 CHECKPOINT_INTERVAL_S = 1.0
@@ -133,18 +139,14 @@ class SQLiteStorage(SQLStorage):
     def _writing(self) -> Iterator[sqlite_utils.Database]:
         """This thread's connection, holding this process's turn to write (see the module doc).
 
-        The wait is not bounded here: a turn lasts one statement or transaction,
-        itself bounded by the busy timeout, and the kernel releases the turn of
-        a process that dies (gunicorn kills a worker stuck past its timeout).
+        The turn is waited for up to the busy timeout, like SQLite's own lock:
+        a holder that stalls (a stopped or traced process) makes this a 503,
+        never a worker hung until gunicorn kills it.
         """
         with _translated():
             connection = self._thread_connection()
-            fd = connection.writer_fd
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
+            with WritersTurn(connection.writer_fd, self.busy_timeout_ms / 1000):
                 yield connection.db
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -178,7 +180,8 @@ class SQLiteStorage(SQLStorage):
             connection = self._connect()
             local.connection = connection
             self._connections.add(connection)
-            self._start_checkpointer()
+            if not WAL_RESET_BUG:
+                self._start_checkpointer()
         return connection
 
     def _start_checkpointer(self) -> None:
@@ -205,7 +208,9 @@ class SQLiteStorage(SQLStorage):
                 if db.journal_mode != "wal":
                     db.enable_wal()
                 db.execute(f"PRAGMA synchronous = {self.synchronous}")
-                db.execute(f"PRAGMA wal_autocheckpoint = {REQUEST_AUTOCHECKPOINT_PAGES}")
+                if not WAL_RESET_BUG:
+                    # Else SQLite's default (1,000 pages), inside the writers' turn.
+                    db.execute(f"PRAGMA wal_autocheckpoint = {REQUEST_AUTOCHECKPOINT_PAGES}")
                 db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
                 self._ensure_schema(db)
                 # Each thread opens its own descriptor: flock turns are per open file.
@@ -254,6 +259,47 @@ class SQLiteStorage(SQLStorage):
                 version,
                 ".".join(map(str, WAL_RESET_FIXED)),
             )
+
+
+class WritersTurn:
+    """An exclusive flock on ``fd`` (a ``-writer`` file), waited for ``timeout`` seconds at most.
+
+    A free turn is taken at once. A taken one is polled for, with pauses
+    from 50 µs up to half a millisecond (below SQLite's busy handler, which
+    sleeps a millisecond and more), and past the timeout raises TimeoutError,
+    an OSError: both storages answer that as unavailable. A class rather than
+    a generator, as it wraps every write.
+    """
+
+    __slots__ = ("fd", "timeout")
+
+    def __init__(self, fd: int, timeout: float):
+        self.fd = fd
+        self.timeout = timeout
+
+    def __enter__(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + self.timeout
+        pause = 0.00005
+        while True:
+            time.sleep(pause)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"database is locked: the writers' turn was not free within "
+                        f"{self.timeout:g} s"
+                    ) from None
+            pause = min(pause * 2, 0.0005)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 class _ThreadConnection:

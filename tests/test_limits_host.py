@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import fcntl
 import multiprocessing
 import os
 import signal
@@ -177,19 +178,33 @@ def lock_the_file(path: Path) -> sqlite3.Connection:
     return holder
 
 
+class TakeTheTurn:
+    """Another writer holding the writers' turn (as a stopped or traced worker would)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(f"{path}-writer", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def rollback(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @pytest.mark.parametrize("policy", ["open", "closed"])
-@pytest.mark.parametrize("failure", ["locked", "missing directory"])
+@pytest.mark.parametrize("failure", ["locked", "turn taken", "missing directory"])
 def test_a_failing_file_follows_the_failure_policy(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, policy: str, failure: str
 ) -> None:
-    path = tmp_path / ("c.db" if failure == "locked" else "gone/c.db")
+    path = tmp_path / ("gone/c.db" if failure == "missing directory" else "c.db")
     app = service(monkeypatch, path, RATELIMIT_FAILURE_POLICY=policy, RATELIMIT_FAILURE_BACKOFF=0.2)
     _, token = Keys(app).create(("*", ALL_SCOPES))
     client = app.test_client()
     holder = None
-    if failure == "locked":
+    if failure != "missing directory":
         assert client.get(SESSIONS, headers={"x-api-key": token}).status_code == 200
-        holder = lock_the_file(path)
+        holder = lock_the_file(path) if failure == "locked" else TakeTheTurn(path)
     try:
         for _ in range(3):
             started = time.monotonic()
@@ -207,7 +222,7 @@ def test_a_failing_file_follows_the_failure_policy(
         if holder is not None:
             holder.rollback()
             holder.close()
-    if failure == "locked":
+    if holder is not None:
         time.sleep(0.25)  # past the backoff: counted again
         response = client.get(SESSIONS, headers={"x-api-key": token})
         assert response.status_code == 200 and "X-RateLimit-Limit" in response.headers

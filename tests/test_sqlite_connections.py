@@ -4,6 +4,7 @@ library, without the WAL-reset bug; checkpoints in a thread of their own."""
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import re
 import threading
@@ -14,7 +15,8 @@ import pytest
 from sqlite_utils.utils import sqlite3
 
 from sessions_app import maintenance
-from storage_backends import Agent, Session
+from storage_backends import Agent, Session, Unavailable
+from storage_backends import sqlite as sqlite_backend
 from storage_backends.sqlite import (
     CHECKPOINT_INTERVAL_S,
     REQUEST_AUTOCHECKPOINT_PAGES,
@@ -177,3 +179,41 @@ def test_a_thread_checkpoints_what_requests_write(storage, tmp_path):
     storage.close()
     assert not any(t.is_alive() for t in threads)
     assert not (tmp_path / "s.db-wal").exists()  # the last connection closed
+
+
+def test_a_writers_turn_held_elsewhere_is_unavailable_within_the_busy_timeout(tmp_path):
+    """A writer that stalls holding its turn (stopped, traced) costs others a 503, not a hang."""
+    storage = SQLiteStorage(str(tmp_path / "s.db"), busy_timeout_ms=300)
+    storage.create_agent(agent=Agent(key="bot", name="bot", created_at=T0, updated_at=T0))
+    holder = os.open(str(tmp_path / "s.db-writer"), os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="writers' turn"):
+            storage.create_session(
+                session=Session(key="s", agent_key="bot", name="n", created_at=T0, updated_at=T0)
+            )
+        assert 0.3 <= time.monotonic() - started < 2.0
+        assert storage.get_agent(agent_key="bot").key == "bot"  # reads go on
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    # Released: the next write takes the turn at once.
+    storage.create_session(
+        session=Session(key="s", agent_key="bot", name="n", created_at=T0, updated_at=T0)
+    )
+    storage.close()
+
+
+def test_an_sqlite_with_the_wal_reset_bug_checkpoints_only_inside_writers_turns(
+    tmp_path, monkeypatch
+):
+    """No checkpointer thread beside the writers; SQLite's own autocheckpoint, in the turn."""
+    monkeypatch.setattr(sqlite_backend, "WAL_RESET_BUG", True)
+    before = {t.ident for t in threading.enumerate() if t.name == "sqlite-checkpointer"}
+    storage = SQLiteStorage(str(tmp_path / "s.db"))
+    storage.create_agent(agent=Agent(key="bot", name="bot", created_at=T0, updated_at=T0))
+    started = {t.ident for t in threading.enumerate() if t.name == "sqlite-checkpointer"}
+    assert started <= before
+    assert storage.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    storage.close()
