@@ -34,11 +34,13 @@ Three ``limits`` storages registered for their own URL schemes make the
 counting cheap: ``memory://`` without the 10 ms expiry timer thread, and
 ``redis://`` where one Lua script counts the hit and returns the time left in
 the window, so the decision and the ``X-RateLimit-*`` numbers take one round
-trip. Both keep ``limits``' own key layout, so its strategies (and
+trip. Both keep ``limits``' own key layout, so its strategies (and, on Redis,
 Flask-Limiter's CLI) read the same counters. Under gunicorn with several
 workers, ``memory://`` counts in a SQLite file of the server's own instead
 (:mod:`sessions_app.host_counters`, path in ``COUNTERS_ENV``, set by
 ``gunicorn.conf.py``), so the limits are exact across the workers of a host.
+Flask-Limiter's CLI, a process of its own, sees neither the workers' memory
+nor that file: only Redis is shared with it.
 
 When the storage is unreachable (Redis stopped or stalled past
 ``RATELIMIT_TIMEOUT``), the request is served with a warning logged
