@@ -53,9 +53,8 @@ class KeyCache:
         if entry is not None and now - entry[0] < self.ttl:
             return entry[1]
         generation = self._generation
-        key = storage.get_api_key(
-            key_id=key_id
-        )  # stamped with the time before the read: never older than ttl
+        # Stamped with the time before the read: the entry is never older than ttl.
+        key = storage.get_api_key(key_id=key_id)
         if self.ttl > 0:
             self._store(key_id, now, key, generation)
         return key
