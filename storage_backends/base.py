@@ -7,6 +7,7 @@ Backends know nothing about HTTP: they raise the plain exceptions below and
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -50,6 +51,11 @@ class StaleHistory(Conflict):
 
 class PreconditionFailed(StorageError):
     """The caller's ``precondition`` refused the record as stored: nothing was written."""
+
+
+class IdempotencyKeyLost(StorageError):
+    """The request no longer holds its idempotency key (another took it over after the
+    lock ran out): what it wrote in the unit of work must not commit."""
 
 
 class AgentDisabled(StorageError):
@@ -192,6 +198,25 @@ Precondition = Callable[[_Record], bool]
 ANY_LAST_EVENT: Any = object()
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """An HTTP answer as remembered for an idempotency key: replayed byte for byte."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class IdempotencyRecord:
+    """What an idempotency key holds: the fingerprint of the request that claimed it, the
+    claim's token, and its answer once remembered (None while that request is in flight)."""
+
+    fingerprint: str
+    token: str
+    answer: Answer | None = None
+
+
 @dataclasses.dataclass
 class Page:
     """One page of a listing. ``next_cursor`` is the position after the last item, or None."""
@@ -233,6 +258,16 @@ class Storage(abc.ABC):
         Must not connect: it runs in the factory, before any fork.
         """
         log.info("storage: %s", type(self).__name__)
+
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
+        """A unit of work: the calls made inside it on this thread commit together, or
+        not at all when the block raises (a call that raises inside it undoes only its own
+        part, so the block may go on). Units nest.
+
+        The SQL backends run it as one transaction (nested calls as savepoints);
+        the memory backend holds its lock for the block, and has no rollback.
+        """
+        return contextlib.nullcontext()
 
     # Agents
 
@@ -516,3 +551,41 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
         """Mark the key revoked (idempotent). Raises :class:`ApiKeyNotFound`."""
+
+    # Idempotency keys: a request's answer, remembered for its retries
+
+    @abc.abstractmethod
+    def claim_idempotency_key(
+        self,
+        *,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        now: dt.datetime,
+        locked_until: dt.datetime,
+        expires_at: dt.datetime,
+    ) -> IdempotencyRecord:
+        """Claim ``key`` (within ``scope``) for the request ``fingerprint``, with ``token``.
+
+        The claim is taken, and committed at once, when the key holds nothing, a
+        record expired at ``now``, or a claim of the same fingerprint whose lock
+        ended (its request died unanswered). Returns the record as stored: the
+        caller holds the key when its ``token`` is the caller's and ``answer`` is
+        None. Claims of one key are decided one at a time, across processes.
+        """
+
+    @abc.abstractmethod
+    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
+        """Remember ``answer`` for the claim ``token``; inside :meth:`atomic`, in the same
+        transaction as the write it answers. Raises :class:`IdempotencyKeyLost` when the
+        claim is no longer ``token``'s (nothing is remembered)."""
+
+    @abc.abstractmethod
+    def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:
+        """Give up the claim ``token`` unanswered (a retry is processed anew); a claim that
+        is no longer ``token``'s is left alone."""
+
+    @abc.abstractmethod
+    def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
+        """Remove every idempotency record expired at ``now``; return how many."""

@@ -10,6 +10,7 @@ so its cost does not grow with its depth.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -26,11 +27,14 @@ from .base import (
     Agent,
     AgentDisabled,
     AgentNotFound,
+    Answer,
     ApiKey,
     ApiKeyNotFound,
     Conflict,
     Event,
     EventNotFound,
+    IdempotencyKeyLost,
+    IdempotencyRecord,
     Page,
     Precondition,
     PreconditionFailed,
@@ -83,13 +87,16 @@ class MemoryStorage(Storage):
         filter_scan_rows: int = config.Config.FILTER_SCAN_ROWS,
         filter_scan_seconds: float = config.Config.FILTER_SCAN_SECONDS,
     ) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a unit of work (atomic) holds it across the calls made inside.
+        self._lock = threading.RLock()
         self._seq = itertools.count(1)
         self._agents = _Table()
         self._sessions: dict[str, _Table] = {}
         self._keys = _Table()
         #: each session's history, by the session's sequence number
         self._events: dict[int, _Events] = {}
+        #: (scope, key) -> the record and its lock's and its own expiry
+        self._idempotency: dict[tuple[str, str], _Claim] = {}
         self.filter_scan_rows = int(filter_scan_rows)
         self.filter_scan_seconds = float(filter_scan_seconds)
 
@@ -106,6 +113,13 @@ class MemoryStorage(Storage):
 
     def check(self) -> None:
         return None
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """The lock, held for the block: no other thread sees it half done. There is no
+        rollback (what the block stored before it raised stays stored)."""
+        with self._lock:
+            yield
 
     # Agents
 
@@ -493,6 +507,61 @@ class MemoryStorage(Storage):
                 key = dataclasses.replace(key, revoked_at=now)
                 self._keys[key_id] = (seq, key)
             return _copy(key)
+
+    # Idempotency keys
+
+    def claim_idempotency_key(
+        self,
+        *,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        now: dt.datetime,
+        locked_until: dt.datetime,
+        expires_at: dt.datetime,
+    ) -> IdempotencyRecord:
+        with self._lock:
+            held = self._idempotency.get((scope, key))
+            if (
+                held is None
+                or held.expires_at <= now
+                or (
+                    held.record.answer is None
+                    and held.locked_until <= now
+                    and held.record.fingerprint == fingerprint
+                )
+            ):
+                held = _Claim(IdempotencyRecord(fingerprint, token), locked_until, expires_at)
+                self._idempotency[scope, key] = held
+            return held.record
+
+    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
+        with self._lock:
+            held = self._idempotency.get((scope, key))
+            if held is None or held.record.token != token or held.record.answer is not None:
+                raise IdempotencyKeyLost(key)
+            held.record = dataclasses.replace(held.record, answer=answer)
+
+    def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:
+        with self._lock:
+            held = self._idempotency.get((scope, key))
+            if held is not None and held.record.token == token and held.record.answer is None:
+                del self._idempotency[scope, key]
+
+    def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
+        with self._lock:
+            expired = [name for name, held in self._idempotency.items() if held.expires_at <= now]
+            for name in expired:
+                del self._idempotency[name]
+            return len(expired)
+
+
+@dataclasses.dataclass
+class _Claim:
+    record: IdempotencyRecord
+    locked_until: dt.datetime
+    expires_at: dt.datetime
 
 
 class _Events:

@@ -137,6 +137,8 @@ class PostgresStorage(SQLStorage):
             raise ValueError("POSTGRES_TIMEOUT must be a positive number of seconds")
         self._params = conninfo_to_dict(conninfo)
         self._lock = threading.Lock()
+        # This thread's open unit of work (atomic), if any.
+        self._local = threading.local()
         self._pool: ConnectionPool | None = None
         self._pool_pid: int | None = None
         self._schema_ready = False
@@ -282,8 +284,31 @@ class PostgresStorage(SQLStorage):
 
         Raises :class:`Unavailable` when the server cannot be reached.
         """
+        unit = getattr(self._local, "unit", None)
+        if unit is not None:
+            # Inside atomic(): its connection, in a savepoint, so that a statement that
+            # fails (a duplicate key the caller handles) undoes only itself.
+            with self._translated(), unit.transaction():
+                yield unit
+            return
         with self._translated(), self._get_pool().connection() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One transaction on one pooled connection for the block; every call inside
+        runs on it (a transaction of its own becomes a savepoint)."""
+        local = self._local
+        if getattr(local, "unit", None) is not None:
+            with self._transaction():
+                yield
+            return
+        with self._transaction() as conn:
+            local.unit = conn
+            try:
+                yield
+            finally:
+                local.unit = None
 
     @contextlib.contextmanager
     def _translated(self, *also: type[Exception]) -> Iterator[None]:

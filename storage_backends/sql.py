@@ -44,12 +44,15 @@ from .base import (
     Agent,
     AgentDisabled,
     AgentNotFound,
+    Answer,
     ApiKey,
     ApiKeyNotFound,
     Conflict,
     Event,
     EventNotFound,
     Grant,
+    IdempotencyKeyLost,
+    IdempotencyRecord,
     Page,
     Precondition,
     PreconditionFailed,
@@ -59,6 +62,7 @@ from .base import (
     SessionNotFound,
     StaleHistory,
     Storage,
+    Unavailable,
 )
 from .codec import dump_json, filter_rows, merge_patch
 
@@ -192,6 +196,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE hide_reason IS NULL",
         ),
     ),
+    Migration(
+        4,
+        "idempotency keys: a request's answer, remembered for its retries",
+        # status is NULL while the claiming request is in flight; the answer's
+        # headers are a JSON list of [name, value] pairs, its body the bytes sent.
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS idempotency_keys (scope TEXT NOT NULL, key TEXT NOT NULL, "
+            "fingerprint TEXT NOT NULL, token TEXT NOT NULL, status INTEGER, headers TEXT, "
+            "body BLOB, locked_until TEXT NOT NULL, expires_at TEXT NOT NULL, "
+            "PRIMARY KEY (scope, key))",
+            "CREATE INDEX IF NOT EXISTS idx_idempotency_keys_expires_at "
+            "ON idempotency_keys (expires_at)",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS idempotency_keys (
+            scope text NOT NULL, key text NOT NULL, PRIMARY KEY (scope, key),
+            fingerprint text NOT NULL, token text NOT NULL, status integer, headers json,
+            body bytea, locked_until timestamptz NOT NULL, expires_at timestamptz NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at "
+            "ON idempotency_keys (expires_at)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -306,6 +332,32 @@ LAST_EVENT_ID = (
     "SELECT id FROM events /*INDEXED BY idx_events_session_seq*/ "
     "WHERE session_id = ? ORDER BY seq DESC LIMIT 1"
 )
+# Idempotency keys. A claim goes in where the key holds nothing, or replaces a
+# record expired at ``now`` or an unanswered claim of the same request whose lock
+# ended; it returns a row only when it went in (the database decides racing claims).
+CLAIM_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys (scope, key, fingerprint, token, locked_until, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+    "fingerprint = excluded.fingerprint, token = excluded.token, status = NULL, "
+    "headers = NULL, body = NULL, locked_until = excluded.locked_until, "
+    "expires_at = excluded.expires_at "
+    "WHERE idempotency_keys.expires_at <= ? OR (idempotency_keys.status IS NULL "
+    "AND idempotency_keys.locked_until <= ? "
+    "AND idempotency_keys.fingerprint = excluded.fingerprint) "
+    "RETURNING token"
+)
+GET_IDEMPOTENCY_KEY = (
+    "SELECT fingerprint, token, status, headers, body FROM idempotency_keys "
+    "WHERE scope = ? AND key = ?"
+)
+FINISH_IDEMPOTENCY_KEY = (
+    "UPDATE idempotency_keys SET status = ?, headers = ?, body = ? "
+    "WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
+)
+RELEASE_IDEMPOTENCY_KEY = (
+    "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
+)
+PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
 EVENT_BATCH = 1_000  # rows per query of iter_events
 IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
@@ -845,6 +897,53 @@ class SQLStorage(Storage, abc.ABC):
                 self._sql(PURGE_EXPIRED),
                 [self.encode_ts(now)],
             ).rowcount
+
+    # Idempotency keys
+
+    def claim_idempotency_key(
+        self,
+        *,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        now: dt.datetime,
+        locked_until: dt.datetime,
+        expires_at: dt.datetime,
+    ) -> IdempotencyRecord:
+        encode = self.encode_ts
+        claim = [scope, key, fingerprint, token, encode(locked_until), encode(expires_at)]
+        claim += [encode(now), encode(now)]
+        # A record purged between the claim and the read is claimed again.
+        for _ in range(3):
+            with self._writing() as conn:
+                if conn.execute(self._sql(CLAIM_IDEMPOTENCY_KEY), claim).fetchone() is not None:
+                    return IdempotencyRecord(fingerprint, token)
+            with self._reading() as conn:
+                row = conn.execute(self._sql(GET_IDEMPOTENCY_KEY), [scope, key]).fetchone()
+            if row is not None:
+                stored_fingerprint, stored_token, status, headers, body = row
+                answer = None
+                if status is not None:
+                    pairs = tuple((name, value) for name, value in self.decode_json(headers))
+                    answer = Answer(status, pairs, bytes(body))
+                return IdempotencyRecord(stored_fingerprint, stored_token, answer)
+        raise Unavailable("the idempotency key could not be claimed; retry")
+
+    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
+        headers = self.encode_json([list(pair) for pair in answer.headers])
+        params = [answer.status, headers, answer.body, scope, key, token]
+        with self._writing() as conn:
+            if conn.execute(self._sql(FINISH_IDEMPOTENCY_KEY), params).rowcount == 0:
+                raise IdempotencyKeyLost(key)
+
+    def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:
+        with self._writing() as conn:
+            conn.execute(self._sql(RELEASE_IDEMPOTENCY_KEY), [scope, key, token])
+
+    def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
+        with self._writing() as conn:
+            return conn.execute(self._sql(PURGE_IDEMPOTENCY_KEYS), [self.encode_ts(now)]).rowcount
 
     # Events
 

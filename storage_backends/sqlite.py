@@ -143,6 +143,11 @@ class SQLiteStorage(SQLStorage):
         a holder that stalls (a stopped or traced process) makes this a 503,
         never a worker hung until gunicorn kills it.
         """
+        unit = getattr(self._local, "unit", None)
+        if unit is not None:  # inside atomic(): its transaction, its turn
+            with _translated():
+                yield unit
+            return
         with _translated():
             connection = self._thread_connection()
             with WritersTurn(connection.writer_fd, self.busy_timeout_ms / 1000):
@@ -150,8 +155,29 @@ class SQLiteStorage(SQLStorage):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite_utils.Database]:
+        unit = getattr(self._local, "unit", None)
+        if unit is not None:
+            with _translated(), _savepoint(unit):
+                yield unit
+            return
         with self._writing() as db, _immediate(db):
             yield db
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction, in the writers' turn, for the block; every
+        write inside joins it (a transaction of its own becomes a savepoint)."""
+        local = self._local
+        if getattr(local, "unit", None) is not None:
+            with self._transaction():
+                yield
+            return
+        with self._writing() as db, _immediate(db):
+            local.unit = db
+            try:
+                yield
+            finally:
+                local.unit = None
 
     # The UPDATE and the removal of an expired session commit together.
     _update_transaction = _transaction
@@ -393,6 +419,21 @@ def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
         raise
+
+
+@contextlib.contextmanager
+def _savepoint(db: sqlite_utils.Database) -> Iterator[None]:
+    """A nested transaction inside an open one: undone alone when the block fails."""
+    db.execute("SAVEPOINT nested")
+    try:
+        yield
+    except BaseException:
+        if db.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK TO nested")
+                db.execute("RELEASE nested")
+        raise
+    db.execute("RELEASE nested")
 
 
 # Errors that mean "try again later" rather than "this request is wrong".

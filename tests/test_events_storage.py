@@ -93,12 +93,12 @@ def test_a_schema_2_database_takes_events_on_its_sessions(sql_url):
         storage.close()
     if sql_url.startswith("sqlite:"):
         with sqlite3.connect(sql_url[len("sqlite:///") :]) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
             assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
     else:
         with psycopg.connect(sql_url, autocommit=True) as conn:
             versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-            assert versions == [1, 2, 3]
+            assert versions == [1, 2, 3, 4]
             assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
 
 

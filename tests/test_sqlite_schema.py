@@ -87,7 +87,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 3
+    assert user_version(path) == SCHEMA_VERSION == 4
     assert "idx_sessions_expires_at" not in indexes(path)
     assert "idx_sessions_expiring" in indexes(path)
     assert migrated.purge_expired_sessions(now=T0 + dt.timedelta(minutes=5)) == 1
