@@ -47,6 +47,12 @@ class Config:
     # Number of trusted reverse proxies in front of the service (for client addresses).
     PROXY_COUNT = 0
 
+    # Idempotency-Key (sessions_app/idempotency.py): seconds an answer is remembered
+    # for retries, and seconds after which a claim whose request never answered
+    # (its worker was killed) may be taken over by a retry.
+    IDEMPOTENCY_KEY_TTL_SECONDS = 24 * 60 * 60
+    IDEMPOTENCY_KEY_LOCK_SECONDS = 30
+
     # Rate limits (Flask-Limiter reads the RATELIMIT_* keys itself).
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_STRATEGY = "fixed-window"
@@ -198,6 +204,8 @@ CHECKS: dict[str, Check] = {
     "EVENT_MAX_DEPTH": integer(1, 200),
     "FILTER_SCAN_ROWS": integer(1, 10_000_000),
     "FILTER_SCAN_SECONDS": number(0.001, 60),
+    "IDEMPOTENCY_KEY_TTL_SECONDS": integer(1, 366 * 24 * 60 * 60),
+    "IDEMPOTENCY_KEY_LOCK_SECONDS": integer(1, 24 * 60 * 60),
     "POSTGRES_POOL_MIN": integer(0, 1000),
     "POSTGRES_POOL_MAX": integer(1, 1000),
     "POSTGRES_TIMEOUT": number(0.001, 3600),

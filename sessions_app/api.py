@@ -23,7 +23,7 @@ from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, Sess
 from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, utcnow
 
-from . import auth, errors, etags, http, metrics, rate_limits
+from . import auth, errors, etags, http, idempotency, metrics, rate_limits
 from .errors import ApiError
 from .events import (
     EventBatchSchema,
@@ -105,6 +105,7 @@ def endpoint(
     body_limit: str | None = None,
     authorize: Callable[[dict[str, str], dict[str, Any]], None] | None = None,
     etag: type[Schema] | None = None,
+    idempotent: bool = False,
     **described: Any,
 ) -> Callable:
     """Declare a view: its query and body schemas (loaded into ``query=`` and ``body=``),
@@ -122,6 +123,10 @@ def endpoint(
     to the view as ``precondition=``, for the storage to check in the write's
     own transaction. A create (POST) only answers the tag.
 
+    ``idempotent``: a POST that creates something, which takes an
+    ``Idempotency-Key`` (:mod:`.idempotency`): once its body is read and its
+    permissions checked, the rest runs once per key, and retries get its answer.
+
     The order of refusals is the contract's: a bad query or body is a 400 only
     once the records the path names are known to exist (404 before 400), and a
     missing session of a missing agent is ``agent_not_found``.
@@ -131,14 +136,21 @@ def endpoint(
     response_schema = response() if response is not None else None
     etag_schema = etag() if etag is not None else None
     declared = Operation(
-        tag, status, response, body=body, query=query, etag=etag is not None, **described
+        tag,
+        status,
+        response,
+        body=body,
+        query=query,
+        etag=etag is not None,
+        idempotent=idempotent,
+        **described,
     )
 
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapper(**path: str) -> Response:
             inputs: dict[str, Any] = {}
-            conditions = method = None
+            conditions = method = raw = None
             try:
                 if etag_schema is not None:
                     environ = request.environ  # one look through the proxy, not three
@@ -152,10 +164,31 @@ def endpoint(
                 elif request.args:
                     raise ValidationError(dict.fromkeys(request.args, ["Unknown field."]))
                 if body_schema is not None:
+                    key = idempotency.requested(request.environ) if idempotent else None
                     limit = current_app.config[body_limit] if body_limit else None
                     raw = http.json_object(limit)
                     if authorize is not None:
                         authorize(path, raw)
+                    if key is not None:
+                        return idempotency.remembered(
+                            key, raw, functools.partial(respond, path, inputs, raw, conditions)
+                        )
+            except (ValidationError, ApiError, HTTPException) as err:
+                if _is_bad_input(err):
+                    check_path(path.get("agent_key"), path.get("session_key"))
+                raise
+            return respond(path, inputs, raw, conditions if method in ("GET", "HEAD") else None)
+
+        def respond(
+            path: dict[str, str],
+            inputs: dict[str, Any],
+            raw: Any,
+            conditions: etags.Conditions | None,
+        ) -> Response:
+            """The view's answer, once the request is read (and, with an Idempotency-Key,
+            claimed): the body loaded, the view run, its result dumped."""
+            try:
+                if raw is not None:
                     inputs["body"] = body_schema.load(raw)
                 result = view(**path, **inputs)
             except (ValidationError, ApiError, HTTPException) as err:
@@ -174,7 +207,7 @@ def endpoint(
                 return http.json_response(response_schema.dump(obj), status, headers)
             data = etags.representation(response_schema.dump(obj))
             etag = etags.tag(data)
-            if conditions is not None and method in ("GET", "HEAD"):
+            if conditions is not None:  # a read's (a write's are the storage's to check)
                 if not conditions.matches(etag):
                     return errors.precondition_failed()
                 if not conditions.none_match(etag):
@@ -236,6 +269,7 @@ def authorize_fork(path: dict[str, str], body: dict[str, Any]) -> None:
     statuses=(409,),
     headers=("Location",),
     etag=SessionSchema,
+    idempotent=True,
     examples={"request": SESSION_REQUEST, "response": SESSION},
     errors={
         403: "`forbidden`: the key lacks sessions:create on this agent, or (with "
@@ -461,6 +495,7 @@ def get_event(agent_key: str, session_key: str, event_id: str) -> Any:
     body=EventCreateSchema,
     body_limit="EVENT_MAX_BYTES",
     authorize=authorize_event_write,
+    idempotent=True,
     stream=True,
     examples={
         "request": EVENT_REQUEST,
@@ -516,6 +551,7 @@ def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
     EventsCreatedSchema,
     body=EventBatchSchema,
     body_limit="EVENTS_MAX_CONTENT_LENGTH",
+    idempotent=True,
     examples={
         "request": EVENT_BATCH_REQUEST,
         "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
@@ -618,6 +654,7 @@ def delete_event(agent_key: str, session_key: str, event_id: str) -> None:
     AgentSchema,
     body=AgentCreateSchema,
     statuses=(409,),
+    idempotent=True,
     headers=("Location",),
     etag=AgentSchema,
     examples={
@@ -686,6 +723,14 @@ def delete_agent(agent_key: str, precondition: Any) -> None:
 )
 def create_api_key(body: dict[str, Any]) -> Any:
     """Create an API key; its secret appears in this response only."""
+    if idempotency.ENVIRON_KEY in request.environ:
+        # A replay would show the secret twice; a retry that must not make a second
+        # key looks for the first by name (GET /api_keys) instead.
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"{idempotency.HEADER}: not taken here: a key's secret is shown once only.",
+        )
     body["grants"] = [Grant(grant["agent"], tuple(grant["scopes"])) for grant in body["grants"]]
     key, token = auth.new_api_key(**body)
     return NewApiKey(**vars(key), secret=token)

@@ -243,6 +243,18 @@ HANDLERS = (
 )
 
 
+def client_error_response(err: Exception) -> Response | None:
+    """The answer a handler gives ``err`` when it is the client's (a 4xx), else None."""
+    if isinstance(err, Unavailable) or (isinstance(err, ApiError) and err.status >= 500):
+        return None
+    if isinstance(err, HTTPException) and (err.code or 500) >= 500:
+        return None
+    for exc, handler in HANDLERS[:-1]:  # not the catch-all's 500
+        if isinstance(err, exc):
+            return handler(err)
+    return None
+
+
 def register(target: Flask | Blueprint) -> None:
     """Install the handlers on an app (everything) or a blueprint (its own views)."""
     for exc, handler in HANDLERS:

@@ -69,8 +69,11 @@ WRITE_IF = {"400", "412"}
 READ_IF = WRITE_IF | {"304"}
 
 # Statuses each operation documents: success, then every error it can answer.
+# A create that takes an Idempotency-Key: 409 in use, 422 mismatch.
+IDEMPOTENT = {"409", "422"}
+
 STATUSES = [
-    ("POST", "/v2/agents/{agent_key}/sessions", {"201", "404", "409"} | KEYED | BODIED),
+    ("POST", "/v2/agents/{agent_key}/sessions", {"201", "404"} | KEYED | BODIED | IDEMPOTENT),
     ("GET", "/v2/agents/{agent_key}/sessions", {"200", "400", "404"} | KEYED),
     ("GET", "/v2/agents/{agent_key}/sessions/{session_key}", {"200", "404"} | KEYED | READ_IF),
     (
@@ -79,13 +82,13 @@ STATUSES = [
         {"200", "404"} | KEYED | BODIED | WRITE_IF,
     ),
     ("DELETE", "/v2/agents/{agent_key}/sessions/{session_key}", {"204", "404"} | KEYED | WRITE_IF),
-    ("POST", "/v2/agents", {"201", "409"} | KEYED | BODIED),
+    ("POST", "/v2/agents", {"201"} | KEYED | BODIED | IDEMPOTENT),
     ("GET", "/v2/agents", {"200", "400"} | KEYED),
     ("DELETE", "/v2/api_keys/{key_id}", {"204", "404"} | KEYED),
     ("POST", "/v2/api_keys", {"201"} | KEYED | BODIED),
     ("GET", EVENTS, {"200", "400", "404"} | KEYED),
-    ("POST", EVENTS, {"201", "404", "409"} | KEYED | BODIED),
-    ("POST", f"{EVENTS}/batch", {"201", "404", "409"} | KEYED | BODIED),
+    ("POST", EVENTS, {"201", "404"} | KEYED | BODIED | IDEMPOTENT),
+    ("POST", f"{EVENTS}/batch", {"201", "404"} | KEYED | BODIED | IDEMPOTENT),
     ("GET", f"{EVENTS}/{{event_id}}", {"200", "404"} | KEYED),
     ("DELETE", f"{EVENTS}/{{event_id}}", {"204", "404"} | KEYED),
     ("POST", f"{EVENTS}/{{event_id}}/hide", {"200", "404"} | KEYED),
@@ -105,7 +108,8 @@ def test_records_document_their_etag_and_conditions(doc: dict[str, Any], path: s
     assert "ETag" in doc["components"]["headers"]
     created = doc["paths"][collection]["post"]
     assert "ETag" in created["responses"]["201"]["headers"]
-    assert not any(p["in"] == "header" for p in created.get("parameters", []))
+    headers = [p["name"] for p in created.get("parameters", []) if p["in"] == "header"]
+    assert headers == ["Idempotency-Key"]  # no conditions on a create
     for method in ("get", "patch", "delete"):
         operation = doc["paths"][path][method]
         named = {p["name"] for p in operation["parameters"] if p["in"] == "header"}
@@ -235,7 +239,7 @@ def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> Non
     listing = doc["paths"][EVENTS]["get"]
     query = {p["name"] for p in listing["parameters"] if p["in"] == "query"}
     assert query == {"limit", "page_key", "include_hidden", "order", "type"}
-    path = {p["name"]: p for p in create["parameters"]}
+    path = {p["name"]: p for p in create["parameters"] if p["in"] == "path"}
     assert set(path) == {"agent_key", "session_key"}
     get = doc["paths"][f"{EVENTS}/{{event_id}}"]["get"]
     param = next(p for p in get["parameters"] if p["name"] == "event_id")

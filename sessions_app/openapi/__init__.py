@@ -61,6 +61,8 @@ class Operation:
     stream: bool = False  # the success may also be text/event-stream
     # The record answers an ETag; reads and writes of it take If-Match and If-None-Match.
     etag: bool = False
+    # A create that takes an Idempotency-Key (sessions_app/idempotency.py).
+    idempotent: bool = False
 
 
 def operation(tag: str, status: int, response: Any = None, **kwargs: Any) -> Callable:
@@ -127,6 +129,8 @@ ERROR_DESCRIPTIONS = {
     412: "`precondition_failed`: `If-Match` names none of the record's current entity tag "
     "(a weak tag never matches), or `If-None-Match` names it (or is `*`); nothing was "
     "changed.",
+    422: "`idempotency_key_mismatch`: this `Idempotency-Key` was used for another request "
+    "(method, path or body) of this API key; nothing was done. A new request needs a new key.",
     415: "`unsupported_media_type`: the body is not UTF-8 JSON (`application/json`), is a "
     "JSON patch format (merge-patch, json-patch), or has a `Content-Encoding` other than "
     "`identity`.",
@@ -151,6 +155,11 @@ HEADERS = {
         "delete the record only as you last saw it, or in `If-None-Match` to read it only "
         "when it changed.",
         "schema": {"type": "string"},
+    },
+    "Idempotent-Replayed": {
+        "description": "`true` on an answer replayed for a repeated `Idempotency-Key`: the "
+        "status, headers and body the first request was answered, byte for byte.",
+        "schema": {"type": "string", "enum": ["true"]},
     },
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
@@ -194,6 +203,27 @@ CONDITION_PARAMETERS = [
         "schema": {"type": "string"},
     },
 ]
+
+# The request header of a create that can be retried safely (sessions_app/idempotency.py).
+IDEMPOTENCY_PARAMETER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "description": "1 to 255 printable ASCII characters, unique per request (a UUID, say), "
+    "scoped to the API key. The first request with it is processed and its answer (2xx or "
+    "4xx) remembered for 24 hours; a retry with the same key, method, path and body gets "
+    "that answer again, with `Idempotent-Replayed: true`, and writes nothing. The same key "
+    "with another body, path or method: 422 `idempotency_key_mismatch`. While the first is "
+    "still in flight: 409 `idempotency_key_in_use` with `Retry-After`. A 5xx is not "
+    "remembered, nor a refusal before the body was read (401, 403, 429, a body that is not "
+    "a JSON object). Malformed: 400 `invalid_request`.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+    "example": "0b4c7d62-9a51-4e0f-8f3b-2f6a1c9d7e44",
+}
+IN_USE = (
+    " `idempotency_key_in_use`: a request with this `Idempotency-Key` is still being "
+    "processed; retry after `Retry-After` seconds."
+)
 
 INFO_DESCRIPTION = """\
 Conversational sessions between users and AI agents.
@@ -341,6 +371,9 @@ class _Builder:
         if conditional:
             described["parameters"] += [dict(one) for one in CONDITION_PARAMETERS]
             statuses |= {400, 412}
+        if doc.idempotent:
+            described["parameters"].append(dict(IDEMPOTENCY_PARAMETER))
+            statuses |= {400, 409, 422}
         statuses |= set(doc.errors)
         responses = {str(doc.status): self.success(doc, needs_key)}
         if conditional and method == "GET":
@@ -374,8 +407,9 @@ class _Builder:
         response: dict[str, Any] = {"description": descriptions[doc.status]}
         # Every authenticated call counts against a limit of its key.
         etag = ("ETag",) if doc.etag and doc.response is not None else ()
+        replayed = ("Idempotent-Replayed",) if doc.idempotent else ()
         response["headers"] = _headers(
-            *doc.headers, *etag, *(RATE_LIMIT_HEADERS if needs_key else ())
+            *doc.headers, *etag, *replayed, *(RATE_LIMIT_HEADERS if needs_key else ())
         )
         if doc.response is not None:
             if isinstance(doc.response, dict):
@@ -423,7 +457,13 @@ class _Builder:
                 " `invalid_request` too: an `If-Match` or `If-None-Match` that is not `*` or "
                 "a list of entity tags."
             )
+        if status == 400 and doc.idempotent:
+            description += " `invalid_request` too: a malformed `Idempotency-Key`."
+        if status == 409 and doc.idempotent:
+            description += IN_USE
         headers: tuple[str, ...] = ()
+        if status == 409 and doc.idempotent:
+            headers = ("Retry-After",)
         if status == 429:
             headers = ("Retry-After", *RATE_LIMIT_HEADERS)
         elif status == 503:
