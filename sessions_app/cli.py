@@ -500,9 +500,12 @@ def delete_session(agent_key: str, session_key: str, yes: bool) -> None:
 @sessions.command("purge-expired")
 @one_line_errors
 def purge_expired() -> None:
-    """Remove sessions idle past their TTI (suitable for cron)."""
-    removed = storage().purge_expired_sessions(now=utcnow())
-    echo(f"removed {removed} expired sessions")
+    """Remove sessions idle past their TTI, and expired idempotency records (suitable for
+    cron)."""
+    store, now = storage(), utcnow()
+    removed = store.purge_expired_sessions(now=now)
+    records = store.purge_expired_idempotency_keys(now=now)
+    echo(f"removed {removed} expired sessions and {records} expired idempotency records")
 
 
 # Export and import: a session and its whole history as JSON Lines

@@ -326,10 +326,22 @@ def test_purge_expired(env: dict[str, str], url: str) -> None:
                     updated_at=stamp,
                 )
             )
+        for key, expires in [("old", long_ago), ("live", now + dt.timedelta(hours=1))]:
+            store.claim_idempotency_key(
+                scope="ak_1",
+                key=key,
+                fingerprint="f",
+                token="t",
+                now=long_ago,
+                locked_until=long_ago,
+                expires_at=expires,
+            )
     finally:
         store.close()
-    assert "removed 1 expired" in cli("sessions", "purge-expired", env=env).stdout
-    assert "removed 0 expired" in cli("sessions", "purge-expired", env=env).stdout
+    first = cli("sessions", "purge-expired", env=env).stdout
+    assert "removed 1 expired sessions and 1 expired idempotency records" in first
+    again = cli("sessions", "purge-expired", env=env).stdout
+    assert "removed 0 expired sessions and 0 expired idempotency records" in again
     store = storage_from_url(url, {})
     try:
         page = store.list_sessions(agent_key=AGENT, limit=10, now=long_ago)
