@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -36,11 +37,13 @@ from typing import Any
 from flask import current_app, g, request
 from werkzeug.wrappers import Response
 
-from storage_backends import Answer, IdempotencyKeyLost
+from storage_backends import Answer, IdempotencyKeyLost, StorageError
 from storage_backends.codec import utcnow
 
 from . import errors
 from .errors import ApiError
+
+log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 ENVIRON_KEY = "HTTP_IDEMPOTENCY_KEY"
@@ -115,18 +118,38 @@ def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) 
             raise in_use() from None
         return response
 
+    def release() -> None:
+        try:
+            storage.release_idempotency_key(scope=scope, key=key, token=token)
+        except StorageError as err:  # the claim waits out its lock instead
+            log.warning("idempotency key not released: %s", err)
+
     try:
         with storage.atomic():
-            return finish(respond())
+            response = respond()
+            if response.status_code >= 500:
+                raise _ServerError(response)
+            return finish(response)
+    except _ServerError as failed:  # rolled back; the retry is processed anew
+        release()
+        return failed.response
     except Exception as err:
         if isinstance(err, ApiError) and err.error == "idempotency_key_in_use":
             raise
         refused = errors.client_error_response(err)
         if refused is None:  # a 5xx: the retry is processed anew
-            storage.release_idempotency_key(scope=scope, key=key, token=token)
+            release()
             raise
         # Rolled back, so nothing was written: the refusal is remembered on its own.
         return finish(refused)
+
+
+class _ServerError(Exception):
+    """A view answered a 5xx without raising: its unit of work is rolled back all the same."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status_code)
+        self.response = response
 
 
 def replay(answer: Answer) -> Response:
