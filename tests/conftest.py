@@ -11,9 +11,11 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
 from storage_backends import Grant, storage_from_url
@@ -104,6 +106,15 @@ def postgres_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
             # Bounded: a leftover connection holding a lock must not hang the suite.
             conn.execute("SET lock_timeout = '10s'")
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def sqlite_integrity(path: Path) -> str:
+    """What ``PRAGMA integrity_check`` says of the SQLite file at ``path``: "ok" when whole."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
 
 
 @pytest.fixture

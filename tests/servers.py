@@ -14,6 +14,8 @@ from pathlib import Path
 
 import requests
 
+from tests.conftest import postgres_schema, require_server
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -141,6 +143,28 @@ class Server:
 def serving(env: dict[str, str], tmp_path: Path, **kwargs) -> Iterator[Server]:
     with Server(env, log_path=tmp_path / f"gunicorn-{free_port()}.log", **kwargs) as server:
         yield server
+
+
+@contextlib.contextmanager
+def serving_store(
+    backend: str, tmp_path: Path, settings: dict[str, str], grants: str | None = None
+) -> Iterator[tuple[Server, str, str]]:
+    """A gunicorn with 4 workers on a fresh ``sqlite`` file or ``postgres`` schema.
+
+    ``settings`` are added to the environment; the agent support-bot and a key
+    with ``grants`` (see ``bootstrap``) are made through the CLI before the
+    server starts. Yields the server, the key's token and the storage URL.
+    """
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path}/sessions.db"
+        else:
+            require_server("PostgreSQL", "127.0.0.1", 5432)
+            url = stack.enter_context(postgres_schema())
+        env = {"AGENT_SESSIONS_STORAGE_URL": url, **settings}
+        token = bootstrap(env, grants=grants)
+        server = stack.enter_context(serving(env, tmp_path, workers=4))
+        yield server, token, url
 
 
 def bootstrap(env: dict[str, str], agent: str = "support-bot", grants: str | None = None) -> str:

@@ -31,6 +31,7 @@ from sqlite_utils.utils import sqlite3
 
 from storage_backends import Agent, Session, Unavailable, storage_from_url
 from storage_backends.codec import utcnow
+from tests.conftest import sqlite_integrity
 from tests.servers import Server, bootstrap, serving
 
 AGENT = "support-bot"
@@ -45,14 +46,6 @@ def server_env(path: Path, **extra: str) -> dict[str, str]:
         "AGENT_SESSIONS_DEFAULT_LIMIT": "1000000/minute",
         **extra,
     }
-
-
-def integrity(path: Path) -> str:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
 
 
 def list_all(base: str, token: str) -> dict[str, dict]:
@@ -221,7 +214,7 @@ def test_acknowledged_writes_survive_sigkill_of_master_and_workers(tmp_path):
         for result in results:
             this_round.merge(result)
         assert not this_round.unexpected, this_round.unexpected[:5]
-        assert integrity(db) == "ok"
+        assert sqlite_integrity(db) == "ok"
         print(
             f"round {round_no + 1}: killed after {kill_after:.2f}s; acknowledged "
             f"{this_round.acked['POST']} creates, {this_round.acked['PATCH']} updates, "
@@ -297,7 +290,7 @@ def test_sustained_write_load_has_no_lock_errors(tmp_path, preload):
     assert set(statuses) <= {200, 201, 204}, statuses
     assert "locked" not in logs.lower()
     assert "Traceback" not in logs
-    assert integrity(tmp_path / "sessions.db") == "ok"
+    assert sqlite_integrity(tmp_path / "sessions.db") == "ok"
 
 
 @pytest.fixture
@@ -464,4 +457,4 @@ def test_worker_killed_by_timeout_mid_transaction_does_not_wedge_the_database(tm
         logs = server.logs()
     assert "Traceback" not in logs
     assert logs.count("WORKER TIMEOUT") == 1, logs  # only the hung worker
-    assert integrity(db) == "ok"
+    assert sqlite_integrity(db) == "ok"

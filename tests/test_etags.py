@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.conftest import assert_error, postgres_schema, require_server
-from tests.servers import Server, bootstrap, serving
+from tests.conftest import assert_error
+from tests.servers import Server, serving, serving_store
 
 SESSION = "/v2/agents/support-bot/sessions/s1"
 AGENT = "/v2/agents/support-bot"
@@ -269,14 +269,7 @@ def live(
             )
             assert created.status_code == 201, created.text
         else:
-            if request.param == "sqlite":
-                url = f"sqlite:///{tmp}/sessions.db"
-            else:
-                require_server("PostgreSQL", "127.0.0.1", 5432)
-                url = stack.enter_context(postgres_schema())
-            env = {"AGENT_SESSIONS_STORAGE_URL": url, **limits}
-            token = bootstrap(env)
-            server = stack.enter_context(serving(env, tmp, workers=4))
+            server, token, _ = stack.enter_context(serving_store(request.param, tmp, limits))
         yield server, token
 
 

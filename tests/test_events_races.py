@@ -29,8 +29,7 @@ import pytest
 import requests
 from sqlite_utils.utils import sqlite3
 
-from tests.conftest import postgres_schema, require_server
-from tests.servers import Server, bootstrap, serving
+from tests.servers import Server, serving_store
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +47,7 @@ def live(
         "AGENT_SESSIONS_SESSION_CREATE_LIMIT": "1000000/minute",
         "AGENT_SESSIONS_DEFAULT_LIMIT": "1000000/minute",
     }
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp}/sessions.db"
-        else:
-            require_server("PostgreSQL", "127.0.0.1", 5432)
-            url = stack.enter_context(postgres_schema())
-        env = {"AGENT_SESSIONS_STORAGE_URL": url, **limits}
-        token = bootstrap(env, grants=GRANTS)
-        server = stack.enter_context(serving(env, tmp, workers=4))
+    with serving_store(request.param, tmp, limits, grants=GRANTS) as (server, token, url):
         yield server, token, url
 
 

@@ -21,7 +21,7 @@ import pytest
 from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
-from tests.conftest import ALL_SCOPES, Keys, assert_error
+from tests.conftest import ALL_SCOPES, Keys, assert_error, sqlite_integrity
 from tests.servers import ROOT, cli
 
 AGENT = "support-bot"
@@ -47,14 +47,6 @@ def assert_unavailable(response: Any) -> None:
     assert_error(response, 503, "unavailable")
     retry_after = response.headers.get("Retry-After", "")
     assert retry_after.isdigit() and int(retry_after) >= 1, response.headers
-
-
-def integrity(path: Path) -> str:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        conn.close()
 
 
 # Busy past the timeout
@@ -185,7 +177,7 @@ def test_disk_full_is_503_and_never_half_written(tmp_path):
     assert report["list_status"] == 200
 
     # With room again: every 201 is there as answered, no refused create left a trace.
-    assert integrity(path) == "ok"
+    assert sqlite_integrity(path) == "ok"
     app = sqlite_app(path)
     try:
         client = app.test_client()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import multiprocessing
 import os
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import limits
 import pytest
-import requests
 from limits.strategies import FixedWindowRateLimiter
 from sqlite_utils.utils import sqlite3
 
@@ -26,7 +22,7 @@ from storage_backends import Agent
 from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, Keys, assert_error
 from tests.servers import serving
-from tests.test_limits_redis import assert_429, create, make_key, setup_agents
+from tests.test_limits_redis import create, creates_at_once, make_key, setup_agents
 
 AGENT = "support-bot"
 SESSIONS = f"/v2/agents/{AGENT}/sessions"
@@ -243,20 +239,7 @@ def test_limit_is_exact_across_four_workers_without_redis(tmp_path: Path) -> Non
     setup_agents(env)
     token, other_token = make_key(env), make_key(env)
     with serving(env, tmp_path, workers=4) as server:
-        barrier = threading.Barrier(3 * n)
-
-        def one(i: int) -> requests.Response:
-            barrier.wait(timeout=30)
-            return create(server.url, token, name=f"chat {i}")
-
-        with ThreadPoolExecutor(max_workers=3 * n) as pool:
-            responses = list(pool.map(one, range(3 * n)))
-        statuses = collections.Counter(r.status_code for r in responses)
-        print(f"{3 * n} concurrent creates, limit {n}/minute, 4 workers, memory://: {statuses}")
-        assert statuses == {201: n, 429: 2 * n}, statuses
-        for response in responses:
-            if response.status_code == 429:
-                assert_429(response, n)
+        creates_at_once([server.url], token, n, "4 workers, memory://")
         assert list(tmp_path.glob("agent-sessions-limits-*/counters.db"))
         # A worker killed outright: its replacement counts on from the same file.
         victim = min(server.worker_pids())
