@@ -37,9 +37,9 @@ from flask import current_app, g, request
 from werkzeug.wrappers import Response
 
 from storage_backends import Answer, IdempotencyKeyLost
-from storage_backends.codec import utcnow
+from storage_backends.codec import dump_json, utcnow
 
-from . import errors
+from . import errors, http
 from .errors import ApiError
 
 HEADER = "Idempotency-Key"
@@ -130,9 +130,25 @@ def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) 
 
 
 def replay(answer: Answer) -> Response:
-    response = current_app.response_class(answer.body, answer.status, list(answer.headers))
+    """The remembered answer, marked replayed. A remembered error names its request in
+    ``request_id``, which the contract has equal to ``X-Request-ID``: it names this one."""
+    body = answer.body
+    if answer.status >= 400:
+        body = _naming_this_request(body)
+    response = current_app.response_class(body, answer.status, list(answer.headers))
     response.headers[REPLAYED] = "true"
     return response
+
+
+def _naming_this_request(body: bytes) -> bytes:
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(error, dict) or "request_id" not in error:
+        return body
+    error["request_id"] = http.request_id()
+    return (dump_json(error) + "\n").encode()
 
 
 def mismatch() -> ApiError:

@@ -33,7 +33,7 @@ from tests.conftest import postgres_schema, require_server
 from tests.servers import Server, bootstrap, serving
 
 AGENT = "support-bot"
-GRANTS = f"{AGENT}=sessions:create,sessions:read,events:append"
+GRANTS = f"{AGENT}=sessions:create,sessions:read,sessions:delete,events:append"
 SESSIONS = f"/v2/agents/{AGENT}/sessions"
 UNLIMITED = {
     "AGENT_SESSIONS_SESSION_CREATE_LIMIT": "1000000/minute",
@@ -289,6 +289,40 @@ def test_a_key_used_again_for_another_request_is_422_and_writes_nothing(
         f"{server.url}{SESSIONS}/mismatch-b", headers={"x-api-key": token}, timeout=10
     )
     assert missing.status_code == 404, missing.text
+
+
+def test_a_refusal_is_remembered_and_its_replay_names_the_retry(
+    live: tuple[Server, str],
+) -> None:
+    """A 4xx is remembered like a 201 (the session created since does not change it),
+    and its replay's ``request_id`` is the retry's own ``X-Request-ID``, as every
+    error's is: not the first request's."""
+    server, token = live
+    new_session(server, token, "refused-create")
+
+    def post(request_id: str) -> requests.Response:
+        return requests.post(
+            server.url + SESSIONS,
+            json={"key": "refused-create", "name": "Again"},
+            headers={"x-api-key": token, "Idempotency-Key": "refused", "X-Request-ID": request_id},
+            timeout=10,
+        )
+
+    first = post("first-request")
+    requests.delete(
+        f"{server.url}{SESSIONS}/refused-create", headers={"x-api-key": token}, timeout=10
+    )
+    again = post("the-retry")
+    assert first.status_code == again.status_code == 409, (first.text, again.text)
+    assert not replayed(first) and replayed(again)
+    assert first.json()["request_id"] == first.headers["X-Request-ID"] == "first-request"
+    assert again.json()["request_id"] == again.headers["X-Request-ID"] == "the-retry"
+    assert {**again.json(), "request_id": "first-request"} == first.json()
+    assert again.content.replace(b"the-retry", b"first-request") == first.content
+    missing = requests.get(
+        f"{server.url}{SESSIONS}/refused-create", headers={"x-api-key": token}, timeout=10
+    )
+    assert missing.status_code == 404, "the replay wrote something"
 
 
 @pytest.mark.slow
