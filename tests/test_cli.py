@@ -338,6 +338,48 @@ def test_purge_expired(env: dict[str, str], url: str) -> None:
         store.close()
 
 
+def test_purge_expired_removes_idempotency_keys_past_their_ttl(
+    env: dict[str, str], url: str
+) -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    hour = dt.timedelta(hours=1)
+    store = storage_from_url(url, {})
+    try:
+        for key, expires_at in [("old", now - hour), ("live", now + hour)]:
+            store.claim_idempotency_key(
+                scope="ak_1",
+                key=key,
+                fingerprint="f1",
+                token=f"t-{key}",
+                now=now - 2 * hour,
+                locked_until=now - 2 * hour,
+                expires_at=expires_at,
+            )
+    finally:
+        store.close()
+    out = cli("sessions", "purge-expired", env=env).stdout
+    assert "removed 0 expired sessions" in out and "removed 1 expired idempotency keys" in out
+    assert "removed 0 expired idempotency keys" in cli("sessions", "purge-expired", env=env).stdout
+    store = storage_from_url(url, {})
+    try:
+        # A claim as of long ago: only a record still stored refuses another request.
+        claims = {
+            key: store.claim_idempotency_key(
+                scope="ak_1",
+                key=key,
+                fingerprint="f2",
+                token="t-new",
+                now=now - 2 * hour,
+                locked_until=now,
+                expires_at=now + hour,
+            )
+            for key in ("old", "live")
+        }
+    finally:
+        store.close()
+    assert claims["old"].token == "t-new" and claims["live"].token == "t-live"
+
+
 @pytest.fixture(scope="module")
 def populated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], str]:
     """One store with an agent and a key, shared by the error cases (which change nothing)."""
