@@ -478,6 +478,9 @@ def test_a_claim_taken_over_undoes_the_first_requests_write(tmp_path: Path) -> N
         env = {
             "AGENT_SESSIONS_STORAGE_URL": url,
             "AGENT_SESSIONS_IDEMPOTENCY_KEY_LOCK_SECONDS": "1",
+            # The requests wait on the test's lock for as long as it takes, not 5 s.
+            "AGENT_SESSIONS_POSTGRES_TIMEOUT": "60",
+            "AGENT_SESSIONS_POSTGRES_STATEMENT_TIMEOUT_MS": "60000",
             **UNLIMITED,
         }
         token = bootstrap(env, grants=GRANTS)
