@@ -2,14 +2,19 @@
 
 - 50 identical creates at once with one key: one session; every answer is its
   201 (first-hand or replayed, byte for byte) or a 409 ``idempotency_key_in_use``
-  with ``Retry-After``, and a retry of each 409 is the replay.
+  with ``Retry-After``, and a retry of each 409 is the replay. (On SQLite a
+  claim waits for the writers' turn, which the request in flight holds until
+  it has answered, so the others mostly wait and replay rather than 409.)
 - A batch of events sent again and again, concurrently, with its key: its
   events are in the history once. The key with another body (or path) is a 422
-  ``idempotency_key_mismatch`` that writes nothing.
+  ``idempotency_key_mismatch`` that writes nothing. A refusal is remembered too,
+  and its replay's ``request_id`` is the retry's ``X-Request-ID``.
 - Workers SIGKILLed while creates with keys run, their claims' lock one second:
   a retry of every key ends in its 201 with exactly one session, and a retry
   finds the session already there only when it replays the answer (never the
   write without the record of its answer, nor the record without the write).
+- PostgreSQL, a request held by the test between its claim and its write: once
+  its lock ends a retry takes the claim over, and the first's write is undone.
 - The official ``vectara`` client sends the header through ``request_options``.
 """
 
