@@ -139,7 +139,6 @@ def new_session(server: Server, token: str, key: str) -> str:
     return f"{server.url}{SESSIONS}/{key}/events"
 
 
-@pytest.mark.slow
 def test_concurrent_identical_creates_make_one_session(live: tuple[Server, str]) -> None:
     server, token = live
     wait_for_workers(server)
@@ -195,7 +194,6 @@ def test_concurrent_identical_creates_make_one_session(live: tuple[Server, str])
         assert response.headers["Location"] == f"{SESSIONS}/{session['key']}"
 
 
-@pytest.mark.slow
 def test_replayed_batches_write_their_events_once(live: tuple[Server, str]) -> None:
     server, token = live
     wait_for_workers(server)
@@ -242,7 +240,6 @@ def test_replayed_batches_write_their_events_once(live: tuple[Server, str]) -> N
     assert stored == written, "the history is not exactly the batch, once"
 
 
-@pytest.mark.slow
 def test_a_key_used_again_for_another_request_is_422_and_writes_nothing(
     live: tuple[Server, str],
 ) -> None:
