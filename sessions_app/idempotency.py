@@ -9,7 +9,8 @@ record of its answer, so the write and the answer that remembers it commit
 together or not at all. A later request with the key gets:
 
 - the same method, path and body (JSON compared as parsed, key order aside):
-  the remembered status, headers and body, with ``Idempotent-Replayed: true``;
+  the remembered status, headers and body, with ``Idempotent-Replayed: true``
+  (a remembered error's ``request_id`` names the retry, as its X-Request-ID does);
 - another method, path or body: 422 ``idempotency_key_mismatch``;
 - while the first is still in flight: 409 ``idempotency_key_in_use`` with
   ``Retry-After``. A claim whose request died unanswered (its worker killed)
