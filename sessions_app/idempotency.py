@@ -9,7 +9,8 @@ record of its answer, so the write and the answer that remembers it commit
 together or not at all. A later request with the key gets:
 
 - the same method, path and body (JSON compared as parsed, key order aside):
-  the remembered status, headers and body, with ``Idempotent-Replayed: true``;
+  the remembered status, headers and body, with ``Idempotent-Replayed: true``
+  (a remembered error's ``request_id`` names the retry, as its X-Request-ID does);
 - another method, path or body: 422 ``idempotency_key_mismatch``;
 - while the first is still in flight: 409 ``idempotency_key_in_use`` with
   ``Retry-After``. A claim whose request died unanswered (its worker killed)
@@ -38,9 +39,9 @@ from flask import current_app, g, request
 from werkzeug.wrappers import Response
 
 from storage_backends import Answer, IdempotencyKeyLost, StorageError
-from storage_backends.codec import utcnow
+from storage_backends.codec import dump_json, utcnow
 
-from . import errors
+from . import errors, http
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,25 @@ class _ServerError(Exception):
 
 
 def replay(answer: Answer) -> Response:
-    response = current_app.response_class(answer.body, answer.status, list(answer.headers))
+    """The remembered answer, marked replayed. A remembered error names its request in
+    ``request_id``, which the contract has equal to ``X-Request-ID``: it names this one."""
+    body = answer.body
+    if answer.status >= 400:
+        body = _naming_this_request(body)
+    response = current_app.response_class(body, answer.status, list(answer.headers))
     response.headers[REPLAYED] = "true"
     return response
+
+
+def _naming_this_request(body: bytes) -> bytes:
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(error, dict) or "request_id" not in error:
+        return body
+    error["request_id"] = http.request_id()
+    return (dump_json(error) + "\n").encode()
 
 
 def mismatch() -> ApiError:

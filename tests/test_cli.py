@@ -339,15 +339,57 @@ def test_purge_expired(env: dict[str, str], url: str) -> None:
     finally:
         store.close()
     first = cli("sessions", "purge-expired", env=env).stdout
-    assert "removed 1 expired sessions and 1 expired idempotency records" in first
+    assert "removed 1 expired sessions" in first and "removed 1 expired idempotency keys" in first
     again = cli("sessions", "purge-expired", env=env).stdout
-    assert "removed 0 expired sessions and 0 expired idempotency records" in again
+    assert "removed 0 expired sessions" in again and "removed 0 expired idempotency keys" in again
     store = storage_from_url(url, {})
     try:
         page = store.list_sessions(agent_key=AGENT, limit=10, now=long_ago)
         assert sorted(s.key for s in page.items) == ["forever", "fresh"]
     finally:
         store.close()
+
+
+def test_purge_expired_removes_idempotency_keys_past_their_ttl(
+    env: dict[str, str], url: str
+) -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    hour = dt.timedelta(hours=1)
+    store = storage_from_url(url, {})
+    try:
+        for key, expires_at in [("old", now - hour), ("live", now + hour)]:
+            store.claim_idempotency_key(
+                scope="ak_1",
+                key=key,
+                fingerprint="f1",
+                token=f"t-{key}",
+                now=now - 2 * hour,
+                locked_until=now - 2 * hour,
+                expires_at=expires_at,
+            )
+    finally:
+        store.close()
+    out = cli("sessions", "purge-expired", env=env).stdout
+    assert "removed 0 expired sessions" in out and "removed 1 expired idempotency keys" in out
+    assert "removed 0 expired idempotency keys" in cli("sessions", "purge-expired", env=env).stdout
+    store = storage_from_url(url, {})
+    try:
+        # A claim as of long ago: only a record still stored refuses another request.
+        claims = {
+            key: store.claim_idempotency_key(
+                scope="ak_1",
+                key=key,
+                fingerprint="f2",
+                token="t-new",
+                now=now - 2 * hour,
+                locked_until=now,
+                expires_at=now + hour,
+            )
+            for key in ("old", "live")
+        }
+    finally:
+        store.close()
+    assert claims["old"].token == "t-new" and claims["live"].token == "t-live"
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,8 @@ HEADERS = {
     },
     "Idempotent-Replayed": {
         "description": "`true` on an answer replayed for a repeated `Idempotency-Key`: the "
-        "status, headers and body the first request was answered, byte for byte.",
+        "status, headers and body the first request was answered (an error's `request_id` "
+        "names this request, as `X-Request-ID` does).",
         "schema": {"type": "string", "enum": ["true"]},
     },
     "Retry-After": {
