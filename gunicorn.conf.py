@@ -137,6 +137,7 @@ def on_starting(server):
     Building the app opens no connection, so this is safe before forking.
     """
     from sessions_app import create_app_or_exit
+    from sessions_app.metric_files import room_error
     from sessions_app.server import header_timeout
 
     try:
@@ -146,7 +147,13 @@ def on_starting(server):
         sys.exit(4)
     if server.cfg.workers == 1 and not server.cfg.preload_app:
         os.environ.pop(_COUNTERS_ENV, None)  # one worker: its own memory is exact, and cheaper
+    # Before the app below makes the master's own metrics files.
+    no_room = room_error(_metrics_dir, server.cfg.workers + 1)
+    # Its warning of a file without room would only repeat the one line said then.
+    logging.getLogger("sessions_app.metric_files").disabled = no_room is not None
     app = create_app_or_exit()
+    logging.getLogger("sessions_app.metric_files").disabled = False
+    refuse_without_room_for_metrics(server, app, no_room)
     refuse_memory_storage_per_worker(server, app)
     warn_if_limits_per_worker(server, app)
     warn_of_unknown_settings(server)
@@ -168,6 +175,32 @@ def refuse_memory_storage_per_worker(server, app):
             flush=True,
         )
         sys.exit(4)
+
+
+def refuse_without_room_for_metrics(server, app, no_room):
+    """A metrics directory without room for the first files of all: one line, exit 1.
+
+    The master and each worker make their files there (64 KiB each,
+    allocated: sessions_app/metric_files.py); a process whose files do not
+    fit counts in its memory only, missing from /metrics. ``no_room`` is why
+    the room could not be had, or None. Not a configuration error (exit 4):
+    once there is room, a restart (systemd's on-failure) works.
+    """
+    if no_room is None or not app.config["METRICS_ENABLED"]:
+        return
+    from sessions_app.metric_files import FILES_PER_PROCESS, INITIAL_SIZE
+
+    processes = server.cfg.workers + 1
+    need = processes * FILES_PER_PROCESS * INITIAL_SIZE // 1024
+    print(
+        f"agent-sessions: cannot start: no room in the metrics directory {_metrics_dir} "
+        f"for the files of {server.cfg.workers} workers and the master ({need} KiB: "
+        f"{no_room.strerror or no_room}); free space there ($TMPDIR, or "
+        "PROMETHEUS_MULTIPROC_DIR) or set AGENT_SESSIONS_METRICS_ENABLED=false",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(1)
 
 
 def warn_of_unknown_settings(server):

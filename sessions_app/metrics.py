@@ -28,7 +28,10 @@ Under gunicorn, ``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` (a
 fresh directory) before anything imports ``prometheus_client``: every worker
 writes its values to memory-mapped files there, ``GET /metrics`` sums them
 over the workers (the gauge over live workers only, ``livesum``), and a
-worker that exits has its gauge files removed. Anywhere else (the CLI, an app
+worker that exits has its gauge files removed. Those files are made by
+:class:`sessions_app.metric_files.AllocatedMmapedDict`, which allocates
+their blocks before writing them: a full filesystem costs the counts of a
+process (one warning), never the process. Anywhere else (the CLI, an app
 embedding the blueprint, the tests) the app has a registry of its own, in
 process.
 
@@ -56,6 +59,11 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from werkzeug.wrappers import Response
+
+from . import metric_files
+
+# Before any value opens a file: its pages allocated first, never a SIGBUS on a full disk.
+metric_files.install()
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED = "unmatched"

@@ -52,6 +52,7 @@ class Server:
         log_path: Path,
         extra=(),
         app: str = "wsgi:app",
+        wrap=(),
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,12 +61,14 @@ class Server:
         self.log_path = log_path
         self.extra = list(extra)
         self.app = app
+        self.wrap = list(wrap)  # a command that execs gunicorn's (it keeps the master's pid)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> Server:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
+                *self.wrap,
                 str(BIN / "gunicorn"),
                 "-c",
                 str(ROOT / "gunicorn.conf.py"),

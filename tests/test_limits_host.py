@@ -5,7 +5,9 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from limits.strategies import FixedWindowRateLimiter
 from sqlite_utils.utils import sqlite3
 
-from sessions_app import create_app
+from sessions_app import create_app, host_counters
 from sessions_app.host_counters import SCHEME, HostCounters
 from sessions_app.rate_limits import COUNTERS_ENV
 from storage_backends import Agent
@@ -131,6 +133,67 @@ def test_a_process_killed_mid_count_leaves_the_file_consistent(tmp_path: Path) -
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def garble(path: Path) -> None:
+    """Overwrite the file in place (same inode) with bytes that are no database."""
+    with open(path, "r+b") as file:
+        file.write(b"\x5a" * max(8192, path.stat().st_size))
+
+
+def garble_all(path: Path) -> None:
+    """The file and what SQLite could still read its pages from (its WAL and WAL index)."""
+    for suffix in ("", "-wal", "-shm"):
+        garble(Path(f"{path}{suffix}"))
+
+
+def test_a_corrupt_file_is_replaced_once_and_every_process_counts_in_the_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c.db"
+    first, second = counters(path), counters(path)  # two processes' connections
+    assert [first.incr_with_reset("k", 60)[0], second.incr_with_reset("k", 60)[0]] == [1, 2]
+    garble_all(path)
+    with caplog.at_level("WARNING", logger="sessions_app.host_counters"):
+        assert first.incr_with_reset("k", 60)[0] == 1  # a new file: counting again
+        assert second.incr_with_reset("k", 60)[0] == 2  # the other moved to it
+        assert first.get("k") == 2 and first.check()
+        garble_all(path)  # again, found this time by a thread that opens its first connection
+        assert counters(path).incr_with_reset("k", 60)[0] == 1
+        assert [first.incr_with_reset("k", 60)[0], second.incr_with_reset("k", 60)[0]] == [2, 3]
+    replaced = [r for r in caplog.records if "was corrupt" in r.getMessage()]
+    assert len(replaced) == 2, caplog.text  # once each time
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_removed_directory_is_made_again_and_every_process_moves_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every call compares, not once a second.
+    monkeypatch.setattr(host_counters, "CHECK_EVERY_S", 0.0, raising=False)
+    path = tmp_path / "limits" / "c.db"
+    path.parent.mkdir(mode=0o700)
+    old, older = counters(path), counters(path)
+    assert [old.incr_with_reset("k", 60)[0], older.incr_with_reset("k", 60)[0]] == [1, 2]
+    shutil.rmtree(path.parent)
+    new = counters(path)  # a worker started since: it makes the directory again
+    assert new.incr_with_reset("k", 60)[0] == 1
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # The old connections notice the file at the path is another one, and count there.
+    assert [old.incr_with_reset("k", 60)[0], older.incr_with_reset("k", 60)[0]] == [2, 3]
+    assert new.get("k") == 3
+
+
+def test_a_file_replaced_while_open_is_followed_within_the_check_interval(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    old, new = counters(path), counters(path)
+    assert old.incr_with_reset("k", 60)[0] == 1
+    for suffix in ("", "-wal", "-shm"):  # replaced by hand: no error tells the old one
+        os.unlink(f"{path}{suffix}")
+    assert [new.incr_with_reset("k", 60)[0] for _ in range(2)] == [1, 2]
+    old._local.check_at = 0  # its second is up
+    assert old.incr_with_reset("k", 60)[0] == 3  # not 2, in the file that is gone
+
+
 # In one process, with the counters file the workers of gunicorn get
 
 
@@ -189,16 +252,20 @@ class TakeTheTurn:
 
 
 @pytest.mark.parametrize("policy", ["open", "closed"])
-@pytest.mark.parametrize("failure", ["locked", "turn taken", "missing directory"])
+@pytest.mark.parametrize("failure", ["locked", "turn taken", "directory others may write"])
 def test_a_failing_file_follows_the_failure_policy(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, policy: str, failure: str
 ) -> None:
-    path = tmp_path / ("gone/c.db" if failure == "missing directory" else "c.db")
+    path = tmp_path / "c.db"
+    if failure == "directory others may write":
+        (tmp_path / "shared").mkdir(mode=0o777)
+        (tmp_path / "shared").chmod(0o777)
+        path = tmp_path / "shared/c.db"
     app = service(monkeypatch, path, RATELIMIT_FAILURE_POLICY=policy, RATELIMIT_FAILURE_BACKOFF=0.2)
     _, token = Keys(app).create(("*", ALL_SCOPES))
     client = app.test_client()
     holder = None
-    if failure != "missing directory":
+    if failure != "directory others may write":
         assert client.get(SESSIONS, headers={"x-api-key": token}).status_code == 200
         holder = lock_the_file(path) if failure == "locked" else TakeTheTurn(path)
     try:
@@ -258,3 +325,70 @@ def test_limit_is_exact_across_four_workers_without_redis(tmp_path: Path) -> Non
     assert "RATE LIMITS ARE PER WORKER" not in logs
     assert "Traceback" not in logs
     assert not list(tmp_path.glob("agent-sessions-limits-*")), "counters left behind"
+
+
+def gunicorn_env(tmp_path: Path, n: int, **extra: str) -> dict[str, str]:
+    env = {
+        "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/sessions.db",
+        "AGENT_SESSIONS_SESSION_CREATE_LIMIT": f"{n}/minute",
+        "TMPDIR": str(tmp_path),  # where the server makes its counters directory
+        **extra,
+    }
+    env.pop("AGENT_SESSIONS_RATELIMIT_STORAGE_URI", None)
+    setup_agents(env)
+    return env
+
+
+def remaining(url: str, token: str, count: int) -> list[str | int]:
+    """``X-RateLimit-Remaining`` of ``count`` creates (any worker), or the status if not 201."""
+    answers = [create(url, token) for _ in range(count)]
+    return [
+        a.headers.get("X-RateLimit-Remaining", "none") if a.status_code == 201 else a.status_code
+        for a in answers
+    ]
+
+
+@pytest.mark.slow
+def test_a_corrupt_counters_file_is_replaced_and_limits_count_again_under_gunicorn(
+    tmp_path: Path,
+) -> None:
+    n = 6
+    env = gunicorn_env(tmp_path, n, AGENT_SESSIONS_RATELIMIT_FAILURE_POLICY="closed")
+    token = make_key(env)
+    with serving(env, tmp_path, workers=2) as server:
+        assert remaining(server.url, token, 2) == [str(n - 1), str(n - 2)]
+        (path,) = tmp_path.glob("agent-sessions-limits-*/counters.db")
+        garble_all(path)
+        # The first worker to see it replaces it; the counts start again.
+        assert remaining(server.url, token, 1) == [str(n - 1)], server.logs()
+        time.sleep(host_counters.CHECK_EVERY_S + 0.2)  # every thread compares the file again
+        assert remaining(server.url, token, n) == [str(n - i) for i in range(2, n + 1)] + [429]
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        logs = server.logs()
+    assert logs.count("was corrupt") == 1, logs
+    assert "unreachable" not in logs and "Traceback" not in logs
+
+
+@pytest.mark.slow
+def test_a_removed_counters_directory_is_made_again_under_gunicorn(tmp_path: Path) -> None:
+    n = 6
+    env = gunicorn_env(tmp_path, n)
+    token = make_key(env)
+    with serving(env, tmp_path, workers=2) as server:
+        assert remaining(server.url, token, 1) == [str(n - 1)], server.logs()
+        (directory,) = tmp_path.glob("agent-sessions-limits-*")
+        shutil.rmtree(directory)
+        victim = min(server.worker_pids())
+        os.kill(victim, signal.SIGKILL)  # a new worker starts without the directory
+        deadline = time.monotonic() + 20
+        while len(server.worker_pids() - {victim}) < 2:
+            assert time.monotonic() < deadline, "the worker was not replaced"
+            time.sleep(0.1)
+        time.sleep(host_counters.CHECK_EVERY_S + 0.2)  # the old worker's threads compare too
+        # One file again, made by whichever came first: exact across both workers.
+        assert remaining(server.url, token, n + 1) == [str(n - i) for i in range(1, n + 1)] + [429]
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        logs = server.logs()
+    assert "was gone: made it again" in logs
+    assert "unreachable" not in logs and "Traceback" not in logs
