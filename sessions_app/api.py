@@ -285,15 +285,16 @@ def create_session(agent_key: str, body: dict[str, Any]) -> Any:
     key = body.pop("key", None)
     source = body.pop("from_session", None)
     session = Session(agent_key=agent_key, key=key or "", created_at=now, updated_at=now, **body)
+    extension = service()
     if source is not None:
         create = functools.partial(fork, source=source, now=now)
     else:
-        create = service().storage.create_session
+        create = extension.storage.create_session
     if key is not None:
         session = create(session=session)
     else:
         session = create_with_generated_key(session, create)
-    metrics.session_created()
+    metrics.session_created(extension.metrics)
     return session, created(session.key)
 
 

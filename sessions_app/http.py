@@ -108,7 +108,7 @@ def start_request() -> Response | None:
     request_id()
     counted = current_app.extensions["agent_sessions"].metrics
     if counted is not None:
-        metrics.request_started(counted)
+        metrics.request_started(counted, request._get_current_object())
     err = request.routing_exception
     if isinstance(err, HTTPException) and err.code in (404, 405) and is_service_request():
         if "//" in request.path:
@@ -138,7 +138,9 @@ def contract_headers(response: Response) -> Response:
     """
     extension = current_app.extensions["agent_sessions"]
     if extension.metrics is not None:
-        metrics.request_finished(extension.metrics, response)
+        metrics.request_finished(
+            extension.metrics, request._get_current_object(), response.status_code
+        )
     service = is_service_request()
     if not service and not extension.owns_app:
         return response

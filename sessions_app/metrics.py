@@ -45,10 +45,9 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 from typing import Any
 
-from flask import Flask, current_app, g, request
+from flask import Flask, Request, current_app, request
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -66,6 +65,8 @@ from . import metric_files
 metric_files.install()
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Where a request's start (time.perf_counter) waits in its WSGI environ.
+STARTED = "agent_sessions.metrics_started"
 UNMATCHED = "unmatched"
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # Latency buckets (seconds): a create takes about a millisecond, a timeout 30 s.
@@ -166,22 +167,24 @@ class Metrics:
         for status in ("500", "503"):
             self.storage_errors.labels(backend, status)
         self.unavailable.labels(backend)
-        self._requests: dict[tuple[str, str, int], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
+        # (route, method, status): that answer's counter child and its histogram child.
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._decisions: dict[tuple[str, str], Any] = {}
 
-    # The hot path: label children looked up once per label set.
+    # The hot path: label children looked up once per label set (labels() takes a
+    # lock and builds a key of its own on every call).
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in METHODS:
             method = "other"  # a client's made-up method is not a series of its own
         key = (route, method, status)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(route, method, str(status))
-        histogram = self._durations.get((route, method))
-        if histogram is None:
-            histogram = self._durations[route, method] = self.duration.labels(route, method)
+        children = self._requests.get(key)
+        if children is None:
+            children = self._requests[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.duration.labels(route, method),
+            )
+        counter, histogram = children
         counter.inc()
         histogram.observe(seconds)
 
@@ -226,7 +229,7 @@ def init_app(app: Flask, service: Any) -> None:
     # call request_started and request_finished: no hooks of their own, each of which
     # Flask dispatches at a cost. The teardown closes what an unhandled exception
     # left open.
-    app.teardown_request(partial(request_torn_down, metrics))
+    app.teardown_request(request_torn_down)
     if not app.config["METRICS_BIND"]:
         app.add_url_rule("/metrics", "agent_sessions_metrics", metrics_page)
 
@@ -241,47 +244,53 @@ def metrics_page() -> Response:
 metrics_page.openapi_hidden = True  # type: ignore[attr-defined]
 
 
-# Hooks of the corridor (sessions_app/http.py).
+# Hooks of the corridor (sessions_app/http.py). They are handed the request object
+# itself (``request._get_current_object()``): a read through one of Flask's proxies
+# (``request.url_rule``, ``g.pop``) fails on the proxy before its __getattr__ finds
+# the object, several times the cost of the read, and the hot path made five.
 
 
-def request_started(metrics: Metrics) -> None:
-    g._metrics_started = time.perf_counter()
+def request_started(metrics: Metrics, req: Request) -> None:
+    """A request enters the corridor: it is in progress, and its clock starts."""
+    # In the request's own environ (the WSGI place for per-request extension data):
+    # request_finished pops it, so a request is never counted twice.
+    req.environ[STARTED] = time.perf_counter()
     metrics.in_progress.inc()
 
 
-def request_finished(metrics: Metrics, response: Response) -> None:
-    _count(metrics, response.status_code)
-
-
-def request_torn_down(metrics: Metrics, exc: BaseException | None) -> None:
-    # Only when the after-request hooks did not run (an exception no handler took).
-    _count(metrics, 500)
-
-
-def _count(metrics: Metrics, status: int) -> None:
-    started = g.pop("_metrics_started", None)
+def request_finished(metrics: Metrics, req: Request, status: int) -> None:
+    """The request's answer is ``status``: counted once, by its route template and method."""
+    started = req.environ.pop(STARTED, None)
     if started is None:
-        return  # counted already
+        return  # counted already, or never started (a bare test request context)
     metrics.in_progress.dec()
-    rule = request.url_rule
+    rule = req.url_rule
     metrics.observe(
         rule.rule if rule is not None else UNMATCHED,
-        request.method,
+        req.method,
         status,
         time.perf_counter() - started,
     )
+
+
+def request_torn_down(exc: BaseException | None) -> None:
+    """Count as a 500 a request whose after-request hooks never ran (an exception escaped)."""
+    if exc is None:
+        # Dispatch returned, so the after-request hooks ran and counted it: no lookup.
+        return
+    request_finished(current(), request._get_current_object(), 500)
 
 
 # What the rooms of the service count. Each is a no-op when metrics are off.
 
 
 def current() -> Metrics | None:
-    return current_app.extensions["agent_sessions"].metrics
+    # The app itself, not the proxy: a read through the proxy fails on it first.
+    return current_app._get_current_object().extensions["agent_sessions"].metrics
 
 
-def session_created() -> None:
-    """One session stored (call after the storage call succeeded)."""
-    metrics = current()
+def session_created(metrics: Metrics | None) -> None:
+    """One session stored (call after the storage call succeeded), by the app's ``metrics``."""
     if metrics is not None:
         metrics.sessions_created.inc()
 

@@ -256,6 +256,29 @@ def test_in_process_metrics_need_no_directory(tmp_path, monkeypatch):
     assert value(found, "agent_sessions_sessions_created_total") == 0
 
 
+class Escaped(BaseException):
+    """Not an Exception: no error handler takes it, and no after-request hook runs."""
+
+
+def test_a_request_no_handler_answered_is_a_500_and_not_left_in_progress():
+    app = create_app({"TESTING": True, "STORAGE_URL": "memory://"})
+
+    def escape() -> None:
+        raise Escaped
+
+    app.add_url_rule("/escape", "escape", escape)
+    client = app.test_client()
+    with pytest.raises(Escaped):
+        client.get("/escape")
+    assert client.get("/healthz").status_code == 200
+    found = samples(client.get("/metrics").get_data(as_text=True))
+    total = "agent_sessions_http_requests_total"
+    assert value(found, total, route="/escape", method="GET", status="500") == 1
+    assert value(found, total, route="/healthz", method="GET", status="200") == 1
+    # Only the scrape itself is in progress: the escaped request was closed by the teardown.
+    assert value(found, "agent_sessions_http_requests_in_progress") == 1
+
+
 def test_metrics_off_serves_no_page_and_counts_nothing(tmp_path):
     app = create_app({"TESTING": True, "STORAGE_URL": "memory://", "METRICS_ENABLED": "false"})
     assert app.extensions["agent_sessions"].metrics is None
