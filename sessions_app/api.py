@@ -75,7 +75,7 @@ BAD_INPUT = (400, 413, 415)
 
 def service() -> Any:
     """This app's storage and limits (``app.extensions["agent_sessions"]``)."""
-    return current_app.extensions["agent_sessions"]
+    return current_app._get_current_object().extensions["agent_sessions"]
 
 
 def check_path(agent_key: str | None = None, session_key: str | None = None) -> None:
@@ -151,22 +151,25 @@ def endpoint(
         def wrapper(**path: str) -> Response:
             inputs: dict[str, Any] = {}
             conditions = method = raw = None
+            req = request._get_current_object()  # one look through the proxy (see http.py)
+            environ = req.environ
             try:
                 if etag_schema is not None:
-                    environ = request.environ  # one look through the proxy, not three
                     method = environ["REQUEST_METHOD"]
                     if method != "POST":
                         conditions = etags.Conditions.of_request(environ, etag_schema)
                     if method in ("PATCH", "DELETE"):
                         inputs["precondition"] = conditions
                 if query_schema is not None:
-                    inputs["query"] = query_schema.load(request.args.to_dict())
-                elif request.args:
-                    raise ValidationError(dict.fromkeys(request.args, ["Unknown field."]))
+                    inputs["query"] = query_schema.load(req.args.to_dict())
+                elif environ.get("QUERY_STRING") and req.args:
+                    raise ValidationError(dict.fromkeys(req.args, ["Unknown field."]))
                 if body_schema is not None:
-                    key = idempotency.requested(request.environ) if idempotent else None
-                    limit = current_app.config[body_limit] if body_limit else None
-                    raw = http.json_object(limit)
+                    key = idempotency.requested(environ) if idempotent else None
+                    limit = None
+                    if body_limit:
+                        limit = current_app._get_current_object().config[body_limit]
+                    raw = http.json_object(limit, req)
                     if authorize is not None:
                         authorize(path, raw)
                     if key is not None:
@@ -232,7 +235,7 @@ def created(key: str) -> list[tuple[str, str]]:
 
     Cheaper than ``url_for``, and it keeps whatever prefix the blueprint is mounted at.
     """
-    return [("Location", f"{request.path}/{key}")]
+    return [("Location", f"{request._get_current_object().path}/{key}")]
 
 
 def compile_filter(pattern: str) -> Any:

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from flask import current_app, g, request
+from flask import Flask, Request, current_app, g
 
 from storage_backends import ApiKey, ApiKeyNotFound, Grant, Storage
 from storage_backends.codec import utcnow
@@ -67,12 +67,12 @@ def check_token(
     return (key, "ok") if state == "active" else (None, state)
 
 
-def presented_token() -> str:
+def presented_token(environ: dict[str, Any]) -> str:
     """The key from ``x-api-key`` or ``Authorization: Bearer``; never from the query string.
 
-    An empty ``x-api-key`` counts as absent, so it cannot hide a Bearer key.
+    ``environ`` is the request's (as request.headers reads them, without its KeyError
+    when absent). An empty ``x-api-key`` counts as absent, so it cannot hide a Bearer key.
     """
-    environ = request.environ  # as request.headers reads them, without its KeyError when absent
     token = environ.get("HTTP_X_API_KEY", "").strip()
     if not token:
         scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
@@ -87,24 +87,25 @@ def public(view: Callable) -> Callable:
     return view
 
 
-def needs_key() -> bool:
+def needs_key(app: Flask, req: Request) -> bool:
     """Whether this request's view needs an API key (an unknown route or a public view does not)."""
-    view = current_app.view_functions.get(request.endpoint or "")
+    view = app.view_functions.get(req.endpoint or "")
     return view is not None and not getattr(view, "public", False)
 
 
-def authenticate() -> None:
+def authenticate(app: Flask, req: Request) -> None:
     """The request's key must be valid (else 401); it is kept in ``g.api_key``.
 
     The blueprint's before-request hook, under :func:`rate_limits.guard_authentication`,
-    which calls it only for views that :func:`needs_key`.
+    which calls it only for views that :func:`needs_key`, with the app and the request
+    at hand (each read through Flask's proxies costs more than the object).
     """
-    service = current_app.extensions["agent_sessions"]
-    key, reason = check_token(service.storage, presented_token(), service.key_cache)
+    service = app.extensions["agent_sessions"]
+    key, reason = check_token(service.storage, presented_token(req.environ), service.key_cache)
     if key is None:
         metrics.auth_failure(reason)
         raise ApiError(401, "unauthorized", "Missing or invalid API key.")
-    g.api_key = key
+    g._get_current_object().api_key = key
 
 
 def require(scope: str, *others: str) -> Callable:
@@ -116,7 +117,7 @@ def require(scope: str, *others: str) -> Callable:
     def decorator(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapper(agent_key: str, **kwargs: Any) -> Any:
-            key = g.api_key
+            key = g._get_current_object().api_key
             if not any(key.allows(agent_key, one) for one in scopes):
                 needed = " or ".join(scopes)
                 raise ApiError(403, "forbidden", f"This key lacks {needed} on this agent.")
@@ -130,14 +131,14 @@ def require(scope: str, *others: str) -> Callable:
 
 def check(agent_key: str, scope: str, where: str = "this agent") -> None:
     """403 unless the request's key holds ``scope`` on ``agent_key`` (``where`` says which)."""
-    if not g.api_key.allows(agent_key, scope):
+    if not g._get_current_object().api_key.allows(agent_key, scope):
         raise ApiError(403, "forbidden", f"This key lacks {scope} on {where}.")
 
 
 def require_admin(view: Callable) -> Callable:
     @functools.wraps(view)
     def wrapper(**kwargs: Any) -> Any:
-        if not g.api_key.admin:
+        if not g._get_current_object().api_key.admin:
             raise ApiError(403, "forbidden", "This operation needs an admin key.")
         return view(**kwargs)
 

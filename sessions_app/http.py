@@ -80,22 +80,37 @@ class ServiceBlueprint(Blueprint):
 
 def request_id() -> str:
     """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits."""
-    rid = g.get("request_id")
+    state = g._get_current_object()
+    rid = state.get("request_id")
     if rid is None:
-        sent = request.environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
-        rid = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
-        g.request_id = rid
+        rid = _new_request_id(state, request._get_current_object().environ)
     return rid
 
 
-def is_service_request() -> bool:
+def _new_request_id(state: Any, environ: dict[str, Any]) -> str:
+    sent = environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
+    rid = state.request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
+    return rid
+
+
+# The hooks below read the request, g and the app once each, through
+# _get_current_object: on Python 3.11 every attribute read on a Flask proxy first
+# fails on the proxy itself (an AttributeError made and dropped), some 5,000
+# instructions against some 1,300 for the object.
+
+
+def is_service_request(req: Any = None, app: Any = None) -> bool:
     """Whether this request is the service's: one of its blueprints, or a routing error under
     its prefix (no view matched, so no blueprint is known)."""
-    blueprint = request.blueprint
+    if req is None:
+        req = request._get_current_object()
+    blueprint = req.blueprint
     if blueprint is not None:
         return blueprint == SERVICE_BLUEPRINT or blueprint.startswith(SERVICE_BLUEPRINT + ".")
-    prefix = current_app.extensions["agent_sessions"].url_prefix.rstrip("/") + "/"
-    return (request.path + "/").startswith(prefix)
+    if app is None:
+        app = current_app._get_current_object()
+    prefix = app.extensions["agent_sessions"].url_prefix.rstrip("/") + "/"
+    return (req.path + "/").startswith(prefix)
 
 
 def start_request() -> Response | None:
@@ -105,25 +120,28 @@ def start_request() -> Response | None:
     matched, so under the service's prefix they are answered here in the error
     shape; elsewhere they stay the host application's business.
     """
-    request_id()
-    counted = current_app.extensions["agent_sessions"].metrics
+    req, app = request._get_current_object(), current_app._get_current_object()
+    state = g._get_current_object()
+    if state.get("request_id") is None:
+        _new_request_id(state, req.environ)
+    counted = app.extensions["agent_sessions"].metrics
     if counted is not None:
-        metrics.request_started(counted, request._get_current_object())
-    err = request.routing_exception
-    if isinstance(err, HTTPException) and err.code in (404, 405) and is_service_request():
-        if "//" in request.path:
+        metrics.request_started(counted, req)
+    err = req.routing_exception
+    if isinstance(err, HTTPException) and err.code in (404, 405) and is_service_request(req, app):
+        if "//" in req.path:
             # A host's map merges slashes to find a rule: the path as sent names none.
             err = NotFound()
         return errors.handle_http_exception(err)
-    if _encoded_slash() and is_service_request():
+    if _encoded_slash(req.environ) and is_service_request(req, app):
         # No key or id holds a "/": an encoded one is not a path separator to route by.
         return errors.handle_http_exception(NotFound())
     return None
 
 
-def _encoded_slash() -> bool:
+def _encoded_slash(environ: dict[str, Any]) -> bool:
     """Whether the path as sent (before decoding) holds ``%2F``, which WSGI decodes to ``/``."""
-    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
     return "%2f" in raw.split("?", 1)[0].lower()
 
 
@@ -136,24 +154,25 @@ def contract_headers(response: Response) -> Response:
     answers (health checks, unknown paths) carry the first two; a host's own
     routes are left alone.
     """
-    extension = current_app.extensions["agent_sessions"]
+    req, app = request._get_current_object(), current_app._get_current_object()
+    extension = app.extensions["agent_sessions"]
     if extension.metrics is not None:
-        metrics.request_finished(
-            extension.metrics, request._get_current_object(), response.status_code
-        )
-    service = is_service_request()
+        metrics.request_finished(extension.metrics, req, response.status_code)
+    service = is_service_request(req, app)
     if not service and not extension.owns_app:
         return response
+    state = g._get_current_object()
     headers = response.headers
+    rid = state.get("request_id") or _new_request_id(state, req.environ)
     # Nothing before this hook sets these two (one extend: each set scans the headers).
-    added = [("X-Request-ID", request_id()), ("X-Content-Type-Options", "nosniff")]
+    added = [("X-Request-ID", rid), ("X-Content-Type-Options", "nosniff")]
     if service:
         # Not "in": Headers answers it by raising a KeyError (an exception per request).
         if not any(name.lower() == "cache-control" for name, _ in headers.items()):
             added.append(("Cache-Control", "no-store"))
-        added += rate_limits.headers()
+        added += rate_limits.headers(state)
     headers.extend(added)
-    if response.status_code in (204, 304) or (request.method == "OPTIONS" and not response.data):
+    if response.status_code in (204, 304) or (req.method == "OPTIONS" and not response.data):
         headers.pop("Content-Type", None)  # no body, so no type
     return response
 
@@ -162,7 +181,7 @@ def json_response(
     body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
 ) -> Response:
     """Compact UTF-8 JSON in the schemas' key order, whatever the host's JSON provider does."""
-    return current_app.response_class(
+    return current_app._get_current_object().response_class(
         dump_json(body) + "\n", status, headers, mimetype="application/json"
     )
 
@@ -171,16 +190,18 @@ def json_data_response(
     data: bytes, status: int = 200, headers: list[tuple[str, str]] | None = None
 ) -> Response:
     """A JSON answer already encoded (by :func:`etags.representation`, whose hash is its ETag)."""
-    return current_app.response_class(data, status, headers, mimetype="application/json")
+    return current_app._get_current_object().response_class(
+        data, status, headers, mimetype="application/json"
+    )
 
 
 def not_modified(headers: list[tuple[str, str]]) -> Response:
     """304: the client's copy is current; no body, the record's ETag among ``headers``."""
-    return current_app.response_class(status=304, headers=headers)
+    return current_app._get_current_object().response_class(status=304, headers=headers)
 
 
 def no_content() -> Response:
-    return current_app.response_class(status=204)
+    return current_app._get_current_object().response_class(status=204)
 
 
 # Cursors
@@ -335,15 +356,17 @@ def _unsupported(message: str) -> errors.ApiError:
     return errors.ApiError(415, "unsupported_media_type", message)
 
 
-def read_body(limit: int) -> bytes:
+def read_body(limit: int, req: Any = None) -> bytes:
     """The raw body, at most ``limit`` bytes (else 413), or 400 when the stream is malformed."""
-    request.max_content_length = limit  # the service's own bound, whatever the host's
+    if req is None:
+        req = request._get_current_object()
+    req.max_content_length = limit  # the service's own bound, whatever the host's
     try:
-        raw = request.get_data(cache=False)  # raises 413 past the limit
-        if request.content_length is None and len(raw) >= limit:
+        raw = req.get_data(cache=False)  # raises 413 past the limit
+        if req.content_length is None and len(raw) >= limit:
             # Werkzeug cuts a streamed (chunked) body at the limit without an error, so
             # a longer one would be parsed truncated; one more byte tells if it went on.
-            if request.environ["wsgi.input"].read(1):
+            if req.environ["wsgi.input"].read(1):
                 raise RequestEntityTooLarge()
     except HTTPException:
         raise
@@ -356,27 +379,33 @@ def read_body(limit: int) -> bytes:
     return raw
 
 
-def json_object(limit: int | None = None) -> dict[str, Any]:
+def json_object(limit: int | None = None, req: Any = None) -> dict[str, Any]:
     """The request body as a JSON object, or an ApiError (400, 413, 415).
 
-    ``limit``: its bytes at most (default: the service's ``max_body``).
+    ``limit``: its bytes at most (default: the service's ``max_body``); ``req``: the
+    request object, when the caller has it at hand.
     """
+    if req is None:
+        req = request._get_current_object()
     # application/json only: a +json type names a format of its own (merge-patch,
     # json-patch, ...) whose meaning this API does not apply.
-    if request.mimetype != "application/json":
+    if req.mimetype != "application/json":
         raise _unsupported("The body must be JSON (application/json).")
-    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    charset = req.mimetype_params.get("charset", "utf-8").lower()
     if charset not in ("utf-8", "utf8"):
         raise _unsupported("JSON bodies must be UTF-8.")
-    encoding = request.environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
+    environ = req.environ
+    encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
     if encoding not in ("identity", ""):
         raise _unsupported("Content-Encoding is not supported; send the body as it is.")
     # The server decodes chunked framing only: any other transfer coding (gzip,
     # chunked) would reach the parser still coded.
-    codings = request.environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
+    codings = environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
     if any(coding.strip() not in ("chunked", "identity", "") for coding in codings):
         raise _unsupported("Transfer-Encoding other than chunked is not supported.")
-    raw = read_body(limit or current_app.extensions["agent_sessions"].max_body)
+    if limit is None:
+        limit = current_app._get_current_object().extensions["agent_sessions"].max_body
+    raw = read_body(limit, req)
     try:
         data = parse(raw)
     except ValueError as err:

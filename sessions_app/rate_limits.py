@@ -382,7 +382,7 @@ class RateLimits:
         if self.degraded:
             self.degraded = False
             log.warning("rate-limit storage answers again; limits are enforced again")
-        g.rate_limit = window
+        g._get_current_object().rate_limit = window
         if self.metrics is not None:
             # Limits counted per API key carry its id (second part); auth failures, an address.
             key_id = identifiers[1] if kind != "auth-failure" else None
@@ -502,11 +502,11 @@ def create_limit(key: Any) -> str:
             return own
         except ValueError as err:
             log.warning("API key %s: create_limit ignored (%s)", key.id, err)
-    return current_app.config["SESSION_CREATE_LIMIT"]
+    return current_app._get_current_object().config["SESSION_CREATE_LIMIT"]
 
 
 def current() -> RateLimits:
-    return current_app.extensions["agent_sessions"].limits
+    return current_app._get_current_object().extensions["agent_sessions"].limits
 
 
 def detach_request_hooks(app: Flask, extension: Limiter) -> None:
@@ -533,7 +533,7 @@ def detach_request_hooks(app: Flask, extension: Limiter) -> None:
 def _limited(view: Callable, count: Callable[[Any, dict[str, Any]], None]) -> Callable:
     @functools.wraps(view)
     def wrapper(**kwargs: Any) -> Any:
-        count(g.api_key, kwargs)
+        count(g._get_current_object().api_key, kwargs)
         return view(**kwargs)
 
     # Flask's automatic OPTIONS answer would skip the view, and with it the
@@ -567,17 +567,18 @@ def creates(view: Callable) -> Callable:
     return _limited(view, lambda key, args: current().count_create(key, args["agent_key"]))
 
 
-def guard_authentication(authenticate: Callable[[], Any]) -> Callable[[], Any]:
+def guard_authentication(authenticate: Callable[[Flask, Any], Any]) -> Callable[[], Any]:
     """Wrap the authentication hook with ``AUTH_FAILURE_LIMIT`` per client address."""
 
     @functools.wraps(authenticate)
     def hook() -> Any:
-        if not needs_key():
+        app, req = current_app._get_current_object(), request._get_current_object()
+        if not needs_key(app, req):
             return None  # public pages answer whoever asks
-        limits = current()
+        limits = app.extensions["agent_sessions"].limits
         limits.refuse_if_blocked()
         try:
-            return authenticate()
+            return authenticate(app, req)
         except ApiError as err:
             if err.status == 401:
                 limits.count_auth_failure()
@@ -586,9 +587,10 @@ def guard_authentication(authenticate: Callable[[], Any]) -> Callable[[], Any]:
     return hook
 
 
-def headers() -> list[tuple[str, str]]:
-    """The X-RateLimit-* headers of the limit this request counted against, if any."""
-    window = g.get("rate_limit")
+def headers(state: Any = None) -> list[tuple[str, str]]:
+    """The X-RateLimit-* headers of the limit this request counted against, if any
+    (``state``: the request's ``g``, when the caller has it at hand)."""
+    window = (state or g._get_current_object()).get("rate_limit")
     if window is None:
         return []
     return [
