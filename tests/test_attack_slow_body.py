@@ -8,15 +8,17 @@ worker, with every other request it was serving. Sixteen such connections
 (four workers of four threads) stop the server; ``/healthz`` waits too.
 
 Reproduction against a server on :8000 (KEY with events:create on bot, a
-session ``s`` there)::
+session ``s`` there), in Python::
 
-    for i in $(seq 20); do
-      (printf 'POST /v2/agents/bot/sessions/s/events HTTP/1.1\\r\\nHost: x\\r\\n'
-       printf 'x-api-key: %s\\r\\nContent-Type: application/json\\r\\n' "$KEY"
-       printf 'Content-Length: 200000\\r\\n\\r\\n{"type":'; sleep 60) \\
-        | python3 -c 'import socket,sys; ...'  # or any raw socket client
-    done
-    curl -m 20 http://127.0.0.1:8000/healthz   # times out; then WORKER TIMEOUT x4
+    import socket
+    head = (b"POST /v2/agents/bot/sessions/s/events HTTP/1.1\\r\\nHost: x\\r\\n"
+            b"x-api-key: " + KEY.encode() + b"\\r\\nContent-Type: application/json\\r\\n"
+            b"Content-Length: 200000\\r\\n\\r\\n{\\"type\\":")
+    held = [socket.create_connection(("127.0.0.1", 8000)) for _ in range(20)]
+    for s in held:
+        s.sendall(head)
+    # now: curl -m 20 http://127.0.0.1:8000/healthz times out, and after 30 s
+    # the log shows WORKER TIMEOUT and SIGKILL for every worker.
 
 A slow head, or a slow body of up to 64 KiB, is closed after HEADER_TIMEOUT
 with a 408; a slow larger body should be too, not cost a worker.
