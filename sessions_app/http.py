@@ -368,7 +368,13 @@ def read_body(limit: int, req: Any = None) -> bytes:
             # a longer one would be parsed truncated; one more byte tells if it went on.
             if req.environ["wsgi.input"].read(1):
                 raise RequestEntityTooLarge()
-    except HTTPException:
+    except (HTTPException, TimeoutError) as err:
+        # A read past the server's deadline for the body (socket.timeout), which
+        # Werkzeug reports as a client gone (ClientDisconnected, a 400).
+        if isinstance(err, TimeoutError) or isinstance(err.__context__, TimeoutError):
+            raise errors.ApiError(
+                408, "invalid_request", "The request body was not sent in time."
+            ) from None
         raise
     except Exception:
         # The server could not decode the body it was sent (a chunk size that is not

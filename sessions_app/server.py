@@ -12,9 +12,10 @@
   (a longer one is answered 413 at once), except on the one route that takes
   larger bodies (``POST .../events/batch``, up to 4 MiB): there a longer one
   goes to a thread, as a body of declared length over 64 KiB does, and the
-  service reads it against that route's bound. Past gunicorn's own bounds on the
-  request line and the headers, a head goes to the parser at once, which
-  answers 4xx; each byte is looked at once, however the head arrives.
+  service reads it against that route's bound, within ``header_timeout``
+  seconds more (``BodyDeadline``; else 408 and the connection closes). Past
+  gunicorn's own bounds on the request line and the headers, a head goes to
+  the parser at once, which answers 4xx; each byte is looked at once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
   instead of gunicorn waiting five seconds for that body. A closing
   connection lingers for the client's FIN in the loop, without blocking it.
@@ -209,6 +210,40 @@ def header_timeout() -> float:
     return seconds
 
 
+class BodyDeadline:
+    """A connection's socket as a request thread reads from it: no read waits past ``deadline``.
+
+    The loop hands a request to a thread before its body is all in when the
+    body is over ``BODY_BUFFER_MAX`` (declared, or chunked on
+    ``LARGE_BODY_ROUTE``); the thread then reads it from the socket. Without a
+    deadline a client that stalls, or trickles a byte at a time, holds the
+    thread until gunicorn's timeout kills the whole worker. With it, the read
+    fails with ``socket.timeout`` once ``header_timeout`` seconds have passed
+    since the head: the service answers 408 and the connection closes.
+    Everything but ``recv`` is the socket's own.
+    """
+
+    __slots__ = ("deadline", "sock")
+
+    def __init__(self, sock: Any, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def recv(self, size: int) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request body was not received in time")
+        prior = self.sock.gettimeout()
+        self.sock.settimeout(remaining if prior is None else min(prior, remaining))
+        try:
+            return self.sock.recv(size)
+        finally:
+            self.sock.settimeout(prior)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
 class Refused(Exception):
     """A request the loop answers itself, at once: its head or chunked body is too long."""
 
@@ -353,9 +388,15 @@ class HeadReadingWorker(ThreadWorker):
         self.poller.unregister(conn.sock)
 
     def hand_over(self, conn: Any) -> None:
-        """The head is complete: the parser gets it back, and a thread serves the request."""
+        """The head is complete: the parser gets it back, and a thread serves the request
+        (reading what is left of its body by ``BodyDeadline``)."""
         conn.init()
-        conn.parser.unreader.unread(bytes(conn.head))
+        unreader = conn.parser.unreader
+        sock = getattr(unreader, "sock", None)
+        if sock is not None:
+            real = sock.sock if isinstance(sock, BodyDeadline) else sock
+            unreader.sock = BodyDeadline(real, time.monotonic() + self.header_timeout)
+        unreader.unread(bytes(conn.head))
         conn.head = bytearray()
         conn.data_ready = True
         conn.head_read = True
