@@ -1,8 +1,9 @@
 """Idempotency-Key: a retried create answers what the first one did, and writes nothing twice.
 
 A POST that creates something (a session, an event, a batch of events, an
-agent) may carry ``Idempotency-Key``: 1 to 255 printable ASCII characters,
-scoped to the API key that sends it. The first request with a key claims it
+agent) may carry one ``Idempotency-Key``: 1 to 255 printable ASCII
+characters but the comma (repeated fields arrive joined by commas), scoped to
+the API key that sends it. The first request with a key claims it
 in the storage, committed at once so that every worker and host sees the
 claim; then the request runs in one unit of work (``Storage.atomic``) with the
 record of its answer, so the write and the answer that remembers it commit
@@ -50,7 +51,9 @@ HEADER = "Idempotency-Key"
 ENVIRON_KEY = "HTTP_IDEMPOTENCY_KEY"
 REPLAYED = "Idempotent-Replayed"
 MAX_LENGTH = 255
-_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_LENGTH}}}\Z")
+# Printable ASCII but the comma: a server joins repeated header fields with commas,
+# so two keys sent at once would pass for one.
+_KEY = re.compile(rf"[\x20-\x2b\x2d-\x7e]{{1,{MAX_LENGTH}}}\Z")
 # Set by the server on every answer: not part of what is remembered.
 _NOT_REMEMBERED = frozenset({"content-length"})
 
@@ -64,14 +67,22 @@ def requested(environ: dict[str, Any]) -> str | None:
         raise ApiError(
             400,
             "invalid_request",
-            f"{HEADER}: must be 1 to {MAX_LENGTH} printable ASCII characters.",
+            f"{HEADER}: must be one field of 1 to {MAX_LENGTH} printable ASCII characters "
+            "other than a comma.",
         )
     return value
 
 
 def fingerprint(method: str, path: str, body: dict[str, Any]) -> str:
     """What makes two requests the same one: method, path and the body as parsed."""
-    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    try:
+        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        # The parser takes a body nested to a few frames short of the limit; this
+        # encoding runs deeper. Such a body is not valid for any create anyway.
+        raise ApiError(
+            400, "invalid_request", "The body is not valid JSON: the body is nested too deeply"
+        ) from None
     digest = hashlib.blake2b(digest_size=16)
     for part in (method, path, canonical):
         digest.update(part.encode())

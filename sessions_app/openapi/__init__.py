@@ -210,7 +210,8 @@ IDEMPOTENCY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",
     "required": False,
-    "description": "1 to 255 printable ASCII characters, unique per request (a UUID, say), "
+    "description": "1 to 255 printable ASCII characters other than a comma (repeated "
+    "fields arrive joined by commas, so one field only), unique per request (a UUID, say), "
     "scoped to the API key. The first request with it is processed and its answer (2xx or "
     "4xx) remembered for 24 hours; a retry with the same key, method, path and body gets "
     "that answer again, with `Idempotent-Replayed: true`, and writes nothing. The same key "
@@ -218,7 +219,7 @@ IDEMPOTENCY_PARAMETER = {
     "still in flight: 409 `idempotency_key_in_use` with `Retry-After`. A 5xx is not "
     "remembered, nor a refusal before the body was read (401, 403, 429, a body that is not "
     "a JSON object). Malformed: 400 `invalid_request`.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -+\\--~]+$"},
     "example": "0b4c7d62-9a51-4e0f-8f3b-2f6a1c9d7e44",
 }
 IN_USE = (
