@@ -164,9 +164,9 @@ def chunked_end(data: bytearray, pos: int) -> tuple[int, bool]:
         pos = after + 2 if data[after : after + 2] == b"\r\n" else after + 1
 
 
-def error_answer(status: int, message: str) -> bytes:
+def error_answer(status: int, message: str, rid: str | None = None) -> bytes:
     """An HTTP/1.1 answer in the service's error shape, closing the connection."""
-    rid = os.urandom(16).hex()
+    rid = rid or os.urandom(16).hex()
     error = ERROR_NAMES.get(status, "invalid_request")
     body = json.dumps({"error": error, "messages": [message], "request_id": rid}).encode()
     head = (
@@ -300,8 +300,10 @@ class HeadReadingWorker(ThreadWorker):
             ready = self.ready(conn)
         except Refused as refusal:
             self.stop_reading(conn)
+            rid = os.urandom(16).hex()
+            self.log.warning("refused %s: %s request_id=%s", refusal.status, refusal, rid)
             with contextlib.suppress(OSError):
-                conn.sock.send(error_answer(refusal.status, str(refusal)))
+                conn.sock.send(error_answer(refusal.status, str(refusal), rid))
             self.linger(conn)
             return
         if ready:
@@ -449,14 +451,16 @@ class HeadReadingWorker(ThreadWorker):
             if conn.head and self.alive:
                 # A request begun and not finished in time: say so (best effort, the
                 # client may not read), and leave a line for the operator.
+                rid = os.urandom(16).hex()
                 self.log.warning(
-                    "request not complete within %ss (%d bytes received): 408",
+                    "request not complete within %ss (%d bytes received): 408 request_id=%s",
                     self.header_timeout,
                     len(conn.head),
+                    rid,
                 )
                 with contextlib.suppress(OSError):
                     conn.sock.setblocking(False)
-                    conn.sock.send(error_answer(408, "The request was not sent in time."))
+                    conn.sock.send(error_answer(408, "The request was not sent in time.", rid))
             conn.close()
         now = float("inf") if force else time.monotonic()
         while self.lingering and self.lingering[0].linger_deadline <= now:
@@ -495,8 +499,10 @@ class HeadReadingWorker(ThreadWorker):
         message = REASONS.get(status, "Bad Request")
         if status < 500 and str(exc):
             message = f"{message}: {str(exc)[:200]}"
+        rid = os.urandom(16).hex()
+        self.log.warning("answered %s to an unreadable request: request_id=%s", status, rid)
         with contextlib.suppress(Exception):
-            util.write_nonblock(client, error_answer(status, message))
+            util.write_nonblock(client, error_answer(status, message, rid))
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # gunicorn waits up to five seconds for a body the application did not

@@ -347,6 +347,7 @@ def parse_answer(answer: bytes) -> tuple[int, dict[str, str], Any]:
 def test_gunicorn_refusals_are_in_the_error_shape(env, tmp_path, request_bytes, status):
     with serving(env, tmp_path, workers=1) as server:
         answer = send(server, request_bytes)
+        logs = server.logs()
     got, fields, payload = parse_answer(answer)
     assert got == status, answer[:300]
     assert set(payload) == {"error", "messages", "request_id"}, payload
@@ -356,6 +357,8 @@ def test_gunicorn_refusals_are_in_the_error_shape(env, tmp_path, request_bytes, 
     assert fields["cache-control"] == "no-store"
     assert re.fullmatch(r"[0-9a-f]{32}", fields["x-request-id"])
     assert fields["x-request-id"] == payload["request_id"]
+    # The id a client reports finds the refusal in the log, as it finds any answer.
+    assert f"request_id={payload['request_id']}" in logs, logs[-2000:]
 
 
 def test_connections_left_open_after_a_closing_answer_leave_the_server_answering(env, tmp_path):
@@ -467,6 +470,7 @@ def test_a_transfer_coding_other_than_chunked_is_refused_and_writes_nothing(
 
 def test_a_request_not_sent_in_time_is_answered_408_and_logged(env, tmp_path):
     env = {**env, "AGENT_SESSIONS_HEADER_TIMEOUT": "1"}
+    ids: list[str] = []
     with serving(env, tmp_path) as server:
         for partial in (PARTIAL_HEAD, PARTIAL_BODY):
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -475,11 +479,13 @@ def test_a_request_not_sent_in_time_is_answered_408_and_logged(env, tmp_path):
             status, fields, payload = parse_answer(answer)
             assert status == 408 and payload["error"] == "invalid_request", answer[:300]
             assert fields["x-request-id"] == payload["request_id"]
+            ids.append(payload["request_id"])
         # A connection that sent nothing is closed without a word, as an idle one is.
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             assert read_all(sock) == b""
         logs = server.logs()
     assert logs.count("request not complete within 1.0s") == 2, logs
+    assert all(f"request_id={rid}" in logs for rid in ids), logs
 
 
 def test_a_chunked_input_message_past_the_loop_buffer_is_read_whole(env, tmp_path):
