@@ -205,21 +205,28 @@ def test_keys_are_scoped_to_the_api_key_that_sends_them(client, keys, writer):
     assert session_keys(client, writer) == ["mine", "theirs"]
 
 
-def test_a_request_in_flight_is_409_with_retry_after(client, app, writer):
-    body = {"name": "Slow"}
+def hold_claim(app, body: dict[str, Any], token: str, lock: dt.timedelta) -> dt.datetime:
+    """Claim key k-1 of the (one) non-admin key for POST SESSIONS with ``body``, as another
+    worker would; return the claim's time."""
     storage = app.extensions["agent_sessions"].storage
     key_id = next(k.id for k in storage.list_api_keys(limit=100).items if not k.admin)
-    # Another worker holds the claim of this very request.
     now = sessions_app.idempotency.utcnow()
     storage.claim_idempotency_key(
         scope=key_id,
         key="k-1",
         fingerprint=fingerprint("POST", SESSIONS, body),
-        token="elsewhere",
+        token=token,
         now=now,
-        locked_until=now + LOCK,
+        locked_until=now + lock,
         expires_at=now + DAY,
     )
+    return now
+
+
+def test_a_request_in_flight_is_409_with_retry_after(client, app, writer):
+    body = {"name": "Slow"}
+    # Another worker holds the claim of this very request.
+    hold_claim(app, body, "elsewhere", LOCK)
     busy = post(client, SESSIONS, body, writer)
     assert_error(busy, 409, "idempotency_key_in_use")
     assert busy.headers["Retry-After"] == "1"
@@ -233,18 +240,7 @@ def test_a_claim_left_by_a_dead_request_is_taken_over_once_its_lock_ends(
 ):
     app.config["IDEMPOTENCY_KEY_LOCK_SECONDS"] = 5
     body = {"name": "Orphan"}
-    storage = app.extensions["agent_sessions"].storage
-    key_id = next(k.id for k in storage.list_api_keys(limit=100).items if not k.admin)
-    now = sessions_app.idempotency.utcnow()
-    storage.claim_idempotency_key(
-        scope=key_id,
-        key="k-1",
-        fingerprint=fingerprint("POST", SESSIONS, body),
-        token="dead",
-        now=now,
-        locked_until=now + dt.timedelta(seconds=5),
-        expires_at=now + DAY,
-    )
+    now = hold_claim(app, body, "dead", dt.timedelta(seconds=5))
     assert_error(post(client, SESSIONS, body, writer), 409, "idempotency_key_in_use")
     monkeypatch.setattr(sessions_app.idempotency, "utcnow", lambda: now + dt.timedelta(seconds=6))
     taken = post(client, SESSIONS, body, writer)
