@@ -13,7 +13,8 @@
   larger bodies (``POST .../events/batch``, up to 4 MiB): there a longer one
   goes to a thread, as a body of declared length over 64 KiB does, and the
   service reads it against that route's bound, within ``header_timeout``
-  seconds more (``BodyDeadline``; else 408 and the connection closes). Past
+  seconds of its first read (``BodyDeadline``; else 408 and the connection
+  closes). Past
   gunicorn's own bounds on the request line and the headers, a head goes to
   the parser at once, which answers 4xx; each byte is looked at once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
@@ -211,32 +212,38 @@ def header_timeout() -> float:
 
 
 class BodyDeadline:
-    """A connection's socket as a request thread reads from it: no read waits past ``deadline``.
+    """A connection's socket as a request thread reads from it: no read waits past a deadline.
 
     The loop hands a request to a thread before its body is all in when the
     body is over ``BODY_BUFFER_MAX`` (declared, or chunked on
     ``LARGE_BODY_ROUTE``); the thread then reads it from the socket. Without a
     deadline a client that stalls, or trickles a byte at a time, holds the
-    thread until gunicorn's timeout kills the whole worker. With it, the read
-    fails with ``socket.timeout`` once ``header_timeout`` seconds have passed
-    since the head: the service answers 408 and the connection closes.
-    Everything but ``recv`` is the socket's own.
+    thread until gunicorn's timeout kills the whole worker. With it, reading
+    fails with ``socket.timeout`` once ``timeout`` seconds have passed since
+    the thread's first read (time spent queued for a thread is the server's,
+    not the client's), and bytes already received are always taken: the
+    service answers 408 and the connection closes. Everything but ``recv`` is
+    the socket's own.
     """
 
-    __slots__ = ("deadline", "sock")
+    __slots__ = ("deadline", "sock", "timeout")
 
-    def __init__(self, sock: Any, deadline: float) -> None:
+    def __init__(self, sock: Any, timeout: float) -> None:
         self.sock = sock
-        self.deadline = deadline
+        self.timeout = timeout
+        self.deadline: float | None = None
 
     def recv(self, size: int) -> bytes:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the request body was not received in time")
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + self.timeout
+        remaining = max(self.deadline - now, 0.0)  # 0: only what has arrived already
         prior = self.sock.gettimeout()
         self.sock.settimeout(remaining if prior is None else min(prior, remaining))
         try:
             return self.sock.recv(size)
+        except BlockingIOError:
+            raise TimeoutError("the request body was not received in time") from None
         finally:
             self.sock.settimeout(prior)
 
@@ -397,7 +404,7 @@ class HeadReadingWorker(ThreadWorker):
         sock = getattr(unreader, "sock", None)
         if sock is not None:
             real = sock.sock if isinstance(sock, BodyDeadline) else sock
-            unreader.sock = BodyDeadline(real, time.monotonic() + self.header_timeout)
+            unreader.sock = BodyDeadline(real, self.header_timeout)
         unreader.unread(bytes(conn.head))
         conn.head = bytearray()
         conn.data_ready = True

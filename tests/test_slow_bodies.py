@@ -17,6 +17,7 @@ import time
 import pytest
 import requests
 
+from sessions_app.server import BodyDeadline
 from tests.servers import serving_store
 
 GRANTS = "support-bot=sessions:create,sessions:read,events:create"
@@ -71,3 +72,21 @@ def test_a_slow_large_body_is_closed_without_killing_its_worker(tmp_path, trickl
         # The same worker serves on.
         again = requests.get(f"{server.url}/healthz", timeout=5)
         assert again.status_code == 200
+
+
+def test_the_body_deadline_starts_at_the_first_read_and_takes_what_has_arrived():
+    reader, writer = socket.socketpair()
+    try:
+        sock = BodyDeadline(reader, 0.2)
+        time.sleep(0.3)  # queued for a thread: the client's time has not begun
+        writer.sendall(b"abc")
+        assert sock.recv(10) == b"abc"
+        time.sleep(0.3)  # past the deadline, with bytes waiting: they are taken
+        writer.sendall(b"def")
+        assert sock.recv(10) == b"def"
+        with pytest.raises(TimeoutError):
+            sock.recv(10)  # past it, nothing waiting
+        assert reader.gettimeout() is None  # the socket is left as it was
+    finally:
+        reader.close()
+        writer.close()
