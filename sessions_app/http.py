@@ -78,18 +78,20 @@ class ServiceBlueprint(Blueprint):
 # The request id
 
 
-def request_id() -> str:
-    """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits."""
-    state = g._get_current_object()
+def request_id(state: Any = None, environ: dict[str, Any] | None = None) -> str:
+    """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits.
+
+    ``state`` and ``environ``: the request's ``g`` and WSGI environ, when the caller
+    has them at hand (see below).
+    """
+    if state is None:
+        state = g._get_current_object()
     rid = state.get("request_id")
     if rid is None:
-        rid = _new_request_id(state, request._get_current_object().environ)
-    return rid
-
-
-def _new_request_id(state: Any, environ: dict[str, Any]) -> str:
-    sent = environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
-    rid = state.request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
+        if environ is None:
+            environ = request._get_current_object().environ
+        sent = environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
+        rid = state.request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
     return rid
 
 
@@ -99,16 +101,12 @@ def _new_request_id(state: Any, environ: dict[str, Any]) -> str:
 # instructions against some 1,300 for the object.
 
 
-def is_service_request(req: Any = None, app: Any = None) -> bool:
+def is_service_request(req: Any, app: Any) -> bool:
     """Whether this request is the service's: one of its blueprints, or a routing error under
     its prefix (no view matched, so no blueprint is known)."""
-    if req is None:
-        req = request._get_current_object()
     blueprint = req.blueprint
     if blueprint is not None:
         return blueprint == SERVICE_BLUEPRINT or blueprint.startswith(SERVICE_BLUEPRINT + ".")
-    if app is None:
-        app = current_app._get_current_object()
     prefix = app.extensions["agent_sessions"].url_prefix.rstrip("/") + "/"
     return (req.path + "/").startswith(prefix)
 
@@ -121,9 +119,7 @@ def start_request() -> Response | None:
     shape; elsewhere they stay the host application's business.
     """
     req, app = request._get_current_object(), current_app._get_current_object()
-    state = g._get_current_object()
-    if state.get("request_id") is None:
-        _new_request_id(state, req.environ)
+    request_id(g._get_current_object(), req.environ)
     counted = app.extensions["agent_sessions"].metrics
     if counted is not None:
         metrics.request_started(counted, req)
@@ -163,7 +159,7 @@ def contract_headers(response: Response) -> Response:
         return response
     state = g._get_current_object()
     headers = response.headers
-    rid = state.get("request_id") or _new_request_id(state, req.environ)
+    rid = request_id(state, req.environ)
     # Nothing before this hook sets these two (one extend: each set scans the headers).
     added = [("X-Request-ID", rid), ("X-Content-Type-Options", "nosniff")]
     if service:
@@ -356,10 +352,9 @@ def _unsupported(message: str) -> errors.ApiError:
     return errors.ApiError(415, "unsupported_media_type", message)
 
 
-def read_body(limit: int, req: Any = None) -> bytes:
-    """The raw body, at most ``limit`` bytes (else 413), or 400 when the stream is malformed."""
-    if req is None:
-        req = request._get_current_object()
+def read_body(limit: int, req: Any) -> bytes:
+    """The raw body of request ``req``, at most ``limit`` bytes (else 413), or 400 when the
+    stream is malformed."""
     req.max_content_length = limit  # the service's own bound, whatever the host's
     try:
         raw = req.get_data(cache=False)  # raises 413 past the limit
@@ -385,14 +380,11 @@ def read_body(limit: int, req: Any = None) -> bytes:
     return raw
 
 
-def json_object(limit: int | None = None, req: Any = None) -> dict[str, Any]:
-    """The request body as a JSON object, or an ApiError (400, 413, 415).
+def json_object(limit: int | None, req: Any) -> dict[str, Any]:
+    """The body of request ``req`` as a JSON object, or an ApiError (400, 413, 415).
 
-    ``limit``: its bytes at most (default: the service's ``max_body``); ``req``: the
-    request object, when the caller has it at hand.
+    ``limit``: its bytes at most (None: the service's ``max_body``).
     """
-    if req is None:
-        req = request._get_current_object()
     # application/json only: a +json type names a format of its own (merge-patch,
     # json-patch, ...) whose meaning this API does not apply.
     if req.mimetype != "application/json":

@@ -587,10 +587,10 @@ def guard_authentication(authenticate: Callable[[Flask, Any], Any]) -> Callable[
     return hook
 
 
-def headers(state: Any = None) -> list[tuple[str, str]]:
+def headers(state: Any) -> list[tuple[str, str]]:
     """The X-RateLimit-* headers of the limit this request counted against, if any
-    (``state``: the request's ``g``, when the caller has it at hand)."""
-    window = (state or g._get_current_object()).get("rate_limit")
+    (``state``: the request's ``g``)."""
+    window = state.get("rate_limit")
     if window is None:
         return []
     return [

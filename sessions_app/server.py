@@ -14,9 +14,9 @@
   goes to a thread, as a body of declared length over 64 KiB does, and the
   service reads it against that route's bound, within ``header_timeout``
   seconds of its first read (``BodyDeadline``; else 408 and the connection
-  closes). Past
-  gunicorn's own bounds on the request line and the headers, a head goes to
-  the parser at once, which answers 4xx; each byte is looked at once, however the head arrives.
+  closes). Past gunicorn's own bounds on the request line and the headers, a
+  head goes to the parser at once, which answers 4xx; each byte is looked at
+  once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
   instead of gunicorn waiting five seconds for that body. A closing
   connection lingers for the client's FIN in the loop, without blocking it.
@@ -165,9 +165,8 @@ def chunked_end(data: bytearray, pos: int) -> tuple[int, bool]:
         pos = after + 2 if data[after : after + 2] == b"\r\n" else after + 1
 
 
-def error_answer(status: int, message: str, rid: str | None = None) -> bytes:
+def error_answer(status: int, message: str, rid: str) -> bytes:
     """An HTTP/1.1 answer in the service's error shape, closing the connection."""
-    rid = rid or os.urandom(16).hex()
     error = ERROR_NAMES.get(status, "invalid_request")
     body = json.dumps({"error": error, "messages": [message], "request_id": rid}).encode()
     head = (
@@ -307,10 +306,11 @@ class HeadReadingWorker(ThreadWorker):
             ready = self.ready(conn)
         except Refused as refusal:
             self.stop_reading(conn)
-            rid = os.urandom(16).hex()
-            self.log.warning("refused %s: %s request_id=%s", refusal.status, refusal, rid)
+            answer = self.refusal(
+                refusal.status, str(refusal), f"refused {refusal.status}: {refusal}"
+            )
             with contextlib.suppress(OSError):
-                conn.sock.send(error_answer(refusal.status, str(refusal), rid))
+                conn.sock.send(answer)
             self.linger(conn)
             return
         if ready:
@@ -458,16 +458,15 @@ class HeadReadingWorker(ThreadWorker):
             if conn.head and self.alive:
                 # A request begun and not finished in time: say so (best effort, the
                 # client may not read), and leave a line for the operator.
-                rid = os.urandom(16).hex()
-                self.log.warning(
-                    "request not complete within %ss (%d bytes received): 408 request_id=%s",
-                    self.header_timeout,
-                    len(conn.head),
-                    rid,
+                answer = self.refusal(
+                    408,
+                    "The request was not sent in time.",
+                    f"request not complete within {self.header_timeout}s "
+                    f"({len(conn.head)} bytes received): 408",
                 )
                 with contextlib.suppress(OSError):
                     conn.sock.setblocking(False)
-                    conn.sock.send(error_answer(408, "The request was not sent in time.", rid))
+                    conn.sock.send(answer)
             conn.close()
         now = float("inf") if force else time.monotonic()
         while self.lingering and self.lingering[0].linger_deadline <= now:
@@ -496,6 +495,13 @@ class HeadReadingWorker(ThreadWorker):
 
     # gunicorn's own error answers, in the service's error shape.
 
+    def refusal(self, status: int, message: str, note: str) -> bytes:
+        """The answer to a request refused before the service saw it, and its log line:
+        ``note`` with the request id the answer carries, so a client's id finds it."""
+        rid = os.urandom(16).hex()
+        self.log.warning("%s request_id=%s", note, rid)
+        return error_answer(status, message, rid)
+
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         captured = CapturedAnswer()  # gunicorn logs, and writes its HTML answer here
         super().handle_error(req, captured, addr, exc)
@@ -506,10 +512,9 @@ class HeadReadingWorker(ThreadWorker):
         message = REASONS.get(status, "Bad Request")
         if status < 500 and str(exc):
             message = f"{message}: {str(exc)[:200]}"
-        rid = os.urandom(16).hex()
-        self.log.warning("answered %s to an unreadable request: request_id=%s", status, rid)
+        answer = self.refusal(status, message, f"answered {status} to an unreadable request")
         with contextlib.suppress(Exception):
-            util.write_nonblock(client, error_answer(status, message, rid))
+            util.write_nonblock(client, answer)
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # gunicorn waits up to five seconds for a body the application did not

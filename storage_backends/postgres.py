@@ -284,7 +284,7 @@ class PostgresStorage(SQLStorage):
 
         Raises :class:`Unavailable` when the server cannot be reached.
         """
-        unit = getattr(self._local, "unit", None)
+        unit = self._unit()
         if unit is not None:
             # Inside atomic(): its connection, in a savepoint, so that a statement that
             # fails (a duplicate key the caller handles) undoes only itself.
@@ -293,22 +293,6 @@ class PostgresStorage(SQLStorage):
             return
         with self._translated(), self._get_pool().connection() as conn:
             yield conn
-
-    @contextlib.contextmanager
-    def atomic(self) -> Iterator[None]:
-        """One transaction on one pooled connection for the block; every call inside
-        runs on it (a transaction of its own becomes a savepoint)."""
-        local = self._local
-        if getattr(local, "unit", None) is not None:
-            with self._transaction():
-                yield
-            return
-        with self._transaction() as conn:
-            local.unit = conn
-            try:
-                yield
-            finally:
-                local.unit = None
 
     @contextlib.contextmanager
     def _translated(self, *also: type[Exception]) -> Iterator[None]:

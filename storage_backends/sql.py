@@ -10,6 +10,8 @@ subclass supplies only what differs between databases:
   write statement, in autocommit), ``_transaction`` (statements that commit
   together), ``_update_transaction`` (update_session's UPDATE, and the removal
   of the session it found expired), ``_scan`` (rows read lazily, for filters);
+  inside an open :meth:`SQLStorage.atomic` block each of them uses its
+  connection (``_unit``), and a transaction of its own becomes a savepoint;
 - ``row_lock``: what a SELECT adds to hold its row until the transaction ends
   (PostgreSQL's ``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` already holds the
   whole database), so a write's precondition and the write see one version;
@@ -33,6 +35,7 @@ import functools
 import itertools
 import operator
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -518,6 +521,29 @@ class SQLStorage(Storage, abc.ABC):
         self, query: str, params: list[Any], batch: int
     ) -> contextlib.AbstractContextManager[Iterable[Any]]:
         """The rows of ``query``, read as they are consumed."""
+
+    #: per thread: ``unit``, the connection of the open atomic() block, if any
+    _local: threading.local
+
+    def _unit(self) -> Any:
+        """The connection of this thread's open :meth:`atomic` block, or None."""
+        return getattr(self._local, "unit", None)
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One :meth:`_transaction` for the block, whose connection every call inside
+        uses (the dialect's ``_reading``, ``_writing`` and ``_transaction`` look for it:
+        a transaction of their own becomes a savepoint). Nested, a savepoint."""
+        nested = self._unit() is not None
+        with self._transaction() as conn:
+            if nested:
+                yield
+                return
+            self._local.unit = conn
+            try:
+                yield
+            finally:
+                self._local.unit = None
 
     def _sql(self, statement: str) -> str:
         return with_hints(statement) if self.placeholder == "?" else to_pyformat(statement)

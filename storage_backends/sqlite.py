@@ -143,7 +143,7 @@ class SQLiteStorage(SQLStorage):
         a holder that stalls (a stopped or traced process) makes this a 503,
         never a worker hung until gunicorn kills it.
         """
-        unit = getattr(self._local, "unit", None)
+        unit = self._unit()
         if unit is not None:  # inside atomic(): its transaction, its turn
             with _translated():
                 yield unit
@@ -155,29 +155,15 @@ class SQLiteStorage(SQLStorage):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite_utils.Database]:
-        unit = getattr(self._local, "unit", None)
+        """A ``BEGIN IMMEDIATE`` transaction in the writers' turn; inside atomic(), a
+        savepoint of its transaction."""
+        unit = self._unit()
         if unit is not None:
             with _translated(), _savepoint(unit):
                 yield unit
             return
         with self._writing() as db, _immediate(db):
             yield db
-
-    @contextlib.contextmanager
-    def atomic(self) -> Iterator[None]:
-        """One ``BEGIN IMMEDIATE`` transaction, in the writers' turn, for the block; every
-        write inside joins it (a transaction of its own becomes a savepoint)."""
-        local = self._local
-        if getattr(local, "unit", None) is not None:
-            with self._transaction():
-                yield
-            return
-        with self._writing() as db, _immediate(db):
-            local.unit = db
-            try:
-                yield
-            finally:
-                local.unit = None
 
     # The UPDATE and the removal of an expired session commit together.
     _update_transaction = _transaction

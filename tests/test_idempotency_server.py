@@ -353,12 +353,7 @@ def test_sigkill_between_the_write_and_the_answer_never_writes_without_the_recor
                     key = f"crash-{w}-{n}"
                     n += 1
                     try:
-                        response = http.post(
-                            server.url + SESSIONS,
-                            json={"key": key, "name": key},
-                            headers={"Idempotency-Key": f"idem-{key}"},
-                            timeout=30,
-                        )
+                        response = keyed_create(http, server, key, timeout=30)
                     except requests.RequestException:
                         sent.append((key, None))  # its worker died with it
                         http.close()
@@ -424,17 +419,24 @@ def recovered(server: Server, token: str, key: str, first: requests.Response | N
     )
 
 
+def keyed_create(
+    http: requests.Session, server: Server, key: str, timeout: float
+) -> requests.Response:
+    """Create session ``key`` under the Idempotency-Key ``idem-<key>``."""
+    return http.post(
+        server.url + SESSIONS,
+        json={"key": key, "name": key},
+        headers={"Idempotency-Key": f"idem-{key}"},
+        timeout=timeout,
+    )
+
+
 def retried(http: requests.Session, server: Server, key: str) -> requests.Response:
     """The create for ``key`` again, retried while busy, unavailable or unreachable."""
     deadline = time.monotonic() + 15
     while True:
         try:
-            response = http.post(
-                server.url + SESSIONS,
-                json={"key": key, "name": key},
-                headers={"Idempotency-Key": f"idem-{key}"},
-                timeout=10,
-            )
+            response = keyed_create(http, server, key, timeout=10)
         except requests.RequestException:
             response = None
         if response is not None and response.status_code not in (409, 503):
