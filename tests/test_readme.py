@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +66,16 @@ def blocks(text: str) -> list[Block]:
     lines = text.split("\n")
     start = None
     for number, line in enumerate(lines):
-        if not line.startswith("```"):
+        if not line.lstrip().startswith("```"):
             continue
         if start is None:
             start = number
             continue
-        marker = NOT_RUN.fullmatch(lines[start - 1]) if start else None
+        marker = NOT_RUN.fullmatch(lines[start - 1].strip()) if start else None
         found.append(
             Block(
-                lang=lines[start][3:].strip(),
-                code="\n".join(lines[start + 1 : number]) + "\n",
+                lang=lines[start].strip()[3:].strip(),
+                code=textwrap.dedent("\n".join(lines[start + 1 : number])) + "\n",
                 line=start + 1,
                 not_run=marker.group(1) if marker else None,
             )
@@ -125,8 +126,8 @@ def test_every_block_runs_or_says_why_it_does_not() -> None:
             assert block.lang in RUNS, f"{block.name}: runs only sh or python; mark it not run"
     # A marker is only ever the line before a fence, with a reason.
     for number, line in enumerate(text.split("\n")):
-        if "not run" in line and line.startswith("<!--"):
-            assert NOT_RUN.fullmatch(line), f"README.md line {number + 1}: {line!r}"
+        if "not run" in line and line.strip().startswith("<!--"):
+            assert NOT_RUN.fullmatch(line.strip()), f"README.md line {number + 1}: {line!r}"
             assert any(block.line == number + 2 for block in found), (
                 f"README.md line {number + 1}: a marker not right before a fence"
             )
