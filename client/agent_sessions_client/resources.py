@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import NOT_GIVEN, BaseClient, Call, Request, body_of, call, creating, segment
 from .models import Agent, ApiKey, Event, Page, Session
+
+if TYPE_CHECKING:
+    from .client import AsyncPager, SyncPager
 
 T = TypeVar("T")
 
@@ -132,7 +135,7 @@ class Sessions(_Resource):
         filter: str | None = None,
         limit: int | None = None,
         page_key: str | None = None,
-    ) -> Any:
+    ) -> SyncPager[Session] | AsyncPager[Session]:
         """Every session of the agent, oldest first, read ``limit`` per request.
 
         ``filter`` is an RE2 regular expression over name and description.
@@ -232,7 +235,7 @@ class Events(_Resource):
         include_hidden: bool | None = None,
         limit: int | None = None,
         page_key: str | None = None,
-    ) -> Any:
+    ) -> SyncPager[Event] | AsyncPager[Event]:
         """Every event of the session in history order (``order="desc"``: newest first),
         read ``limit`` per request; ``types`` keeps only those types, ``include_hidden``
         adds hidden events. Iterate, or use ``.pages()``."""
@@ -389,7 +392,9 @@ class Agents(_Resource):
         req = Request("GET", _agent_path(key), repeatable=True)
         return (yield from self._client._fetch_record(req, Agent))
 
-    def list(self, *, limit: int | None = None, page_key: str | None = None) -> Any:
+    def list(
+        self, *, limit: int | None = None, page_key: str | None = None
+    ) -> SyncPager[Agent] | AsyncPager[Agent]:
         """Every agent; iterate, or use ``.pages()``."""
         fetch = self._client._lister("/v2/agents", "agents", Agent.from_dict, {"limit": limit})
         return self._pager(fetch, page_key)
@@ -468,7 +473,9 @@ class ApiKeys(_Resource):
         req = Request("POST", "/v2/api_keys", json=body)
         return (yield from self._client._fetch(req, ApiKey.from_dict))
 
-    def list(self, *, limit: int | None = None, page_key: str | None = None) -> Any:
+    def list(
+        self, *, limit: int | None = None, page_key: str | None = None
+    ) -> SyncPager[ApiKey] | AsyncPager[ApiKey]:
         """Every API key (never a secret); iterate, or use ``.pages()``."""
         fetch = self._client._lister("/v2/api_keys", "api_keys", ApiKey.from_dict, {"limit": limit})
         return self._pager(fetch, page_key)
