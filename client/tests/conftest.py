@@ -274,6 +274,7 @@ class Forwarder:
         self.sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.closed = threading.Event()
+        self.connections: list[socket.socket] = []
 
     def open(self) -> None:
         self.sock.listen(16)
@@ -286,6 +287,7 @@ class Forwarder:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            self.connections += [conn, upstream]
             for src, dst in ((conn, upstream), (upstream, conn)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
@@ -300,6 +302,8 @@ class Forwarder:
     def close(self) -> None:
         self.closed.set()
         self.sock.close()
+        for conn in self.connections:
+            conn.close()
 
 
 class LoseAnswers(httpx.BaseTransport):
