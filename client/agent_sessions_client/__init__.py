@@ -1,0 +1,80 @@
+"""Python client of the Agent Sessions service (sync and asyncio), over httpx.
+
+>>> from agent_sessions_client import AgentSessions
+>>> with AgentSessions("http://127.0.0.1:8000", "ak_...") as client:
+...     session = client.sessions.create("support-bot", name="Billing question")
+"""
+
+from ._version import __version__
+from .client import NOT_GIVEN, AgentSessions, AsyncAgentSessions, AsyncPager, SyncPager
+from .errors import (
+    AgentDisabled,
+    AgentNotFound,
+    AgentSessionsError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    Conflict,
+    EventNotFound,
+    Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyMismatch,
+    InternalError,
+    InvalidMetadata,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    QuotaExceeded,
+    RateLimitExceeded,
+    SessionDisabled,
+    SessionNotFound,
+    Unauthorized,
+    Unavailable,
+    UnexpectedResponse,
+    UnsupportedMediaType,
+)
+from .models import Agent, ApiKey, Event, ForkedFrom, Grant, Page, Session
+
+__all__ = [
+    "NOT_GIVEN",
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "Agent",
+    "AgentDisabled",
+    "AgentNotFound",
+    "AgentSessions",
+    "AgentSessionsError",
+    "ApiKey",
+    "AsyncAgentSessions",
+    "AsyncPager",
+    "Conflict",
+    "Event",
+    "EventNotFound",
+    "Forbidden",
+    "ForkedFrom",
+    "Grant",
+    "IdempotencyKeyInUse",
+    "IdempotencyKeyMismatch",
+    "InternalError",
+    "InvalidMetadata",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "NotFound",
+    "Page",
+    "PayloadTooLarge",
+    "PreconditionFailed",
+    "QuotaExceeded",
+    "RateLimitExceeded",
+    "Session",
+    "SessionDisabled",
+    "SessionNotFound",
+    "SyncPager",
+    "Unauthorized",
+    "Unavailable",
+    "UnexpectedResponse",
+    "UnsupportedMediaType",
+    "__version__",
+]
