@@ -16,9 +16,10 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
-from . import errors, http, logs, metrics, tracing
-from .keycache import KeyCache
-from .rate_limits import RateLimits
+from .corridor import errors, http
+from .corridor.keycache import KeyCache
+from .corridor.rate_limits import RateLimits
+from .observability import logs, metrics, tracing
 
 log = logging.getLogger("agent_sessions")
 # Silent unless the host configures logging (gunicorn.conf.py sends it to the error
@@ -70,7 +71,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.register(app)
     app.extensions["agent_sessions"].owns_app = True
     # "/" belongs to the standalone service only: a host application keeps its own.
-    from .ops import index
+    from .api.health import index
 
     # No slash-redirect for an empty path: the service never redirects (the view 404s it).
     app.add_url_rule("/", "index", index, methods=["GET"], strict_slashes=False)
@@ -102,8 +103,8 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     error pages are left as they are.
     """
     from .api import bp
-    from .cli import register_commands
-    from .ops import ops
+    from .api.health import ops
+    from .ops.cli import register_commands
 
     for key in dir(default_config.Config):
         if key.isupper():

@@ -22,8 +22,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 from marshmallow import Schema
 
-from .. import auth
-from ..events import Tagged, TaggedSchema
+from ..corridor import auth
 from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN
 from ..schemas import (
     KEY_MAX_LENGTH,
@@ -34,6 +33,7 @@ from ..schemas import (
     ReadinessSchema,
     SessionListQuerySchema,
 )
+from ..schemas.events import Tagged, TaggedSchema
 
 OPENAPI_VERSION = "3.0.3"  # the newest version the bundled Swagger UI renders
 EXTENSION = "agent_sessions_openapi"

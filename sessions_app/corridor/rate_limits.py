@@ -73,11 +73,11 @@ from limits.util import SINGLE_EXPR
 
 from storage_backends import AgentNotFound, Unavailable
 
+from ..serving.host_counters import SCHEME as HOST_SCHEME
 from .auth import needs_key
 from .errors import ApiError
-from .host_counters import SCHEME as HOST_SCHEME
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.rate_limits")  # the name log filters select it by
 
 FAILURE_POLICIES = ("open", "closed")
 

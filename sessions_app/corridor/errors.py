@@ -22,10 +22,10 @@ from storage_backends import (
 )
 from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory
 
-from . import metrics
-from .naming import EVENT_ID_PREFIX
+from ..naming import EVENT_ID_PREFIX
+from ..observability import metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.errors")  # the name log filters select it by
 
 # Werkzeug's HTTP errors that reach the handler, by status.
 HTTP_CODES = {

@@ -64,7 +64,7 @@ CHECK_EVERY_S = 1.0
 BUSY_CODES = frozenset((5, 6, 13))  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL
 CORRUPT_CODES = frozenset((11, 26))  # SQLITE_CORRUPT, SQLITE_NOTADB
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.host_counters")  # the name log filters select it by
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (

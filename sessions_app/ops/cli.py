@@ -36,12 +36,11 @@ from storage_backends import (
 from storage_backends.codec import utcnow
 from storage_backends.memory import MemoryStorage
 
-from . import maintenance
-from .auth import new_api_key
-from .errors import flatten_messages
-from .naming import KEY_MAX_LENGTH
-from .rate_limits import parse_limit
-from .schemas import (
+from ..corridor.auth import new_api_key
+from ..corridor.errors import flatten_messages
+from ..corridor.rate_limits import parse_limit
+from ..naming import KEY_MAX_LENGTH
+from ..schemas import (
     SCOPES,
     AgentCreateSchema,
     AgentSchema,
@@ -51,7 +50,8 @@ from .schemas import (
     SessionSchema,
     is_key,
 )
-from .text import CONTROLS_NOT_C0, escape_controls
+from ..text import CONTROLS_NOT_C0, escape_controls
+from . import maintenance
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -115,7 +115,7 @@ def one_line_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from . import ConfigError
+        from .. import ConfigError
 
         try:
             return command(*args, **kwargs)
@@ -152,7 +152,7 @@ def storage() -> Any:
     place to create a new, empty database; the default file in the instance
     folder is the exception, its folder made on first use as the server does.
     """
-    from . import ConfigError
+    from .. import ConfigError
 
     app = current_app
     store = app.extensions["agent_sessions"].storage
@@ -593,7 +593,7 @@ class BadExport(ValueError):
 
 def parse_line(text: str, number: int) -> dict[str, Any]:
     """One line, parsed as strictly as a request body (no NUL, no unpaired surrogate)."""
-    from .http import parse
+    from ..corridor.http import parse
 
     try:
         value = parse(text.encode("utf-8", "surrogatepass"))
@@ -622,7 +622,7 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
     body = first.get("session")
     if not isinstance(body, dict):
         raise BadExport("line 1: no session")
-    from .schemas import SessionCreateSchema
+    from ..schemas import SessionCreateSchema
 
     key = session_key or body.get("key")
     if key is None:
@@ -660,7 +660,7 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
 
 def event_fields(body: dict[str, Any], number: int) -> dict[str, Any]:
     """The fields of an event line, checked by its type's schema as a batch is."""
-    from .events import STORED_EVENT_VARIANTS
+    from ..schemas.events import STORED_EVENT_VARIANTS
 
     given = {k: v for k, v in body.items() if k not in EVENT_KEYS}
     try:
@@ -682,7 +682,7 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
     from storage_backends import Event
     from storage_backends.codec import dump_json
 
-    from .events import dump_event
+    from ..schemas.events import dump_event
 
     for number, text in lines:
         line = parse_line(text, number)
@@ -850,7 +850,7 @@ def restore(path: str, yes: bool) -> None:
 @with_appcontext
 def openapi_document() -> None:
     """Print the OpenAPI document of the HTTP API as JSON."""
-    from .openapi import document
+    from ..openapi import document
 
     echo_json(document(current_app))
 
@@ -862,7 +862,7 @@ def register_commands(app: Flask) -> None:
 
 
 def _create_app(*args: Any) -> Flask:
-    from . import create_app, unknown_environment_names
+    from .. import create_app, unknown_environment_names
 
     for message in unknown_environment_names(os.environ):
         warn(message)
@@ -887,7 +887,7 @@ cli.add_command(run_command, "run")
 
 
 def main() -> None:
-    from . import ConfigError
+    from .. import ConfigError
 
     info = ScriptInfo(create_app=_create_app, set_debug_flag=False, load_dotenv_defaults=False)
     try:

@@ -29,7 +29,7 @@ from flask import Flask, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 from werkzeug.wrappers import Response
 
-from . import http
+from ..corridor import http
 
 LOG_FORMAT_ENV = "AGENT_SESSIONS_LOG_FORMAT"
 # What the service puts in a request's WSGI environ for the access line.

@@ -45,7 +45,7 @@ from storage_backends.codec import dump_json, utcnow
 from . import errors, http
 from .errors import ApiError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.idempotency")  # the name log filters select it by
 
 HEADER = "Idempotency-Key"
 ENVIRON_KEY = "HTTP_IDEMPOTENCY_KEY"

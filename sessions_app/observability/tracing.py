@@ -27,7 +27,7 @@ from flask import Flask
 
 from storage_backends import Storage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.tracing")  # the name log filters select it by
 
 ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 INSTRUMENTATION = "agent_sessions"
@@ -70,7 +70,7 @@ def init_app(app: Flask) -> None:
     if not wanted(app.config["TRACING_ENABLED"]):
         return
     if not installed():
-        from . import ConfigError
+        from .. import ConfigError
 
         raise ConfigError("TRACING_ENABLED needs OpenTelemetry: install agent-sessions[otel]")
     from opentelemetry import trace

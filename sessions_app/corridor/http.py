@@ -26,7 +26,9 @@ from werkzeug.wrappers import Response
 
 from storage_backends.codec import dump_json
 
-from . import errors, metrics, naming, rate_limits
+from .. import naming
+from ..observability import metrics
+from . import errors, rate_limits
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 

@@ -23,22 +23,13 @@ from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, Sess
 from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, utcnow
 
-from . import auth, errors, etags, http, idempotency, metrics, rate_limits
-from .errors import ApiError
-from .events import (
-    EventBatchSchema,
-    EventCreateSchema,
-    EventListQuerySchema,
-    EventListSchema,
-    EventSchema,
-    EventsCreatedSchema,
-    check_size,
-    dump_event,
-)
-from .naming import key_candidates, new_event_id
-from .openapi import Operation
-from .openapi.docs import docs
-from .openapi.examples import (
+from ..corridor import auth, errors, etags, http, idempotency, rate_limits
+from ..corridor.errors import ApiError
+from ..naming import key_candidates, new_event_id
+from ..observability import metrics
+from ..openapi import Operation
+from ..openapi.docs import docs
+from ..openapi.examples import (
     AGENT,
     API_KEY_REQUEST,
     EVENT,
@@ -47,7 +38,7 @@ from .openapi.examples import (
     SESSION,
     SESSION_REQUEST,
 )
-from .schemas import (
+from ..schemas import (
     AgentCreateSchema,
     AgentListSchema,
     AgentSchema,
@@ -62,6 +53,16 @@ from .schemas import (
     SessionSchema,
     SessionUpdateSchema,
     check_metadata,
+)
+from ..schemas.events import (
+    EventBatchSchema,
+    EventCreateSchema,
+    EventListQuerySchema,
+    EventListSchema,
+    EventSchema,
+    EventsCreatedSchema,
+    check_size,
+    dump_event,
 )
 
 bp = http.ServiceBlueprint(http.SERVICE_BLUEPRINT, __name__)

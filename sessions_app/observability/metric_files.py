@@ -35,7 +35,7 @@ import struct
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.metric_files")  # the name log filters select it by
 
 # The size the library gives a new file, and the files each process makes at start
 # (counter, histogram, gauge_livesum: sessions_app/metrics.py's metrics).
