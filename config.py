@@ -12,6 +12,10 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """The configuration cannot be served; the message is one line for the operator."""
+
+
 class Config:
     # Storage: None means a SQLite file in the instance folder.
     STORAGE_URL: str | None = None

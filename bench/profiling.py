@@ -29,7 +29,7 @@ RATE_HZ = 250
 STAGES = [
     (name, re.compile(pattern))
     for name, pattern in (
-        ("request id", r"^request_id \(sessions_app/corridor/errors\.py\)"),
+        ("request id", r"^request_id \(sessions_app/corridor/request_id\.py\)"),
         ("authentication", r"^authenticate \(sessions_app/corridor/auth\.py\)"),
         ("routing-error hook", r"^.*hook \(sessions_app/__init__\.py\)"),
         ("rate limit", r"\(sessions_app/corridor/rate_limits\.py\)"),

@@ -14,6 +14,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config as default_config
+from config import ConfigError
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
 from .corridor import errors, http
@@ -27,10 +28,6 @@ log = logging.getLogger("agent_sessions")
 log.addHandler(logging.NullHandler())
 
 ENV_PREFIX = "AGENT_SESSIONS"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be served; the message is one line for the operator."""
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from storage_backends import Agent, ApiKey, Conflict, Grant, Page, Session, Sess
 from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, utcnow
 
-from ..corridor import auth, errors, etags, http, idempotency, rate_limits
+from ..corridor import auth, errors, etags, http, idempotency, rate_limits, responses
 from ..corridor.errors import ApiError
 from ..naming import key_candidates, new_event_id
 from ..observability import metrics
@@ -203,20 +203,20 @@ def endpoint(
                 check_path(path.get("agent_key"))
                 raise
             if response_schema is None:
-                return http.no_content()
+                return responses.no_content()
             if isinstance(result, Response):
                 return result
             obj, headers = result if isinstance(result, tuple) else (result, None)
             if etag_schema is None:
-                return http.json_response(response_schema.dump(obj), status, headers)
+                return responses.json_response(response_schema.dump(obj), status, headers)
             data = etags.representation(response_schema.dump(obj))
             etag = etags.tag(data)
             if conditions is not None:  # a read's (a write's are the storage's to check)
                 if not conditions.matches(etag):
                     return errors.precondition_failed()
                 if not conditions.none_match(etag):
-                    return http.not_modified([*(headers or ()), ("ETag", etag)])
-            response = http.json_data_response(data, status, headers)
+                    return responses.not_modified([*(headers or ()), ("ETag", etag)])
+            response = responses.json_data_response(data, status, headers)
             # Added last: each header the response sets meanwhile scans those before it.
             response.headers.add("ETag", etag)
             return response

@@ -10,7 +10,8 @@ from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
 
-from ..corridor.http import ServiceBlueprint, json_response
+from ..corridor.http import ServiceBlueprint
+from ..corridor.responses import json_response
 from ..openapi import operation
 from ..schemas import HealthSchema, ReadinessSchema
 

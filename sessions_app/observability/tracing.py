@@ -25,6 +25,7 @@ from typing import Any
 
 from flask import Flask
 
+from config import ConfigError
 from storage_backends import Storage
 
 log = logging.getLogger("sessions_app.tracing")  # the name log filters select it by
@@ -70,8 +71,6 @@ def init_app(app: Flask) -> None:
     if not wanted(app.config["TRACING_ENABLED"]):
         return
     if not installed():
-        from .. import ConfigError
-
         raise ConfigError("TRACING_ENABLED needs OpenTelemetry: install agent-sessions[otel]")
     from opentelemetry import trace
     from opentelemetry.instrumentation.flask import FlaskInstrumentor

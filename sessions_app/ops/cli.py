@@ -22,6 +22,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, ScriptInfo, run_command, with_appcontext
 from marshmallow import Schema, ValidationError
 
+from config import ConfigError
 from storage_backends import (
     Agent,
     AgentNotFound,
@@ -115,8 +116,6 @@ def one_line_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .. import ConfigError
-
         try:
             return command(*args, **kwargs)
         except ConfigError:
@@ -152,8 +151,6 @@ def storage() -> Any:
     place to create a new, empty database; the default file in the instance
     folder is the exception, its folder made on first use as the server does.
     """
-    from .. import ConfigError
-
     app = current_app
     store = app.extensions["agent_sessions"].storage
     if isinstance(store, MemoryStorage):
@@ -887,8 +884,6 @@ cli.add_command(run_command, "run")
 
 
 def main() -> None:
-    from .. import ConfigError
-
     info = ScriptInfo(create_app=_create_app, set_debug_flag=False, load_dotenv_defaults=False)
     try:
         cli.main(prog_name="agent-sessions", obj=info)
