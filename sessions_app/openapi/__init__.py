@@ -38,6 +38,10 @@ from ..schemas.events import Tagged, TaggedSchema
 OPENAPI_VERSION = "3.0.3"  # the newest version the bundled Swagger UI renders
 EXTENSION = "agent_sessions_openapi"
 SERVICE_PACKAGE = __package__.rpartition(".")[0]  # whose views the document describes
+# The modules of the /v2 API's views, whose routes take a key (the health routes do not).
+API_VIEWS = frozenset(
+    f"{SERVICE_PACKAGE}.api.{resource}" for resource in ("sessions", "events", "agents", "api_keys")
+)
 
 
 # What the routes cannot tell, declared on each view (``operation`` here, or the API's
@@ -338,9 +342,7 @@ class _Builder:
         self, name: str, view: Callable, arguments: list[str], doc: Operation, method: str = "GET"
     ) -> dict[str, Any]:
         summary = (view.__doc__ or name).strip().splitlines()[0]
-        needs_key = view.__module__ == f"{SERVICE_PACKAGE}.api" and not getattr(
-            view, "public", False
-        )
+        needs_key = view.__module__ in API_VIEWS and not getattr(view, "public", False)
         described: dict[str, Any] = {
             "operationId": name,
             "tags": [doc.tag],
