@@ -101,7 +101,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     """
     from .api import bp
     from .api.health import ops
-    from .ops.cli import register_commands
+    from .ops.commands import register_commands
 
     for key in dir(default_config.Config):
         if key.isupper():
