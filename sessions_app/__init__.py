@@ -39,7 +39,7 @@ class AgentSessions:
     url_prefix: str
     max_body: int  # bytes of a request body, whatever the host's MAX_CONTENT_LENGTH
     owns_app: bool = False  # the standalone app: every answer is the service's
-    metrics: Any = None  # sessions_app.metrics.Metrics when METRICS_ENABLED
+    metrics: Any = None  # observability.metrics.Metrics when METRICS_ENABLED
     # Keys found in storage, each at most a second old (API.md allows that long).
     key_cache: KeyCache = dataclasses.field(default_factory=KeyCache)
 

@@ -8,7 +8,7 @@ request; each storage call runs in a child span ``storage.<method>``
 Spans go to the global tracer provider: when none is set and an OTLP endpoint
 is, one is built exporting there over OTLP/HTTP (in batches, from each
 process), named by ``OTEL_SERVICE_NAME`` (default ``agent-sessions``). The
-JSON log lines carry the trace id (``sessions_app/logs.py``).
+JSON log lines carry the trace id (``sessions_app/observability/logs.py``).
 
 Without the extra nothing of OpenTelemetry is imported, and nothing is wrapped.
 """

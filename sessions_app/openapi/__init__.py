@@ -65,7 +65,7 @@ class Operation:
     stream: bool = False  # the success may also be text/event-stream
     # The record answers an ETag; reads and writes of it take If-Match and If-None-Match.
     etag: bool = False
-    # A create that takes an Idempotency-Key (sessions_app/idempotency.py).
+    # A create that takes an Idempotency-Key (sessions_app/corridor/idempotency.py).
     idempotent: bool = False
 
 
@@ -209,7 +209,7 @@ CONDITION_PARAMETERS = [
     },
 ]
 
-# The request header of a create that can be retried safely (sessions_app/idempotency.py).
+# The request header of a create that can be retried safely (sessions_app/corridor/idempotency.py).
 IDEMPOTENCY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",

@@ -3,7 +3,7 @@
 ``limits`` storage for ``agent-sessions+file:///path/to/counters.db``: what
 ``memory://`` counts in when gunicorn runs several workers
 (``gunicorn.conf.py`` makes the file's directory, one per server, and removes
-it at exit; see :func:`sessions_app.rate_limits.storage_uri`).
+it at exit; see :func:`sessions_app.corridor.rate_limits.storage_uri`).
 
 One hit is one statement, ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``,
 which opens the window (or a new one once it has ended) or adds to it, and
