@@ -12,6 +12,10 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """The configuration cannot be served; the message is one line for the operator."""
+
+
 class Config:
     # Storage: None means a SQLite file in the instance folder.
     STORAGE_URL: str | None = None
@@ -47,7 +51,7 @@ class Config:
     # Number of trusted reverse proxies in front of the service (for client addresses).
     PROXY_COUNT = 0
 
-    # Idempotency-Key (sessions_app/idempotency.py): seconds an answer is remembered
+    # Idempotency-Key (sessions_app/corridor/idempotency.py): seconds an answer is remembered
     # for retries, and seconds after which a claim whose request never answered
     # (its worker was killed) may be taken over by a retry.
     IDEMPOTENCY_KEY_TTL_SECONDS = 24 * 60 * 60
@@ -78,7 +82,7 @@ class Config:
     # which no CLI reaches: refused unless this is true (a benchmark app that
     # seeds every worker's store alike).
     MEMORY_PER_WORKER = False
-    # Observability (sessions_app/metrics.py, logs.py, tracing.py). METRICS_ENABLED:
+    # Observability (sessions_app/observability/). METRICS_ENABLED:
     # None means on for the standalone service (create_app), off in a host's init_app.
     # METRICS_BIND ("HOST:PORT"): /metrics on an address of its own, served by the
     # gunicorn master, instead of on the service's. LOG_FORMAT: "text" or "json"

@@ -31,11 +31,11 @@ workers = _count(
     1,
     256,
 )
-# Threads whose event loop reads every request head itself (sessions_app/server.py):
+# Threads whose event loop reads every request head itself (sessions_app/serving/server.py):
 # slow or stalled clients hold a socket, not a thread, and are closed after
 # AGENT_SESSIONS_HEADER_TIMEOUT seconds (10); kept-alive idle ones after keepalive.
 # Four threads fit PostgreSQL's pool (AGENT_SESSIONS_POSTGRES_POOL_MAX, 4 per worker).
-worker_class = "sessions_app.server.HeadReadingWorker"
+worker_class = "sessions_app.serving.server.HeadReadingWorker"
 threads = _count("AGENT_SESSIONS_THREADS", 4, 1, 256)
 # A request running longer gets its worker killed and replaced, as with sync workers.
 timeout = _count("AGENT_SESSIONS_TIMEOUT", 30, 1, 86400)
@@ -49,7 +49,7 @@ accesslog = "-"
 # gunicorn's default format, less two places a client may put its API key: the
 # user of Basic auth (%(u)s) and the query string (%(r)s). The logger writes %(U)s
 # as the client sent it (percent-encoded) and escapes control characters in every
-# field and error-log line, so a client cannot forge a line (sessions_app/server.py).
+# field and error-log line, so a client cannot forge a line (sessions_app/serving/server.py).
 # Then the answer's X-Request-ID (the id in its body and in the error log) and the
 # time the request took, in seconds.
 access_log_format = (
@@ -57,10 +57,10 @@ access_log_format = (
     "request_id=%({x-request-id}o)s duration=%(L)ss"
 )
 errorlog = "-"
-logger_class = "sessions_app.server.EscapingLogger"
+logger_class = "sessions_app.serving.server.EscapingLogger"
 
-# AGENT_SESSIONS_LOG_FORMAT: "text" (default) or "json" (sessions_app/logs.py), read by
-# the logger before the app is built, so checked here.
+# AGENT_SESSIONS_LOG_FORMAT: "text" (default) or "json" (sessions_app/observability/logs.py),
+# read by the logger before the app is built, so checked here.
 _log_format = (os.environ.get("AGENT_SESSIONS_LOG_FORMAT") or "text").strip().lower()
 if _log_format not in ("text", "json"):
     print(
@@ -72,7 +72,7 @@ if _log_format not in ("text", "json"):
     sys.exit(4)
 os.environ["AGENT_SESSIONS_LOG_FORMAT"] = _log_format
 
-# Metrics (sessions_app/metrics.py): the workers share their values through files
+# Metrics (sessions_app/observability/metrics.py): the workers share their values through files
 # in PROMETHEUS_MULTIPROC_DIR, set before anything imports prometheus_client. An
 # operator's directory is emptied at start; otherwise a fresh one is made and
 # removed when the master exits. child_exit drops a dead worker's live gauges.
@@ -91,8 +91,8 @@ else:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 os.environ["_AGENT_SESSIONS_METRICS_MASTER"] = str(os.getpid())
 
-# Rate limits on memory:// (sessions_app/rate_limits.py): the workers of this
-# server count in one SQLite file (sessions_app/host_counters.py) in a directory
+# Rate limits on memory:// (sessions_app/corridor/rate_limits.py): the workers of this
+# server count in one SQLite file (sessions_app/serving/host_counters.py) in a directory
 # of this master's own, made here and removed when the master exits, so every
 # limit is exact across them. A dead worker leaves nothing half-written (WAL:
 # its uncommitted frames are ignored; the kernel releases its flock). A reload
@@ -137,8 +137,8 @@ def on_starting(server):
     Building the app opens no connection, so this is safe before forking.
     """
     from sessions_app import create_app_or_exit
-    from sessions_app.metric_files import room_error
-    from sessions_app.server import header_timeout
+    from sessions_app.observability.metric_files import room_error
+    from sessions_app.serving.server import header_timeout
 
     try:
         header_timeout()
@@ -181,14 +181,14 @@ def refuse_without_room_for_metrics(server, app, no_room):
     """A metrics directory without room for the first files of all: one line, exit 1.
 
     The master and each worker make their files there (64 KiB each,
-    allocated: sessions_app/metric_files.py); a process whose files do not
+    allocated: sessions_app/observability/metric_files.py); a process whose files do not
     fit counts in its memory only, missing from /metrics. ``no_room`` is why
     the room could not be had, or None. Not a configuration error (exit 4):
     once there is room, a restart (systemd's on-failure) works.
     """
     if no_room is None or not app.config["METRICS_ENABLED"]:
         return
-    from sessions_app.metric_files import FILES_PER_PROCESS, INITIAL_SIZE
+    from sessions_app.observability.metric_files import FILES_PER_PROCESS, INITIAL_SIZE
 
     processes = server.cfg.workers + 1
     need = processes * FILES_PER_PROCESS * INITIAL_SIZE // 1024
@@ -218,7 +218,7 @@ def serve_metrics(server, app):
         return
     from prometheus_client import start_http_server
 
-    from sessions_app.metrics import multiprocess_registry
+    from sessions_app.observability.metrics import multiprocess_registry
 
     host, _, port = bind.rpartition(":")
     try:

@@ -106,7 +106,11 @@ def service_app(backend: str, workdir: str, metrics: str = ""):
     os.environ["AGENT_SESSIONS_DEFAULT_LIMIT"] = "100000000/minute"
     sys.path.insert(0, os.getcwd())
     from sessions_app import create_app
-    from sessions_app.auth import hash_secret
+
+    try:
+        from sessions_app.corridor.auth import hash_secret
+    except ImportError:  # older trees kept it at the package's top
+        from sessions_app.auth import hash_secret
     from storage_backends import Agent, ApiKey, Grant, Session
 
     try:

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s modul
 from stores import SCOPES, seed_events  # noqa: E402
 
 from sessions_app import create_app  # noqa: E402
-from sessions_app.auth import hash_secret  # noqa: E402
+from sessions_app.corridor.auth import hash_secret  # noqa: E402
 from storage_backends import Agent, ApiKey, Grant, Session  # noqa: E402
 from storage_backends.codec import utcnow  # noqa: E402
 

@@ -29,22 +29,22 @@ RATE_HZ = 250
 STAGES = [
     (name, re.compile(pattern))
     for name, pattern in (
-        ("request id", r"^request_id \(sessions_app/errors\.py\)"),
-        ("authentication", r"^authenticate \(sessions_app/auth\.py\)"),
+        ("request id", r"^request_id \(sessions_app/corridor/request_id\.py\)"),
+        ("authentication", r"^authenticate \(sessions_app/corridor/auth\.py\)"),
         ("routing-error hook", r"^.*hook \(sessions_app/__init__\.py\)"),
-        ("rate limit", r"\(sessions_app/rate_limits\.py\)"),
+        ("rate limit", r"\(sessions_app/corridor/rate_limits\.py\)"),
         ("Flask-Limiter hooks", r"\(flask_limiter/"),
-        ("body parse", r"^(json_object|read_body|parse) \(sessions_app/http\.py\)"),
+        ("body parse", r"^(json_object|read_body|parse) \(sessions_app/corridor/http\.py\)"),
         ("schema load", r"^(\w+\.)?load \(marshmallow/"),
-        ("schema dump", r"^(\w+\.)?dump \((marshmallow/|sessions_app/schemas\.py)"),
+        ("schema dump", r"^(\w+\.)?dump \((marshmallow/|sessions_app/schemas/__init__\.py)"),
         ("timestamps", r"^(format_ts|parse_ts|utcnow) \(storage_backends/codec\.py\)"),
         ("storage", r"\(storage_backends/"),
         ("url_for", r"^url_for \(flask/"),
         (
             "JSON response",
-            r"^json_response \(sessions_app/http\.py\)|\(flask/json/provider\.py\)",
+            r"^json_response \(sessions_app/corridor/http\.py\)|\(flask/json/provider\.py\)",
         ),
-        ("after-request headers", r"^contract_headers \(sessions_app/http\.py\)"),
+        ("after-request headers", r"^contract_headers \(sessions_app/corridor/http\.py\)"),
     )
 ]
 OTHER_THREADS = "other threads (off the request path)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from harness import BIN, ROOT
 
-from sessions_app.auth import KEY_ID_PREFIX
+from sessions_app.corridor.auth import KEY_ID_PREFIX
 from storage_backends import Agent, Event, Session, Storage, storage_from_url
 from storage_backends.codec import dump_json, utcnow
 from storage_backends.sql import SESSION_INSERT_COLUMNS

@@ -14,11 +14,13 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config as default_config
+from config import ConfigError
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
-from . import errors, http, logs, metrics, tracing
-from .keycache import KeyCache
-from .rate_limits import RateLimits
+from .corridor import errors, http
+from .corridor.keycache import KeyCache
+from .corridor.rate_limits import RateLimits
+from .observability import logs, metrics, tracing
 
 log = logging.getLogger("agent_sessions")
 # Silent unless the host configures logging (gunicorn.conf.py sends it to the error
@@ -26,10 +28,6 @@ log = logging.getLogger("agent_sessions")
 log.addHandler(logging.NullHandler())
 
 ENV_PREFIX = "AGENT_SESSIONS"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be served; the message is one line for the operator."""
 
 
 @dataclasses.dataclass
@@ -41,7 +39,7 @@ class AgentSessions:
     url_prefix: str
     max_body: int  # bytes of a request body, whatever the host's MAX_CONTENT_LENGTH
     owns_app: bool = False  # the standalone app: every answer is the service's
-    metrics: Any = None  # sessions_app.metrics.Metrics when METRICS_ENABLED
+    metrics: Any = None  # observability.metrics.Metrics when METRICS_ENABLED
     # Keys found in storage, each at most a second old (API.md allows that long).
     key_cache: KeyCache = dataclasses.field(default_factory=KeyCache)
 
@@ -70,7 +68,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.register(app)
     app.extensions["agent_sessions"].owns_app = True
     # "/" belongs to the standalone service only: a host application keeps its own.
-    from .ops import index
+    from .api.health import index
 
     # No slash-redirect for an empty path: the service never redirects (the view 404s it).
     app.add_url_rule("/", "index", index, methods=["GET"], strict_slashes=False)
@@ -102,8 +100,8 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     error pages are left as they are.
     """
     from .api import bp
-    from .cli import register_commands
-    from .ops import ops
+    from .api.health import ops
+    from .ops.commands import register_commands
 
     for key in dir(default_config.Config):
         if key.isupper():

@@ -1,7 +1,7 @@
 """The storage interface every backend implements, and the exceptions it raises.
 
 Backends know nothing about HTTP: they raise the plain exceptions below and
-``sessions_app.errors`` turns them into responses.
+``sessions_app.corridor.errors`` turns them into responses.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ class Keys:
         create_limit: str | None = None,
         **kwargs: Any,
     ) -> tuple[str, str]:
-        from sessions_app.auth import new_api_key
+        from sessions_app.corridor.auth import new_api_key
 
         with self.app.app_context():
             key, token = new_api_key(

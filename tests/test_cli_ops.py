@@ -348,7 +348,7 @@ def test_db_status_and_upgrade(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_db_status_on_a_newer_database(env: dict[str, str], tmp_path: Path) -> None:
-    from sessions_app.maintenance import sqlite_connect
+    from sessions_app.ops.maintenance import sqlite_connect
 
     cli("db", "upgrade", env=env)
     conn = sqlite_connect(str(tmp_path / "cli.db"))

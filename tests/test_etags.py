@@ -276,7 +276,7 @@ def live(
 def memory_app():
     """The service on memory://, with an admin key its test reads from GET /token."""
     from sessions_app import create_app
-    from sessions_app.auth import new_api_key
+    from sessions_app.corridor.auth import new_api_key
 
     app = create_app()
     with app.app_context():

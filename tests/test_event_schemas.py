@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from marshmallow import Schema
 
-from sessions_app import events
+from sessions_app.schemas import events
 from storage_backends import Event
 
 texts = st.text(max_size=12)

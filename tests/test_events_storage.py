@@ -12,7 +12,8 @@ import pytest
 from sqlite_utils.utils import sqlite3
 
 from storage_backends import Event, StaleHistory, storage_from_url
-from storage_backends.sql import LAST_EVENT_ID, MIGRATIONS, event_page_query
+from storage_backends.sql import MIGRATIONS
+from storage_backends.sql.schema import LAST_EVENT_ID, event_page_query
 
 from .conftest import postgres_schema, require_server
 

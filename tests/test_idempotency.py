@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-import sessions_app.idempotency
-from sessions_app.idempotency import fingerprint
+import sessions_app.corridor.idempotency
+from sessions_app.corridor.idempotency import fingerprint
 from storage_backends import Agent, Answer, IdempotencyKeyLost, Session, Unavailable
 from tests.conftest import ALL_SCOPES, assert_error
 
@@ -210,7 +210,7 @@ def hold_claim(app, body: dict[str, Any], token: str, lock: dt.timedelta) -> dt.
     worker would; return the claim's time."""
     storage = app.extensions["agent_sessions"].storage
     key_id = next(k.id for k in storage.list_api_keys(limit=100).items if not k.admin)
-    now = sessions_app.idempotency.utcnow()
+    now = sessions_app.corridor.idempotency.utcnow()
     storage.claim_idempotency_key(
         scope=key_id,
         key="k-1",
@@ -242,7 +242,9 @@ def test_a_claim_left_by_a_dead_request_is_taken_over_once_its_lock_ends(
     body = {"name": "Orphan"}
     now = hold_claim(app, body, "dead", dt.timedelta(seconds=5))
     assert_error(post(client, SESSIONS, body, writer), 409, "idempotency_key_in_use")
-    monkeypatch.setattr(sessions_app.idempotency, "utcnow", lambda: now + dt.timedelta(seconds=6))
+    monkeypatch.setattr(
+        sessions_app.corridor.idempotency, "utcnow", lambda: now + dt.timedelta(seconds=6)
+    )
     taken = post(client, SESSIONS, body, writer)
     assert taken.status_code == 201 and "Idempotent-Replayed" not in taken.headers
     assert post(client, SESSIONS, body, writer).headers["Idempotent-Replayed"] == "true"
@@ -384,12 +386,16 @@ def test_api_keys_refuse_the_header(client, admin):
 
 def test_a_remembered_answer_lasts_its_ttl(client, writer, monkeypatch):
     assert post(client, SESSIONS, {"name": "Once"}, writer).status_code == 201
-    now = sessions_app.idempotency.utcnow()
+    now = sessions_app.corridor.idempotency.utcnow()
     monkeypatch.setattr(
-        sessions_app.idempotency, "utcnow", lambda: now + dt.timedelta(hours=23, minutes=59)
+        sessions_app.corridor.idempotency,
+        "utcnow",
+        lambda: now + dt.timedelta(hours=23, minutes=59),
     )
     assert post(client, SESSIONS, {"name": "Once"}, writer).headers["Idempotent-Replayed"] == "true"
-    monkeypatch.setattr(sessions_app.idempotency, "utcnow", lambda: now + dt.timedelta(hours=24))
+    monkeypatch.setattr(
+        sessions_app.corridor.idempotency, "utcnow", lambda: now + dt.timedelta(hours=24)
+    )
     fresh = post(client, SESSIONS, {"name": "Once"}, writer)
     assert fresh.status_code == 201 and "Idempotent-Replayed" not in fresh.headers
     assert len(session_keys(client, writer)) == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sessions_app.keycache import KeyCache
+from sessions_app.corridor.keycache import KeyCache
 from storage_backends import ApiKey, ApiKeyNotFound
 from storage_backends.codec import utcnow
 

@@ -247,9 +247,10 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     clock = Clock()
-    import sessions_app.api
+    from sessions_app.api import agents, api_keys, endpoint, events, sessions
 
-    monkeypatch.setattr(sessions_app.api, "utcnow", clock)
+    for views in (endpoint, sessions, events, agents, api_keys):
+        monkeypatch.setattr(views, "utcnow", clock)
     return clock
 
 

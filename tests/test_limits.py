@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from sessions_app import ConfigError, create_app
-from sessions_app.rate_limits import client_address
+from sessions_app.corridor.rate_limits import client_address
 from storage_backends import Agent
 from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, Keys, assert_error

@@ -17,9 +17,10 @@ import pytest
 from limits.strategies import FixedWindowRateLimiter
 from sqlite_utils.utils import sqlite3
 
-from sessions_app import create_app, host_counters
-from sessions_app.host_counters import SCHEME, HostCounters
-from sessions_app.rate_limits import COUNTERS_ENV
+from sessions_app import create_app
+from sessions_app.corridor.rate_limits import COUNTERS_ENV
+from sessions_app.serving import host_counters
+from sessions_app.serving.host_counters import SCHEME, HostCounters
 from storage_backends import Agent
 from storage_backends.codec import utcnow
 from tests.conftest import ALL_SCOPES, Keys, assert_error

@@ -19,8 +19,8 @@ import pytest
 import requests
 from prometheus_client.mmap_dict import MmapedDict
 
-from sessions_app import metric_files
-from sessions_app.metric_files import INITIAL_SIZE, AllocatedMmapedDict
+from sessions_app.observability import metric_files
+from sessions_app.observability.metric_files import INITIAL_SIZE, AllocatedMmapedDict
 from tests.servers import Server, serving
 
 

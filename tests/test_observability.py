@@ -304,7 +304,7 @@ def test_embedded_blueprint_has_no_metrics_unless_asked():
 
 
 def test_events_written_counts_what_the_caller_wrote():
-    from sessions_app import metrics
+    from sessions_app.observability import metrics
 
     app = create_app({"TESTING": True, "STORAGE_URL": "memory://"})
     with app.test_request_context():

@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from sessions_app.server import BodyDeadline
+from sessions_app.serving.server import BodyDeadline
 from tests.servers import serving_store
 
 GRANTS = "support-bot=sessions:create,sessions:read,events:create"

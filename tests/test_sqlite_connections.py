@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlite_utils.utils import sqlite3
 
-from sessions_app import maintenance
+from sessions_app.ops import maintenance
 from storage_backends import Agent, Session, Unavailable
 from storage_backends import sqlite as sqlite_backend
 from storage_backends.sqlite import (

@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from sessions_app import ConfigError, create_app, logs, tracing
+from sessions_app import ConfigError, create_app
+from sessions_app.observability import logs, tracing
 from tests.conftest import Keys
 
 AGENT = "support-bot"
@@ -79,7 +80,7 @@ def access_line(response: Any, environ: dict) -> dict[str, Any]:
     """The JSON access line of ``response``, written by the project's gunicorn logger."""
     from gunicorn.config import Config
 
-    from sessions_app.server import EscapingLogger
+    from sessions_app.serving.server import EscapingLogger
 
     captured: list[str] = []
 

@@ -22,8 +22,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 from marshmallow import Schema
 
-from .. import auth
-from ..events import Tagged, TaggedSchema
+from ..corridor import auth
 from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN
 from ..schemas import (
     KEY_MAX_LENGTH,
@@ -34,10 +33,15 @@ from ..schemas import (
     ReadinessSchema,
     SessionListQuerySchema,
 )
+from ..schemas.events import Tagged, TaggedSchema
 
 OPENAPI_VERSION = "3.0.3"  # the newest version the bundled Swagger UI renders
 EXTENSION = "agent_sessions_openapi"
 SERVICE_PACKAGE = __package__.rpartition(".")[0]  # whose views the document describes
+# The modules of the /v2 API's views, whose routes take a key (the health routes do not).
+API_VIEWS = frozenset(
+    f"{SERVICE_PACKAGE}.api.{resource}" for resource in ("sessions", "events", "agents", "api_keys")
+)
 
 
 # What the routes cannot tell, declared on each view (``operation`` here, or the API's
@@ -61,7 +65,7 @@ class Operation:
     stream: bool = False  # the success may also be text/event-stream
     # The record answers an ETag; reads and writes of it take If-Match and If-None-Match.
     etag: bool = False
-    # A create that takes an Idempotency-Key (sessions_app/idempotency.py).
+    # A create that takes an Idempotency-Key (sessions_app/corridor/idempotency.py).
     idempotent: bool = False
 
 
@@ -205,7 +209,7 @@ CONDITION_PARAMETERS = [
     },
 ]
 
-# The request header of a create that can be retried safely (sessions_app/idempotency.py).
+# The request header of a create that can be retried safely (sessions_app/corridor/idempotency.py).
 IDEMPOTENCY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",
@@ -338,9 +342,7 @@ class _Builder:
         self, name: str, view: Callable, arguments: list[str], doc: Operation, method: str = "GET"
     ) -> dict[str, Any]:
         summary = (view.__doc__ or name).strip().splitlines()[0]
-        needs_key = view.__module__ == f"{SERVICE_PACKAGE}.api" and not getattr(
-            view, "public", False
-        )
+        needs_key = view.__module__ in API_VIEWS and not getattr(view, "public", False)
         described: dict[str, Any] = {
             "operationId": name,
             "tags": [doc.tag],

@@ -9,8 +9,8 @@ from flask import abort, current_app, send_from_directory, url_for
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.wrappers import Response
 
-from .. import auth
-from ..http import ServiceBlueprint
+from ..corridor import auth
+from ..corridor.http import ServiceBlueprint
 from . import EXTENSION, HTML_PAGE, JSON_OBJECT, document, operation
 
 ASSET_MAX_AGE = 24 * 3600

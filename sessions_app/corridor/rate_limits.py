@@ -37,7 +37,7 @@ the window, so the decision and the ``X-RateLimit-*`` numbers take one round
 trip. Both keep ``limits``' own key layout, so its strategies (and, on Redis,
 Flask-Limiter's CLI) read the same counters. Under gunicorn with several
 workers, ``memory://`` counts in a SQLite file of the server's own instead
-(:mod:`sessions_app.host_counters`, path in ``COUNTERS_ENV``, set by
+(:mod:`sessions_app.serving.host_counters`, path in ``COUNTERS_ENV``, set by
 ``gunicorn.conf.py``), so the limits are exact across the workers of a host.
 Flask-Limiter's CLI, a process of its own, sees neither the workers' memory
 nor that file: only Redis is shared with it.
@@ -73,11 +73,11 @@ from limits.util import SINGLE_EXPR
 
 from storage_backends import AgentNotFound, Unavailable
 
+from ..serving.host_counters import SCHEME as HOST_SCHEME
 from .auth import needs_key
 from .errors import ApiError
-from .host_counters import SCHEME as HOST_SCHEME
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.rate_limits")  # the name log filters select it by
 
 FAILURE_POLICIES = ("open", "closed")
 
@@ -321,7 +321,7 @@ class RateLimits:
         self._blocked: dict[str, Window] = {}
         # Agent key -> time.monotonic() until which it is known to exist (see count_create).
         self._agents: dict[str, float] = {}
-        # The app's metrics (sessions_app.metrics), when on: every decision is counted.
+        # The app's metrics (observability.metrics), when on: every decision is counted.
         self.metrics: Any = None
 
     @property

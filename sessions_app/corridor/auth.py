@@ -14,10 +14,10 @@ from flask import Flask, Request, current_app, g
 from storage_backends import ApiKey, ApiKeyNotFound, Grant, Storage
 from storage_backends.codec import utcnow
 
-from . import metrics
+from ..naming import KEY_ID_PREFIX
+from ..observability import metrics
 from .errors import ApiError
 from .keycache import KeyCache
-from .naming import KEY_ID_PREFIX
 
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 

@@ -10,9 +10,10 @@ from werkzeug.wrappers import Response
 
 from storage_backends import Unavailable
 
-from .http import ServiceBlueprint, json_response
-from .openapi import operation
-from .schemas import HealthSchema, ReadinessSchema
+from ..corridor.http import ServiceBlueprint
+from ..corridor.responses import json_response
+from ..openapi import operation
+from ..schemas import HealthSchema, ReadinessSchema
 
 ops = ServiceBlueprint("agent_sessions_ops", __name__)
 

@@ -3,7 +3,7 @@
 ``limits`` storage for ``agent-sessions+file:///path/to/counters.db``: what
 ``memory://`` counts in when gunicorn runs several workers
 (``gunicorn.conf.py`` makes the file's directory, one per server, and removes
-it at exit; see :func:`sessions_app.rate_limits.storage_uri`).
+it at exit; see :func:`sessions_app.corridor.rate_limits.storage_uri`).
 
 One hit is one statement, ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``,
 which opens the window (or a new one once it has ended) or adds to it, and
@@ -64,7 +64,7 @@ CHECK_EVERY_S = 1.0
 BUSY_CODES = frozenset((5, 6, 13))  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL
 CORRUPT_CODES = frozenset((11, 26))  # SQLITE_CORRUPT, SQLITE_NOTADB
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.host_counters")  # the name log filters select it by
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (

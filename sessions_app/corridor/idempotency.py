@@ -42,10 +42,11 @@ from werkzeug.wrappers import Response
 from storage_backends import Answer, IdempotencyKeyLost, StorageError
 from storage_backends.codec import dump_json, utcnow
 
-from . import errors, http
+from . import errors
 from .errors import ApiError
+from .request_id import request_id
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.idempotency")  # the name log filters select it by
 
 HEADER = "Idempotency-Key"
 ENVIRON_KEY = "HTTP_IDEMPOTENCY_KEY"
@@ -182,7 +183,7 @@ def _naming_this_request(body: bytes) -> bytes:
         return body
     if not isinstance(error, dict) or "request_id" not in error:
         return body
-    error["request_id"] = http.request_id()
+    error["request_id"] = request_id()
     return (dump_json(error) + "\n").encode()
 
 

@@ -29,7 +29,7 @@ fresh directory) before anything imports ``prometheus_client``: every worker
 writes its values to memory-mapped files there, ``GET /metrics`` sums them
 over the workers (the gauge over live workers only, ``livesum``), and a
 worker that exits has its gauge files removed. Those files are made by
-:class:`sessions_app.metric_files.AllocatedMmapedDict`, which allocates
+:class:`.metric_files.AllocatedMmapedDict`, which allocates
 their blocks before writing them: a full filesystem costs the counts of a
 process (one warning), never the process. Anywhere else (the CLI, an app
 embedding the blueprint, the tests) the app has a registry of its own, in
@@ -244,7 +244,7 @@ def metrics_page() -> Response:
 metrics_page.openapi_hidden = True  # type: ignore[attr-defined]
 
 
-# Hooks of the corridor (sessions_app/http.py). They are handed the request object
+# Hooks of the corridor (sessions_app/corridor/http.py). They are handed the request object
 # itself (``request._get_current_object()``): a read through one of Flask's proxies
 # (``request.url_rule``, ``g.pop``) fails on the proxy before its __getattr__ finds
 # the object, several times the cost of the read, and the hot path made five.

@@ -29,7 +29,7 @@ from flask import Flask, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 from werkzeug.wrappers import Response
 
-from . import http
+from ..corridor.request_id import request_id
 
 LOG_FORMAT_ENV = "AGENT_SESSIONS_LOG_FORMAT"
 # What the service puts in a request's WSGI environ for the access line.
@@ -43,7 +43,7 @@ def json_format() -> bool:
 
 def request_fields() -> dict[str, Any]:
     """What the current request tells about itself: id, method, route, key id, agent key."""
-    fields: dict[str, Any] = {"request_id": http.request_id(), "method": request.method}
+    fields: dict[str, Any] = {"request_id": request_id(), "method": request.method}
     rule = request.url_rule
     if rule is not None:
         fields["route"] = rule.rule

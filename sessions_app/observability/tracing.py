@@ -8,7 +8,7 @@ request; each storage call runs in a child span ``storage.<method>``
 Spans go to the global tracer provider: when none is set and an OTLP endpoint
 is, one is built exporting there over OTLP/HTTP (in batches, from each
 process), named by ``OTEL_SERVICE_NAME`` (default ``agent-sessions``). The
-JSON log lines carry the trace id (``sessions_app/logs.py``).
+JSON log lines carry the trace id (``sessions_app/observability/logs.py``).
 
 Without the extra nothing of OpenTelemetry is imported, and nothing is wrapped.
 """
@@ -25,9 +25,10 @@ from typing import Any
 
 from flask import Flask
 
+from config import ConfigError
 from storage_backends import Storage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.tracing")  # the name log filters select it by
 
 ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 INSTRUMENTATION = "agent_sessions"
@@ -70,8 +71,6 @@ def init_app(app: Flask) -> None:
     if not wanted(app.config["TRACING_ENABLED"]):
         return
     if not installed():
-        from . import ConfigError
-
         raise ConfigError("TRACING_ENABLED needs OpenTelemetry: install agent-sessions[otel]")
     from opentelemetry import trace
     from opentelemetry.instrumentation.flask import FlaskInstrumentor

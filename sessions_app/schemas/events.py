@@ -26,9 +26,9 @@ from marshmallow import Schema, ValidationError, fields, validate
 from storage_backends.base import HIDDEN_BY_COMPACTION, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, format_ts
 
-from .errors import ApiError
-from .naming import EVENT_ID_PATTERN
-from .schemas import (
+from ..corridor.errors import ApiError
+from ..naming import EVENT_ID_PATTERN
+from . import (
     AnswerSchema,
     BodySchema,
     EventId,

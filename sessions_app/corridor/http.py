@@ -15,7 +15,6 @@ import binascii
 import hashlib
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -24,11 +23,10 @@ from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response
 
-from storage_backends.codec import dump_json
-
-from . import errors, metrics, naming, rate_limits
-
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+from .. import naming
+from ..observability import metrics
+from . import errors, rate_limits
+from .request_id import request_id
 
 # Blueprint names of the service's own answers (the API and its docs page).
 SERVICE_BLUEPRINT = "agent_sessions"
@@ -73,26 +71,6 @@ class ServiceBlueprint(Blueprint):
     def add_url_rule(self, rule: str, *args: Any, **options: Any) -> None:
         options.setdefault("merge_slashes", False)
         super().add_url_rule(rule, *args, **options)
-
-
-# The request id
-
-
-def request_id(state: Any = None, environ: dict[str, Any] | None = None) -> str:
-    """This request's id: the client's X-Request-ID when sane, else 32 new random hex digits.
-
-    ``state`` and ``environ``: the request's ``g`` and WSGI environ, when the caller
-    has them at hand (see below).
-    """
-    if state is None:
-        state = g._get_current_object()
-    rid = state.get("request_id")
-    if rid is None:
-        if environ is None:
-            environ = request._get_current_object().environ
-        sent = environ.get("HTTP_X_REQUEST_ID", "")  # request.headers, minus a KeyError
-        rid = state.request_id = sent if _SANE_REQUEST_ID.match(sent) else os.urandom(16).hex()
-    return rid
 
 
 # The hooks below read the request, g and the app once each, through
@@ -171,33 +149,6 @@ def contract_headers(response: Response) -> Response:
     if response.status_code in (204, 304) or (req.method == "OPTIONS" and not response.data):
         headers.pop("Content-Type", None)  # no body, so no type
     return response
-
-
-def json_response(
-    body: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
-) -> Response:
-    """Compact UTF-8 JSON in the schemas' key order, whatever the host's JSON provider does."""
-    return current_app._get_current_object().response_class(
-        dump_json(body) + "\n", status, headers, mimetype="application/json"
-    )
-
-
-def json_data_response(
-    data: bytes, status: int = 200, headers: list[tuple[str, str]] | None = None
-) -> Response:
-    """A JSON answer already encoded (by :func:`etags.representation`, whose hash is its ETag)."""
-    return current_app._get_current_object().response_class(
-        data, status, headers, mimetype="application/json"
-    )
-
-
-def not_modified(headers: list[tuple[str, str]]) -> Response:
-    """304: the client's copy is current; no body, the record's ETag among ``headers``."""
-    return current_app._get_current_object().response_class(status=304, headers=headers)
-
-
-def no_content() -> Response:
-    return current_app._get_current_object().response_class(status=204)
 
 
 # Cursors

@@ -22,10 +22,12 @@ from storage_backends import (
 )
 from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory
 
-from . import metrics
-from .naming import EVENT_ID_PREFIX
+from ..naming import EVENT_ID_PREFIX
+from ..observability import metrics
+from .request_id import request_id
+from .responses import json_response
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.errors")  # the name log filters select it by
 
 # Werkzeug's HTTP errors that reach the handler, by status.
 HTTP_CODES = {
@@ -79,10 +81,8 @@ def error_response(
     body: dict[str, Any] = {"error": error, "messages": messages}
     if field_errors is not None:
         body["field_errors"] = field_errors
-    from . import http  # which imports this module for ApiError
-
-    body["request_id"] = http.request_id()
-    return http.json_response(body, status, list((headers or {}).items()))
+    body["request_id"] = request_id()
+    return json_response(body, status, list((headers or {}).items()))
 
 
 def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:

@@ -56,8 +56,8 @@ from gunicorn.glogging import Logger
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import logs
-from .text import escape_controls
+from ..observability import logs
+from ..text import escape_controls
 
 # Seconds a client has to send a request's head (AGENT_SESSIONS_HEADER_TIMEOUT).
 HEADER_TIMEOUT = 10.0

@@ -35,10 +35,10 @@ import struct
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sessions_app.metric_files")  # the name log filters select it by
 
 # The size the library gives a new file, and the files each process makes at start
-# (counter, histogram, gauge_livesum: sessions_app/metrics.py's metrics).
+# (counter, histogram, gauge_livesum: metrics.py's metrics).
 INITIAL_SIZE = 1 << 16
 FILES_PER_PROCESS = 3
 # An entry is its length (4 bytes), the key padded to 8 bytes, and two doubles.

@@ -26,9 +26,9 @@ from marshmallow import (
 
 from storage_backends.codec import dump_json, format_ts, utcnow
 
-from . import http
-from .naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, KEY_MAX_LENGTH, KEY_PATTERN, is_event_id
-from .rate_limits import BOUNDS, parse_limit
+from ..corridor import http
+from ..corridor.rate_limits import BOUNDS, parse_limit
+from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, KEY_MAX_LENGTH, KEY_PATTERN, is_event_id
 
 TTI_MAX_MINUTES = 2**31 - 1
 SCOPES = (

@@ -35,7 +35,7 @@ _AFTER = re.compile(r"[ \t]*(?:(,)[ \t,]*)?")
 
 
 def representation(body: Any) -> bytes:
-    """The bytes the API answers for a dumped record (``http.json_response``'s)."""
+    """The bytes the API answers for a dumped record (``responses.json_response``'s)."""
     return (dump_json(body) + "\n").encode()
 
 

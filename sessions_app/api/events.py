@@ -1,0 +1,275 @@
+"""The event views: list, get, create, append a batch, hide, unhide, delete; a stream on request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from marshmallow import ValidationError
+from werkzeug.wrappers import Response
+
+from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
+from storage_backends.codec import dump_json, utcnow
+
+from ..corridor import auth, http, rate_limits
+from ..corridor.errors import ApiError
+from ..naming import new_event_id
+from ..observability import metrics
+from ..openapi.examples import (
+    EVENT,
+    EVENT_BATCH_REQUEST,
+    EVENT_REQUEST,
+)
+from ..schemas import (
+    check_metadata,
+)
+from ..schemas.events import (
+    EventBatchSchema,
+    EventCreateSchema,
+    EventListQuerySchema,
+    EventListSchema,
+    EventSchema,
+    EventsCreatedSchema,
+    check_size,
+    dump_event,
+)
+from .endpoint import bp, compaction_event, endpoint, service
+
+EVENTS_PATH = "/agents/<record_key:agent_key>/sessions/<record_key:session_key>/events"
+EVENT_PATH = EVENTS_PATH + "/<event_id:event_id>"
+
+WRITE_CONFLICTS = {
+    409: "`session_disabled`: the session's `enabled` is false; it takes no new events.",
+}
+BATCH_CONFLICTS = {
+    409: "`conflict`: an event id the session already has (or twice in the batch), or an "
+    "`if_last_event_id` that no longer names the session's last event; nothing is written. "
+    "`session_disabled`: the session's `enabled` is false; it takes no new events.",
+    413: "`payload_too_large`: the body is over {events_max_body} bytes, or an event "
+    "serializes to more than {event_max_bytes}.",
+}
+EVENT_NOT_FOUND = {
+    404: "`agent_not_found`, `session_not_found`, or `event_not_found`: the session has no "
+    "event with this id; `not_found`: the path does not name a route.",
+}
+
+
+def event_stream(events: list[Event]) -> Response:
+    """The events as server-sent events, each on one ``data:`` line, then ``{"type": "end"}``."""
+    lines = [f"data: {dump_json(dump_event(event))}\n\n" for event in events]
+    lines.append('data: {"type":"end"}\n\n')
+    return current_app.response_class("".join(lines), 201, mimetype="text/event-stream")
+
+
+def authorize_event_write(path: dict[str, str], body: dict[str, Any]) -> None:
+    """A user's input needs events:create; a compaction, what the agent runtime writes,
+    events:append."""
+    kind = body.get("type")
+    if kind == "input_message":
+        auth.check(path["agent_key"], "events:create")
+    elif kind == "compact":
+        auth.check(path["agent_key"], "events:append")
+
+
+@bp.get(EVENTS_PATH)
+@rate_limits.per_key
+@auth.require("sessions:read")
+@endpoint(
+    "Events",
+    200,
+    EventListSchema,
+    query=EventListQuerySchema,
+    examples={"response": {"events": [EVENT], "metadata": {}}},
+)
+def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
+    """List the session's events, a page at a time."""
+    descending = query.pop("order") == "desc"
+    scope = f"{agent_key}/{session_key}"
+    page_key = query.pop("page_key", None)
+    if page_key is not None:
+        try:
+            query["after"] = http.decode_scoped_cursor(page_key, scope=scope, descending=descending)
+        except ValueError:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "page_key: Not a page key of this list in this order.",
+                field_errors={"page_key": "Not a page key of this list in this order."},
+            ) from None
+    page = service().storage.list_events(
+        agent_key=agent_key,
+        session_key=session_key,
+        now=utcnow(),
+        descending=descending,
+        **query,
+    )
+    cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
+    return {"events": page.items, "metadata": {"page_key": cursor}}
+
+
+@bp.get(EVENT_PATH)
+@rate_limits.per_key
+@auth.require("sessions:read")
+@endpoint("Events", 200, EventSchema, examples={"response": EVENT}, errors=EVENT_NOT_FOUND)
+def get_event(agent_key: str, session_key: str, event_id: str) -> Any:
+    """Read one event, hidden or not."""
+    return service().storage.get_event(
+        agent_key=agent_key, session_key=session_key, event_id=event_id, now=utcnow()
+    )
+
+
+@bp.post(EVENTS_PATH)
+@rate_limits.per_key
+@auth.require("events:create", "events:append")
+@endpoint(
+    "Events",
+    201,
+    EventsCreatedSchema,
+    body=EventCreateSchema,
+    body_limit="EVENT_MAX_BYTES",
+    authorize=authorize_event_write,
+    idempotent=True,
+    stream=True,
+    examples={
+        "request": EVENT_REQUEST,
+        "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
+    },
+    errors={
+        403: "`forbidden`: the key lacks `events:create` (for `input_message`) or "
+        "`events:append` (for `compact`) on this agent.",
+        404: "`agent_not_found`, `session_not_found`; on compact, `event_not_found`: "
+        "`compact_up_to_event_id` is not among the session's events.",
+        **WRITE_CONFLICTS,
+        413: "`payload_too_large`: the body, or the event, is over {event_max_bytes} bytes.",
+    },
+)
+def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
+    """Add a user's input to the session, or compact its history."""
+    now = utcnow()
+    storage = service().storage
+    if body["type"] == "compact":
+        compaction = compaction_event(session_key, body["summary_text"], now)
+        check_size(None, compaction)
+        written = storage.compact_events(
+            agent_key=agent_key,
+            session_key=session_key,
+            up_to_event_id=body.get("compact_up_to_event_id"),
+            compaction=compaction,
+            now=now,
+        )
+    else:
+        written = Event(
+            id=new_event_id(),
+            session_key=session_key,
+            type="input_message",
+            fields={"messages": body["messages"]},
+            created_at=now,
+        )
+        check_size(None, written)
+        storage.append_events(
+            agent_key=agent_key, session_key=session_key, events=[written], now=now
+        )
+    metrics.events_written(1)
+    if body["stream_response"]:
+        return event_stream([written])
+    return {"events": [written], "session_key": session_key}
+
+
+@bp.post(EVENTS_PATH + "/batch")
+@rate_limits.per_key
+@auth.require("events:append")
+@endpoint(
+    "Events",
+    201,
+    EventsCreatedSchema,
+    body=EventBatchSchema,
+    body_limit="EVENTS_MAX_CONTENT_LENGTH",
+    idempotent=True,
+    examples={
+        "request": EVENT_BATCH_REQUEST,
+        "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
+    },
+    errors=BATCH_CONFLICTS,
+)
+def append_events(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
+    """Append what the agent did to the session's history, all or nothing."""
+    now = utcnow()
+    events = []
+    for index, item in enumerate(body["events"]):
+        kind = item.pop("type")
+        event = Event(
+            id=item.pop("id", None) or new_event_id(),
+            session_key=session_key,
+            type=kind,
+            fields=item,
+            created_at=now,
+        )
+        check_size(index, event)
+        events.append(event)
+    service().storage.append_events(
+        agent_key=agent_key,
+        session_key=session_key,
+        events=events,
+        now=now,
+        if_last_event_id=body.get("if_last_event_id", ANY_LAST_EVENT),
+        metadata_patch=body.get("metadata_patch"),
+        check_metadata=check_patched_metadata if "metadata_patch" in body else None,
+    )
+    metrics.events_written(len(events))
+    return {"events": events, "session_key": session_key}
+
+
+def check_patched_metadata(metadata: dict[str, Any]) -> None:
+    """The session's metadata once patched must keep the metadata bounds (else nothing is
+    written)."""
+    try:
+        check_metadata(metadata)
+    except ValidationError as err:
+        message = " ".join(err.messages) if isinstance(err.messages, list) else str(err.messages)
+        raise ApiError(
+            400,
+            "invalid_metadata",
+            f"metadata_patch: the patched metadata is out of bounds: {message}",
+            field_errors={"metadata_patch": message},
+        ) from None
+
+
+@bp.post(EVENT_PATH + "/hide")
+@rate_limits.per_key
+@auth.require("sessions:update")
+@endpoint("Events", 200, EventSchema, errors=EVENT_NOT_FOUND)
+def hide_event(agent_key: str, session_key: str, event_id: str) -> Any:
+    """Hide an event from lists (``hide_reason: manual``)."""
+    return service().storage.set_event_hidden(
+        agent_key=agent_key,
+        session_key=session_key,
+        event_id=event_id,
+        hide_reason=HIDDEN_MANUAL,
+        now=utcnow(),
+    )
+
+
+@bp.post(EVENT_PATH + "/unhide")
+@rate_limits.per_key
+@auth.require("sessions:update")
+@endpoint("Events", 200, EventSchema, errors=EVENT_NOT_FOUND)
+def unhide_event(agent_key: str, session_key: str, event_id: str) -> Any:
+    """Show a hidden event in lists again."""
+    return service().storage.set_event_hidden(
+        agent_key=agent_key,
+        session_key=session_key,
+        event_id=event_id,
+        hide_reason=None,
+        now=utcnow(),
+    )
+
+
+@bp.delete(EVENT_PATH)
+@rate_limits.per_key
+@auth.require("sessions:delete")
+@endpoint("Events", 204, errors=EVENT_NOT_FOUND)
+def delete_event(agent_key: str, session_key: str, event_id: str) -> None:
+    """Delete an event from the session's history."""
+    service().storage.delete_event(
+        agent_key=agent_key, session_key=session_key, event_id=event_id, now=utcnow()
+    )

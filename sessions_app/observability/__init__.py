@@ -1,0 +1,1 @@
+"""Metrics (and the files the workers share them through), JSON logs, traces."""

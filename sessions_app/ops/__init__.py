@@ -1,0 +1,2 @@
+"""The operator's side: the ``agent-sessions`` CLI and maintenance (backup, restore, export,
+import)."""

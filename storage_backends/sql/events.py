@@ -1,0 +1,469 @@
+"""Events in SQL: append, list, read, hide, delete, compaction, fork, export and import."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from ..base import (
+    ANY_LAST_EVENT,
+    HIDDEN_BY_COMPACTION,
+    AgentNotFound,
+    Conflict,
+    Event,
+    EventNotFound,
+    Page,
+    Session,
+    SessionDisabled,
+    SessionNotFound,
+    StaleHistory,
+)
+from ..codec import merge_patch
+from .dialect import SQLDialect
+from .schema import (
+    DELETE_EXPIRED_BY_ID,
+    DELETE_EXPIRED_SESSION,
+    EVENT_BATCH,
+    EVENT_COLUMNS,
+    FIND_SESSION,
+    GET_EVENT,
+    IMPORT_BATCH,
+    INSERT_EVENT,
+    LAST_EVENT_ID,
+    LIVE,
+    SESSIONS,
+    event_page_query,
+)
+
+
+class EventRecords(SQLDialect):
+    """The event operations of :class:`SQLStorage`."""
+
+    def _event(self, row: Any, session_key: str) -> Event:
+        """An event from a row of :data:`EVENT_COLUMNS`."""
+        _, event_id, kind, fields, created_at, hide_reason = row
+        return Event(
+            id=event_id,
+            session_key=session_key,
+            type=kind,
+            fields=self.decode_json(fields),
+            created_at=self.decode_ts(created_at),
+            hide_reason=hide_reason,
+        )
+
+    def _event_params(self, session_id: int, event: Event) -> list[Any]:
+        """The parameters of :data:`INSERT_EVENT` for ``event`` in the session ``session_id``."""
+        return [
+            session_id,
+            event.id,
+            event.type,
+            self.encode_json(event.fields),
+            self.encode_ts(event.created_at),
+            event.hide_reason,
+        ]
+
+    def _session_id(self, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        """The row id of a live session, for reads.
+
+        Raises :class:`SessionNotFound`, also for a session expired at ``now``
+        (which is then removed, with its events).
+        """
+        with self._reading() as conn:
+            row = conn.execute(self._sql(FIND_SESSION), [agent_key, session_key]).fetchone()
+        if row is None:
+            raise SessionNotFound(session_key)
+        if not self._live(row[1], now):
+            with self._writing() as conn:
+                conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
+            raise SessionNotFound(session_key)
+        return row[0]
+
+    def _touch(
+        self, conn: Any, agent_key: str, session_key: str, now: dt.datetime
+    ) -> tuple[int, Session] | None:
+        """Restart a live session's idle clock in ``conn``'s transaction; (row id, session).
+
+        The UPDATE holds the session's row until the transaction ends, so
+        writers of one session's history take turns (SQLite's writers already
+        do, in BEGIN IMMEDIATE). None when no live session has the key: an
+        expired one is then removed, in this transaction, which the caller
+        lets commit before it raises :class:`SessionNotFound`. Raises
+        :class:`SessionDisabled` (rolling the restart back) for a session that
+        takes no events.
+        """
+        stamp = self.encode_ts(now)
+        row = conn.execute(
+            self._sql(
+                f"UPDATE sessions SET active_at = ?, expires_at = {self.expires_from_tti} "
+                f"WHERE agent_key = ? AND key = ? AND {LIVE} {SESSIONS.returning}"
+            ),
+            [stamp, stamp, agent_key, session_key, stamp],
+        ).fetchone()
+        if row is None:
+            conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
+            return None
+        session = self._record(SESSIONS, row)
+        if not session.enabled:
+            raise SessionDisabled(session_key)
+        return row[0], session
+
+    def append_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+        metadata_patch: Mapping[str, Any] | None = None,
+        check_metadata: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Session:
+        ids = [event.id for event in events]
+        if len(set(ids)) != len(ids):
+            raise Conflict("an event id appears twice in the batch")
+        try:
+            with self._transaction() as conn:
+                touched = self._touch(conn, agent_key, session_key, now)
+                if touched is not None:
+                    session_id, session = touched
+                    if if_last_event_id is not ANY_LAST_EVENT:
+                        last = conn.execute(self._sql(LAST_EVENT_ID), [session_id]).fetchone()
+                        if (None if last is None else last[0]) != if_last_event_id:
+                            raise StaleHistory(session_key)
+                    if metadata_patch is not None:
+                        session = self._patch_metadata(
+                            conn, session_id, session, metadata_patch, check_metadata, now
+                        )
+                    if events:
+                        self._execute_many(
+                            conn,
+                            self._sql(INSERT_EVENT),
+                            [self._event_params(session_id, event) for event in events],
+                        )
+        except self.unique_violation:
+            raise Conflict("an event id of the batch is already in the session") from None
+        if touched is None:
+            raise SessionNotFound(session_key)
+        return session
+
+    def _patch_metadata(
+        self,
+        conn: Any,
+        session_id: int,
+        session: Session,
+        patch: Mapping[str, Any],
+        check: Callable[[dict[str, Any]], None] | None,
+        now: dt.datetime,
+    ) -> Session:
+        """Apply a merge patch to the session's metadata; ``updated_at`` moves if it changed."""
+        metadata = merge_patch(session.metadata, dict(patch))
+        if check is not None:
+            check(metadata)
+        if metadata == session.metadata:
+            return session
+        row = conn.execute(
+            self._sql(
+                f"UPDATE sessions SET metadata = ?, updated_at = ? WHERE id = ? "
+                f"{SESSIONS.returning}"
+            ),
+            [self.encode_json(metadata), self.encode_ts(now), session_id],
+        ).fetchone()
+        return self._record(SESSIONS, row)
+
+    def list_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        descending: bool = False,
+        include_hidden: bool = False,
+        types: frozenset[str] | None = None,
+    ) -> Page:
+        session_id = self._session_id(agent_key, session_key, now)
+        kinds: list[str | None] = [None] if types is None else sorted(types)
+        if not kinds:
+            return Page([], None)
+        query, union = event_page_query(
+            descending, include_hidden, 0 if types is None else len(kinds), after is not None
+        )
+        cursor = [] if after is None else [after]
+        params: list[Any] = []
+        for kind in kinds:
+            params += [session_id, *([] if kind is None else [kind]), *cursor, limit + 1]
+        if union:
+            params.append(limit + 1)
+        with self._reading() as conn:
+            rows = conn.execute(self._sql(query), params).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([self._event(row, session_key) for row in rows], rows[-1][0] if more else None)
+
+    def get_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> Event:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._reading() as conn:
+            row = conn.execute(self._sql(GET_EVENT), [session_id, event_id]).fetchone()
+        if row is None:
+            raise EventNotFound(event_id)
+        return self._event(row, session_key)
+
+    def set_event_hidden(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        event_id: str,
+        hide_reason: str | None,
+        now: dt.datetime,
+    ) -> Event:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._writing() as conn:
+            row = conn.execute(
+                self._sql(
+                    "UPDATE events SET hide_reason = ? WHERE session_id = ? AND id = ? "
+                    f"RETURNING {', '.join(EVENT_COLUMNS)}"
+                ),
+                [hide_reason, session_id, event_id],
+            ).fetchone()
+        if row is None:
+            raise EventNotFound(event_id)
+        return self._event(row, session_key)
+
+    def delete_event(
+        self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
+    ) -> None:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._writing() as conn:
+            deleted = conn.execute(
+                self._sql("DELETE FROM events WHERE session_id = ? AND id = ?"),
+                [session_id, event_id],
+            ).rowcount
+        if deleted == 0:
+            raise EventNotFound(event_id)
+
+    def compact_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        up_to_event_id: str | None,
+        compaction: Event,
+        now: dt.datetime,
+    ) -> Event:
+        try:
+            with self._transaction() as conn:
+                touched = self._touch(conn, agent_key, session_key, now)
+                if touched is not None:
+                    session_id, _ = touched
+                    if up_to_event_id is not None:
+                        bound = self._event_seq(conn, session_id, up_to_event_id, visible=False)
+                    else:
+                        # Everything before the last visible input message, or everything.
+                        row = conn.execute(
+                            self._sql(
+                                "SELECT seq FROM events /*INDEXED BY idx_events_visible_type*/ "
+                                "WHERE session_id = ? "
+                                "AND type = 'input_message' AND hide_reason IS NULL "
+                                "ORDER BY seq DESC LIMIT 1"
+                            ),
+                            [session_id],
+                        ).fetchone()
+                        bound = None if row is None else row[0] - 1
+                    turns = self._count(
+                        conn, session_id, "type = 'input_message' AND hide_reason IS NULL", bound
+                    )
+                    hidden = conn.execute(
+                        self._sql(
+                            "UPDATE events /*INDEXED BY idx_events_visible*/ "
+                            "SET hide_reason = ? WHERE session_id = ? "
+                            "AND hide_reason IS NULL" + ("" if bound is None else " AND seq <= ?")
+                        ),
+                        [HIDDEN_BY_COMPACTION, session_id, *([] if bound is None else [bound])],
+                    ).rowcount
+                    stored = self._add_compaction(
+                        conn, session_id, session_key, compaction, turns, hidden
+                    )
+        except self.unique_violation:
+            raise Conflict(compaction.id) from None
+        if touched is None:
+            raise SessionNotFound(session_key)
+        return stored
+
+    def _event_seq(self, conn: Any, session_id: int, event_id: str, *, visible: bool) -> int:
+        """The sequence number of an event (``visible``: of a visible one), else EventNotFound."""
+        query = "SELECT seq FROM events WHERE session_id = ? AND id = ?"
+        if visible:
+            query += " AND hide_reason IS NULL"
+        row = conn.execute(self._sql(query), [session_id, event_id]).fetchone()
+        if row is None:
+            raise EventNotFound(event_id)
+        return row[0]
+
+    def _count(self, conn: Any, session_id: int, condition: str, bound: int | None) -> int:
+        """How many of the session's events meet ``condition``, up to ``bound`` (a seq)."""
+        query = f"SELECT count(*) FROM events WHERE session_id = ? AND {condition}"
+        params: list[Any] = [session_id]
+        if bound is not None:
+            query += " AND seq <= ?"
+            params.append(bound)
+        return conn.execute(self._sql(query), params).fetchone()[0]
+
+    def _add_compaction(
+        self,
+        conn: Any,
+        session_id: int,
+        session_key: str,
+        compaction: Event,
+        turns: int,
+        hidden: int,
+    ) -> Event:
+        """Append the compaction event, with its counts of what it hid."""
+        stored = dataclasses.replace(
+            compaction,
+            session_key=session_key,
+            fields={**compaction.fields, "turns_compacted": turns, "events_compacted": hidden},
+        )
+        conn.execute(self._sql(INSERT_EVENT), self._event_params(session_id, stored))
+        return stored
+
+    def fork_session(
+        self,
+        *,
+        session: Session,
+        source_agent_key: str,
+        source_session_key: str,
+        include_up_to_event_id: str | None = None,
+        compact_up_to_event_id: str | None = None,
+        compaction: Event | None = None,
+    ) -> Session:
+        try:
+            with self._transaction() as conn:
+                source = conn.execute(
+                    self._sql(FIND_SESSION), [source_agent_key, source_session_key]
+                ).fetchone()
+                if source is None or not self._live(source[1], session.created_at):
+                    raise SessionNotFound(source_session_key)
+                source_id = source[0]
+                bound = None
+                if include_up_to_event_id is not None:
+                    bound = self._event_seq(conn, source_id, include_up_to_event_id, visible=True)
+                compact_bound = None
+                if compact_up_to_event_id is not None:
+                    compact_bound = self._event_seq(
+                        conn, source_id, compact_up_to_event_id, visible=True
+                    )
+                    if bound is not None and compact_bound > bound:
+                        raise EventNotFound(compact_up_to_event_id)
+                # The last event to copy, which bounds the copy against later appends.
+                last = conn.execute(
+                    self._sql(
+                        "SELECT seq, id FROM events /*INDEXED BY idx_events_visible*/ "
+                        "WHERE session_id = ? AND hide_reason IS NULL"
+                        + ("" if bound is None else " AND seq <= ?")
+                        + " ORDER BY seq DESC LIMIT 1"
+                    ),
+                    [source_id, *([] if bound is None else [bound])],
+                ).fetchone()
+                forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
+                if last is not None:
+                    forked_from["event_id"] = last[1]
+                session = dataclasses.replace(session, forked_from=forked_from)
+                session_id = self._insert_session(conn, session)
+                if last is not None:
+                    conn.execute(
+                        self._sql(
+                            "INSERT INTO events "
+                            "(session_id, id, type, fields, created_at, hide_reason) "
+                            "SELECT ?, id, type, fields, created_at, "
+                            "CASE WHEN seq <= ? THEN ? END "
+                            "FROM events /*INDEXED BY idx_events_visible*/ "
+                            "WHERE session_id = ? AND hide_reason IS NULL AND seq <= ? "
+                            "ORDER BY seq"
+                        ),
+                        [session_id, compact_bound or 0, HIDDEN_BY_COMPACTION, source_id, last[0]],
+                    )
+                if compact_bound is not None and compaction is not None:
+                    hidden = self._count(conn, session_id, "hide_reason IS NOT NULL", None)
+                    turns = self._count(
+                        conn, session_id, "type = 'input_message' AND hide_reason IS NOT NULL", None
+                    )
+                    self._add_compaction(conn, session_id, session.key, compaction, turns, hidden)
+        except self.unique_violation:
+            raise Conflict(session.key) from None
+        except self.missing_reference:
+            raise AgentNotFound(session.agent_key) from None
+        return session
+
+    def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
+        session_id = self._session_id(agent_key, session_key, now)
+        return self._iter_events(session_id, session_key)
+
+    def _iter_events(self, session_id: int, session_key: str) -> Iterator[Event]:
+        query = self._sql(event_page_query(False, True, 0, True)[0])
+        after = 0
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(query, [session_id, after, EVENT_BATCH]).fetchall()
+            for row in rows:
+                yield self._event(row, session_key)
+            if len(rows) < EVENT_BATCH:
+                return
+            after = rows[-1][0]
+
+    def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
+        stored = 0
+        try:
+            with self._transaction() as conn:
+                session_id = self._insert_session(conn, session)
+                statement = self._sql(INSERT_EVENT)
+                rows = (self._event_params(session_id, event) for event in events)
+                while chunk := list(itertools.islice(rows, IMPORT_BATCH)):
+                    self._execute_many(conn, statement, chunk)
+                    stored += len(chunk)
+        except self.unique_violation:
+            raise Conflict(f"{session.key} or an event id given twice") from None
+        except self.missing_reference:
+            raise AgentNotFound(session.agent_key) from None
+        return stored
+
+    def load_events(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: Iterable[Event],
+        batch: int = IMPORT_BATCH,
+    ) -> int:
+        """Append many events to a session as given, ``batch`` to a transaction; return how many.
+
+        For benchmarks and tests: no check of the session's state or of the
+        last event, and the idle clock stays. Raises :class:`SessionNotFound`
+        and :class:`Conflict` (an id already in the session; earlier batches stay).
+        """
+        with self._reading() as conn:
+            row = conn.execute(self._sql(FIND_SESSION), [agent_key, session_key]).fetchone()
+        if row is None:
+            raise SessionNotFound(session_key)
+        stored = 0
+        statement = self._sql(INSERT_EVENT)
+        rows = (self._event_params(row[0], event) for event in events)
+        while chunk := list(itertools.islice(rows, batch)):
+            try:
+                with self._transaction() as conn:
+                    self._execute_many(conn, statement, chunk)
+            except self.unique_violation:
+                raise Conflict("an event id of the batch is already in the session") from None
+            stored += len(chunk)
+        return stored
+
+    @abc.abstractmethod
+    def _execute_many(self, conn: Any, statement: str, rows: list[list[Any]]) -> int:
+        """Run ``statement`` once per row; return the rows inserted."""

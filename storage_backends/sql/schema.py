@@ -1,0 +1,345 @@
+"""The SQL schema: its versioned migrations, its tables and the statements over them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+
+from ..base import (
+    Agent,
+    ApiKey,
+    Session,
+)
+
+# The schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One version of the schema: statements per dialect (an empty tuple: nothing to do)."""
+
+    version: int
+    summary: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+# Append new versions; never edit one a release has applied. A database records
+# the last version applied (SQLite in PRAGMA user_version, PostgreSQL in the
+# table schema_migrations) and is refused when it is newer than this list.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "agents, sessions and API keys",
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS agents (id INTEGER PRIMARY KEY, key TEXT NOT NULL, "
+            "name TEXT NOT NULL, description TEXT, metadata TEXT NOT NULL, "
+            "enabled INTEGER NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_agents_key ON agents (key)",
+            "CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, "
+            "agent_key TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, description TEXT, "
+            "metadata TEXT NOT NULL, enabled INTEGER NOT NULL, tti_minutes INTEGER NOT NULL, "
+            "created_at TEXT NOT NULL, updated_at TEXT NOT NULL, expires_at TEXT)",
+            # (agent_key, key) decides create races; (agent_key, id) serves keyset pages.
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_sessions_agent_key_key "
+            "ON sessions (agent_key, key)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_agent_key_id ON sessions (agent_key, id)",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_expires_at ON sessions (expires_at)",
+            "CREATE TABLE IF NOT EXISTS api_keys (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, "
+            "name TEXT NOT NULL, secret_hash TEXT NOT NULL, grants TEXT NOT NULL, "
+            "admin INTEGER NOT NULL, create_limit TEXT, created_at TEXT NOT NULL, "
+            "expires_at TEXT, revoked_at TEXT)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_api_keys_id ON api_keys (id)",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS agents (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key text NOT NULL UNIQUE,
+            name text NOT NULL, description text, metadata jsonb NOT NULL,
+            enabled boolean NOT NULL,
+            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)""",
+            # The foreign key makes sure a create racing the deletion of its agent
+            # can never leave a session behind.
+            """CREATE TABLE IF NOT EXISTS sessions (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            agent_key text NOT NULL REFERENCES agents (key) ON DELETE CASCADE,
+            key text NOT NULL, UNIQUE (agent_key, key),
+            name text NOT NULL, description text, metadata jsonb NOT NULL,
+            enabled boolean NOT NULL, tti_minutes integer NOT NULL,
+            created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
+            expires_at timestamptz)""",
+            "CREATE INDEX IF NOT EXISTS sessions_agent_id ON sessions (agent_key, id)",
+            "CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+            """CREATE TABLE IF NOT EXISTS api_keys (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id text NOT NULL UNIQUE,
+            name text NOT NULL, secret_hash text NOT NULL, grants jsonb NOT NULL,
+            admin boolean NOT NULL, create_limit text, created_at timestamptz NOT NULL,
+            expires_at timestamptz, revoked_at timestamptz)""",
+        ),
+    ),
+    Migration(
+        2,
+        "only expiring sessions in the sweep's index; JSON kept as the text written",
+        # Sessions that never expire (the default) cost one index write less per insert.
+        sqlite=(
+            "DROP INDEX IF EXISTS idx_sessions_expires_at",
+            "CREATE INDEX IF NOT EXISTS idx_sessions_expiring ON sessions (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+        ),
+        # jsonb re-sorts object keys and reads -0.0 back as 0: json keeps the text
+        # as written, so every backend answers the same bytes for one session.
+        postgres=(
+            "ALTER TABLE agents ALTER COLUMN metadata TYPE json USING metadata::json",
+            "ALTER TABLE sessions ALTER COLUMN metadata TYPE json USING metadata::json",
+            "ALTER TABLE api_keys ALTER COLUMN grants TYPE json USING grants::json",
+        ),
+    ),
+    Migration(
+        3,
+        "session events; a session's fork source and the last restart of its idle clock",
+        # seq is the page cursor: AUTOINCREMENT, so that a number is never
+        # reused after the newest event is deleted. Each listing has an index
+        # that holds exactly its rows in seq order (visible ones: partial on
+        # hide_reason IS NULL; one type: type before seq), so a page at any
+        # depth reads limit + 1 entries, never the hidden or other-typed rows.
+        # The trigger removes a session's events in the statement that removes
+        # the session, whichever statement it is (delete, expiry, purge, the
+        # agent's deletion, a replacement on create).
+        sqlite=(
+            "ALTER TABLE sessions ADD COLUMN forked_from TEXT",
+            "ALTER TABLE sessions ADD COLUMN active_at TEXT",
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "session_id INTEGER NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, "
+            "created_at TEXT NOT NULL, hide_reason TEXT, fields TEXT NOT NULL)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS idx_events_session_event ON events (session_id, id)",
+            "CREATE INDEX IF NOT EXISTS idx_events_session_seq ON events (session_id, seq)",
+            "CREATE INDEX IF NOT EXISTS idx_events_visible ON events (session_id, seq) "
+            "WHERE hide_reason IS NULL",
+            "CREATE INDEX IF NOT EXISTS idx_events_type ON events (session_id, type, seq)",
+            "CREATE INDEX IF NOT EXISTS idx_events_visible_type "
+            "ON events (session_id, type, seq) WHERE hide_reason IS NULL",
+            "CREATE TRIGGER IF NOT EXISTS sessions_delete_events AFTER DELETE ON sessions "
+            "BEGIN DELETE FROM events WHERE session_id = OLD.id; END",
+        ),
+        postgres=(
+            "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS forked_from json",
+            "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS active_at timestamptz",
+            # The key is (session_id, seq): with an index on seq alone, the planner
+            # may read it in order and skip other sessions' rows for a page (its
+            # statistics make a large session look dense), a cost that grows with
+            # the store. Every index here starts with session_id.
+            """CREATE TABLE IF NOT EXISTS events (
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            session_id bigint NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            PRIMARY KEY (session_id, seq),
+            id text NOT NULL, UNIQUE (session_id, id), type text NOT NULL,
+            created_at timestamptz NOT NULL, hide_reason text, fields json NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS events_visible ON events (session_id, seq) "
+            "WHERE hide_reason IS NULL",
+            "CREATE INDEX IF NOT EXISTS events_type ON events (session_id, type, seq)",
+            "CREATE INDEX IF NOT EXISTS events_visible_type ON events (session_id, type, seq) "
+            "WHERE hide_reason IS NULL",
+        ),
+    ),
+    Migration(
+        4,
+        "idempotency keys: a request's answer, remembered for its retries",
+        # status is NULL while the claiming request is in flight; the answer's
+        # headers are a JSON list of [name, value] pairs, its body the bytes sent.
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS idempotency_keys (scope TEXT NOT NULL, key TEXT NOT NULL, "
+            "fingerprint TEXT NOT NULL, token TEXT NOT NULL, status INTEGER, headers TEXT, "
+            "body BLOB, locked_until TEXT NOT NULL, expires_at TEXT NOT NULL, "
+            "PRIMARY KEY (scope, key))",
+            "CREATE INDEX IF NOT EXISTS idx_idempotency_keys_expires_at "
+            "ON idempotency_keys (expires_at)",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS idempotency_keys (
+            scope text NOT NULL, key text NOT NULL, PRIMARY KEY (scope, key),
+            fingerprint text NOT NULL, token text NOT NULL, status integer, headers json,
+            body bytea, locked_until timestamptz NOT NULL, expires_at timestamptz NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at "
+            "ON idempotency_keys (expires_at)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A table as records see it: the position column (the page cursor), then the fields."""
+
+    name: str
+    record: type
+    position: str
+    fields: tuple[str, ...]
+    json: tuple[str, ...]
+    times: tuple[str, ...]
+    flags: tuple[str, ...]
+    changeable: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def select(self) -> str:
+        return f"SELECT {self.position}, {', '.join(self.fields)} FROM {self.name}"
+
+    @functools.cached_property
+    def returning(self) -> str:
+        return f"RETURNING {self.position}, {', '.join(self.fields)}"
+
+
+AGENTS = Table(
+    "agents",
+    Agent,
+    "id",
+    ("key", "name", "description", "metadata", "enabled", "created_at", "updated_at"),
+    json=("metadata",),
+    times=("created_at", "updated_at"),
+    flags=("enabled",),
+    changeable=frozenset({"name", "description", "metadata", "enabled"}),
+)
+SESSIONS = Table(
+    "sessions",
+    Session,
+    "id",
+    ("agent_key", "key", "name", "description", "metadata", "enabled", "tti_minutes")
+    + ("created_at", "updated_at", "forked_from", "active_at"),
+    json=("metadata", "forked_from"),
+    times=("created_at", "updated_at", "active_at"),
+    flags=("enabled",),
+    changeable=frozenset({"name", "description", "metadata", "enabled", "tti_minutes"}),
+)
+API_KEYS = Table(
+    "api_keys",
+    ApiKey,
+    "seq",
+    ("id", "name", "secret_hash", "grants", "admin", "create_limit")
+    + ("created_at", "expires_at", "revoked_at"),
+    json=("grants",),
+    times=("created_at", "expires_at", "revoked_at"),
+    flags=("admin",),
+)
+# What a session insert writes: its fields and the expiry the queries index.
+SESSION_INSERT_COLUMNS = (*SESSIONS.fields, "expires_at")
+
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
+# One agent's live sessions in keyset order, read from the (agent_key, id) index;
+# the session's expires_at comes last, after the record's fields.
+SESSION_SELECT = (
+    f"SELECT {SESSIONS.position}, {', '.join(SESSIONS.fields)}, expires_at FROM sessions"
+)
+SESSION_PAGE = f"{SESSION_SELECT} WHERE agent_key = ? AND id > ? AND {LIVE} ORDER BY id"
+SESSION_TEXT = operator.itemgetter(
+    1 + SESSIONS.fields.index("name"), 1 + SESSIONS.fields.index("description")
+)
+
+
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    """``INSERT ... SELECT`` of one row, so that callers may add a WHERE clause."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join('?' * len(columns))}"
+
+
+INSERT_AGENT = _insert("agents", AGENTS.fields)
+# One statement: the agent's existence and the key's uniqueness are decided together.
+INSERT_SESSION = (
+    _insert("sessions", SESSION_INSERT_COLUMNS)
+    # A disabled agent takes no new sessions; which of the two stopped it is
+    # looked up only when no row went in.
+    + " WHERE EXISTS (SELECT 1 FROM agents WHERE key = ? AND enabled)"
+)
+INSERT_API_KEY = _insert("api_keys", API_KEYS.fields)
+GET_AGENT = f"{AGENTS.select} WHERE key = ?"
+AGENT_PAGE = f"{AGENTS.select} WHERE id > ? ORDER BY id LIMIT ?"
+GET_SESSION = f"{SESSION_SELECT} WHERE agent_key = ? AND key = ?"
+GET_API_KEY = f"{API_KEYS.select} WHERE id = ?"
+API_KEY_PAGE = f"{API_KEYS.select} WHERE seq > ? ORDER BY seq LIMIT ?"
+# Idempotent: a second revocation keeps the first date.
+REVOKE_API_KEY = (
+    f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? {API_KEYS.returning}"
+)
+DELETE_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? RETURNING expires_at"
+DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? AND expires_at <= ?"
+DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
+PURGE_EXPIRED = "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?"
+
+# Events. A session's events are found by the session's row id, which the
+# session's own lookup (by agent and key, checking its expiry) gives first.
+EVENT_COLUMNS = ("seq", "id", "type", "fields", "created_at", "hide_reason")
+EVENT_SELECT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE session_id = ?"
+INSERT_EVENT = (
+    "INSERT INTO events (session_id, id, type, fields, created_at, hide_reason) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+GET_EVENT = f"{EVENT_SELECT} AND id = ?"
+# One probe of (session_id, seq), from its end.
+LAST_EVENT_ID = (
+    "SELECT id FROM events /*INDEXED BY idx_events_session_seq*/ "
+    "WHERE session_id = ? ORDER BY seq DESC LIMIT 1"
+)
+# Idempotency keys. A claim goes in where the key holds nothing, or replaces a
+# record expired at ``now`` or an unanswered claim of the same request whose lock
+# ended; it returns a row only when it went in (the database decides racing claims).
+CLAIM_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys (scope, key, fingerprint, token, locked_until, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+    "fingerprint = excluded.fingerprint, token = excluded.token, status = NULL, "
+    "headers = NULL, body = NULL, locked_until = excluded.locked_until, "
+    "expires_at = excluded.expires_at "
+    "WHERE idempotency_keys.expires_at <= ? OR (idempotency_keys.status IS NULL "
+    "AND idempotency_keys.locked_until <= ? "
+    "AND idempotency_keys.fingerprint = excluded.fingerprint) "
+    "RETURNING token"
+)
+GET_IDEMPOTENCY_KEY = (
+    "SELECT fingerprint, token, status, headers, body FROM idempotency_keys "
+    "WHERE scope = ? AND key = ?"
+)
+FINISH_IDEMPOTENCY_KEY = (
+    "UPDATE idempotency_keys SET status = ?, headers = ?, body = ? "
+    "WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
+)
+RELEASE_IDEMPOTENCY_KEY = (
+    "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
+)
+PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
+FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
+EVENT_BATCH = 1_000  # rows per query of iter_events
+IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
+
+
+@functools.lru_cache(maxsize=64)
+def event_page_query(
+    descending: bool, include_hidden: bool, types: int, cursor: bool
+) -> tuple[str, bool]:
+    """The statement of a page of events, and whether it is a union of one per type.
+
+    Parameters, in order: with no types, session_id, the cursor (when
+    ``cursor``) and the limit; with ``types`` types, those three per type
+    (each with the type after session_id) and the page's limit. With several
+    types, each type's branch reads its own index, in order, up to the limit,
+    and the union keeps the first ``limit`` of those: a page reads at most
+    ``types * limit`` index entries at any depth, where one ``type IN (...)``
+    scan would read and sort every matching row past the cursor.
+    """
+    where = "session_id = ?"
+    if types:
+        where += " AND type = ?"
+    if not include_hidden:
+        where += " AND hide_reason IS NULL"
+    if cursor:
+        where += " AND seq < ?" if descending else " AND seq > ?"
+    order = "seq DESC" if descending else "seq"
+    index = "idx_events_" + ("visible" if not include_hidden else "") + ("_type" if types else "")
+    index = {"idx_events_": "idx_events_session_seq", "idx_events__type": "idx_events_type"}.get(
+        index, index
+    )
+    one = (
+        f"SELECT {', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
+        f"WHERE {where} ORDER BY {order} LIMIT ?"
+    )
+    if types <= 1:
+        return one, False
+    branches = " UNION ALL ".join(f"SELECT * FROM ({one}) AS t{i}" for i in range(types))
+    return f"{branches} ORDER BY {order} LIMIT ?", True

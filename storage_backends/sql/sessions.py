@@ -1,0 +1,254 @@
+"""Sessions in SQL: create, read, list, update, delete, purge, and bulk loading."""
+
+from __future__ import annotations
+
+import datetime as dt
+import operator
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..base import (
+    AgentDisabled,
+    AgentNotFound,
+    Conflict,
+    Page,
+    Precondition,
+    PreconditionFailed,
+    Session,
+    SessionNotFound,
+)
+from ..codec import filter_rows
+from .dialect import SQLDialect
+from .schema import (
+    DELETE_EXPIRED_BY_ID,
+    DELETE_EXPIRED_SESSION,
+    DELETE_SESSION,
+    GET_SESSION,
+    INSERT_SESSION,
+    LIVE,
+    PURGE_EXPIRED,
+    SESSION_INSERT_COLUMNS,
+    SESSION_PAGE,
+    SESSION_TEXT,
+    SESSIONS,
+)
+
+
+class SessionRecords(SQLDialect):
+    """The session operations of :class:`SQLStorage`."""
+
+    def create_session(self, *, session: Session) -> Session:
+        params = [*self._encode(SESSIONS, session, SESSION_INSERT_COLUMNS), session.agent_key]
+        try:
+            with self._writing() as conn:
+                inserted = conn.execute(self._sql(INSERT_SESSION), params).rowcount
+        except self.unique_violation:
+            inserted = self._replace_expired_session(session, params)
+        except self.missing_reference:
+            raise AgentNotFound(session.agent_key) from None
+        if inserted == 0:
+            self.get_agent(agent_key=session.agent_key)  # AgentNotFound
+            raise AgentDisabled(session.agent_key)
+        return session
+
+    def _replace_expired_session(self, session: Session, params: list[Any]) -> int:
+        """The key is taken: by a live session (:class:`Conflict`) or by one idle past its TTI.
+
+        An expired session is gone for clients, so it gives way: it is removed
+        in the same transaction as the insert that takes its key.
+        """
+        now = self.encode_ts(session.created_at)
+        try:
+            with self._transaction() as conn:
+                removed = conn.execute(
+                    self._sql(DELETE_EXPIRED_SESSION), [session.agent_key, session.key, now]
+                ).rowcount
+                if removed == 0:
+                    raise Conflict(session.key)
+                return conn.execute(self._sql(INSERT_SESSION), params).rowcount
+        except self.unique_violation:
+            raise Conflict(session.key) from None
+
+    def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
+        with self._reading() as conn:
+            row = conn.execute(
+                self._sql(GET_SESSION),
+                [agent_key, session_key],
+            ).fetchone()
+        if row is None:
+            raise SessionNotFound(session_key)
+        if not self._live(row[-1], now):
+            with self._writing() as conn:
+                conn.execute(
+                    self._sql(DELETE_EXPIRED_BY_ID),
+                    [row[0], self.encode_ts(now)],
+                )
+            raise SessionNotFound(session_key)
+        return self._record(SESSIONS, row)
+
+    def list_sessions(
+        self,
+        *,
+        agent_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None = None,
+        matches: Any = None,
+    ) -> Page:
+        params: list[Any] = [agent_key, after or 0, self.encode_ts(now)]
+        if matches is None:
+            with self._reading() as conn:
+                rows = conn.execute(
+                    self._sql(SESSION_PAGE + " LIMIT ?"), [*params, limit + 1]
+                ).fetchall()
+            return self._page(SESSIONS, rows, limit)
+        # The pattern runs in Python over rows read as it goes, so only as many
+        # are read as it takes to fill the page, or to spend the scan's budget.
+        with self._scan(self._sql(SESSION_PAGE), params, max(100, 2 * limit)) as scanned:
+            rows, stopped = filter_rows(
+                scanned,
+                limit=limit,
+                matches=matches,
+                text=SESSION_TEXT,
+                position=operator.itemgetter(0),
+                max_rows=self.filter_scan_rows,
+                max_seconds=self.filter_scan_seconds,
+            )
+        if stopped is None:
+            return self._page(SESSIONS, rows, limit)
+        return Page([self._record(SESSIONS, r) for r in rows], stopped)
+
+    def update_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        changes: Mapping[str, Any],
+        now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
+    ) -> Session:
+        assignments, params = self._assignments(SESSIONS, changes, now)
+        # expires_at moves with updated_at, by the new tti_minutes or the stored one.
+        if "tti_minutes" in changes:
+            tti = changes["tti_minutes"]
+            expires = "?"
+            params.append(self.encode_ts(now + dt.timedelta(minutes=tti)) if tti else None)
+        else:
+            expires = self.expires_from_tti
+            params.append(self.encode_ts(now))
+        # An update restarts the idle clock.
+        query = (
+            f"UPDATE sessions SET {assignments}, expires_at = {expires}, active_at = ? "
+            f"WHERE agent_key = ? AND key = ? AND {LIVE} {SESSIONS.returning}"
+        )
+        stamp = self.encode_ts(now)
+        if precondition is not None:
+            with self._transaction() as conn:
+                row = None
+                if self._check_session(conn, agent_key, session_key, now, precondition):
+                    row = conn.execute(
+                        self._sql(query), [*params, stamp, agent_key, session_key, stamp]
+                    ).fetchone()
+            if row is None:
+                raise SessionNotFound(session_key)
+            return self._record(SESSIONS, row)
+        with self._update_transaction() as conn:
+            row = conn.execute(
+                self._sql(query), [*params, stamp, agent_key, session_key, stamp]
+            ).fetchone()
+            if row is None:
+                # Gone means gone: an expired session is removed by the call that noticed.
+                conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
+        if row is None:
+            raise SessionNotFound(session_key)
+        return self._record(SESSIONS, row)
+
+    def _check_session(
+        self,
+        conn: Any,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        precondition: Precondition[Session],
+    ) -> int | None:
+        """Hold the session's row in ``conn``'s transaction and check ``precondition`` on it;
+        its row id, or None when no live session has the key (an expired one is then
+        removed in this transaction, which the caller lets commit)."""
+        row = self._held(conn, GET_SESSION, [agent_key, session_key])
+        if row is None:
+            return None
+        if not self._live(row[-1], now):
+            conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
+            return None
+        if not precondition(self._record(SESSIONS, row)):
+            raise PreconditionFailed(session_key)
+        return row[0]
+
+    def delete_session(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        precondition: Precondition[Session] | None = None,
+    ) -> None:
+        if precondition is not None:
+            with self._transaction() as conn:
+                session_id = self._check_session(conn, agent_key, session_key, now, precondition)
+                if session_id is not None:
+                    conn.execute(self._sql("DELETE FROM sessions WHERE id = ?"), [session_id])
+            if session_id is None:
+                raise SessionNotFound(session_key)
+            return
+        with self._writing() as conn:
+            row = conn.execute(
+                self._sql(DELETE_SESSION),
+                [agent_key, session_key],
+            ).fetchone()
+        # An expired session is removed all the same, but it was already gone for clients.
+        if row is None or not self._live(row[0], now):
+            raise SessionNotFound(session_key)
+
+    def purge_expired_sessions(self, *, now: dt.datetime) -> int:
+        with self._writing() as conn:
+            return conn.execute(
+                self._sql(PURGE_EXPIRED),
+                [self.encode_ts(now)],
+            ).rowcount
+
+    def _insert_session(self, conn: Any, session: Session) -> int:
+        """create_session inside ``conn``'s transaction; return the new row's id.
+
+        An expired session holding the key is removed first (with its events).
+        """
+        conn.execute(
+            self._sql(DELETE_EXPIRED_SESSION),
+            [session.agent_key, session.key, self.encode_ts(session.created_at)],
+        )
+        params = [*self._encode(SESSIONS, session, SESSION_INSERT_COLUMNS), session.agent_key]
+        row = conn.execute(self._sql(INSERT_SESSION + " RETURNING id"), params).fetchone()
+        if row is None:
+            agent = conn.execute(
+                self._sql("SELECT 1 FROM agents WHERE key = ?"), [session.agent_key]
+            ).fetchone()
+            raise (AgentNotFound if agent is None else AgentDisabled)(session.agent_key)
+        return row[0]
+
+    def load_sessions(self, sessions: Iterable[Session], *, batch: int = 10_000) -> int:
+        """Insert many sessions, ``batch`` to a transaction; return how many were stored.
+
+        The statement is create_session's (sessions of a missing agent are
+        skipped); a key that exists already raises :class:`Conflict`.
+        """
+        stored = 0
+        statement = self._sql(INSERT_SESSION)
+        rows = ([*self._encode(SESSIONS, s, SESSION_INSERT_COLUMNS), s.agent_key] for s in sessions)
+        while True:
+            chunk = [row for _, row in zip(range(batch), rows, strict=False)]
+            if not chunk:
+                return stored
+            try:
+                with self._transaction() as conn:
+                    stored += self._execute_many(conn, statement, chunk)
+            except self.unique_violation:
+                raise Conflict("a session key of the batch exists") from None
