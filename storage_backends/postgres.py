@@ -57,6 +57,7 @@ import config
 from . import sql
 from .base import Unavailable
 from .codec import dump_json
+from .console_sql import ConsoleSQL
 from .sql import SQLStorage, identity
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return None if value is None else value.astimezone(dt.UTC)
 
 
-class PostgresStorage(SQLStorage):
+class PostgresStorage(ConsoleSQL, SQLStorage):
     dialect_name = "postgres"
     placeholder = "%s"
     unique_violation = errors.UniqueViolation

@@ -55,6 +55,7 @@ import config
 
 from .base import Unavailable
 from .codec import dump_json, format_ts, parse_ts
+from .console_sql import ConsoleSQL
 from .sql import SCHEMA_VERSION, SQLStorage
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "WritersTurn"]
@@ -77,7 +78,7 @@ REQUEST_AUTOCHECKPOINT_PAGES = 10_000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
-class SQLiteStorage(SQLStorage):
+class SQLiteStorage(ConsoleSQL, SQLStorage):
     dialect_name = "sqlite"
     placeholder = "?"
     unique_violation = sqlite3.IntegrityError
