@@ -16,7 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import config as default_config
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
-from . import errors, http, logs, metrics, tracing
+from . import console, errors, http, logs, metrics, tracing
 from .keycache import KeyCache
 from .rate_limits import RateLimits
 
@@ -136,6 +136,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     tracing.init_app(app)
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.register_blueprint(ops)
+    console.init_app(app)
     register_commands(app)
 
 
