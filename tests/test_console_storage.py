@@ -89,9 +89,7 @@ def test_recent_sessions_are_newest_first_in_keyset_pages(storage):
     # A session deleted, another created meanwhile: the next page goes on where it was.
     storage.delete_session(agent_key="bot", session_key="s3", now=T0)
     make_session(storage, "s7")
-    rest = storage.list_recent_sessions(
-        agent_key="bot", limit=10, now=T0, before=first.next_cursor
-    )
+    rest = storage.list_recent_sessions(agent_key="bot", limit=10, now=T0, before=first.next_cursor)
     assert [s.key for s in rest.items] == ["s2", "s1", "s0"]
     assert rest.next_cursor is None
     assert storage.list_recent_sessions(agent_key="nobody", limit=3, now=T0).items == []

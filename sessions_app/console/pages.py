@@ -238,8 +238,9 @@ def describe(err: Exception) -> tuple[int, list[str], dict[str, str]]:
         return 409, [f"Agent {err} is disabled: it takes no new sessions."], {}
     if isinstance(err, Conflict):
         subject = str(err)
-        if " " not in subject:
-            subject = f"{subject} already exists"
+        if " " not in subject:  # a key, as the API words it
+            what = "Event" if subject.startswith("aev_") else "Key"
+            return 409, [f"{what} {subject} already exists."], {}
         return 409, [subject[:1].upper() + subject[1:] + "."], {}
     if isinstance(err, PreconditionFailed):
         return 412, ["It was changed by someone else meanwhile; nothing was changed."], {}
