@@ -119,9 +119,13 @@ def _draw(kind: str, fields: dict[str, Any]) -> tuple[str, list[Block]]:
     if kind == "compaction":
         turns, events = fields.pop("turns_compacted", 0), fields.pop("events_compacted", 0)
         fields.pop("summary_key", None)
-        summary = f"{turns} turns and {events} events compacted"
+        summary = f"{_count(turns, 'turn')} and {_count(events, 'event')} compacted"
         return summary, [Block("Summary", text(fields.pop("summary_text", ""))), *_rest(fields)]
     return "", _rest(fields)
+
+
+def _count(number: Any, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _rest(fields: dict[str, Any]) -> list[Block]:

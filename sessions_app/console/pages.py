@@ -265,8 +265,11 @@ def error_page(err: Exception) -> Response:
 
 
 def query_args(**defaults: str) -> tuple[dict[str, str], str | None]:
-    """The request's query without ``notice``, with ``defaults``, and its ``page_key``."""
-    args = request.args.to_dict()
+    """The request's query without ``notice``, with ``defaults``, and its ``page_key``.
+
+    A field the page's form sent empty ("all types", no search) is left out.
+    """
+    args = {name: value for name, value in request.args.items() if value != ""}
     args.pop("notice", None)
     page_key = args.pop("page_key", None)
     for name, value in defaults.items():
