@@ -76,8 +76,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.add_url_rule("/", "index", index, methods=["GET"], strict_slashes=False)
     if app.config["PROXY_COUNT"]:
         # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
-        # trusting only as many hops as there are proxies of our own.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["PROXY_COUNT"]))
+        # and the scheme (HTTPS ended at the proxy: the console's cookie is Secure)
+        # from X-Forwarded-Proto, trusting only as many hops as there are proxies of our own.
+        hops = int(app.config["PROXY_COUNT"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     return app
 
 

@@ -926,3 +926,39 @@ def test_an_unknown_console_path_is_a_page_not_a_trace(app, setup):
     for path in ("/console/nope", "/console/agents/a%20b/sessions", "/console/agents/x/y/z"):
         response = browser.get(path)
         assert response.status_code == 404 and "no such page" in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("proxies", "secure"), [(0, False), (1, True)])
+def test_the_cookie_is_secure_behind_a_trusted_proxy_that_ends_tls(tmp_path, proxies, secure):
+    app = create_app(
+        {"TESTING": True, "STORAGE_URL": f"sqlite:///{tmp_path}/s.db", "PROXY_COUNT": proxies}
+    )
+    try:
+        _, token = Keys(app).create(admin=True)
+        client = app.test_client()
+        forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+        page = client.get("/console/", headers=forwarded).get_data(as_text=True)
+        data = {"api_key": token, "login_token": field(page, "login_token")}
+        response = client.post("/console/login", data=data, headers=forwarded)
+        cookie = next(
+            c for c in response.headers.getlist("Set-Cookie") if c.startswith(signin.COOKIE + "=")
+        )
+        assert ("Secure" in cookie) is secure
+    finally:
+        app.extensions["agent_sessions"].storage.close()
+
+
+def test_an_unexpected_error_is_a_page_without_a_trace(app, setup, monkeypatch, caplog):
+    store = app.extensions["agent_sessions"].storage
+
+    def broken(**kwargs: Any) -> Any:
+        raise RuntimeError(f"secret detail from {__file__}")
+
+    monkeypatch.setattr(store, "list_recent_sessions", broken)
+    browser = signed_in(app, setup["tokens"]["full"])
+    response = browser.get(CONSOLE)
+    html = response.get_data(as_text=True)
+    assert response.status_code == 500 and "Something went wrong on our side" in html
+    assert "secret detail" not in html and "Traceback" not in html and ".py" not in html
+    assert_console_headers(response, "500")
+    assert "secret detail" in caplog.text  # in the log, for the operator
