@@ -379,8 +379,7 @@ def sessions(agent_key: str) -> Response:
             matches=matches,
         )
     except (ValidationError, ApiError) as err:
-        status, messages, _ = describe(err)
-        error = messages
+        error = describe(err)[1]
     next_page = None
     if found is not None:
         next_key = http.encode_scoped_cursor(found.next_cursor, scope=scope, descending=True)
