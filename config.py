@@ -94,6 +94,11 @@ class Config:
     LOG_FORMAT = "text"
     TRACING_ENABLED: bool | None = None
 
+    # The browser console at /console/ (sessions_app/console): on unless false. A
+    # sign-in lasts this many minutes, however active (then the API key is asked again).
+    CONSOLE_ENABLED = True
+    CONSOLE_SESSION_MINUTES = 8 * 60
+
     DEBUG = False
     TESTING = False
 
@@ -228,6 +233,8 @@ CHECKS: dict[str, Check] = {
     "METRICS_BIND": address,
     "LOG_FORMAT": choice("text", "json"),
     "TRACING_ENABLED": optional(flag),
+    "CONSOLE_ENABLED": flag,
+    "CONSOLE_SESSION_MINUTES": integer(1, 31 * 24 * 60),
 }
 
 

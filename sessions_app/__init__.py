@@ -17,6 +17,7 @@ import config as default_config
 from config import ConfigError
 from storage_backends import Storage, StorageConfigError, storage_from_url
 
+from . import console
 from .corridor import errors, http
 from .corridor.keycache import KeyCache
 from .corridor.rate_limits import RateLimits
@@ -74,8 +75,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.add_url_rule("/", "index", index, methods=["GET"], strict_slashes=False)
     if app.config["PROXY_COUNT"]:
         # Client addresses (the per-address auth-failure limit) from X-Forwarded-For,
-        # trusting only as many hops as there are proxies of our own.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["PROXY_COUNT"]))
+        # and the scheme (HTTPS ended at the proxy: the console's cookie is Secure)
+        # from X-Forwarded-Proto, trusting only as many hops as there are proxies of our own.
+        hops = int(app.config["PROXY_COUNT"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     return app
 
 
@@ -134,6 +137,7 @@ def init_app(app: Flask, *, url_prefix: str = "/v2") -> None:
     tracing.init_app(app)
     app.register_blueprint(bp, url_prefix=url_prefix)
     app.register_blueprint(ops)
+    console.init_app(app)
     register_commands(app)
 
 

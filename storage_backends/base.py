@@ -41,6 +41,10 @@ class EventNotFound(NotFound):
     pass
 
 
+class ConsoleSessionNotFound(NotFound):
+    """No console sign-in has this token, or it expired."""
+
+
 class Conflict(StorageError):
     """A record with the same key already exists."""
 
@@ -189,6 +193,21 @@ class Event:
     fields: dict[str, Any]
     created_at: dt.datetime
     hide_reason: str | None = None
+
+
+@dataclasses.dataclass
+class ConsoleSession:
+    """A sign-in to the browser console: the SHA-256 of its random token (the cookie's
+    value, never stored), the API key it acts as, its CSRF token and its expiry."""
+
+    token_hash: str
+    key_id: str
+    csrf_token: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at <= now
 
 
 #: A write's condition on the record as stored (an ``If-Match``): True lets it through.
@@ -589,3 +608,41 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
         """Remove every idempotency record expired at ``now``; return how many."""
+
+    # The browser console: its sign-ins, and the newest sessions first
+
+    @abc.abstractmethod
+    def create_console_session(self, *, console_session: ConsoleSession) -> ConsoleSession:
+        """Store a console sign-in, and remove every one expired at its ``created_at``
+        (so the table holds only live sign-ins without a sweep of its own).
+
+        Raises :class:`Conflict` when its ``token_hash`` exists.
+        """
+
+    @abc.abstractmethod
+    def get_console_session(self, *, token_hash: str, now: dt.datetime) -> ConsoleSession:
+        """The live sign-in with this token hash. Raises :class:`ConsoleSessionNotFound`,
+        also for one expired at ``now`` (which is then removed)."""
+
+    @abc.abstractmethod
+    def delete_console_session(self, *, token_hash: str) -> None:
+        """End a sign-in; one that does not exist is no error (signing out twice)."""
+
+    @abc.abstractmethod
+    def list_recent_sessions(
+        self,
+        *,
+        agent_key: str,
+        limit: int,
+        now: dt.datetime,
+        before: int | None = None,
+        matches: Any = None,
+    ) -> Page:
+        """A page of the agent's live sessions, newest first.
+
+        ``before`` is the ``next_cursor`` of the previous page: the page starts
+        with the newest session created before it (keyset, so a page costs the
+        same at any depth). ``matches`` and its bounded scan are as for
+        :meth:`list_sessions`, whose cursors mean nothing here.
+        An unknown agent lists as empty: callers check the agent first.
+        """

@@ -31,6 +31,8 @@ from .base import (
     ApiKey,
     ApiKeyNotFound,
     Conflict,
+    ConsoleSession,
+    ConsoleSessionNotFound,
     Event,
     EventNotFound,
     IdempotencyKeyLost,
@@ -79,6 +81,14 @@ class _Table(dict):
             yield self[keys[at]]
             at += 1
 
+    def before(self, seq: int | None) -> Iterator[tuple[int, Any]]:
+        """(sequence number, record) newest first, from the last below ``seq``."""
+        at = len(self._seqs) if seq is None else bisect.bisect_left(self._seqs, seq)
+        keys = self._keys
+        while at > 0:
+            at -= 1
+            yield self[keys[at]]
+
 
 class MemoryStorage(Storage):
     def __init__(
@@ -97,6 +107,8 @@ class MemoryStorage(Storage):
         self._events: dict[int, _Events] = {}
         #: (scope, key) -> the record and its lock's and its own expiry
         self._idempotency: dict[tuple[str, str], _Claim] = {}
+        #: console sign-ins by token hash
+        self._console: dict[str, ConsoleSession] = {}
         self.filter_scan_rows = int(filter_scan_rows)
         self.filter_scan_seconds = float(filter_scan_seconds)
 
@@ -220,6 +232,35 @@ class MemoryStorage(Storage):
             if sessions is None:
                 return Page([], None)
             live = ((seq, s) for seq, s in sessions.after(after) if not s.expired(now))
+            if matches is None:
+                return _page(live, limit)
+            rows, stopped = filter_rows(
+                live,
+                limit=limit,
+                matches=matches,
+                text=lambda row: (row[1].name, row[1].description),
+                position=lambda row: row[0],
+                max_rows=self.filter_scan_rows,
+                max_seconds=self.filter_scan_seconds,
+            )
+            if stopped is None:
+                return _page(iter(rows), limit)
+            return Page([_copy(r) for _, r in rows], stopped)
+
+    def list_recent_sessions(
+        self,
+        *,
+        agent_key: str,
+        limit: int,
+        now: dt.datetime,
+        before: int | None = None,
+        matches: Any = None,
+    ) -> Page:
+        with self._lock:
+            sessions = self._sessions.get(agent_key)
+            if sessions is None:
+                return Page([], None)
+            live = ((seq, s) for seq, s in sessions.before(before) if not s.expired(now))
             if matches is None:
                 return _page(live, limit)
             rows, stopped = filter_rows(
@@ -555,6 +596,32 @@ class MemoryStorage(Storage):
             for name in expired:
                 del self._idempotency[name]
             return len(expired)
+
+    # Console sign-ins
+
+    def create_console_session(self, *, console_session: ConsoleSession) -> ConsoleSession:
+        with self._lock:
+            now = console_session.created_at
+            for token_hash in [h for h, c in self._console.items() if c.expired(now)]:
+                del self._console[token_hash]
+            if console_session.token_hash in self._console:
+                raise Conflict("a console session with this token exists")
+            self._console[console_session.token_hash] = _copy(console_session)
+            return _copy(console_session)
+
+    def get_console_session(self, *, token_hash: str, now: dt.datetime) -> ConsoleSession:
+        with self._lock:
+            found = self._console.get(token_hash)
+            if found is None:
+                raise ConsoleSessionNotFound("console session")
+            if found.expired(now):
+                del self._console[token_hash]
+                raise ConsoleSessionNotFound("console session")
+            return _copy(found)
+
+    def delete_console_session(self, *, token_hash: str) -> None:
+        with self._lock:
+            self._console.pop(token_hash, None)
 
 
 @dataclasses.dataclass

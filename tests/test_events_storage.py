@@ -13,7 +13,7 @@ from sqlite_utils.utils import sqlite3
 
 from storage_backends import Event, StaleHistory, storage_from_url
 from storage_backends.sql import MIGRATIONS
-from storage_backends.sql.schema import LAST_EVENT_ID, event_page_query
+from storage_backends.sql.schema import LAST_EVENT_ID, SCHEMA_VERSION, event_page_query
 
 from .conftest import postgres_schema, require_server
 
@@ -94,12 +94,12 @@ def test_a_schema_2_database_takes_events_on_its_sessions(sql_url):
         storage.close()
     if sql_url.startswith("sqlite:"):
         with sqlite3.connect(sql_url[len("sqlite:///") :]) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
     else:
         with psycopg.connect(sql_url, autocommit=True) as conn:
             versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-            assert versions == [1, 2, 3, 4]
+            assert versions == list(range(1, SCHEMA_VERSION + 1))
             assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
 
 

@@ -31,8 +31,9 @@ RANKS = {
     "sessions_app.schemas": 7,
     "sessions_app.openapi": 8,
     "sessions_app.api": 9,
-    "sessions_app.console": 9,
     "sessions_app.ops": 10,
+    # The console draws the export's lines as the CLI writes them.
+    "sessions_app.console": 10,
     # The wiring (create_app, init_app) and the agent-sessions command.
     "sessions_app": 11,
 }

@@ -87,7 +87,10 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 4
+    assert user_version(path) == SCHEMA_VERSION == 5
+    with sqlite3.connect(path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"console_sessions", "idx_console_sessions_expires_at"} <= tables
     assert "idx_sessions_expires_at" not in indexes(path)
     assert "idx_sessions_expiring" in indexes(path)
     assert migrated.purge_expired_sessions(now=T0 + dt.timedelta(minutes=5)) == 1

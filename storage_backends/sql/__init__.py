@@ -1,7 +1,7 @@
 """Every operation of the SQL backends, written once over a small dialect.
 
 :class:`SQLStorage` holds the statements and what they mean, one module per
-record kind (agents, sessions, events, api_keys, idempotency) over the schema
+record kind (agents, sessions, events, api_keys, idempotency, console) over the schema
 (schema.py: migrations, tables, statements) and the dialect (dialect.py); a
 backend subclass supplies only what differs between databases:
 
@@ -33,6 +33,7 @@ import abc
 
 from .agents import AgentRecords
 from .api_keys import ApiKeyRecords
+from .console import ConsoleSQL
 from .dialect import identity, to_pyformat, with_hints
 from .events import EventRecords
 from .idempotency import IdempotencyRecords
@@ -41,7 +42,13 @@ from .sessions import SessionRecords
 
 
 class SQLStorage(
-    AgentRecords, SessionRecords, EventRecords, ApiKeyRecords, IdempotencyRecords, abc.ABC
+    ConsoleSQL,
+    AgentRecords,
+    SessionRecords,
+    EventRecords,
+    ApiKeyRecords,
+    IdempotencyRecords,
+    abc.ABC,
 ):
     """The operations of :class:`Storage` in SQL; subclasses supply the dialect."""
 

@@ -164,6 +164,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ON idempotency_keys (expires_at)",
         ),
     ),
+    Migration(
+        5,
+        "console sign-ins (storage_backends/sql/console.py)",
+        # The hash of the cookie's token, never the token; every sign-in removes
+        # the expired ones through the expiry's index.
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS console_sessions (token_hash TEXT PRIMARY KEY, "
+            "key_id TEXT NOT NULL, csrf_token TEXT NOT NULL, created_at TEXT NOT NULL, "
+            "expires_at TEXT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS idx_console_sessions_expires_at "
+            "ON console_sessions (expires_at)",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS console_sessions (
+            token_hash text PRIMARY KEY, key_id text NOT NULL, csrf_token text NOT NULL,
+            created_at timestamptz NOT NULL, expires_at timestamptz NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS console_sessions_expires_at "
+            "ON console_sessions (expires_at)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
