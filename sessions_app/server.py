@@ -58,7 +58,7 @@ from gunicorn import util
 from gunicorn.glogging import Logger
 from gunicorn.http.body import ChunkedReader
 from gunicorn.http2 import negotiation
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import logs
@@ -95,6 +95,7 @@ ERROR_NAMES = {
     431: "invalid_request",
     500: "internal_error",
     501: "invalid_request",
+    503: "unavailable",
 }
 REASONS = {
     400: "Bad Request",
@@ -106,6 +107,7 @@ REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
 }
 EXPECT_CONTINUE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue[ \t]*(\r?\n)", re.IGNORECASE)
 
@@ -118,6 +120,17 @@ def receive(sock: Any) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def pending(sock: Any) -> bool:
+    """Whether a client's bytes (or its FIN) wait unread on a non-blocking socket."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, ValueError):  # ValueError: TLS, which cannot peek
+        return False
+    except OSError:
+        return True  # reset: reading it says so
+    return True
 
 
 def head_end(data: bytearray, start: int = 0) -> int:
@@ -348,7 +361,11 @@ class HeadReadingWorker(ThreadWorker):
         conn.large_body = False  # on LARGE_BODY_ROUTE
         conn.body_bound = None  # the most data bytes a chunked body may declare
         conn.sock.setblocking(False)
-        conn.head_deadline = time.monotonic() + self.header_timeout
+        # A stopping worker gives a head the time it gives a kept-alive connection.
+        wait = (
+            self.header_timeout if self.alive else min(self.header_timeout, STOP_KEEPALIVE_LINGER)
+        )
+        conn.head_deadline = time.monotonic() + wait
         self.reading_heads.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.read_head, conn))
         self.check_ready(conn)
@@ -509,29 +526,58 @@ class HeadReadingWorker(ThreadWorker):
         conn.close()
 
     def murder_keepalived(self, force: bool = False) -> None:
-        super().murder_keepalived(force)
-        # A stopping worker closes them at once: their request has not begun.
-        now = time.monotonic() if self.alive else float("inf")
+        """Close the kept-alive connections and heads past their time (all of them: ``force``).
+
+        A kept-alive connection whose client sent its next request just as its
+        time ran out (after the loop's last look at the sockets) is served, not
+        closed: closing it would drop a request in its buffer unanswered.
+        """
+        now = float("inf") if force else time.monotonic()
+        while self.keepalived_conns and self.keepalived_conns[0].timeout <= now:
+            conn = self.keepalived_conns.popleft()
+            self.poller.unregister(conn.sock)
+            # Looked at just before the close: a request that comes after it is never read.
+            if not force and pending(conn.sock):
+                self.enqueue_req(conn)  # as when the poller finds it readable
+                continue
+            self.nr_conns -= 1
+            conn.close()
         while self.reading_heads and self.reading_heads[0].head_deadline <= now:
             conn = self.reading_heads[0]
             self.stop_reading(conn)
             self.nr_conns -= 1
-            if conn.head and self.alive:
-                # A request begun and not finished in time: say so (best effort, the
-                # client may not read), and leave a line for the operator.
-                answer = self.refusal(
-                    408,
-                    "The request was not sent in time.",
-                    f"request not complete within {self.header_timeout}s "
-                    f"({len(conn.head)} bytes received): 408",
-                )
-                with contextlib.suppress(OSError):
-                    conn.sock.setblocking(False)
-                    conn.sock.send(answer)
+            if self.alive:
+                message, within = "The request was not sent in time.", self.header_timeout
+                self.answer_unfinished(conn, 408, message, f" within {within}s")
+            else:
+                message = "The server is restarting: send the request again."
+                self.answer_unfinished(conn, 503, message, " when the worker stopped")
             conn.close()
-        now = float("inf") if force else time.monotonic()
         while self.lingering and self.lingering[0].linger_deadline <= now:
             self.end_linger(self.lingering[0])
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        # A stopping worker gives unfinished heads the time it gives kept-alive
+        # connections, so a request under way is answered (Connection: close).
+        super()._cap_keepalive(deadline)
+        for conn in self.reading_heads:
+            conn.head_deadline = min(conn.head_deadline, deadline)
+
+    def answer_unfinished(self, conn: Any, status: int, message: str, when: str) -> None:
+        """Answer ``status`` to a request whose head is not all in, if the client sent any.
+
+        Best effort (the client may not read), with a line for the operator.
+        What the client sent is read first, so the close that follows does not
+        reset the connection over the answer.
+        """
+        with contextlib.suppress(OSError):
+            while (data := receive(conn.sock)) and len(conn.head) < self.head_max:
+                conn.head += data
+        if not conn.head:
+            return  # nothing was sent: nothing to answer
+        note = f"request not complete{when} ({len(conn.head)} bytes received): {status}"
+        with contextlib.suppress(OSError):
+            conn.sock.send(self.refusal(status, message, note))
 
     # The connection cap: the connection idle longest makes room for a new one.
 
@@ -541,18 +587,34 @@ class HeadReadingWorker(ThreadWorker):
         super().accept(listener)
 
     def make_room(self) -> None:
+        """Close one connection: lingering, else kept alive, else the oldest unfinished head.
+
+        Only a connection with nothing in flight is closed as it is: a kept-alive
+        one whose next request has come is served instead, and a head begun
+        is answered (503) before its connection closes.
+        """
         if self.lingering:
             self.end_linger(self.lingering[0])
-        elif self.keepalived_conns:
+            return
+        while self.keepalived_conns:
             conn = self.keepalived_conns.popleft()
             self.poller.unregister(conn.sock)
+            if pending(conn.sock):
+                self.enqueue_req(conn)  # its next request has come: served, not closed
+                continue
             self.nr_conns -= 1
             conn.close()
-        elif self.reading_heads:
-            conn = self.reading_heads[0]
-            self.stop_reading(conn)
-            self.nr_conns -= 1
-            conn.close()
+            return
+        if not self.reading_heads:
+            return
+        idle = next((c for c in self.reading_heads if not c.head and not pending(c.sock)), None)
+        conn = idle or self.reading_heads[0]
+        self.stop_reading(conn)
+        self.nr_conns -= 1
+        if idle is None:
+            message = "The server is at its connection limit: send the request again."
+            self.answer_unfinished(conn, 503, message, " at the connection limit")
+        conn.close()
 
     # gunicorn's own error answers, in the service's error shape.
 
