@@ -77,6 +77,8 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 # How long an answered request waits for a body it did not read, before the
 # connection closes instead of staying open for the next request.
 DRAIN_WAIT = 0.05
+# And drains at most this much of it (gunicorn's own bound).
+DRAIN_MAX_BYTES = 65536
 # gunicorn takes any run of digits, leading zeros included.
 CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:", re.IGNORECASE)
@@ -641,10 +643,25 @@ class HeadReadingWorker(ThreadWorker):
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # gunicorn waits up to five seconds for a body the application did not
-        # read (a 413 before a large upload arrives); the connection closes instead.
+        # read (a 413 before a large upload arrives); the connection closes instead,
+        # unless the rest comes within DRAIN_WAIT of the first look at the socket.
+        # Not a deadline from now: gunicorn checks one before it reads anything, so
+        # a thread that got the interpreter back late would close a connection it
+        # has just answered as kept alive, with its client's next request on the
+        # way. What has arrived (most often the whole body, which the loop read) is
+        # always taken.
         if not keepalive:
             return False
-        return bool(conn.parser.finish_body(deadline=time.monotonic() + DRAIN_WAIT))
+        unreader = conn.parser.unreader
+        sock = getattr(unreader, "sock", None)
+        if sock is not None:
+            real = sock.sock if isinstance(sock, BodyDeadline) else sock
+            unreader.sock = BodyDeadline(real, DRAIN_WAIT)
+        try:
+            return bool(conn.parser.finish_body(max_bytes=DRAIN_MAX_BYTES))
+        finally:
+            if sock is not None:
+                unreader.sock = sock
 
     # The timeout: the heartbeat is as old as the oldest running request.
 
