@@ -71,6 +71,8 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import Unauthorized
 from werkzeug.wrappers import Response
 
 from . import metric_files
@@ -358,11 +360,10 @@ def metrics_page() -> Response:
     """The metrics in Prometheus' text format (outside /v2, with METRICS_TOKEN, not a key)."""
     app = current_app._get_current_object()
     refused = token_error(app.config["METRICS_TOKEN"], request.headers.get("Authorization"))
-    if refused is not None:
-        from . import errors  # which counts through this module
-
-        challenge = {"WWW-Authenticate": 'Bearer realm="metrics"'}
-        return errors.error_response(401, "unauthorized", [refused], headers=challenge)
+    if refused is not None:  # the service's handler answers it in the error shape
+        raise Unauthorized(
+            refused, www_authenticate=WWWAuthenticate("bearer", {"realm": "metrics"})
+        )
     body, content_type = app.extensions["agent_sessions"].metrics.exposition()
     return app.response_class(body, 200, {"Content-Type": content_type})
 
