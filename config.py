@@ -8,6 +8,7 @@ a value of the wrong type or range stops the server and the CLI with one line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -91,6 +92,10 @@ class Config:
     # (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set.
     METRICS_ENABLED: bool | None = None
     METRICS_BIND: str | None = None
+    # METRICS_TOKEN: the bearer token GET /metrics needs (Authorization: Bearer TOKEN),
+    # 16 to 1024 characters of RFC 6750's token68. Without it the page is served only
+    # on METRICS_BIND: the service's own /metrics answers 401.
+    METRICS_TOKEN: str | None = None
     LOG_FORMAT = "text"
     TRACING_ENABLED: bool | None = None
 
@@ -189,6 +194,22 @@ def address(name: str, value: Any) -> str | None:
     return text_value
 
 
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]{16,1024}=*")
+
+
+def bearer_token(name: str, value: Any) -> str | None:
+    """A bearer token (RFC 6750's token68, 16 to 1024 characters), or None when empty."""
+    text_value = optional_text(name, value)
+    if text_value is None:
+        return None
+    if not _BEARER_TOKEN.fullmatch(text_value):
+        raise ValueError(
+            f"{name} must be 16 to 1024 letters, digits and -._~+/ (a bearer token), "
+            f"not a value of {len(text_value)} characters"  # the secret is not repeated
+        )
+    return text_value
+
+
 def mapping(name: str, value: Any) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, not {value!r}")
@@ -231,6 +252,7 @@ CHECKS: dict[str, Check] = {
     "MEMORY_PER_WORKER": flag,
     "METRICS_ENABLED": optional(flag),
     "METRICS_BIND": address,
+    "METRICS_TOKEN": bearer_token,
     "LOG_FORMAT": choice("text", "json"),
     "TRACING_ENABLED": optional(flag),
     "CONSOLE_ENABLED": flag,

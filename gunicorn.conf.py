@@ -74,8 +74,10 @@ os.environ["AGENT_SESSIONS_LOG_FORMAT"] = _log_format
 
 # Metrics (sessions_app/observability/metrics.py): the workers share their values through files
 # in PROMETHEUS_MULTIPROC_DIR, set before anything imports prometheus_client. An
-# operator's directory is emptied at start; otherwise a fresh one is made and
-# removed when the master exits. child_exit drops a dead worker's live gauges.
+# operator's directory is emptied of a previous run's files (and of the page kept for
+# scrapes) at start; otherwise a fresh one is made and removed when the master exits.
+# child_exit folds a dead worker's counts into one merged file per kind and drops its
+# live gauges.
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if os.environ.get("_AGENT_SESSIONS_METRICS_MASTER") == str(os.getpid()):
     pass  # a reload (SIGHUP) reads this file again: the workers' files stay
@@ -83,6 +85,8 @@ elif _metrics_dir:
     os.makedirs(_metrics_dir, exist_ok=True)
     for _stale in glob.glob(os.path.join(_metrics_dir, "*.db")):
         os.remove(_stale)
+    if os.path.exists(os.path.join(_metrics_dir, "scrape.page")):
+        os.remove(os.path.join(_metrics_dir, "scrape.page"))
 else:
     _metrics_dir = tempfile.mkdtemp(prefix="agent-sessions-metrics-")
     _master = os.getpid()
@@ -212,17 +216,22 @@ def warn_of_unknown_settings(server):
 
 
 def serve_metrics(server, app):
-    """With METRICS_BIND, the master serves /metrics there, summed over every worker."""
+    """With METRICS_BIND, the master serves /metrics there, summed over every worker.
+
+    Without it (nor METRICS_TOKEN), say once where the page is: nowhere yet.
+    """
+    from sessions_app.observability import metrics
+
     bind = app.config["METRICS_BIND"]
-    if not (app.config["METRICS_ENABLED"] and bind):
+    if not app.config["METRICS_ENABLED"]:
         return
-    from prometheus_client import start_http_server
-
-    from sessions_app.observability.metrics import multiprocess_registry
-
+    if not bind:
+        if app.config["METRICS_TOKEN"] is None:
+            server.log.info("metrics: counted, not served: %s", metrics.TOKEN_UNSET)
+        return
     host, _, port = bind.rpartition(":")
     try:
-        start_http_server(int(port), host.strip("[]"), registry=multiprocess_registry(_metrics_dir))
+        metrics.serve_bind(host.strip("[]"), int(port), _metrics_dir, app.config["METRICS_TOKEN"])
     except OSError as err:
         print(
             f"agent-sessions: configuration error: METRICS_BIND={bind!r}: {err}",
@@ -234,10 +243,10 @@ def serve_metrics(server, app):
 
 
 def child_exit(server, worker):
-    """A worker is gone: its live gauges (requests in progress) go with it."""
-    from prometheus_client import multiprocess
+    """A worker is gone: its counts go into the merged files, its live gauges go with it."""
+    from sessions_app.observability.metric_files import fold
 
-    multiprocess.mark_process_dead(worker.pid, _metrics_dir)
+    fold(_metrics_dir, worker.pid)
 
 
 def warn_if_limits_per_worker(server, app):

@@ -49,6 +49,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         assert fixed.status_code == 201, fixed.text
         yield {
             "server": server,
+            "env": env,
             "token": token,
             "headers": headers,
             "fixed": fixed.json(),
@@ -249,6 +250,66 @@ def test_chunked_body_under_the_limit_is_accepted(server, served):
     assert status == 201, body
     response = requests.delete(f"{server.url}{SESSIONS}/chunked", headers=served["headers"])
     assert response.status_code == 204
+
+
+FIXED_EVENTS = f"/v2/agents/{OTHER}/sessions/fixed/events"
+# Every POST route, with the bound on its body's bytes (config.py's defaults).
+POST_ROUTES = {
+    "session": (SESSIONS, LIMIT),
+    "agent": ("/v2/agents", LIMIT),
+    "api-key": ("/v2/api_keys", LIMIT),
+    "event": (FIXED_EVENTS, 256 * 1024),
+    "batch": (FIXED_EVENTS + "/batch", 4 * 1024 * 1024),
+    "hide": (FIXED_EVENTS + "/aev_0123456789/hide", LIMIT),
+    "unhide": (FIXED_EVENTS + "/aev_0123456789/unhide", LIMIT),
+}
+
+
+@pytest.mark.parametrize("size", ["FFFFFFFF", "past-the-bound"])
+@pytest.mark.parametrize("route", list(POST_ROUTES))
+def test_a_chunk_size_past_the_bound_is_413_at_once(server, served, route, size):
+    # Only the size line is sent: a server that waited for the chunk would answer 408
+    # when the head's timeout (10 s) ran out.
+    path, bound = POST_ROUTES[route]
+    line = "FFFFFFFF" if size == "FFFFFFFF" else f"{bound + 1:x}"
+    head = request_head("POST", path, served["token"], "Transfer-Encoding: chunked\r\n")
+    status, headers, body, elapsed = raw(
+        server, head + b"\r\n" + f"{line}\r\n".encode() + b"{", timeout=20
+    )
+    assert status == 413, (status, body, elapsed)
+    answer = json.loads(body)
+    assert answer["error"] == "payload_too_large", answer
+    assert answer["request_id"] == headers["x-request-id"]
+    assert elapsed < 2
+
+
+@pytest.mark.parametrize("route", ["event", "batch"])
+def test_a_chunk_size_past_the_bound_after_the_loop_buffer_is_413_at_once(server, served, route):
+    # The first chunk takes the body past what the loop buffers: a request thread reads
+    # the rest, and refuses the next size line as soon as it has it.
+    path, _ = POST_ROUTES[route]
+    scopes = "sessions:read,events:create,events:append"
+    out = cli(
+        "keys", "create", "--name", "events", "--grant", f"{OTHER}={scopes}", env=served["env"]
+    ).stdout
+    token = out.strip().splitlines()[-1]
+    head = request_head("POST", path, token, "Transfer-Encoding: chunked\r\n")
+    first = b'{"events": [' if route == "batch" else b'{"type": "input_message", '
+    first += b" " * (LIMIT + 4096)
+    chunks = [f"{len(first):x}\r\n".encode() + first + b"\r\n", b"FFFFFFFF\r\n"]
+
+    def slowly():
+        yield chunks[0]
+        time.sleep(0.5)  # the loop hands the request over before the next line comes
+        started.append(time.monotonic())
+        yield chunks[1]
+
+    started: list[float] = []
+    status, headers, body, _ = raw(server, head + b"\r\n", body_chunks=slowly(), timeout=20)
+    elapsed = time.monotonic() - started[0]
+    assert status == 413, (status, body, elapsed)
+    assert json.loads(body)["error"] == "payload_too_large"
+    assert elapsed < 2
 
 
 @pytest.mark.parametrize(

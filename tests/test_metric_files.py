@@ -141,6 +141,7 @@ def test_a_worker_started_once_the_disk_is_full_serves_without_its_metrics(
         "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/sessions.db",
         "TMPDIR": str(tmp_path),
         "PROMETHEUS_MULTIPROC_DIR": str(mount / "prometheus"),
+        "AGENT_SESSIONS_METRICS_TOKEN": "metrics-token-0123456789",
     }
     with serving(env, tmp_path, workers=2, wrap=small_tmpfs(mount, 768)) as server:
         # The server's tmpfs, seen through its root in /proc.
@@ -170,7 +171,8 @@ def test_a_worker_started_once_the_disk_is_full_serves_without_its_metrics(
             for _ in range(20)
         ]
         assert statuses == [401] * 20  # answered by both workers, the new one included
-        page = requests.get(f"{server.url}/metrics", timeout=10)
+        scrape = {"Authorization": "Bearer metrics-token-0123456789"}
+        page = requests.get(f"{server.url}/metrics", headers=scrape, timeout=10)
         assert page.status_code == 200 and "agent_sessions_http_requests_total" in page.text
         assert server.worker_pids() == workers  # no worker died since: no crash loop
         logs = server.logs()

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
-from tests.conftest import REDIS_URL, Keys, require_server
+from sessions_app.observability.metrics import SCRAPE_CACHE_SECONDS
+from tests.conftest import REDIS_URL, Keys, assert_error, require_server
 from tests.servers import bootstrap, serving
 
 AGENT = "support-bot"
@@ -32,6 +33,8 @@ SESSIONS = f"/v2/agents/{AGENT}/sessions"
 SESSIONS_RULE = "/v2/agents/<record_key:agent_key>/sessions"
 SESSION_RULE = "/v2/agents/<record_key:agent_key>/sessions/<record_key:session_key>"
 READS = 120
+METRICS_TOKEN = "metrics-token-0123456789"
+SCRAPE = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -63,6 +66,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "AGENT_SESSIONS_SESSION_CREATE_LIMIT": "4/minute",
         "AGENT_SESSIONS_LOG_FORMAT": "json",
         "PROMETHEUS_MULTIPROC_DIR": str(prom),
+        "AGENT_SESSIONS_METRICS_TOKEN": METRICS_TOKEN,
     }
     token = bootstrap(env, AGENT)
     headers = {"x-api-key": token}
@@ -102,7 +106,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             assert call("GET", f"{SESSIONS}/kept").status_code == 200
         workers = server.worker_pids()
         writers = {int(p.stem.rsplit("_", 1)[1]) for p in prom.glob("counter_*.db")} & workers
-        page = requests.get(server.url + "/metrics", timeout=30)
+        page = requests.get(server.url + "/metrics", headers=SCRAPE, timeout=30)
         # A worker killed outright leaves no live gauge behind: child_exit removes it.
         victim = sorted(workers)[0]
         assert (prom / f"gauge_livesum_{victim}.db").exists()
@@ -111,7 +115,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         while (prom / f"gauge_livesum_{victim}.db").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         gauge_left = (prom / f"gauge_livesum_{victim}.db").exists()
-        after_kill = requests.get(server.url + "/metrics", timeout=30).text
+        time.sleep(SCRAPE_CACHE_SECONDS)  # a page of its own, not the one scraped above
+        after_kill = requests.get(server.url + "/metrics", headers=SCRAPE, timeout=30).text
     return {
         "page": page,
         "after_kill": after_kill,
@@ -228,7 +233,8 @@ def test_every_log_line_is_json_with_the_request_id_and_no_secret(run):
 
 def test_in_process_metrics_need_no_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    app = create_app({"TESTING": True, "STORAGE_URL": f"sqlite:///{tmp_path}/s.db"})
+    config = {"TESTING": True, "STORAGE_URL": f"sqlite:///{tmp_path}/s.db"}
+    app = create_app(config | {"METRICS_TOKEN": METRICS_TOKEN})
     client = app.test_client()
     keys = Keys(app)
     admin = keys.headers(admin=True)
@@ -238,7 +244,7 @@ def test_in_process_metrics_need_no_directory(tmp_path, monkeypatch):
     client.open(SESSIONS, method="BREW")
     client.get(SESSIONS, headers={"x-api-key": "not-a-key"})
     client.get(SESSIONS)
-    page = client.get("/metrics")
+    page = client.get("/metrics", headers=SCRAPE)
     assert page.status_code == 200
     found = samples(page.get_data(as_text=True))
     total = "agent_sessions_http_requests_total"
@@ -251,8 +257,10 @@ def test_in_process_metrics_need_no_directory(tmp_path, monkeypatch):
     assert value(found, "agent_sessions_sessions_created_total") == 1
     assert "abc" not in page.get_data(as_text=True)
     # A second app in the same process counts on its own.
-    other = create_app({"TESTING": True, "STORAGE_URL": "memory://"})
-    found = samples(other.test_client().get("/metrics").get_data(as_text=True))
+    other = create_app(
+        {"TESTING": True, "STORAGE_URL": "memory://", "METRICS_TOKEN": METRICS_TOKEN}
+    )
+    found = samples(other.test_client().get("/metrics", headers=SCRAPE).get_data(as_text=True))
     assert value(found, "agent_sessions_sessions_created_total") == 0
 
 
@@ -261,7 +269,7 @@ class Escaped(BaseException):
 
 
 def test_a_request_no_handler_answered_is_a_500_and_not_left_in_progress():
-    app = create_app({"TESTING": True, "STORAGE_URL": "memory://"})
+    app = create_app({"TESTING": True, "STORAGE_URL": "memory://", "METRICS_TOKEN": METRICS_TOKEN})
 
     def escape() -> None:
         raise Escaped
@@ -271,7 +279,7 @@ def test_a_request_no_handler_answered_is_a_500_and_not_left_in_progress():
     with pytest.raises(Escaped):
         client.get("/escape")
     assert client.get("/healthz").status_code == 200
-    found = samples(client.get("/metrics").get_data(as_text=True))
+    found = samples(client.get("/metrics", headers=SCRAPE).get_data(as_text=True))
     total = "agent_sessions_http_requests_total"
     assert value(found, total, route="/escape", method="GET", status="500") == 1
     assert value(found, total, route="/healthz", method="GET", status="200") == 1
@@ -298,25 +306,32 @@ def test_embedded_blueprint_has_no_metrics_unless_asked():
     assert host.extensions["agent_sessions"].metrics is None
     assert host.test_client().get("/metrics").status_code == 404
     asked = Flask("asked")
-    asked.config.update(STORAGE_URL="memory://", METRICS_ENABLED=True)
+    asked.config.update(STORAGE_URL="memory://", METRICS_ENABLED=True, METRICS_TOKEN=METRICS_TOKEN)
     init_app(asked)
-    assert asked.test_client().get("/metrics").status_code == 200
+    assert asked.test_client().get("/metrics").status_code == 401
+    assert asked.test_client().get("/metrics", headers=SCRAPE).status_code == 200
 
 
 def test_events_written_counts_what_the_caller_wrote():
     from sessions_app.observability import metrics
 
-    app = create_app({"TESTING": True, "STORAGE_URL": "memory://"})
+    app = create_app({"TESTING": True, "STORAGE_URL": "memory://", "METRICS_TOKEN": METRICS_TOKEN})
     with app.test_request_context():
         metrics.events_written(3)
         metrics.events_written(0)
-    found = samples(app.test_client().get("/metrics").get_data(as_text=True))
+    found = samples(app.test_client().get("/metrics", headers=SCRAPE).get_data(as_text=True))
     assert value(found, "agent_sessions_events_written_total") == 3
 
 
 @pytest.mark.parametrize(
     ("setting", "value_"),
-    [("METRICS_BIND", "nohost"), ("METRICS_BIND", "127.0.0.1:99999"), ("LOG_FORMAT", "xml")],
+    [
+        ("METRICS_BIND", "nohost"),
+        ("METRICS_BIND", "127.0.0.1:99999"),
+        ("METRICS_TOKEN", "short"),
+        ("METRICS_TOKEN", "a token with spaces in it"),
+        ("LOG_FORMAT", "xml"),
+    ],
 )
 def test_bad_observability_settings_stop_the_app(setting, value_):
     from sessions_app import ConfigError
@@ -368,11 +383,117 @@ def test_bad_log_format_stops_gunicorn_with_one_line(tmp_path):
 
 def test_multiproc_dir_is_fresh_and_removed(tmp_path):
     """Without PROMETHEUS_MULTIPROC_DIR, the master makes one and removes it at exit."""
-    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/s.db"}
+    env = {
+        "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/s.db",
+        "AGENT_SESSIONS_METRICS_TOKEN": METRICS_TOKEN,
+    }
     before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("agent-sessions-metrics-*"))
     with serving(env, tmp_path, workers=1) as server:
-        assert requests.get(server.url + "/metrics", timeout=10).status_code == 200
+        assert requests.get(server.url + "/metrics", headers=SCRAPE, timeout=10).status_code == 200
         during = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("agent-sessions-metrics-*"))
         assert during - before
     after = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("agent-sessions-metrics-*"))
     assert not (during - before) & after
+
+
+@pytest.mark.parametrize(
+    ("configured", "authorization", "words"),
+    [
+        (None, None, "not served without a token"),
+        (None, f"Bearer {METRICS_TOKEN}", "not served without a token"),
+        (METRICS_TOKEN, None, "needs the bearer token"),
+        (METRICS_TOKEN, f"Bearer {METRICS_TOKEN}x", "needs the bearer token"),
+        (METRICS_TOKEN, f"Bearer {METRICS_TOKEN[:-1]}", "needs the bearer token"),
+        (METRICS_TOKEN, f"Basic {METRICS_TOKEN}", "needs the bearer token"),
+        (METRICS_TOKEN, METRICS_TOKEN, "needs the bearer token"),
+        (METRICS_TOKEN, "Bearer", "needs the bearer token"),
+    ],
+)
+def test_the_page_needs_its_bearer_token(configured, authorization, words):
+    config = {"TESTING": True, "STORAGE_URL": "memory://"}
+    if configured is not None:
+        config["METRICS_TOKEN"] = configured
+    client = create_app(config).test_client()
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    response = client.get("/metrics", headers=headers)
+    body = assert_error(response, 401, "unauthorized")
+    assert words in body["messages"][0]
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "agent_sessions" not in response.get_data(as_text=True)
+    if configured is not None:
+        assert (
+            client.get("/metrics", headers={"Authorization": f"bearer {configured}"}).status_code
+            == 200
+        )
+
+
+@pytest.mark.slow
+def test_killed_workers_leave_a_bounded_directory_and_every_count(tmp_path):
+    # Each worker killed leaves a counter and a histogram file; folded into one merged
+    # file of each kind at its exit, the directory holds the live processes' files
+    # and those two, and the page still counts every request ever answered.
+    prom = tmp_path / "prometheus"
+    prom.mkdir()
+    env = {
+        "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/s.db",
+        "PROMETHEUS_MULTIPROC_DIR": str(prom),
+        "AGENT_SESSIONS_METRICS_TOKEN": METRICS_TOKEN,
+    }
+    workers = 2
+    bound = (workers + 1) * 3 + 2  # three files a process (the master's too), two merged
+
+    def healthz_counts() -> tuple[float, float]:
+        time.sleep(SCRAPE_CACHE_SECONDS)  # a page of its own
+        page = requests.get(server.url + "/metrics", headers=SCRAPE, timeout=30)
+        assert page.status_code == 200
+        found = samples(page.text)
+        labels = {"route": "/healthz", "method": "GET"}
+        total = value(found, "agent_sessions_http_requests_total", status="200", **labels)
+        count = value(found, "agent_sessions_http_request_duration_seconds_count", **labels)
+        return total, count
+
+    with serving(env, tmp_path, workers=workers) as server:
+        start, _ = healthz_counts()  # the server's start-up checks called it too
+        sent = 0
+        for _ in range(8):
+            for _ in range(10):  # new connections: spread over the workers
+                assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+                sent += 1
+            victim = min(server.worker_pids())
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while victim in server.worker_pids() or len(server.worker_pids()) < workers:
+                assert time.monotonic() < deadline, "the worker was not replaced"
+                time.sleep(0.1)
+            while list(prom.glob(f"*_{victim}.db")):
+                assert time.monotonic() < deadline, "the dead worker's files stayed"
+                time.sleep(0.1)
+            files = sorted(path.name for path in prom.glob("*.db"))
+            assert len(files) <= bound, files
+        assert {"counter_merged.db", "histogram_merged.db"} <= set(files)
+        total, count = healthz_counts()
+        logs = server.logs()
+    assert total == start + sent
+    assert count == total
+    assert "Traceback" not in logs
+
+
+@pytest.mark.slow
+def test_concurrent_scrapers_share_one_page_a_second(tmp_path):
+    env = {
+        "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/s.db",
+        "AGENT_SESSIONS_METRICS_TOKEN": METRICS_TOKEN,
+    }
+    with serving(env, tmp_path, workers=2) as server:
+        url = server.url + "/metrics"
+        first = requests.get(url, headers=SCRAPE, timeout=10).text
+        for _ in range(5):
+            assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+        # Within the second, every scraper, on either worker, gets the page rendered then.
+        again = [requests.get(url, headers=SCRAPE, timeout=10).text for _ in range(6)]
+        assert set(again) == {first}
+        time.sleep(SCRAPE_CACHE_SECONDS)
+        later = requests.get(url, headers=SCRAPE, timeout=10).text
+    healthz = {"route": "/healthz", "method": "GET", "status": "200"}
+    counted = value(samples(later), "agent_sessions_http_requests_total", **healthz)
+    assert counted == value(samples(first), "agent_sessions_http_requests_total", **healthz) + 5

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
 import re
+import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -508,3 +514,135 @@ def test_a_chunked_input_message_past_the_loop_buffer_is_read_whole(env, tmp_pat
         assert answer.status_code == 201, answer.text[:300]
         listed = requests.get(sessions + "/s/events", headers=headers, timeout=10).json()
     assert len(listed["events"][0]["messages"][0]["content"]) == 100_000
+
+
+def answer_or_loss(sock: socket.socket) -> str:
+    """Read one answer to a GET: ``answered``, ``closed`` (the server's FIN came before any
+    byte), or ``reset`` (its RST did: it closed the connection with our request unread)."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            if not piece:
+                return "closed" if not data else "cut"
+            data += piece
+    except ConnectionResetError:
+        return "reset" if not data else "cut"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        piece = sock.recv(65536)
+        if not piece:
+            return "cut"
+        body += piece
+    return "answered"
+
+
+def test_keep_alive_connections_reused_as_they_time_out_are_answered(env, tmp_path):
+    # Many clients send their next request on a kept-alive connection just as its
+    # keep-alive time (1 s) runs out, on a machine kept busy. Linux closes a socket
+    # with unread bytes by a reset, and one without by a FIN: so a client that gets
+    # a reset was dropped with its request in the server's buffer, while one that
+    # gets a FIN sent it after the server closed (never read; a client may retry).
+    # Before a close, the worker looked at no socket since its last poll.
+    clients, seconds = 48, 10.0
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        rnd = random.Random(number)
+        end = time.monotonic() + seconds
+        sock = None
+        while time.monotonic() < end:
+            if sock is not None and select.select([sock], [], [], 0)[0]:
+                sock.close()  # closed by the server before this request: as urllib3 does
+                sock = None
+                outcome = "reconnected"
+                with lock:
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            try:
+                sock.sendall(request)
+            except OSError:
+                outcome = "reset"
+            else:
+                outcome = answer_or_loss(sock)
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if outcome != "answered":
+                sock.close()
+                sock = None
+                continue
+            time.sleep(1.0 + rnd.uniform(-0.03, 0.03))
+        if sock is not None:
+            sock.close()
+
+    burn = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass"
+    extra = ["--keep-alive", "1"]
+    with serving(env, tmp_path, workers=1, extra=extra) as server:
+        hogs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+        try:
+            threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+    print(outcomes)
+    # The race was run: many connections were closed at their time, many were reused.
+    assert outcomes.get("reconnected", 0) > 50, outcomes
+    assert outcomes.get("answered", 0) > 300, outcomes
+    assert not outcomes.get("reset") and not outcomes.get("cut"), outcomes
+
+
+def test_at_the_connection_cap_a_connection_that_sent_nothing_goes_first(env, tmp_path):
+    # Room for three connections: one that sent nothing is closed before a head under
+    # way, and a head under way is answered (503) before its connection closes.
+    env = {**env, "AGENT_SESSIONS_THREADS": "1"}
+    extra = ["--worker-connections", "4"]
+
+    def connect(first: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        socks.append(sock)
+        sock.sendall(first)
+        time.sleep(0.3)  # the loop accepts it, and reads what it sent
+        return sock
+
+    with (
+        serving(env, tmp_path, workers=1, extra=extra) as server,
+        open_sockets(server, 0, b"") as socks,
+    ):
+        oldest = connect(PARTIAL_HEAD)
+        silent = connect(b"")
+        middle = connect(PARTIAL_HEAD)
+        connect(PARTIAL_HEAD)  # the cap: the one that sent nothing makes room
+        assert read_all(silent) == b""
+        assert not closed_by_server(oldest, within=0.3)
+        connect(PARTIAL_HEAD)  # the cap again: the oldest head is answered
+        status, fields, payload = parse_answer(read_all(oldest))
+        assert status == 503 and payload["error"] == "unavailable", payload
+        assert fields["x-request-id"] == payload["request_id"]
+        assert not closed_by_server(middle, within=0.3)
+        middle.sendall(b"\r\n")  # its head ends: it is served
+        assert middle.recv(4096).startswith(b"HTTP/1.1 200 ")
+        logs = server.logs()
+    assert f"request_id={payload['request_id']}" in logs, logs[-2000:]
+
+
+def test_a_stopping_worker_answers_a_head_under_way(env, tmp_path):
+    with (
+        serving(env, tmp_path, workers=1) as server,
+        open_sockets(server, 1, PARTIAL_HEAD) as socks,
+    ):
+        time.sleep(0.3)
+        os.kill(server.process.pid, signal.SIGTERM)  # the master stops its worker
+        time.sleep(0.5)
+        socks[0].sendall(b"\r\n")
+        answer = read_all(socks[0])
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert b"\r\nConnection: close\r\n" in answer

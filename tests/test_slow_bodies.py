@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from sessions_app.serving.server import BodyDeadline
+from sessions_app.serving.server import BodyDeadline, HeadReadingWorker
 from tests.servers import serving_store
 
 GRANTS = "support-bot=sessions:create,sessions:read,events:create"
@@ -90,3 +90,41 @@ def test_the_body_deadline_starts_at_the_first_read_and_takes_what_has_arrived()
     finally:
         reader.close()
         writer.close()
+
+
+@pytest.mark.parametrize("body", [b"", b"{}"], ids=["no-body", "body-read"])
+def test_an_answered_request_keeps_its_connection_however_late_its_thread_drains(monkeypatch, body):
+    # After the answer, the thread drains what the application left of the body. Its
+    # clock jumps 0.1 s at every look, as when the thread waits that long for the
+    # interpreter between two lines: with the body all read, nothing is waited for,
+    # and the connection stays open for the next request its client may be sending.
+    from gunicorn.config import Config
+    from gunicorn.http.parser import RequestParser
+
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        head = f"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        client_side.sendall(head.encode() + body)
+        parser = RequestParser(Config(), server_side, ("127.0.0.1", 1))
+        request = next(parser)
+        assert request.body.read() == body
+        started = time.monotonic()
+        ticks = iter(range(1, 1000))
+        monkeypatch.setattr(time, "monotonic", lambda: started + 0.1 * next(ticks))
+        conn = type("Conn", (), {"parser": parser})()
+        assert HeadReadingWorker._keepalive_after(None, conn, True) is True
+
+
+def test_a_body_left_unread_and_not_sent_closes_its_connection(monkeypatch):
+    from gunicorn.config import Config
+    from gunicorn.http.parser import RequestParser
+
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        client_side.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        parser = RequestParser(Config(), server_side, ("127.0.0.1", 1))
+        next(parser)  # answered without reading its body, 99 bytes of which never come
+        conn = type("Conn", (), {"parser": parser})()
+        started = time.monotonic()
+        assert HeadReadingWorker._keepalive_after(None, conn, True) is False
+        assert time.monotonic() - started < 1

@@ -207,6 +207,8 @@ def handle_http_exception(err: HTTPException) -> Response:
     headers = {}
     if status == 405 and getattr(err, "valid_methods", None):
         headers["Allow"] = ", ".join(sorted(err.valid_methods))
+    # A 401's challenge (RFC 9110 11.6.1), as the exception states it.
+    headers.update((n, v) for n, v in err.get_headers() if n.lower() == "www-authenticate")
     return error_response(status, code, [message], headers=headers)
 
 

@@ -22,18 +22,28 @@ value class looks up for each new one (``prometheus_client.values.MmapedDict``).
 ``gunicorn.conf.py`` also checks at start that the directory has room for the
 first files of the master and every worker (:func:`room_error`), and refuses
 to start with one line when it has not.
+
+A worker that exits leaves its files behind, and every scrape would read
+them, each a little more than the last, as workers come and go. Its
+``child_exit`` hook calls :func:`fold`, which adds the worker's counters and
+histograms into one merged file of each kind, so the directory holds the
+live processes' files and those two. Folding and scraping take turns on
+the directory's lock (:func:`locked`), so a scrape counts a dead worker once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
 import struct
+from collections.abc import Iterable, Iterator
 
-from prometheus_client import values
-from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client import multiprocess, values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 log = logging.getLogger("sessions_app.metric_files")  # the name log filters select it by
 
@@ -43,6 +53,12 @@ INITIAL_SIZE = 1 << 16
 FILES_PER_PROCESS = 3
 # An entry is its length (4 bytes), the key padded to 8 bytes, and two doubles.
 ENTRY_OVERHEAD = 4 + 8 + 16
+
+# What the exited workers counted, by kind: counter_merged.db, histogram_merged.db.
+MERGED = "merged"
+FOLDED_KINDS = ("counter", "histogram")
+# Taken by each scrape and each fold (not *.db: the collector reads only those).
+LOCK_FILE = "files.lock"
 
 _warned_pid: int | None = None
 
@@ -165,3 +181,80 @@ def room_error(directory: str, processes: int) -> OSError | None:
         with contextlib.suppress(OSError):
             os.unlink(probe)
     return None
+
+
+@contextlib.contextmanager
+def locked(directory: str) -> Iterator[None]:
+    """Hold the directory's lock (any thread of any process): scrapes and folds take turns.
+
+    Without a lock file (the directory gone, no inode left) it goes on unlocked.
+    """
+    try:
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # which releases the lock
+
+
+def fold(directory: str, pid: int) -> None:
+    """The process ``pid`` is gone: its counts go into the merged files, and its files go.
+
+    Counters and histograms are added into ``counter_merged.db`` and
+    ``histogram_merged.db`` (prometheus_client's merge without accumulating
+    the buckets, as it says for a merge written back to files), which is
+    written whole under another name and renamed into place; then the dead
+    process's file is removed, all under :func:`locked`. Its live gauges are
+    removed (``mark_process_dead``). When the merged file cannot be written
+    (no room) or a file cannot be read, the dead process's files stay, and
+    are read as before.
+    """
+    with locked(directory):
+        multiprocess.mark_process_dead(pid, directory)
+        for kind in FOLDED_KINDS:
+            dead = os.path.join(directory, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            merged = os.path.join(directory, f"{kind}_{MERGED}.db")
+            partial = f"{merged}.new"  # not *.db: no scrape reads it half written
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)  # a fold cut short; its content would be read on
+            sources = [dead, merged] if os.path.exists(merged) else [dead]
+            try:
+                _write(partial, multiprocess.MultiProcessCollector.merge(sources, accumulate=False))
+                os.replace(partial, merged)
+            except (OSError, ValueError, struct.error) as err:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+                log.warning(
+                    "metrics: the files of exited process %d stay as they are: %s", pid, err
+                )
+                continue
+            os.unlink(dead)
+
+
+def _write(filename: str, families: Iterable[Metric]) -> None:
+    """Write merged metric families into a new file, every block allocated first."""
+    target = AllocatedMmapedDict(filename)
+    try:
+        if target._f is None:
+            raise OSError(f"no room for {filename}")
+        for family in families:
+            for sample in family.samples:
+                labels = sample.labels
+                key = mmap_key(
+                    family.name,
+                    sample.name,
+                    list(labels),
+                    list(labels.values()),
+                    family.documentation,
+                )
+                target.write_value(key, sample.value, sample.timestamp or 0.0)
+                if target._f is None:
+                    raise OSError(f"no room for {filename}")
+    finally:
+        target.close()

@@ -38,13 +38,27 @@ process.
 ``METRICS_ENABLED`` (default: on for ``create_app``, off for a host's
 ``init_app``) switches all of it; off, nothing is counted and no hook runs.
 ``METRICS_BIND`` serves the page on an address of its own, from the gunicorn
-master, instead of at ``/metrics`` of the service.
+master, instead of at ``/metrics`` of the service. ``METRICS_TOKEN`` is the
+bearer token the page needs wherever it is served; the service's own
+``/metrics`` answers 401 without it, and always when none is set.
+
+A scrape under gunicorn reads every process's files (tens of milliseconds and
+tens of kilobytes): the page is rendered at most once a
+``SCRAPE_CACHE_SECONDS`` on a host, by one scraper at a time, and the others
+read that page (:func:`page`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import json
 import os
+import socket
+import threading
 import time
+import wsgiref.simple_server
+from socketserver import ThreadingMixIn
 from typing import Any
 
 from flask import Flask, Request, current_app, request
@@ -57,6 +71,8 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import Unauthorized
 from werkzeug.wrappers import Response
 
 from . import metric_files
@@ -83,6 +99,18 @@ AUTH_FAILURE_REASONS = ("missing", "malformed", "unknown_key", "wrong_secret", "
 # A key "near" its limit has used at least this share of it.
 NEAR_LIMIT = 0.9
 RATE_LIMIT_STORAGE = "rate_limit_storage"
+# How old a page a scrape may get: one render a second, however many scrapers.
+SCRAPE_CACHE_SECONDS = 1.0
+# The page rendered last, in the metrics directory (not *.db: the collector reads only those).
+PAGE_FILE = "scrape.page"
+TOKEN_MISSING = (
+    "GET /metrics needs the bearer token set in AGENT_SESSIONS_METRICS_TOKEN "
+    "(Authorization: Bearer TOKEN)."
+)
+TOKEN_UNSET = (
+    "/metrics is not served without a token: set AGENT_SESSIONS_METRICS_TOKEN, "
+    "or AGENT_SESSIONS_METRICS_BIND for an address of its own."
+)
 
 
 def multiprocess_dir() -> str | None:
@@ -208,7 +236,7 @@ class Metrics:
         path = multiprocess_dir()
         if path is None:
             return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
-        return generate_latest(multiprocess_registry(path)), CONTENT_TYPE_PLAIN_0_0_4
+        return page(path), CONTENT_TYPE_PLAIN_0_0_4
 
 
 def multiprocess_registry(path: str) -> CollectorRegistry:
@@ -216,6 +244,100 @@ def multiprocess_registry(path: str) -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
     return registry
+
+
+def page(path: str) -> bytes:
+    """The page summed over every process's files in ``path``, at most ``SCRAPE_CACHE_SECONDS`` old.
+
+    Under the directory's lock (``metric_files.locked``, which a dead worker's
+    fold takes too): the scraper that holds it reads the page rendered last,
+    when it is fresh, or renders it and leaves it there for the others, who
+    wait for it rather than render it too. A page that cannot be kept (no
+    room) is answered all the same.
+    """
+    cached = os.path.join(path, PAGE_FILE)
+    with metric_files.locked(path):
+        with contextlib.suppress(OSError):
+            if time.time() - os.stat(cached).st_mtime < SCRAPE_CACHE_SECONDS:
+                with open(cached, "rb") as stream:
+                    return stream.read()
+        body = generate_latest(multiprocess_registry(path))
+        partial = f"{cached}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            with open(partial, "wb") as stream:
+                stream.write(body)
+            os.replace(partial, cached)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        return body
+
+
+def token_error(token: str | None, authorization: str | None) -> str | None:
+    """Why a scrape with this ``Authorization`` field may not read the page, or None.
+
+    The token is compared in constant time (``hmac.compare_digest``).
+    """
+    if token is None:
+        return TOKEN_UNSET
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        return TOKEN_MISSING
+    return None
+
+
+class _BindServer(ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the library's name
+        pass  # a scrape every few seconds is not worth a line
+
+
+def serve_bind(host: str, port: int, path: str, token: str | None) -> None:
+    """Serve the page summed over ``path``'s files at http://HOST:PORT/metrics, in a thread.
+
+    With ``token``, a scrape needs it, as on the service's own ``/metrics``;
+    other paths are 404. Raises OSError when the address cannot be bound.
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            return _bind_error(start_response, 404, "not_found", "Only /metrics is served here.")
+        if token is not None and token_error(token, environ.get("HTTP_AUTHORIZATION")):
+            return _bind_error(start_response, 401, "unauthorized", TOKEN_MISSING)
+        body = page(path)
+        start_response(
+            "200 OK",
+            [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 too
+    server_class = type("BindServer", (_BindServer,), {"address_family": family})
+    server = wsgiref.simple_server.make_server(
+        host, port, app, server_class=server_class, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+
+
+def _bind_error(start_response: Any, status: int, error: str, message: str) -> list[bytes]:
+    """An error of the service's shape, from the master's metrics address."""
+    rid = os.urandom(16).hex()
+    body = json.dumps({"error": error, "messages": [message], "request_id": rid}).encode()
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("X-Request-ID", rid),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
+    if status == 401:
+        headers.append(("WWW-Authenticate", 'Bearer realm="metrics"'))
+    start_response(f"{status} {'Unauthorized' if status == 401 else 'Not Found'}", headers)
+    return [body]
 
 
 def init_app(app: Flask, service: Any) -> None:
@@ -235,9 +357,15 @@ def init_app(app: Flask, service: Any) -> None:
 
 
 def metrics_page() -> Response:
-    """The metrics in Prometheus' text format (outside /v2, without a key)."""
-    body, content_type = current_app.extensions["agent_sessions"].metrics.exposition()
-    return current_app.response_class(body, 200, {"Content-Type": content_type})
+    """The metrics in Prometheus' text format (outside /v2, with METRICS_TOKEN, not a key)."""
+    app = current_app._get_current_object()
+    refused = token_error(app.config["METRICS_TOKEN"], request.headers.get("Authorization"))
+    if refused is not None:  # the service's handler answers it in the error shape
+        raise Unauthorized(
+            refused, www_authenticate=WWWAuthenticate("bearer", {"realm": "metrics"})
+        )
+    body, content_type = app.extensions["agent_sessions"].metrics.exposition()
+    return app.response_class(body, 200, {"Content-Type": content_type})
 
 
 # Prometheus' own format, for operators: not an operation of the API's OpenAPI document.

@@ -9,12 +9,15 @@
   bytes, not a thread; it is closed when its request is not complete
   ``header_timeout`` seconds after it started.
 - Chunked bodies up to 64 KiB are read by the loop too, to their last chunk
-  (a longer one is answered 413 at once), except on the one route that takes
-  larger bodies (``POST .../events/batch``, up to 4 MiB): there a longer one
-  goes to a thread, as a body of declared length over 64 KiB does, and the
-  service reads it against that route's bound, within ``header_timeout``
-  seconds of its first read (``BodyDeadline``; else 408 and the connection
-  closes). Past gunicorn's own bounds on the request line and the headers, a
+  (a longer one is answered 413 at once), except on the routes that take
+  larger bodies (``POST .../events`` and its batch, up to 256 KiB and 4 MiB):
+  there a longer one goes to a thread, as a body of declared length over
+  64 KiB does, and the service reads it against that route's bound, within
+  ``header_timeout`` seconds of its first read (``BodyDeadline``; else 408
+  and the connection closes). A chunk size that takes a body past its
+  route's bound is answered 413 as soon as its line is in, by the loop or
+  by the thread (``BoundedChunkedReader``), without waiting for the chunk.
+  Past gunicorn's own bounds on the request line and the headers, a
   head goes to the parser at once, which answers 4xx; each byte is looked at
   once, however the head arrives.
 - A connection whose answered request left its body unread closes at once,
@@ -53,8 +56,10 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.glogging import Logger
+from gunicorn.http.body import ChunkedReader
 from gunicorn.http2 import negotiation
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..observability import logs
 from ..text import escape_controls
@@ -64,11 +69,16 @@ HEADER_TIMEOUT = 10.0
 # Bodies of a declared length up to this are read by the event loop too.
 BODY_BUFFER_MAX = 65536
 # The request lines of the routes whose bodies may be longer: POST /events (EVENT_MAX_BYTES)
-# and its batch (EVENTS_MAX_CONTENT_LENGTH).
-LARGE_BODY_ROUTE = re.compile(rb"POST /[^ ?#]*/events(?:/batch)?(?:\?[^ ]*)? HTTP/1\.[01]\r?\n")
+# and its batch (EVENTS_MAX_CONTENT_LENGTH, when the group matched).
+LARGE_BODY_ROUTE = re.compile(rb"POST /[^ ?#]*/events(/batch)?(?:\?[^ ]*)? HTTP/1\.[01]\r?\n")
+LARGE_BODY_SETTINGS = ("EVENT_MAX_BYTES", "EVENTS_MAX_CONTENT_LENGTH")
+# A chunk size as gunicorn takes it: hexadecimal digits only (int() takes "0x", "_", "+").
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 # How long an answered request waits for a body it did not read, before the
 # connection closes instead of staying open for the next request.
 DRAIN_WAIT = 0.05
+# And drains at most this much of it (gunicorn's own bound).
+DRAIN_MAX_BYTES = 65536
 # gunicorn takes any run of digits, leading zeros included.
 CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([0-9]+)[ \t]*\r?\n", re.IGNORECASE)
 TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding[ \t]*:", re.IGNORECASE)
@@ -87,6 +97,7 @@ ERROR_NAMES = {
     431: "invalid_request",
     500: "internal_error",
     501: "invalid_request",
+    503: "unavailable",
 }
 REASONS = {
     400: "Bad Request",
@@ -98,6 +109,7 @@ REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
 }
 EXPECT_CONTINUE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue[ \t]*(\r?\n)", re.IGNORECASE)
 
@@ -110,6 +122,17 @@ def receive(sock: Any) -> bytes | None:
         return None
     except OSError:
         return b""
+
+
+def pending(sock: Any) -> bool:
+    """Whether a client's bytes (or its FIN) wait unread on a non-blocking socket."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, ValueError):  # ValueError: TLS, which cannot peek
+        return False
+    except OSError:
+        return True  # reset: reading it says so
+    return True
 
 
 def head_end(data: bytearray, start: int = 0) -> int:
@@ -136,33 +159,63 @@ def declared_length(head: bytes) -> int | None:
     return int(lengths[0]) if len(lengths) == 1 else None
 
 
-def chunked_end(data: bytearray, pos: int) -> tuple[int, bool]:
-    """Walk whole chunks of a chunked body from ``pos``: (where the walk stopped, whether done).
+def chunked_end(
+    data: bytearray, pos: int, walked: int = 0, bound: int | None = None
+) -> tuple[int, int, bool]:
+    """Walk whole chunks of a chunked body from ``pos``, ``walked`` bytes of data already
+    walked: (where the walk stopped, the data bytes walked then, whether done).
 
     Done at the end of the last chunk and its trailer section, or at what is
     not a chunk (the parser answers that 400); otherwise the position is where
-    the next chunk's size line starts, so each byte is walked once.
+    the next chunk's size line starts, so each byte is walked once. A size
+    line that takes the body past ``bound`` bytes of data raises ``Refused``
+    (413) as soon as it is complete: the client need not send the chunk.
     """
     while True:
         line_end = data.find(b"\n", pos)
         if line_end < 0:
-            return pos, len(data) - pos > 1024  # no size line is that long
+            return pos, walked, len(data) - pos > 1024  # no size line is that long
         size_text = bytes(data[pos:line_end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            return pos, True
+        if not CHUNK_SIZE.fullmatch(size_text):
+            return pos, walked, True
+        size = int(size_text, 16)
+        if bound is not None and walked + size > bound:
+            raise Refused(413, f"the body is at most {bound} bytes")
         if size == 0:
             start = line_end + 1  # the trailer section, up to an empty line
             while (end := data.find(b"\n", start)) >= 0:
                 if data[start:end] in (b"", b"\r"):
-                    return pos, True
+                    return pos, walked, True
                 start = end + 1
-            return pos, False
+            return pos, walked, False
         after = line_end + 1 + size
         if len(data) < after + 2:
-            return pos, False
+            return pos, walked, False
+        walked += size
         pos = after + 2 if data[after : after + 2] == b"\r\n" else after + 1
+
+
+class BoundedChunkedReader(ChunkedReader):
+    """gunicorn's reader of a chunked body, refusing a size line past ``bound`` bytes of data.
+
+    A request thread reads the rest of a chunked body the loop handed over
+    unfinished (on ``LARGE_BODY_ROUTE``); without this, a size such as
+    ``FFFFFFFF`` would have it wait for the chunk until the body's deadline
+    (408). The refusal is Werkzeug's 413, which the service answers in its
+    error shape; the body is marked failed, so the connection closes.
+    """
+
+    def __init__(self, req: Any, unreader: Any, bound: int) -> None:
+        self.bound = bound
+        self.declared = 0
+        super().__init__(req, unreader)
+
+    def parse_chunk_size(self, unreader: Any, data: Any = None) -> tuple[int, Any]:
+        size, rest = super().parse_chunk_size(unreader, data)
+        self.declared += size
+        if self.declared > self.bound:
+            raise RequestEntityTooLarge(f"The body is at most {self.bound} bytes.")
+        return size, rest
 
 
 def error_answer(status: int, message: str, rid: str) -> bytes:
@@ -268,6 +321,8 @@ class HeadReadingWorker(ThreadWorker):
         self.lingering: deque[Any] = deque()
         self.request_started: dict[int, float] = {}
         self.request_lock = threading.Lock()
+        # The service's bounds on the large routes' bodies (load_wsgi); None: unknown.
+        self.large_body_bounds: tuple[int | None, int | None] = (None, None)
         cfg = self.cfg
         # Past this many bytes without a complete head the parser has what it
         # needs to answer 4xx (a request line or headers over their limits).
@@ -276,6 +331,19 @@ class HeadReadingWorker(ThreadWorker):
             + 2
             + (cfg.limit_request_fields + 1) * (cfg.limit_request_field_size + 2)
         )
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        config = getattr(self.wsgi, "config", None) or {}
+        self.large_body_bounds = tuple(config.get(name) for name in LARGE_BODY_SETTINGS)
+
+    def body_bound(self, head: bytes) -> tuple[bool, int | None]:
+        """Whether the request (its head) is on ``LARGE_BODY_ROUTE``, and the most bytes of data
+        its chunked body may declare: ``BODY_BUFFER_MAX``, else the route's own setting."""
+        large = LARGE_BODY_ROUTE.match(head)
+        if large is None:
+            return False, BODY_BUFFER_MAX
+        return True, self.large_body_bounds[large.group(1) is not None]
 
     # Heads: read by the event loop (the main thread), never by a pool thread.
 
@@ -291,8 +359,15 @@ class HeadReadingWorker(ThreadWorker):
         conn.body_start = -1
         conn.body_length = None  # declared; None for a chunked body
         conn.chunk_pos = 0  # where the next chunk's size line starts
+        conn.chunk_data = 0  # the data bytes of the chunks walked
+        conn.large_body = False  # on LARGE_BODY_ROUTE
+        conn.body_bound = None  # the most data bytes a chunked body may declare
         conn.sock.setblocking(False)
-        conn.head_deadline = time.monotonic() + self.header_timeout
+        # A stopping worker gives a head the time it gives a kept-alive connection.
+        wait = (
+            self.header_timeout if self.alive else min(self.header_timeout, STOP_KEEPALIVE_LINGER)
+        )
+        conn.head_deadline = time.monotonic() + wait
         self.reading_heads.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.read_head, conn))
         self.check_ready(conn)
@@ -324,7 +399,8 @@ class HeadReadingWorker(ThreadWorker):
         to ``BODY_BUFFER_MAX`` (a longer one is read by the thread, against the
         route's bound) or a chunked one (or, on ``LARGE_BODY_ROUTE``, once a
         chunked one is past it). Raises ``Refused`` once the data is past what
-        a valid head (or a chunked body the loop reads) can be. Only the bytes
+        a valid head (or a chunked body the loop reads) can be, or a chunk's
+        size line takes the body past its route's bound. Only the bytes
         received since the last call are searched.
         """
         data = conn.head
@@ -355,11 +431,15 @@ class HeadReadingWorker(ThreadWorker):
                 end = head_end(conn.head)
             conn.body_start = conn.chunk_pos = end
             conn.body_length = length
+            if length is None:
+                conn.large_body, conn.body_bound = self.body_bound(head)
         if conn.body_length is not None:
             return len(conn.head) - conn.body_start >= conn.body_length
-        conn.chunk_pos, done = chunked_end(conn.head, conn.chunk_pos)
+        conn.chunk_pos, conn.chunk_data, done = chunked_end(
+            conn.head, conn.chunk_pos, conn.chunk_data, conn.body_bound
+        )
         if not done and len(conn.head) - conn.body_start > BODY_BUFFER_MAX:
-            if LARGE_BODY_ROUTE.match(conn.head):
+            if conn.large_body:
                 return True  # the service reads the rest against the route's bound
             raise Refused(413, f"a chunked body is at most {BODY_BUFFER_MAX} bytes")
         return done
@@ -448,29 +528,58 @@ class HeadReadingWorker(ThreadWorker):
         conn.close()
 
     def murder_keepalived(self, force: bool = False) -> None:
-        super().murder_keepalived(force)
-        # A stopping worker closes them at once: their request has not begun.
-        now = time.monotonic() if self.alive else float("inf")
+        """Close the kept-alive connections and heads past their time (all of them: ``force``).
+
+        A kept-alive connection whose client sent its next request just as its
+        time ran out (after the loop's last look at the sockets) is served, not
+        closed: closing it would drop a request in its buffer unanswered.
+        """
+        now = float("inf") if force else time.monotonic()
+        while self.keepalived_conns and self.keepalived_conns[0].timeout <= now:
+            conn = self.keepalived_conns.popleft()
+            self.poller.unregister(conn.sock)
+            # Looked at just before the close: a request that comes after it is never read.
+            if not force and pending(conn.sock):
+                self.enqueue_req(conn)  # as when the poller finds it readable
+                continue
+            self.nr_conns -= 1
+            conn.close()
         while self.reading_heads and self.reading_heads[0].head_deadline <= now:
             conn = self.reading_heads[0]
             self.stop_reading(conn)
             self.nr_conns -= 1
-            if conn.head and self.alive:
-                # A request begun and not finished in time: say so (best effort, the
-                # client may not read), and leave a line for the operator.
-                answer = self.refusal(
-                    408,
-                    "The request was not sent in time.",
-                    f"request not complete within {self.header_timeout}s "
-                    f"({len(conn.head)} bytes received): 408",
-                )
-                with contextlib.suppress(OSError):
-                    conn.sock.setblocking(False)
-                    conn.sock.send(answer)
+            if self.alive:
+                message, within = "The request was not sent in time.", self.header_timeout
+                self.answer_unfinished(conn, 408, message, f" within {within}s")
+            else:
+                message = "The server is restarting: send the request again."
+                self.answer_unfinished(conn, 503, message, " when the worker stopped")
             conn.close()
-        now = float("inf") if force else time.monotonic()
         while self.lingering and self.lingering[0].linger_deadline <= now:
             self.end_linger(self.lingering[0])
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        # A stopping worker gives unfinished heads the time it gives kept-alive
+        # connections, so a request under way is answered (Connection: close).
+        super()._cap_keepalive(deadline)
+        for conn in self.reading_heads:
+            conn.head_deadline = min(conn.head_deadline, deadline)
+
+    def answer_unfinished(self, conn: Any, status: int, message: str, when: str) -> None:
+        """Answer ``status`` to a request whose head is not all in, if the client sent any.
+
+        Best effort (the client may not read), with a line for the operator.
+        What the client sent is read first, so the close that follows does not
+        reset the connection over the answer.
+        """
+        with contextlib.suppress(OSError):
+            while (data := receive(conn.sock)) and len(conn.head) < self.head_max:
+                conn.head += data
+        if not conn.head:
+            return  # nothing was sent: nothing to answer
+        note = f"request not complete{when} ({len(conn.head)} bytes received): {status}"
+        with contextlib.suppress(OSError):
+            conn.sock.send(self.refusal(status, message, note))
 
     # The connection cap: the connection idle longest makes room for a new one.
 
@@ -480,18 +589,34 @@ class HeadReadingWorker(ThreadWorker):
         super().accept(listener)
 
     def make_room(self) -> None:
+        """Close one connection: lingering, else kept alive, else the oldest unfinished head.
+
+        Only a connection with nothing in flight is closed as it is: a kept-alive
+        one whose next request has come is served instead, and a head begun
+        is answered (503) before its connection closes.
+        """
         if self.lingering:
             self.end_linger(self.lingering[0])
-        elif self.keepalived_conns:
+            return
+        while self.keepalived_conns:
             conn = self.keepalived_conns.popleft()
             self.poller.unregister(conn.sock)
+            if pending(conn.sock):
+                self.enqueue_req(conn)  # its next request has come: served, not closed
+                continue
             self.nr_conns -= 1
             conn.close()
-        elif self.reading_heads:
-            conn = self.reading_heads[0]
-            self.stop_reading(conn)
-            self.nr_conns -= 1
-            conn.close()
+            return
+        if not self.reading_heads:
+            return
+        idle = next((c for c in self.reading_heads if not c.head and not pending(c.sock)), None)
+        conn = idle or self.reading_heads[0]
+        self.stop_reading(conn)
+        self.nr_conns -= 1
+        if idle is None:
+            message = "The server is at its connection limit: send the request again."
+            self.answer_unfinished(conn, 503, message, " at the connection limit")
+        conn.close()
 
     # gunicorn's own error answers, in the service's error shape.
 
@@ -518,14 +643,33 @@ class HeadReadingWorker(ThreadWorker):
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # gunicorn waits up to five seconds for a body the application did not
-        # read (a 413 before a large upload arrives); the connection closes instead.
+        # read (a 413 before a large upload arrives); the connection closes instead,
+        # unless the rest comes within DRAIN_WAIT of the first look at the socket.
+        # Not a deadline from now: gunicorn checks one before it reads anything, so
+        # a thread that got the interpreter back late would close a connection it
+        # has just answered as kept alive, with its client's next request on the
+        # way. What has arrived (most often the whole body, which the loop read) is
+        # always taken.
         if not keepalive:
             return False
-        return bool(conn.parser.finish_body(deadline=time.monotonic() + DRAIN_WAIT))
+        unreader = conn.parser.unreader
+        sock = getattr(unreader, "sock", None)
+        if sock is not None:
+            real = sock.sock if isinstance(sock, BodyDeadline) else sock
+            unreader.sock = BodyDeadline(real, DRAIN_WAIT)
+        try:
+            return bool(conn.parser.finish_body(max_bytes=DRAIN_MAX_BYTES))
+        finally:
+            if sock is not None:
+                unreader.sock = sock
 
     # The timeout: the heartbeat is as old as the oldest running request.
 
     def handle_request(self, req: Any, conn: Any) -> Any:
+        bound = getattr(conn, "body_bound", None)
+        body = getattr(req, "body", None)
+        if bound is not None and type(getattr(body, "reader", None)) is ChunkedReader:
+            body.reader = BoundedChunkedReader(req, req.unreader, bound)  # nothing read yet
         thread = threading.get_ident()
         with self.request_lock:
             self.request_started[thread] = time.monotonic()
