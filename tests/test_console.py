@@ -154,6 +154,31 @@ def test_every_console_answer_carries_the_security_headers(app, setup):
         response.close()  # the static files' answers hold their file open
 
 
+@pytest.mark.parametrize("signed_in_as", [None, "full"])
+def test_answers_made_before_any_console_view_carry_the_headers(app, setup, signed_in_as):
+    """A redirect of routing (``/console`` to ``/console/``) and a method no console URL
+    takes are answered before the blueprint knows the request: they get the headers too."""
+    browser = Browser(app)
+    if signed_in_as:
+        browser.sign_in(setup["tokens"][signed_in_as])
+    event = f"{CONSOLE}/chat/events/{setup['ids'][0]}/hide"
+    answers = [("no slash", browser.get("/console"))]
+    for method in ("PUT", "DELETE", "PATCH"):
+        answers.append((method, browser.client.open(event, method=method)))
+    statuses = {label: response.status_code for label, response in answers}
+    assert statuses == {"no slash": 308, "PUT": 405, "DELETE": 405, "PATCH": 405}, statuses
+    for label, response in answers:
+        assert_console_headers(response, label)
+    assert visible_ids(setup) == setup["ids"]
+
+
+def test_the_api_gets_none_of_the_console_headers(app, setup):
+    response = setup["api"].get(f"{API}/chat", headers=setup["admin"])
+    assert response.status_code == 200
+    assert "Content-Security-Policy" not in response.headers
+    assert "X-Frame-Options" not in response.headers
+
+
 def test_a_host_application_gets_the_headers_once_too(tmp_path):
     host = Flask("host")
     host.config.update(TESTING=True, STORAGE_URL=f"sqlite:///{tmp_path}/host.db")

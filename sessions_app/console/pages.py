@@ -171,8 +171,17 @@ def refused(message: str) -> Response:
     return page("error.html", 403, title="Refused", messages=[message])
 
 
-@bp.after_request
+def is_console_path(path: str) -> bool:
+    prefix = bp.url_prefix or ""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+@bp.after_app_request
 def security_headers(response: Response) -> Response:
+    """The headers on every answer under /console, also those made before any console
+    view runs (routing's redirect of ``/console``, a 405 for a method no URL takes)."""
+    if not is_console_path(request.path):
+        return response
     headers = response.headers
     for name, value in SECURITY_HEADERS:
         headers[name] = value
