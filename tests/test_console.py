@@ -403,6 +403,11 @@ def test_signed_out_posts_change_nothing(app, setup):
         "/elsewhere",
         "/console/\\evil",
         "javascript:alert(1)",
+        "/console/../v2/agents",
+        "/console/agents/../../v2/agents",
+        "/console/%2e%2e/v2/agents",
+        "/console/.%2E/v2/agents",
+        "/console/./",
     ],
 )
 def test_after_sign_in_only_console_paths_are_followed(app, setup, target):

@@ -302,6 +302,9 @@ def safe_next(target: str | None, default: str) -> str:
     parts = urllib.parse.urlsplit(target)
     if parts.scheme or parts.netloc or "\\" in target or "//" in target:
         return default
+    # A browser resolves "." and ".." (also written %2e) before it follows the path.
+    if {".", ".."} & set(urllib.parse.unquote(parts.path).split("/")):
+        return default
     if any(ord(char) < 0x21 or ord(char) == 0x7F for char in target):
         return default
     return target
