@@ -26,10 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sessions_app.auth import new_api_key  # noqa: E402
-from sessions_app.http import encode_scoped_cursor  # noqa: E402
-
 from sessions_app import create_app  # noqa: E402
+from sessions_app.corridor.auth import new_api_key  # noqa: E402
+from sessions_app.corridor.http import encode_scoped_cursor  # noqa: E402
 from storage_backends import Agent, Event, Session  # noqa: E402
 from storage_backends.codec import utcnow  # noqa: E402
 
