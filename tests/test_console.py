@@ -871,6 +871,29 @@ def test_history_pages_both_ways_with_the_api_page_keys(app, setup):
     assert wrong_way.status_code == 400
 
 
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_a_history_page_ends_once_its_events_hold_a_million_characters(app, setup, order):
+    """Eight events of 200,000 characters: a page of five (2**20 at most), then three,
+    none lost or repeated; escaped, 50 such events would be tens of megabytes of HTML."""
+    api, admin = setup["api"], setup["admin"]
+    assert api.post(API, json={"key": "big", "name": "Big"}, headers=admin).status_code == 201
+    events = [{"type": "agent_output", "content": f"{n}:" + "<" * 200_000} for n in range(8)]
+    written = api.post(f"{API}/big/events/batch", json={"events": events}, headers=admin)
+    assert written.status_code == 201
+    browser = signed_in(app, setup["tokens"]["read-only"])
+    pages, path = [], f"{CONSOLE}/big?order={order}"
+    while path:
+        answer = browser.get(html_module.unescape(path))
+        assert answer.status_code == 200
+        text = answer.get_data(as_text=True)
+        assert len(text) < 6 * 1024 * 1024
+        pages.append([int(n) for n in re.findall(r'<div class="text content">(\d):', text)])
+        found = re.search(r'<a href="([^"]+)" rel="next">', text)
+        path = found.group(1) if found else None
+    expected = list(range(7, -1, -1)) if order == "desc" else list(range(8))
+    assert pages == [expected[:5], expected[5:]]
+
+
 # API keys (admin)
 
 
