@@ -154,6 +154,31 @@ def test_every_console_answer_carries_the_security_headers(app, setup):
         response.close()  # the static files' answers hold their file open
 
 
+@pytest.mark.parametrize("signed_in_as", [None, "full"])
+def test_answers_made_before_any_console_view_carry_the_headers(app, setup, signed_in_as):
+    """A redirect of routing (``/console`` to ``/console/``) and a method no console URL
+    takes are answered before the blueprint knows the request: they get the headers too."""
+    browser = Browser(app)
+    if signed_in_as:
+        browser.sign_in(setup["tokens"][signed_in_as])
+    event = f"{CONSOLE}/chat/events/{setup['ids'][0]}/hide"
+    answers = [("no slash", browser.get("/console"))]
+    for method in ("PUT", "DELETE", "PATCH"):
+        answers.append((method, browser.client.open(event, method=method)))
+    statuses = {label: response.status_code for label, response in answers}
+    assert statuses == {"no slash": 308, "PUT": 405, "DELETE": 405, "PATCH": 405}, statuses
+    for label, response in answers:
+        assert_console_headers(response, label)
+    assert visible_ids(setup) == setup["ids"]
+
+
+def test_the_api_gets_none_of_the_console_headers(app, setup):
+    response = setup["api"].get(f"{API}/chat", headers=setup["admin"])
+    assert response.status_code == 200
+    assert "Content-Security-Policy" not in response.headers
+    assert "X-Frame-Options" not in response.headers
+
+
 def test_a_host_application_gets_the_headers_once_too(tmp_path):
     host = Flask("host")
     host.config.update(TESTING=True, STORAGE_URL=f"sqlite:///{tmp_path}/host.db")
@@ -378,6 +403,11 @@ def test_signed_out_posts_change_nothing(app, setup):
         "/elsewhere",
         "/console/\\evil",
         "javascript:alert(1)",
+        "/console/../v2/agents",
+        "/console/agents/../../v2/agents",
+        "/console/%2e%2e/v2/agents",
+        "/console/.%2E/v2/agents",
+        "/console/./",
     ],
 )
 def test_after_sign_in_only_console_paths_are_followed(app, setup, target):
@@ -839,6 +869,29 @@ def test_history_pages_both_ways_with_the_api_page_keys(app, setup):
     ) == ["one", "two", "three"]
     wrong_way = browser.get(f"{CONSOLE}/chat", query_string={"order": "asc", "page_key": page_key})
     assert wrong_way.status_code == 400
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_a_history_page_ends_once_its_events_hold_a_million_characters(app, setup, order):
+    """Eight events of 200,000 characters: a page of five (2**20 at most), then three,
+    none lost or repeated; escaped, 50 such events would be tens of megabytes of HTML."""
+    api, admin = setup["api"], setup["admin"]
+    assert api.post(API, json={"key": "big", "name": "Big"}, headers=admin).status_code == 201
+    events = [{"type": "agent_output", "content": f"{n}:" + "<" * 200_000} for n in range(8)]
+    written = api.post(f"{API}/big/events/batch", json={"events": events}, headers=admin)
+    assert written.status_code == 201
+    browser = signed_in(app, setup["tokens"]["read-only"])
+    pages, path = [], f"{CONSOLE}/big?order={order}"
+    while path:
+        answer = browser.get(html_module.unescape(path))
+        assert answer.status_code == 200
+        text = answer.get_data(as_text=True)
+        assert len(text) < 6 * 1024 * 1024
+        pages.append([int(n) for n in re.findall(r'<div class="text content">(\d):', text)])
+        found = re.search(r'<a href="([^"]+)" rel="next">', text)
+        path = found.group(1) if found else None
+    expected = list(range(7, -1, -1)) if order == "desc" else list(range(8))
+    assert pages == [expected[:5], expected[5:]]
 
 
 # API keys (admin)

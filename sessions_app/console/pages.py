@@ -8,7 +8,9 @@ rate limit, and on a POST the CSRF token of the sign-in. Pages answer with
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import logging
 import urllib.parse
 from typing import Any
@@ -84,6 +86,10 @@ NOTICES = {
 
 SESSIONS_PER_PAGE = 25
 EVENTS_PER_PAGE = 50
+# A history page also ends once its events hold this many characters of JSON (its
+# first event always shows): escaped, 50 events of EVENT_MAX_BYTES would be a page
+# of tens of megabytes.
+EVENTS_PAGE_MAX_CHARS = 1024 * 1024
 AGENTS_PER_PAGE = 50
 
 # Endpoints a signed-out visitor may reach (the sign-in page is the index).
@@ -171,8 +177,17 @@ def refused(message: str) -> Response:
     return page("error.html", 403, title="Refused", messages=[message])
 
 
-@bp.after_request
+def is_console_path(path: str) -> bool:
+    prefix = bp.url_prefix or ""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+@bp.after_app_request
 def security_headers(response: Response) -> Response:
+    """The headers on every answer under /console, also those made before any console
+    view runs (routing's redirect of ``/console``, a 405 for a method no URL takes)."""
+    if not is_console_path(request.path):
+        return response
     headers = response.headers
     for name, value in SECURITY_HEADERS:
         headers[name] = value
@@ -292,6 +307,9 @@ def safe_next(target: str | None, default: str) -> str:
         return default
     parts = urllib.parse.urlsplit(target)
     if parts.scheme or parts.netloc or "\\" in target or "//" in target:
+        return default
+    # A browser resolves "." and ".." (also written %2e) before it follows the path.
+    if {".", ".."} & set(urllib.parse.unquote(parts.path).split("/")):
         return default
     if any(ord(char) < 0x21 or ord(char) == 0x7F for char in target):
         return default
@@ -414,9 +432,20 @@ def history(agent_key: str, session_key: str) -> Response:
             query["after"] = http.decode_scoped_cursor(page_key, scope=scope, descending=descending)
         except ValueError:
             raise bad_page_key() from None
-    found = store.list_events(
-        agent_key=agent_key, session_key=session_key, now=now, descending=descending, **query
+    limit = query.pop("limit")
+    read = functools.partial(
+        store.list_events,
+        agent_key=agent_key,
+        session_key=session_key,
+        now=now,
+        descending=descending,
+        **query,
     )
+    found = read(limit=limit)
+    fit = events_that_fit(found.items)
+    if fit < len(found.items):
+        # Read the shorter page again: its events and its cursor come from one read.
+        found = read(limit=fit)
     view = {k: v for k, v in args.items() if k in ("order", "include_hidden", "type", "limit")}
     next_key = http.encode_scoped_cursor(found.next_cursor, scope=scope, descending=descending)
     next_page = None
@@ -439,6 +468,17 @@ def history(agent_key: str, session_key: str) -> Response:
         next_page=next_page,
         first_page=page_key is not None,
     )
+
+
+def events_that_fit(events: list[Any]) -> int:
+    """How many of ``events``, from the first, hold at most ``EVENTS_PAGE_MAX_CHARS``
+    characters of JSON (at least one)."""
+    total = 0
+    for count, event in enumerate(events):
+        total += len(json.dumps(event.fields, ensure_ascii=False))
+        if total > EVENTS_PAGE_MAX_CHARS:
+            return max(count, 1)
+    return len(events)
 
 
 @bp.get("/agents/<record_key:agent_key>/sessions/<record_key:session_key>/export.jsonl")
