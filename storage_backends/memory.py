@@ -46,7 +46,7 @@ from .base import (
     StaleHistory,
     Storage,
 )
-from .codec import filter_rows, merge_patch
+from .codec import filter_rows, merge_patch, same_json
 
 
 class _Table(dict):
@@ -360,7 +360,7 @@ class MemoryStorage(Storage):
                 metadata = _copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
                 if check_metadata is not None:
                     check_metadata(_copy_tree(metadata))
-                if metadata != session.metadata:
+                if not same_json(metadata, session.metadata):
                     changes.update(metadata=metadata, updated_at=now)
             for event in events:
                 log.add(next(self._seq), _stored(event, session_key))

@@ -418,6 +418,24 @@ def test_metadata_patch(client, full, session, app):
     assert client.get(S1, headers=full).json["metadata"]["new"] == "x"
 
 
+def test_a_metadata_patch_changes_a_value_to_its_python_equal(client, full, session):
+    client.patch(S1, json={"metadata": {"flag": 1, "off": 0, "n": 2, "z": 0.0}}, headers=full)
+    before = client.get(S1, headers=full)
+    body = b'{"events": [{"type": "agent_output", "content": "x"}], "metadata_patch": '
+    body += b'{"flag": true, "off": false, "n": 2.0, "z": -0.0}}'
+    response = client.post(BATCH, data=body, headers=full | {"Content-Type": "application/json"})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    after = client.get(S1, headers=full)
+    assert b'"metadata":{"flag":true,"off":false,"n":2.0,"z":-0.0}' in after.get_data()
+    assert after.headers["ETag"] != before.headers["ETag"]
+    # A PATCH of the session's metadata tells them apart too, and so does its ETag.
+    response = client.patch(
+        S1, json={"metadata": {"flag": 1, "off": 0, "n": 2, "z": 0.0}}, headers=full
+    )
+    assert b'"metadata":{"flag":1,"off":0,"n":2,"z":0.0}' in response.get_data()
+    assert response.headers["ETag"] not in (after.headers["ETag"], before.headers["ETag"])
+
+
 def test_own_ids_and_duplicates(client, full, session):
     mine = {"type": "agent_output", "content": "a", "id": "aev_Import01"}
     assert batch(client, full, mine).json["events"][0]["id"] == "aev_Import01"

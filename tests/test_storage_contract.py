@@ -804,6 +804,36 @@ def test_metadata_patch_is_a_merge_patch(storage):
         seen.append(None)
 
 
+def test_a_metadata_patch_of_values_python_calls_equal_is_a_change(storage):
+    # True == 1, 2 == 2.0 and -0.0 == 0.0 in Python; as JSON each pair is two values.
+    make_agent(storage)
+    make_session(storage, metadata={"flag": 1, "off": 0, "n": 2, "z": 0.0, "deep": [1]})
+    patch = {"flag": True, "off": False, "n": 2.0, "z": -0.0, "deep": [1.0]}
+    for n, (key, value) in enumerate(patch.items(), start=1):
+        at = T0 + dt.timedelta(minutes=n)
+        written = storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(n)],
+            now=at,
+            metadata_patch={key: value},
+        )
+        assert written.updated_at == at, key
+        stored = storage.get_session(agent_key="bot", session_key="s1", now=at)
+        assert stored.updated_at == at, key
+        assert repr(stored.metadata[key]) == repr(value), key
+    assert repr(stored.metadata) == repr(patch)
+    # The same JSON again is no change.
+    written = storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(9)],
+        now=T0 + dt.timedelta(minutes=9),
+        metadata_patch=patch,
+    )
+    assert written.updated_at == T0 + dt.timedelta(minutes=len(patch))
+
+
 def test_a_refused_metadata_patch_writes_nothing(storage):
     make_agent(storage)
     make_session(storage, tti_minutes=10, metadata={"a": 1})

@@ -22,7 +22,7 @@ from ..base import (
     SessionNotFound,
     StaleHistory,
 )
-from ..codec import merge_patch
+from ..codec import merge_patch, same_json
 from .dialect import SQLDialect
 from .schema import (
     DELETE_EXPIRED_BY_ID,
@@ -163,7 +163,7 @@ class EventRecords(SQLDialect):
         metadata = merge_patch(session.metadata, dict(patch))
         if check is not None:
             check(metadata)
-        if metadata == session.metadata:
+        if same_json(metadata, session.metadata):
             return session
         row = conn.execute(
             self._sql(
