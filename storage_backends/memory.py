@@ -356,13 +356,8 @@ class MemoryStorage(Storage):
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
     ) -> Session:
         with self._lock:
+            # The refusals in the contract's order (Storage.append_events).
             seq, session = self._live_session(agent_key, session_key, now)
-            if not session.enabled:
-                raise SessionDisabled(session_key)
-            log = self._events[seq]
-            if if_last_event_id is not ANY_LAST_EVENT and log.last_id() != if_last_event_id:
-                raise StaleHistory(session_key)
-            log.check_new([event.id for event in events])
             changes: dict[str, Any] = {"active_at": now}
             if metadata_patch is not None:
                 metadata = _copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
@@ -370,6 +365,12 @@ class MemoryStorage(Storage):
                     check_metadata(_copy_tree(metadata))
                 if not same_json(metadata, session.metadata):
                     changes.update(metadata=metadata, updated_at=now)
+            if not session.enabled:
+                raise SessionDisabled(session_key)
+            log = self._events[seq]
+            if if_last_event_id is not ANY_LAST_EVENT and log.last_id() != if_last_event_id:
+                raise StaleHistory(session_key)
+            log.check_new([event.id for event in events])
             for event in events:
                 log.add(next(self._seq), _stored(event, session_key))
             session = dataclasses.replace(session, **changes)
