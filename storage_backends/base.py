@@ -437,7 +437,10 @@ class Storage(abc.ABC):
 
         Raises :class:`SessionNotFound` (also when expired at ``now``),
         :class:`SessionDisabled`, :class:`Conflict` when an id is already in
-        the session (or twice in the batch).
+        the session (or twice in the batch). A batch wrong in several ways is
+        refused for the first of them in this order: the session not found;
+        whatever ``check_metadata`` raises (the request's own fault); then the
+        session's state: disabled, :class:`StaleHistory`, a duplicate id.
         """
 
     @abc.abstractmethod

@@ -98,6 +98,15 @@ def filter_rows(
     return picked, None
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are one: the same text, as stored and answered.
+
+    ``==`` is not the test: in Python ``True == 1``, ``2 == 2.0`` and
+    ``-0.0 == 0.0``, and each pair is two different JSON values.
+    """
+    return dump_json(a) == dump_json(b)
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """``target`` with the JSON merge patch ``patch`` applied (RFC 7386); neither is changed.
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import heapq
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,7 +47,11 @@ from .base import (
     StaleHistory,
     Storage,
 )
-from .codec import filter_rows, merge_patch
+from .codec import filter_rows, merge_patch, same_json
+
+# The heap entries each claim looks at: more than the one it may add, so records
+# that expired are gone a few claims later, at a bounded cost to each claim.
+IDEMPOTENCY_SWEEP = 8
 
 
 class _Table(dict):
@@ -107,6 +112,9 @@ class MemoryStorage(Storage):
         self._events: dict[int, _Events] = {}
         #: (scope, key) -> the record and its lock's and its own expiry
         self._idempotency: dict[tuple[str, str], _Claim] = {}
+        #: a heap of (expires_at, scope, key), one per record stored, soonest first; an
+        #: entry whose record was since replaced or released is dropped when it comes due
+        self._idempotency_expiry: list[tuple[dt.datetime, str, str]] = []
         #: console sign-ins by token hash
         self._console: dict[str, ConsoleSession] = {}
         self.filter_scan_rows = int(filter_scan_rows)
@@ -348,20 +356,21 @@ class MemoryStorage(Storage):
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
     ) -> Session:
         with self._lock:
+            # The refusals in the contract's order (Storage.append_events).
             seq, session = self._live_session(agent_key, session_key, now)
+            changes: dict[str, Any] = {"active_at": now}
+            if metadata_patch is not None:
+                metadata = _copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
+                if check_metadata is not None:
+                    check_metadata(_copy_tree(metadata))
+                if not same_json(metadata, session.metadata):
+                    changes.update(metadata=metadata, updated_at=now)
             if not session.enabled:
                 raise SessionDisabled(session_key)
             log = self._events[seq]
             if if_last_event_id is not ANY_LAST_EVENT and log.last_id() != if_last_event_id:
                 raise StaleHistory(session_key)
             log.check_new([event.id for event in events])
-            changes: dict[str, Any] = {"active_at": now}
-            if metadata_patch is not None:
-                metadata = _copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
-                if check_metadata is not None:
-                    check_metadata(_copy_tree(metadata))
-                if metadata != session.metadata:
-                    changes.update(metadata=metadata, updated_at=now)
             for event in events:
                 log.add(next(self._seq), _stored(event, session_key))
             session = dataclasses.replace(session, **changes)
@@ -563,6 +572,7 @@ class MemoryStorage(Storage):
         expires_at: dt.datetime,
     ) -> IdempotencyRecord:
         with self._lock:
+            self._drop_expired_idempotency_keys(now, IDEMPOTENCY_SWEEP)
             held = self._idempotency.get((scope, key))
             if (
                 held is None
@@ -575,6 +585,7 @@ class MemoryStorage(Storage):
             ):
                 held = _Claim(IdempotencyRecord(fingerprint, token), locked_until, expires_at)
                 self._idempotency[scope, key] = held
+                heapq.heappush(self._idempotency_expiry, (expires_at, scope, key))
             return held.record
 
     def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
@@ -592,10 +603,21 @@ class MemoryStorage(Storage):
 
     def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
         with self._lock:
-            expired = [name for name, held in self._idempotency.items() if held.expires_at <= now]
-            for name in expired:
-                del self._idempotency[name]
-            return len(expired)
+            return self._drop_expired_idempotency_keys(now, None)
+
+    def _drop_expired_idempotency_keys(self, now: dt.datetime, most: int | None) -> int:
+        """Remove the records expired at ``now``, soonest first, looking at ``most``
+        entries of the heap (None: all that are due); return how many were removed."""
+        due = self._idempotency_expiry
+        removed = looked = 0
+        while due and due[0][0] <= now and (most is None or looked < most):
+            _, scope, key = heapq.heappop(due)
+            looked += 1
+            held = self._idempotency.get((scope, key))
+            if held is not None and held.expires_at <= now:
+                del self._idempotency[scope, key]
+                removed += 1
+        return removed
 
     # Console sign-ins
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -418,6 +419,24 @@ def test_metadata_patch(client, full, session, app):
     assert client.get(S1, headers=full).json["metadata"]["new"] == "x"
 
 
+def test_a_metadata_patch_changes_a_value_to_its_python_equal(client, full, session):
+    client.patch(S1, json={"metadata": {"flag": 1, "off": 0, "n": 2, "z": 0.0}}, headers=full)
+    before = client.get(S1, headers=full)
+    body = b'{"events": [{"type": "agent_output", "content": "x"}], "metadata_patch": '
+    body += b'{"flag": true, "off": false, "n": 2.0, "z": -0.0}}'
+    response = client.post(BATCH, data=body, headers=full | {"Content-Type": "application/json"})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    after = client.get(S1, headers=full)
+    assert b'"metadata":{"flag":true,"off":false,"n":2.0,"z":-0.0}' in after.get_data()
+    assert after.headers["ETag"] != before.headers["ETag"]
+    # A PATCH of the session's metadata tells them apart too, and so does its ETag.
+    response = client.patch(
+        S1, json={"metadata": {"flag": 1, "off": 0, "n": 2, "z": 0.0}}, headers=full
+    )
+    assert b'"metadata":{"flag":1,"off":0,"n":2,"z":0.0}' in response.get_data()
+    assert response.headers["ETag"] not in (after.headers["ETag"], before.headers["ETag"])
+
+
 def test_own_ids_and_duplicates(client, full, session):
     mine = {"type": "agent_output", "content": "a", "id": "aev_Import01"}
     assert batch(client, full, mine).json["events"][0]["id"] == "aev_Import01"
@@ -426,6 +445,70 @@ def test_own_ids_and_duplicates(client, full, session):
     assert_error(batch(client, full, twice, twice), 409, "conflict")
     assert [e["id"] for e in all_events(client, full)] == ["aev_Import01"]
     assert client.get(f"{EVENTS}/aev_Import01", headers=full).json["content"] == "a"
+
+
+SEEN = {"type": "agent_output", "content": "seen", "id": "aev_Seen1"}
+TWICE = {"type": "agent_output", "content": "twice", "id": "aev_Twice1"}
+
+# What can be wrong with a batch at once, each as what it does to the request
+# (a dict of url, events and body fields) or to the session (the client, its
+# key and URL); and the answer when it is all that is wrong: status, code and
+# whether the message is the stale history's.
+BATCH_FAILURES = {
+    "unknown session": (
+        lambda client, full, url, req: req.update(url=f"{SESSIONS}/nope/events/batch"),
+        (404, "session_not_found", False),
+    ),
+    "event size": (
+        lambda client, full, url, req: req["events"].append(
+            {"type": "agent_output", "content": "x" * 4096}
+        ),
+        (413, "payload_too_large", False),
+    ),
+    "metadata bounds": (
+        lambda client, full, url, req: req.update(metadata_patch={"c": 3}),
+        (400, "invalid_metadata", False),
+    ),
+    "disabled session": (
+        lambda client, full, url, req: client.patch(url, json={"enabled": False}, headers=full),
+        (409, "session_disabled", False),
+    ),
+    "if_last_event_id": (
+        lambda client, full, url, req: req.update(if_last_event_id="aev_0"),
+        (409, "conflict", True),
+    ),
+    "id in the session": (
+        lambda client, full, url, req: req["events"].append(SEEN),
+        (409, "conflict", False),
+    ),
+    "id twice in the batch": (
+        lambda client, full, url, req: req["events"].extend([TWICE, TWICE]),
+        (409, "conflict", False),
+    ),
+}
+
+
+@pytest.mark.parametrize("app_config", [{"EVENT_MAX_BYTES": 4096, "METADATA_MAX_KEYS": 2}])
+def test_a_batch_is_refused_for_its_first_failure_in_the_contract_order(client, full, agent):
+    # The order of the table: the path's 404, the body's own faults (413, then what
+    # the patch would make of the metadata), then the session's state.
+    for n, names in enumerate(itertools.combinations(BATCH_FAILURES, 2)):
+        url = f"{SESSIONS}/p{n}"
+        metadata = {"a": 1, "b": 2}
+        created = client.post(
+            SESSIONS, json={"key": f"p{n}", "name": "n", "metadata": metadata}, headers=full
+        )
+        assert created.status_code == 201, created.json
+        assert batch(client, full, SEEN, url=f"{url}/events/batch").status_code == 201
+        req: dict[str, Any] = {"url": f"{url}/events/batch", "events": [TEXT]}
+        for name in names:
+            BATCH_FAILURES[name][0](client, full, url, req)
+        status, code, stale = BATCH_FAILURES[names[0]][1]
+        response = batch(client, full, *req.pop("events"), **req)
+        body = assert_error(response, status, code)
+        assert ("if_last_event_id" in body["messages"][0]) is stale, (names, body)
+        assert [e["id"] for e in all_events(client, full, f"{url}/events")] == ["aev_Seen1"]
+        assert client.get(url, headers=full).json["metadata"] == metadata
 
 
 def test_disabled_session_takes_no_events(client, full, session):

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import itertools
 import re
 import threading
 import time
@@ -804,6 +805,36 @@ def test_metadata_patch_is_a_merge_patch(storage):
         seen.append(None)
 
 
+def test_a_metadata_patch_of_values_python_calls_equal_is_a_change(storage):
+    # True == 1, 2 == 2.0 and -0.0 == 0.0 in Python; as JSON each pair is two values.
+    make_agent(storage)
+    make_session(storage, metadata={"flag": 1, "off": 0, "n": 2, "z": 0.0, "deep": [1]})
+    patch = {"flag": True, "off": False, "n": 2.0, "z": -0.0, "deep": [1.0]}
+    for n, (key, value) in enumerate(patch.items(), start=1):
+        at = T0 + dt.timedelta(minutes=n)
+        written = storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(n)],
+            now=at,
+            metadata_patch={key: value},
+        )
+        assert written.updated_at == at, key
+        stored = storage.get_session(agent_key="bot", session_key="s1", now=at)
+        assert stored.updated_at == at, key
+        assert repr(stored.metadata[key]) == repr(value), key
+    assert repr(stored.metadata) == repr(patch)
+    # The same JSON again is no change.
+    written = storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(9)],
+        now=T0 + dt.timedelta(minutes=9),
+        metadata_patch=patch,
+    )
+    assert written.updated_at == T0 + dt.timedelta(minutes=len(patch))
+
+
 def test_a_refused_metadata_patch_writes_nothing(storage):
     make_agent(storage)
     make_session(storage, tti_minutes=10, metadata={"a": 1})
@@ -827,6 +858,66 @@ def test_a_refused_metadata_patch_writes_nothing(storage):
     # Nor was the idle clock restarted.
     with pytest.raises(SessionNotFound):
         storage.get_session(agent_key="bot", session_key="s1", now=T0 + dt.timedelta(minutes=11))
+
+
+class OutOfBounds(Exception):
+    """What the batch's ``check_metadata`` raises for a patched metadata out of bounds."""
+
+
+def refuse_metadata(metadata):
+    raise OutOfBounds
+
+
+# What can be wrong with a batch, made on a session (metadata {"a": 1}, one event
+# aev_1) or in the call; and what it raises when it is all that is wrong.
+BATCH_FAILURES = {
+    "unknown session": (
+        lambda storage, key, call: call.update(session_key="nope"),
+        SessionNotFound,
+    ),
+    "metadata bounds": (
+        lambda storage, key, call: call.update(
+            metadata_patch={"b": 2}, check_metadata=refuse_metadata
+        ),
+        OutOfBounds,
+    ),
+    "disabled session": (
+        lambda storage, key, call: storage.update_session(
+            agent_key="bot", session_key=key, changes={"enabled": False}, now=T0
+        ),
+        SessionDisabled,
+    ),
+    "if_last_event_id": (
+        lambda storage, key, call: call.update(if_last_event_id="aev_0"),
+        StaleHistory,
+    ),
+    "id in the session": (lambda storage, key, call: call["events"].append(event(1)), Conflict),
+    "id twice in the batch": (
+        lambda storage, key, call: call["events"].extend([event(3)] * 2),
+        Conflict,
+    ),
+}
+# The order of refusals, in the order of the table: the first failure a batch has is
+# the one raised. What is wrong with the request (what the patch would make of the
+# metadata) before the session's state; of the state, the session's own before its
+# history's.
+BATCH_FAILURE_PAIRS = list(itertools.combinations(BATCH_FAILURES, 2))
+
+
+def test_a_batch_is_refused_for_its_first_failure_in_the_contract_order(storage):
+    make_agent(storage)
+    for n, names in enumerate(BATCH_FAILURE_PAIRS):
+        key = f"s{n}"
+        make_session(storage, key, metadata={"a": 1})
+        storage.append_events(agent_key="bot", session_key=key, events=[event(1)], now=T0)
+        call = {"agent_key": "bot", "session_key": key, "events": [event(2)], "now": T0}
+        for name in names:
+            BATCH_FAILURES[name][0](storage, key, call)
+        with pytest.raises(Exception) as raised:  # its type is checked exactly below
+            storage.append_events(**call)
+        assert type(raised.value) is BATCH_FAILURES[names[0]][1], (names, raised.value)
+        assert ids_of(storage, key) == [("aev_1", None)], names
+        assert storage.get_session(agent_key="bot", session_key=key, now=T0).metadata == {"a": 1}
 
 
 def test_events_restart_the_idle_clock(storage):

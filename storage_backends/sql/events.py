@@ -22,7 +22,7 @@ from ..base import (
     SessionNotFound,
     StaleHistory,
 )
-from ..codec import merge_patch
+from ..codec import merge_patch, same_json
 from .dialect import SQLDialect
 from .schema import (
     DELETE_EXPIRED_BY_ID,
@@ -91,9 +91,9 @@ class EventRecords(SQLDialect):
         writers of one session's history take turns (SQLite's writers already
         do, in BEGIN IMMEDIATE). None when no live session has the key: an
         expired one is then removed, in this transaction, which the caller
-        lets commit before it raises :class:`SessionNotFound`. Raises
-        :class:`SessionDisabled` (rolling the restart back) for a session that
-        takes no events.
+        lets commit before it raises :class:`SessionNotFound`. A disabled
+        session is the caller's to refuse (:class:`SessionDisabled`, which
+        rolls the restart back), in its own order of refusals.
         """
         stamp = self.encode_ts(now)
         row = conn.execute(
@@ -106,10 +106,7 @@ class EventRecords(SQLDialect):
         if row is None:
             conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
             return None
-        session = self._record(SESSIONS, row)
-        if not session.enabled:
-            raise SessionDisabled(session_key)
-        return row[0], session
+        return row[0], self._record(SESSIONS, row)
 
     def append_events(
         self,
@@ -123,21 +120,27 @@ class EventRecords(SQLDialect):
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
     ) -> Session:
         ids = [event.id for event in events]
-        if len(set(ids)) != len(ids):
-            raise Conflict("an event id appears twice in the batch")
         try:
             with self._transaction() as conn:
                 touched = self._touch(conn, agent_key, session_key, now)
                 if touched is not None:
+                    # The refusals in the contract's order (Storage.append_events).
                     session_id, session = touched
+                    metadata = None
+                    if metadata_patch is not None:
+                        metadata = merge_patch(session.metadata, dict(metadata_patch))
+                        if check_metadata is not None:
+                            check_metadata(metadata)
+                    if not session.enabled:
+                        raise SessionDisabled(session_key)
                     if if_last_event_id is not ANY_LAST_EVENT:
                         last = conn.execute(self._sql(LAST_EVENT_ID), [session_id]).fetchone()
                         if (None if last is None else last[0]) != if_last_event_id:
                             raise StaleHistory(session_key)
-                    if metadata_patch is not None:
-                        session = self._patch_metadata(
-                            conn, session_id, session, metadata_patch, check_metadata, now
-                        )
+                    if len(set(ids)) != len(ids):
+                        raise Conflict("an event id appears twice in the batch")
+                    if metadata is not None and not same_json(metadata, session.metadata):
+                        session = self._write_metadata(conn, session_id, metadata, now)
                     if events:
                         self._execute_many(
                             conn,
@@ -150,21 +153,10 @@ class EventRecords(SQLDialect):
             raise SessionNotFound(session_key)
         return session
 
-    def _patch_metadata(
-        self,
-        conn: Any,
-        session_id: int,
-        session: Session,
-        patch: Mapping[str, Any],
-        check: Callable[[dict[str, Any]], None] | None,
-        now: dt.datetime,
+    def _write_metadata(
+        self, conn: Any, session_id: int, metadata: dict[str, Any], now: dt.datetime
     ) -> Session:
-        """Apply a merge patch to the session's metadata; ``updated_at`` moves if it changed."""
-        metadata = merge_patch(session.metadata, dict(patch))
-        if check is not None:
-            check(metadata)
-        if metadata == session.metadata:
-            return session
+        """Store the session's new metadata, moving ``updated_at``; the session as written."""
         row = conn.execute(
             self._sql(
                 f"UPDATE sessions SET metadata = ?, updated_at = ? WHERE id = ? "
@@ -262,7 +254,9 @@ class EventRecords(SQLDialect):
             with self._transaction() as conn:
                 touched = self._touch(conn, agent_key, session_key, now)
                 if touched is not None:
-                    session_id, _ = touched
+                    session_id, session = touched
+                    if not session.enabled:
+                        raise SessionDisabled(session_key)
                     if up_to_event_id is not None:
                         bound = self._event_seq(conn, session_id, up_to_event_id, visible=False)
                     else:
