@@ -235,6 +235,8 @@ def connections_to(port: int) -> int:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    tool_or_skip(NGINX, "nginx")  # before a server starts for nothing
+    tool_or_skip("openssl", "openssl")
     tmp = tmp_path_factory.mktemp("nginx")
     env = {
         "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp}/sessions.db",
