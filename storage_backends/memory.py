@@ -33,7 +33,6 @@ from .base import (
     ApiKeyNotFound,
     Conflict,
     ConsoleSession,
-    ConsoleSessionNotFound,
     Event,
     EventNotFound,
     IdempotencyKeyLost,
@@ -48,6 +47,7 @@ from .base import (
     Storage,
 )
 from .codec import filter_rows, merge_patch, same_json
+from .memory_console import MemoryConsole
 
 # The heap entries each claim looks at: more than the one it may add, so records
 # that expired are gone a few claims later, at a bounded cost to each claim.
@@ -95,7 +95,7 @@ class _Table(dict):
             yield self[keys[at]]
 
 
-class MemoryStorage(Storage):
+class MemoryStorage(MemoryConsole, Storage):
     def __init__(
         self,
         *,
@@ -618,32 +618,6 @@ class MemoryStorage(Storage):
                 del self._idempotency[scope, key]
                 removed += 1
         return removed
-
-    # Console sign-ins
-
-    def create_console_session(self, *, console_session: ConsoleSession) -> ConsoleSession:
-        with self._lock:
-            now = console_session.created_at
-            for token_hash in [h for h, c in self._console.items() if c.expired(now)]:
-                del self._console[token_hash]
-            if console_session.token_hash in self._console:
-                raise Conflict("a console session with this token exists")
-            self._console[console_session.token_hash] = _copy(console_session)
-            return _copy(console_session)
-
-    def get_console_session(self, *, token_hash: str, now: dt.datetime) -> ConsoleSession:
-        with self._lock:
-            found = self._console.get(token_hash)
-            if found is None:
-                raise ConsoleSessionNotFound("console session")
-            if found.expired(now):
-                del self._console[token_hash]
-                raise ConsoleSessionNotFound("console session")
-            return _copy(found)
-
-    def delete_console_session(self, *, token_hash: str) -> None:
-        with self._lock:
-            self._console.pop(token_hash, None)
 
 
 @dataclasses.dataclass
