@@ -45,6 +45,7 @@ from .base import (
     SessionNotFound,
     StaleHistory,
     Storage,
+    TooManyEvents,
 )
 from .codec import filter_rows, merge_patch, same_json
 from .memory_console import MemoryConsole
@@ -376,6 +377,32 @@ class MemoryStorage(MemoryConsole, Storage):
             session = dataclasses.replace(session, **changes)
             self._sessions[agent_key][session_key] = (seq, session)
             return _copy(session)
+
+    def append_events_since(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        since: str | None,
+        limit: int,
+    ) -> list[Event]:
+        with self._lock:  # held across the checks, the append and the read
+            # The refusals in the contract's order (Storage.append_events_since).
+            seq, session = self._live_session(agent_key, session_key, now)
+            if not session.enabled:
+                raise SessionDisabled(session_key)
+            log = self._events[seq]
+            after = None if since is None else log.seq_of(since)
+            log.check_new([event.id for event in events])
+            # There is no rollback: the bound is checked before anything is written.
+            room = limit - sum(event.hide_reason is None for event in events)
+            rows = log.rows(after=after, include_hidden=False)
+            if room < 0 or next(itertools.islice(rows, room, None), None) is not None:
+                raise TooManyEvents(limit)
+            self.append_events(agent_key=agent_key, session_key=session_key, events=events, now=now)
+            return _page(log.rows(after=after, include_hidden=False), limit).items
 
     def list_events(
         self,
