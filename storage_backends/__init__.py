@@ -37,6 +37,7 @@ from .base import (
     StaleHistory,
     Storage,
     StorageError,
+    TooManyEvents,
     Unavailable,
 )
 
@@ -114,6 +115,7 @@ __all__ = [
     "Storage",
     "StorageConfigError",
     "StorageError",
+    "TooManyEvents",
     "Unavailable",
     "storage_from_url",
 ]

@@ -70,6 +70,14 @@ class SessionDisabled(StorageError):
     """The session exists but its ``enabled`` is false: it takes no new events."""
 
 
+class TooManyEvents(StorageError):
+    """A read would return more than its ``limit`` events: nothing was written."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"more than {limit} events")
+        self.limit = limit
+
+
 class Unavailable(StorageError):
     """The backend cannot answer now (unreachable, busy past its timeout, disk full).
 
@@ -441,6 +449,32 @@ class Storage(abc.ABC):
         refused for the first of them in this order: the session not found;
         whatever ``check_metadata`` raises (the request's own fault); then the
         session's state: disabled, :class:`StaleHistory`, a duplicate id.
+        """
+
+    @abc.abstractmethod
+    def append_events_since(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        since: str | None,
+        limit: int,
+    ) -> list[Event]:
+        """Append ``events`` as :meth:`append_events` does and, in the same transaction,
+        read back the visible events written after the event ``since``, oldest first.
+
+        ``since`` may name a hidden event; None reads from the session's first
+        event. ``events`` are the last of what is returned: the read sees
+        exactly the history the append extended, whatever else writes to the
+        session at the same time. Nothing is written when it raises, for the
+        first of these: :class:`SessionNotFound` (also when expired at
+        ``now``), :class:`SessionDisabled`, :class:`EventNotFound` when the
+        session has no event ``since``, :class:`Conflict` for an id of
+        ``events`` already in the session (or twice in ``events``), and
+        :class:`TooManyEvents` when more than ``limit`` events would be
+        returned.
         """
 
     @abc.abstractmethod

@@ -33,7 +33,6 @@ from .base import (
     ApiKeyNotFound,
     Conflict,
     ConsoleSession,
-    ConsoleSessionNotFound,
     Event,
     EventNotFound,
     IdempotencyKeyLost,
@@ -46,8 +45,10 @@ from .base import (
     SessionNotFound,
     StaleHistory,
     Storage,
+    TooManyEvents,
 )
 from .codec import filter_rows, merge_patch, same_json
+from .memory_console import MemoryConsole
 
 # The heap entries each claim looks at: more than the one it may add, so records
 # that expired are gone a few claims later, at a bounded cost to each claim.
@@ -95,7 +96,7 @@ class _Table(dict):
             yield self[keys[at]]
 
 
-class MemoryStorage(Storage):
+class MemoryStorage(MemoryConsole, Storage):
     def __init__(
         self,
         *,
@@ -377,6 +378,32 @@ class MemoryStorage(Storage):
             self._sessions[agent_key][session_key] = (seq, session)
             return _copy(session)
 
+    def append_events_since(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        since: str | None,
+        limit: int,
+    ) -> list[Event]:
+        with self._lock:  # held across the checks, the append and the read
+            # The refusals in the contract's order (Storage.append_events_since).
+            seq, session = self._live_session(agent_key, session_key, now)
+            if not session.enabled:
+                raise SessionDisabled(session_key)
+            log = self._events[seq]
+            after = None if since is None else log.seq_of(since)
+            log.check_new([event.id for event in events])
+            # There is no rollback: the bound is checked before anything is written.
+            room = limit - sum(event.hide_reason is None for event in events)
+            rows = log.rows(after=after, include_hidden=False)
+            if room < 0 or next(itertools.islice(rows, room, None), None) is not None:
+                raise TooManyEvents(limit)
+            self.append_events(agent_key=agent_key, session_key=session_key, events=events, now=now)
+            return _page(log.rows(after=after, include_hidden=False), limit).items
+
     def list_events(
         self,
         *,
@@ -618,32 +645,6 @@ class MemoryStorage(Storage):
                 del self._idempotency[scope, key]
                 removed += 1
         return removed
-
-    # Console sign-ins
-
-    def create_console_session(self, *, console_session: ConsoleSession) -> ConsoleSession:
-        with self._lock:
-            now = console_session.created_at
-            for token_hash in [h for h, c in self._console.items() if c.expired(now)]:
-                del self._console[token_hash]
-            if console_session.token_hash in self._console:
-                raise Conflict("a console session with this token exists")
-            self._console[console_session.token_hash] = _copy(console_session)
-            return _copy(console_session)
-
-    def get_console_session(self, *, token_hash: str, now: dt.datetime) -> ConsoleSession:
-        with self._lock:
-            found = self._console.get(token_hash)
-            if found is None:
-                raise ConsoleSessionNotFound("console session")
-            if found.expired(now):
-                del self._console[token_hash]
-                raise ConsoleSessionNotFound("console session")
-            return _copy(found)
-
-    def delete_console_session(self, *, token_hash: str) -> None:
-        with self._lock:
-            self._console.pop(token_hash, None)
 
 
 @dataclasses.dataclass

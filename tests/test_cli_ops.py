@@ -321,6 +321,14 @@ def test_export_and_import_round_trip(env: dict[str, str], tmp_path: Path) -> No
             ],
             ("magic",),
         ),
+        (
+            lambda lines: [
+                *lines[:3],
+                lines[3].replace('"type": "input_message"', '"type": ["input_message"]', 1),
+                *lines[4:],
+            ],
+            ("unknown event type",),
+        ),
         (lambda lines: [], ("empty",)),
     ],
 )
@@ -540,12 +548,36 @@ def test_an_import_checks_each_event_as_the_api_does(
     assert cli("sessions", "get", AGENT, "copy", env=env, check=False).returncode == 1
 
 
-def test_an_export_with_compactions_imports_unchanged(env: dict[str, str], tmp_path: Path) -> None:
+def test_an_export_with_compactions_and_interruptions_imports_unchanged(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     cli("agents", "create", AGENT, "--name", "Support", env=env)
     make_session(env, "chat", events=5)
     store = store_of(env)
     try:
         now = utcnow()
+        steer = {"messages": [{"type": "text", "content": "stop"}], "behavior": "steer"}
+        store.append_events(
+            agent_key=AGENT,
+            session_key="chat",
+            events=[
+                Event(
+                    id="aev_int1",
+                    session_key="chat",
+                    type="session_interrupted",
+                    fields={},
+                    created_at=now,
+                ),
+                Event(
+                    id="aev_steer1",
+                    session_key="chat",
+                    type="input_message",
+                    fields=steer,
+                    created_at=now,
+                ),
+            ],  # fmt: skip
+            now=now,
+        )
         summary = {"summary_text": "sum", "summary_key": "aev_sum1"}
         compaction = Event(
             id="aev_sum1", session_key="chat", type="compaction", fields=summary, created_at=now
@@ -559,6 +591,7 @@ def test_an_export_with_compactions_imports_unchanged(env: dict[str, str], tmp_p
     path = tmp_path / "chat.jsonl"
     path.write_text(exported)
     assert '"type": "compaction"' in exported and '"hide_reason": "compaction"' in exported
+    assert '"type": "session_interrupted"' in exported and '"behavior": "steer"' in exported
     cli("sessions", "import", str(path), "--key", "copy", env=env)
     again = cli("sessions", "export", AGENT, "copy", env=env).stdout.splitlines()
     assert again[1:] == exported.splitlines()[1:]

@@ -26,6 +26,8 @@ TOOL_INPUT = {"type": "tool_input", **TOOL, "tool_input": {"q": "x"}}
 TOOL_OUTPUT = {"type": "tool_output", **TOOL, "tool_output": {"hits": []}}
 EVERY_TYPE = [
     {"type": "input_message", "messages": [{"type": "skill", "skill_name": "greet"}]},
+    {**TEXT, "behavior": "follow_up"},
+    {"type": "session_interrupted"},
     {"type": "agent_output", "content": "hi"},
     {"type": "thinking"},
     {"type": "thinking", "content": "hmm"},
@@ -230,6 +232,10 @@ BAD_EVENTS = [
     ({"type": "input_message", "messages": [{"type": "text"}]}, "events.0.messages.0.content"),
     ({"type": "input_message", "messages": "hi"}, "events.0.messages"),
     ({"type": "step_transition", "from_step": "a", "content": "c"}, "events.0.to_step"),
+    ({**TEXT, "behavior": "queue"}, "events.0.behavior"),
+    ({**TEXT, "since": "start"}, "events.0.since"),
+    ({"type": "session_interrupted", "content": "x"}, "events.0.content"),
+    ({"type": "interrupt"}, "events.0.type"),
     ("agent_output", "events.0"),
 ]
 
@@ -263,7 +269,11 @@ def test_bad_batch_bodies(client, full, session, body, field):
     ("body", "field"),
     [
         ({"type": "agent_output", "content": "x"}, "type"),
-        ({"type": "interrupt"}, "type"),
+        ({"type": "interrupted"}, "type"),
+        ({"type": "session_interrupted"}, "type"),
+        ({"type": "interrupt", "messages": TEXT["messages"]}, "messages"),
+        ({"type": "interrupt", "since": "start"}, "since"),
+        ({"type": "interrupt", "stream_response": "yes"}, "stream_response"),
         ({"messages": TEXT["messages"]}, "type"),
         ({"type": "input_message"}, "messages"),
         (
@@ -271,7 +281,15 @@ def test_bad_batch_bodies(client, full, session, body, field):
             "messages",
         ),
         ({**TEXT, "stream_response": "yes"}, "stream_response"),
-        ({**TEXT, "since": "aev_1"}, "since"),
+        ({**TEXT, "since": "evt_1"}, "since"),
+        ({**TEXT, "since": ""}, "since"),
+        ({**TEXT, "since": "START"}, "since"),
+        ({**TEXT, "since": 5}, "since"),
+        ({**TEXT, "since": "aev_" + "a" * 61}, "since"),
+        ({**TEXT, "behavior": "queue"}, "behavior"),
+        ({**TEXT, "behavior": "Steer"}, "behavior"),
+        ({**TEXT, "behavior": True}, "behavior"),
+        ({"type": "compact", "summary_text": "s", "since": "start"}, "since"),
         ({"type": "compact"}, "summary_text"),
         ({"type": "compact", "summary_text": ""}, "summary_text"),
         (
@@ -550,6 +568,116 @@ def test_compact(client, full, session):
     assert json.loads(again.get_data(as_text=True).split("\n\n")[0][6:])["events_compacted"] == 1
     missing = {**anchored, "compact_up_to_event_id": "aev_missing"}
     assert_error(client.post(EVENTS, json=missing, headers=full), 404, "event_not_found")
+
+
+# Input for a running agent: behavior, since, interrupt
+
+INTERRUPT = {"type": "interrupt"}
+
+
+def say(client: Any, headers: dict[str, str], **extra: Any) -> Any:
+    return client.post(EVENTS, json={**TEXT, **extra}, headers=headers)
+
+
+def test_behavior_is_stored_and_returned(client, full, session):
+    for behavior in ("steer", "follow_up"):
+        response = say(client, full, behavior=behavior)
+        assert response.status_code == 201, response.json
+        [event] = response.json["events"]
+        assert event["behavior"] == behavior
+        assert client.get(f"{EVENTS}/{event['id']}", headers=full).json == event
+    plain = say(client, full, behavior=None).json["events"][0]
+    assert "behavior" not in plain
+    assert [e.get("behavior") for e in all_events(client, full)] == ["steer", "follow_up", None]
+
+
+def test_since_answers_what_followed_with_the_new_input(client, full, session):
+    output = {"type": "agent_output", "content": "a"}
+    written = batch(client, full, TEXT, output, {"type": "thinking"}, output).json["events"]
+    ids = [e["id"] for e in written]
+    client.post(f"{EVENTS}/{ids[2]}/hide", headers=full)
+
+    response = say(client, full, since=ids[1], behavior="steer")
+    assert response.status_code == 201 and response.json["session_key"] == "s1"
+    *followed, new = response.json["events"]
+    assert followed == [written[3]]  # hidden ids[2] left out; as stored
+    assert new["behavior"] == "steer" and new["id"] not in ids
+    assert client.get(f"{EVENTS}/{new['id']}", headers=full).json == new
+    # From a hidden event, from the newest, from the start.
+    assert [e["id"] for e in say(client, full, since=ids[2]).json["events"][:2]] == [
+        ids[3],
+        new["id"],
+    ]
+    newest = all_events(client, full)[-1]["id"]
+    [alone] = say(client, full, since=newest).json["events"]
+    assert alone["id"] != newest
+    start = say(client, full, since="start").json["events"]
+    assert start == all_events(client, full)
+    assert [e["id"] for e in start[:3]] == [ids[0], ids[1], ids[3]]
+    # Streamed: each event on its line, then the end.
+    streamed = say(client, full, since=ids[3], stream_response=True)
+    assert streamed.status_code == 201 and streamed.mimetype == "text/event-stream"
+    frames = streamed.get_data(as_text=True).split("\n\n")
+    events = [json.loads(frame[len("data: ") :]) for frame in frames[:-2]]
+    assert events == all_events(client, full)[3:]
+    assert frames[-2:] == ['data: {"type":"end"}', ""]
+
+
+def test_since_of_an_unknown_event_writes_nothing(client, full, session):
+    batch(client, full, TEXT)
+    other = client.post(SESSIONS, json={"key": "s2", "name": "Two"}, headers=full)
+    assert other.status_code == 201
+    theirs = batch(client, full, TEXT, url=f"{SESSIONS}/s2/events/batch").json["events"][0]
+    for anchor in ("aev_missing", theirs["id"]):
+        assert_error(say(client, full, since=anchor), 404, "event_not_found")
+    assert len(all_events(client, full, include_hidden="true")) == 1
+    assert_error(
+        client.post(f"{SESSIONS}/nope/events", json={**TEXT, "since": "x"}, headers=full),
+        404,
+        "session_not_found",
+    )
+
+
+def test_since_answers_at_most_a_page(client, full, session):
+    first = batch(client, full, *[{"type": "agent_output", "content": str(i)} for i in range(99)])
+    fits = say(client, full, since="start")
+    assert fits.status_code == 201 and len(fits.json["events"]) == 100
+    body = assert_error(say(client, full, since="start"), 400, "invalid_request", "since")
+    assert "100" in body["field_errors"]["since"]
+    assert "nothing was written" in body["field_errors"]["since"]
+    assert len(all_events(client, full)) == 100
+    # Hidden events are not listed, so they do not count.
+    client.post(f"{EVENTS}/{first.json['events'][0]['id']}/hide", headers=full)
+    assert len(say(client, full, since="start").json["events"]) == 100
+    assert len(say(client, full, since=first.json["events"][1]["id"]).json["events"]) == 100
+
+
+def test_interrupt_appends_a_session_interrupted_event(client, keys, full, session):
+    said = say(client, full).json["events"][0]
+    response = client.post(EVENTS, json=INTERRUPT, headers=full)
+    assert response.status_code == 201 and response.json["session_key"] == "s1"
+    [event] = response.json["events"]
+    assert event["type"] == "session_interrupted" and event["id"].startswith("aev_")
+    assert set(event) == {"id", "session_key", "type", "created_at"}
+    assert all_events(client, full) == [said, event]
+    assert client.get(f"{EVENTS}/{event['id']}", headers=full).json == event
+    assert all_events(client, full, type="session_interrupted") == [event]
+    streamed = client.post(EVENTS, json={**INTERRUPT, "stream_response": True}, headers=full)
+    assert streamed.status_code == 201 and streamed.mimetype == "text/event-stream"
+    frames = streamed.get_data(as_text=True).split("\n\n")
+    assert json.loads(frames[0][len("data: ") :])["type"] == "session_interrupted"
+    assert frames[1:] == ['data: {"type":"end"}', ""]
+    # The user interrupts (events:create); the runtime's key alone may not.
+    user = keys.headers((AGENT, ("events:create",)))
+    runtime = keys.headers((AGENT, ("events:append",)))
+    assert client.post(EVENTS, json=INTERRUPT, headers=user).status_code == 201
+    assert_error(client.post(EVENTS, json=INTERRUPT, headers=runtime), 403, "forbidden")
+    # A compaction by default keeps the last input and what follows it.
+    compacted = client.post(EVENTS, json={"type": "compact", "summary_text": "s"}, headers=full)
+    assert compacted.json["events"][0]["events_compacted"] == 0
+    client.patch(S1, json={"enabled": False}, headers=full)
+    assert_error(client.post(EVENTS, json=INTERRUPT, headers=full), 409, "session_disabled")
+    assert len(all_events(client, full, type="session_interrupted")) == 3
 
 
 # Not found, scopes

@@ -198,7 +198,8 @@ def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> Non
     schemas = doc["components"]["schemas"]
     answer_types = {
         "input_message", "agent_output", "thinking", "tool_input", "tool_output",
-        "structured_output", "step_transition", "skill_load", "compaction",
+        "structured_output", "step_transition", "skill_load", "session_interrupted",
+        "compaction",
     }  # fmt: skip
 
     def union(schema: dict[str, Any]) -> dict[str, str]:
@@ -221,7 +222,19 @@ def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> Non
     }
     create = doc["paths"][EVENTS]["post"]
     body = create["requestBody"]["content"]["application/json"]["schema"]
-    assert set(union(body)) == {"input_message", "compact"}
+    assert set(union(body)) == {"input_message", "interrupt", "compact"}
+    assert set(schemas["InterruptBody"]["properties"]) == {"type", "stream_response"}
+    assert set(schemas["SessionInterruptedEvent"]["properties"]) == {
+        "id", "session_key", "type", "created_at", "hide_reason",
+    }  # fmt: skip
+    said = schemas["InputMessageBody"]["properties"]
+    assert said["behavior"]["enum"] == ["steer", "follow_up"]
+    assert said["since"]["pattern"] == "^(start|aev_[0-9a-zA-Z]+)$"
+    assert "100" in said["since"]["description"]
+    assert schemas["InputMessageEvent"]["properties"]["behavior"]["enum"] == ["steer", "follow_up"]
+    assert "behavior" not in schemas["InputMessageEvent"]["required"]
+    assert "since" in create["responses"]["400"]["description"]
+    assert "since" in create["responses"]["404"]["description"]
     assert set(create["responses"]["201"]["content"]) == {"application/json", "text/event-stream"}
     messages = schemas["InputMessageBody"]["properties"]["messages"]
     assert (messages["minItems"], messages["maxItems"]) == (1, 100)

@@ -28,6 +28,7 @@ from storage_backends import (
     SessionDisabled,
     SessionNotFound,
     StaleHistory,
+    TooManyEvents,
 )
 from storage_backends.codec import utcnow
 
@@ -753,6 +754,105 @@ def test_a_duplicate_id_writes_nothing_of_the_batch(storage, session):
     # Ids are unique within a session only.
     make_session(storage, "s2")
     history(storage, "i", session_key="s2")
+
+
+def since(storage, n, anchor, limit=100, kind="input_message", at=T0, session_key="s1"):
+    """Append the event ``n`` with :meth:`append_events_since`; the ids it answers."""
+    answer = storage.append_events_since(
+        agent_key="bot",
+        session_key=session_key,
+        events=[event(n, kind)],
+        now=at,
+        since=anchor,
+        limit=limit,
+    )
+    return [e.id for e in answer]
+
+
+def test_append_since_reads_the_visible_events_after_an_anchor(storage, session):
+    history(storage, *"ioio")
+    for hidden in ("aev_2", "aev_3"):
+        storage.set_event_hidden(
+            agent_key="bot", session_key="s1", event_id=hidden, hide_reason="manual", now=T0
+        )
+    # A hidden anchor is an anchor; hidden events after it are left out.
+    assert since(storage, 5, "aev_2") == ["aev_4", "aev_5"]
+    assert since(storage, 6, None) == ["aev_1", "aev_4", "aev_5", "aev_6"]
+    assert since(storage, 7, "aev_6") == ["aev_7"]
+    answer = storage.append_events_since(
+        agent_key="bot", session_key="s1", events=[event(8)], now=T0, since="aev_7", limit=1
+    )
+    assert answer == [dataclasses.replace(event(8), session_key="s1")]
+    stored = storage.get_event(agent_key="bot", session_key="s1", event_id="aev_5", now=T0)
+    assert stored == dataclasses.replace(event(5, "input_message"), session_key="s1")
+    assert walk_events(storage, limit=10) == ["aev_1", "aev_4", "aev_5", "aev_6", "aev_7", "aev_8"]
+
+
+def test_append_since_is_bounded_and_refusals_write_nothing(storage):
+    make_agent(storage)
+    make_session(storage, tti_minutes=10)
+    history(storage, *"ioio")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_3", hide_reason="manual", now=T0
+    )
+    later = T0 + dt.timedelta(minutes=5)
+    # Three visible events and the new one: four, one past a limit of 3.
+    for anchor, limit in ((None, 3), ("aev_1", 2), ("aev_4", 0)):
+        with pytest.raises(TooManyEvents) as refused:
+            since(storage, 5, anchor, limit=limit, at=later)
+        assert refused.value.limit == limit
+    with pytest.raises(EventNotFound):
+        since(storage, 5, "aev_9", at=later)
+    with pytest.raises(Conflict):
+        since(storage, 4, "aev_1", at=later)
+    with pytest.raises(SessionNotFound):
+        since(storage, 5, "aev_1", session_key="nope")
+    assert ids_of(storage) == [(f"aev_{n}", "manual" if n == 3 else None) for n in range(1, 5)]
+    # Nor was the idle clock restarted.
+    with pytest.raises(SessionNotFound):
+        storage.get_session(agent_key="bot", session_key="s1", now=T0 + dt.timedelta(minutes=11))
+    make_session(storage, "s2", tti_minutes=10)
+    history(storage, *"io", session_key="s2")
+    assert since(storage, 3, None, limit=3, at=later, session_key="s2") == [
+        "aev_1",
+        "aev_2",
+        "aev_3",
+    ]
+    got = storage.get_session(agent_key="bot", session_key="s2", now=later)
+    assert got.active_at == later
+    storage.update_session(agent_key="bot", session_key="s2", changes={"enabled": False}, now=T0)
+    with pytest.raises(SessionDisabled):
+        since(storage, 4, "aev_9", session_key="s2")
+
+
+def test_append_since_reads_in_the_transaction_of_its_write(storage, session):
+    """With another writer appending all along, each answer is the history exactly up to
+    its own event: nothing written before it is missing, nothing written after it shows."""
+    history(storage, "i")
+    answers, errors = [], []
+    start = threading.Barrier(2)
+
+    def writer():
+        start.wait()
+        try:
+            for n in range(100, 140):
+                storage.append_events(
+                    agent_key="bot", session_key="s1", events=[event(n)], now=utcnow()
+                )
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    start.wait()
+    for n in range(2, 42):
+        answers.append(since(storage, n, None, limit=1000, at=utcnow()))
+    thread.join(timeout=60)
+    assert errors == []
+    written = [event_id for event_id, _ in ids_of(storage, now=utcnow())]
+    assert len(written) == 81
+    for n, answer in zip(range(2, 42), answers, strict=True):
+        assert answer == written[: written.index(f"aev_{n}") + 1]
 
 
 def test_a_disabled_session_takes_no_events_but_is_read_hidden_and_deleted(storage):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -13,17 +14,21 @@ import httpx  # noqa: E402
 from vectara import AgentInput_Text, Vectara  # noqa: E402
 from vectara.agent_events import (  # noqa: E402
     CreateAgentEventsRequestBody_InputMessage,
+    CreateAgentEventsRequestBody_Interrupt,
     CreateAgentEventsStreamRequestBody_InputMessage,
+    CreateAgentEventsStreamRequestBody_Interrupt,
 )
 from vectara.agent_sessions.types import CreateAgentSessionRequestFromSession  # noqa: E402
 from vectara.environment import VectaraEnvironment  # noqa: E402
-from vectara.errors import ForbiddenError, NotFoundError  # noqa: E402
+from vectara.errors import BadRequestError, ForbiddenError, NotFoundError  # noqa: E402
 from vectara.types import (  # noqa: E402  # noqa: E402
     AgentEvent_AgentOutput,
     AgentEvent_InputMessage,
+    AgentEvent_SessionInterrupted,
     AgentEvent_ToolInput,
     AgentStreamedResponse_End,
     AgentStreamedResponse_InputMessage,  # noqa: E402
+    AgentStreamedResponse_SessionInterrupted,
 )
 
 pytestmark = pytest.mark.slow
@@ -156,3 +161,79 @@ def test_history_through_the_official_client(server):
     assert refused.status_code == 403
     with pytest.raises(ForbiddenError):
         connect(server, server[2]).agent_events.list(AGENT, "chat")
+
+
+def test_behavior_since_and_interrupt_through_the_official_client(server, caplog):
+    client = connect(server, server[1])
+    client.agent_sessions.create(AGENT, key="running", name="Running")
+
+    def say(content, **extra):
+        return client.agent_events.create(
+            AGENT,
+            "running",
+            request=CreateAgentEventsRequestBody_InputMessage(messages=text(content), **extra),
+        )
+
+    [first] = say("hello", behavior="follow_up").events
+    assert isinstance(first, AgentEvent_InputMessage) and first.behavior == "follow_up"
+    runtime = {"x-api-key": server[2], "content-type": "application/json"}
+    reply = {"events": [{"type": "agent_output", "content": "Working on it"}]}
+    url = f"{server[0].url}/v2/agents/{AGENT}/sessions/running/events/batch"
+    response = server[3].post(url, content=json.dumps(reply).encode(), headers=runtime)
+    assert response.status_code == 201, response.text
+    output = response.json()["events"][0]["id"]
+
+    caught_up = say("stop, the other one", behavior="steer", since=first.id)
+    assert caught_up.session_key == "running"
+    assert [type(e) for e in caught_up.events] == [AgentEvent_AgentOutput, AgentEvent_InputMessage]
+    assert caught_up.events[0].id == output and caught_up.events[0].content == "Working on it"
+    assert caught_up.events[1].behavior == "steer"
+    everything = say("from the top", since="start").events
+    assert [e.id for e in everything] == [e.id for e in client.agent_events.list(AGENT, "running")]
+    assert [e.id for e in everything[:3]] == [first.id, output, caught_up.events[1].id]
+    with pytest.raises(NotFoundError) as missing:
+        say("lost", since="aev_missing")
+    assert missing.value.body["error"] == "event_not_found"
+    with pytest.raises(BadRequestError) as refused:
+        say("odd", behavior="queue")
+    assert set(refused.value.body["field_errors"]) == {"behavior"}
+
+    interrupted = client.agent_events.create(
+        AGENT, "running", request=CreateAgentEventsRequestBody_Interrupt()
+    )
+    [event] = interrupted.events
+    assert isinstance(event, AgentEvent_SessionInterrupted) and event.session_key == "running"
+    got = client.agent_events.get(AGENT, "running", event.id)
+    assert isinstance(got, AgentEvent_SessionInterrupted) and got.created_at == event.created_at
+    listed = list(client.agent_events.list(AGENT, "running"))
+    assert listed[-1] == got and len(listed) == 5
+    streamed = list(
+        client.agent_events.create_stream(
+            AGENT,
+            "running",
+            request=CreateAgentEventsStreamRequestBody_Interrupt(stream_response=True),
+        )
+    )
+    assert [type(item) for item in streamed] == [
+        AgentStreamedResponse_SessionInterrupted,
+        AgentStreamedResponse_End,
+    ]
+
+    def stream_since(anchor):
+        request = CreateAgentEventsStreamRequestBody_InputMessage(
+            messages=text("streamed"), since=anchor, stream_response=True
+        )
+        return list(client.agent_events.create_stream(AGENT, "running", request=request))
+
+    caught = stream_since(output)
+    assert [item.type for item in caught] == [
+        "input_message", "input_message", "session_interrupted", "session_interrupted",
+        "input_message", "end",
+    ]  # fmt: skip
+    assert caught[0].id == caught_up.events[1].id and caught[0].behavior == "steer"
+    # Its stream models have no stored agent_output (Vectara streams it in pieces).
+    with caplog.at_level(logging.WARNING):
+        skipped = stream_since(first.id)
+    assert [item.id for item in skipped[:-2]] == [item.id for item in caught[:-1]]
+    assert [item.type for item in skipped[-2:]] == ["input_message", "end"]
+    assert "agent_output" in caplog.text

@@ -24,6 +24,8 @@ from ..schemas import (
     check_metadata,
 )
 from ..schemas.events import (
+    SINCE_MAX_EVENTS,
+    SINCE_START,
     EventBatchSchema,
     EventCreateSchema,
     EventListQuerySchema,
@@ -62,10 +64,10 @@ def event_stream(events: list[Event]) -> Response:
 
 
 def authorize_event_write(path: dict[str, str], body: dict[str, Any]) -> None:
-    """A user's input needs events:create; a compaction, what the agent runtime writes,
-    events:append."""
+    """A user's input or interruption needs events:create; a compaction, what the agent
+    runtime writes, events:append."""
     kind = body.get("type")
-    if kind == "input_message":
+    if kind in ("input_message", "interrupt"):
         auth.check(path["agent_key"], "events:create")
     elif kind == "compact":
         auth.check(path["agent_key"], "events:append")
@@ -135,18 +137,23 @@ def get_event(agent_key: str, session_key: str, event_id: str) -> Any:
         "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
     },
     errors={
-        403: "`forbidden`: the key lacks `events:create` (for `input_message`) or "
-        "`events:append` (for `compact`) on this agent.",
-        404: "`agent_not_found`, `session_not_found`; on compact, `event_not_found`: "
-        "`compact_up_to_event_id` is not among the session's events.",
+        400: "`invalid_request`: a missing or malformed field, a body that is not a JSON "
+        "object, bad JSON, an unknown field or `type`; or a `since` that more than "
+        f"{SINCE_MAX_EVENTS} visible events would follow (nothing is written).",
+        403: "`forbidden`: the key lacks `events:create` (for `input_message` and "
+        "`interrupt`) or `events:append` (for `compact`) on this agent.",
+        404: "`agent_not_found`, `session_not_found`; `event_not_found`: the "
+        "`compact_up_to_event_id` of a compact, or the `since` of an input, is not among "
+        "the session's events.",
         **WRITE_CONFLICTS,
         413: "`payload_too_large`: the body, or the event, is over {event_max_bytes} bytes.",
     },
 )
 def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
-    """Add a user's input to the session, or compact its history."""
+    """Add a user's input or interruption to the session, or compact its history."""
     now = utcnow()
     storage = service().storage
+    answer = None
     if body["type"] == "compact":
         compaction = compaction_event(session_key, body["summary_text"], now)
         check_size(None, compaction)
@@ -158,21 +165,34 @@ def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
             now=now,
         )
     else:
+        if body["type"] == "interrupt":
+            kind, fields = "session_interrupted", {}
+        else:
+            kind = "input_message"
+            fields = {name: body[name] for name in ("messages", "behavior") if name in body}
         written = Event(
-            id=new_event_id(),
-            session_key=session_key,
-            type="input_message",
-            fields={"messages": body["messages"]},
-            created_at=now,
+            id=new_event_id(), session_key=session_key, type=kind, fields=fields, created_at=now
         )
         check_size(None, written)
-        storage.append_events(
-            agent_key=agent_key, session_key=session_key, events=[written], now=now
-        )
+        since = body.get("since")
+        if since is None:
+            storage.append_events(
+                agent_key=agent_key, session_key=session_key, events=[written], now=now
+            )
+        else:
+            answer = storage.append_events_since(
+                agent_key=agent_key,
+                session_key=session_key,
+                events=[written],
+                now=now,
+                since=None if since == SINCE_START else since,
+                limit=SINCE_MAX_EVENTS,
+            )
     metrics.events_written(1)
+    events = [written] if answer is None else answer
     if body["stream_response"]:
-        return event_stream([written])
-    return {"events": [written], "session_key": session_key}
+        return event_stream(events)
+    return {"events": events, "session_key": session_key}
 
 
 @bp.post(EVENTS_PATH + "/batch")

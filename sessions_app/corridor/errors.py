@@ -20,7 +20,7 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
-from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory
+from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory, TooManyEvents
 
 from ..naming import EVENT_ID_PREFIX
 from ..observability import metrics
@@ -180,6 +180,15 @@ def handle_session_disabled(err: SessionDisabled) -> Response:
     )
 
 
+def handle_too_many_events(err: TooManyEvents) -> Response:
+    # Only an input's ``since`` asks for a bounded read in the same transaction as a write.
+    message = (
+        f"More than {err.limit} visible events would follow it, more than one answer "
+        "holds; nothing was written. Page through them with GET .../events instead."
+    )
+    return error_response(400, "invalid_request", [f"since: {message}"], {"since": message})
+
+
 def handle_agent_disabled(err: AgentDisabled) -> Response:
     return error_response(
         409, "agent_disabled", [f"Agent {err} is disabled: it takes no new sessions."]
@@ -238,6 +247,7 @@ HANDLERS = (
     (Conflict, handle_conflict),
     (PreconditionFailed, handle_precondition_failed),
     (SessionDisabled, handle_session_disabled),
+    (TooManyEvents, handle_too_many_events),
     (AgentDisabled, handle_agent_disabled),
     (Unavailable, handle_unavailable),
     (HTTPException, handle_http_exception),

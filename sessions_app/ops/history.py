@@ -121,17 +121,6 @@ def purge_expired() -> None:
 EXPORT_FORMAT = "agent-sessions/session"
 EXPORT_VERSION = 1
 EVENT_ID = re.compile(r"^aev_[0-9A-Za-z]{1,60}$")
-EVENT_TYPES = (
-    "input_message",
-    "agent_output",
-    "thinking",
-    "tool_input",
-    "tool_output",
-    "structured_output",
-    "step_transition",
-    "skill_load",
-    "compaction",
-)
 HIDE_REASONS = ("manual", "compaction")
 EVENT_KEYS = ("id", "type", "created_at", "hide_reason")
 
@@ -288,7 +277,8 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
     from storage_backends import Event
     from storage_backends.codec import dump_json
 
-    from ..schemas.events import dump_event
+    # Every type the API stores, the service's own included: one list, the schemas'.
+    from ..schemas.events import STORED_EVENT_VARIANTS, dump_event
 
     for number, text in lines:
         line = parse_line(text, number)
@@ -310,7 +300,7 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
         event_id, kind = body.get("id"), body.get("type")
         if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
             raise BadExport(f"line {number}: bad event id {event_id!r}")
-        if kind not in EVENT_TYPES:
+        if not isinstance(kind, str) or kind not in STORED_EVENT_VARIANTS:
             raise BadExport(f"line {number}: unknown event type {kind!r}")
         hidden = body.get("hide_reason")
         if hidden is not None and hidden not in HIDE_REASONS:

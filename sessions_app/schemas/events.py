@@ -27,7 +27,7 @@ from storage_backends.base import HIDDEN_BY_COMPACTION, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, format_ts
 
 from ..corridor.errors import ApiError
-from ..naming import EVENT_ID_PATTERN
+from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, EVENT_ID_PREFIX, is_event_id
 from . import (
     AnswerSchema,
     BodySchema,
@@ -45,6 +45,13 @@ MESSAGES_MAX = 100
 BATCH_MAX = 100
 #: Types only the service writes (compact and fork); a batch cannot carry them.
 SERVICE_TYPES = frozenset({"compaction"})
+#: How an input is to meet a run already under way: told to the agent runtime.
+BEHAVIORS = ("steer", "follow_up")
+#: ``since``'s value for "from the session's first event".
+SINCE_START = "start"
+#: The most events an answer to ``since`` lists (a page of GET /events at Vectara's largest
+#: limit); past it the input is refused, unwritten, so that no answer is silently cut short.
+SINCE_MAX_EVENTS = 100
 
 
 # Fields
@@ -215,8 +222,15 @@ def _tool_fields() -> dict[str, fields.Field]:
     }
 
 
+def _behavior() -> fields.Field:
+    return fields.String(
+        validate=validate.OneOf(BEHAVIORS),
+        metadata={"description": "How the agent runtime is to take this input while it runs."},
+    )
+
+
 TYPE_FIELDS: dict[str, Callable[[], dict[str, fields.Field]]] = {
-    "input_message": lambda: {"messages": _messages()},
+    "input_message": lambda: {"messages": _messages(), "behavior": _behavior()},
     "agent_output": lambda: {"content": Text(required=True)},
     "thinking": lambda: {"content": Text()},
     "tool_input": lambda: {**_tool_fields(), "tool_input": JsonObject(required=True)},
@@ -235,6 +249,8 @@ TYPE_FIELDS: dict[str, Callable[[], dict[str, fields.Field]]] = {
         "content": Text(required=True),
     },
     "skill_load": lambda: {"skill_name": Label(required=True), "content": Text(required=True)},
+    # Written by {"type": "interrupt"}; no fields of its own.
+    "session_interrupted": dict,
     "compaction": lambda: {
         "turns_compacted": fields.Integer(required=True),
         "events_compacted": fields.Integer(required=True),
@@ -362,12 +378,41 @@ class EventsCreatedSchema(ResponseSchema):
 # Request bodies
 
 
+class Since(fields.String):
+    """An event id, or ``start``."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(
+            pattern=rf"^({SINCE_START}|{EVENT_ID_PREFIX}[0-9a-zA-Z]+)$",
+            maxLength=EVENT_ID_MAX_LENGTH,
+        )
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if value != SINCE_START and not is_event_id(value):
+            raise ValidationError(
+                f'Must be "{SINCE_START}" or an event id: aev_ and then letters and digits, '
+                f"at most {EVENT_ID_MAX_LENGTH} characters in all."
+            )
+        return value
+
+
 class InputMessageBodySchema(BodySchema):
     type = _typed("input_message")
     messages = _messages()
+    behavior = _behavior()
+    since = Since(
+        metadata={
+            "description": "An event of this session, or start: the answer lists every "
+            "visible event written after it (from the first for start), this input last, "
+            f"in order. At most {SINCE_MAX_EVENTS} events: past that the request is a 400 "
+            "and nothing is written (page through GET .../events instead)."
+        }
+    )
     stream_response = StrictBoolean(
         load_default=False,
-        metadata={"description": "Answer text/event-stream: the event, then an end event."},
+        metadata={"description": "Answer text/event-stream: the events, then an end event."},
     )
 
 
@@ -383,10 +428,22 @@ class CompactBodySchema(BodySchema):
     stream_response = StrictBoolean(load_default=False)
 
 
-class EventCreateSchema(TaggedSchema):
-    """The body of POST /events: a user's input, or a compaction of the history."""
+class InterruptBodySchema(BodySchema):
+    """Appends one session_interrupted event, for the agent runtime to read."""
 
-    VARIANTS = {"input_message": InputMessageBodySchema, "compact": CompactBodySchema}
+    type = _typed("interrupt")
+    stream_response = StrictBoolean(load_default=False)
+
+
+class EventCreateSchema(TaggedSchema):
+    """The body of POST /events: a user's input or interruption, or a compaction of the
+    history."""
+
+    VARIANTS = {
+        "input_message": InputMessageBodySchema,
+        "interrupt": InterruptBodySchema,
+        "compact": CompactBodySchema,
+    }
 
 
 class MetadataPatch(fields.Dict):

@@ -21,6 +21,7 @@ from ..base import (
     SessionDisabled,
     SessionNotFound,
     StaleHistory,
+    TooManyEvents,
 )
 from ..codec import merge_patch, same_json
 from .dialect import SQLDialect
@@ -152,6 +153,54 @@ class EventRecords(SQLDialect):
         if touched is None:
             raise SessionNotFound(session_key)
         return session
+
+    def append_events_since(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        since: str | None,
+        limit: int,
+    ) -> list[Event]:
+        ids = [event.id for event in events]
+        rows: list[Any] = []
+        try:
+            with self._transaction() as conn:
+                # The restart of the idle clock holds the session's row first: the read
+                # below sees every append that came before this one, and no later one.
+                touched = self._touch(conn, agent_key, session_key, now)
+                if touched is not None:
+                    # The refusals in the contract's order (Storage.append_events_since).
+                    session_id, session = touched
+                    if not session.enabled:
+                        raise SessionDisabled(session_key)
+                    after = (
+                        None
+                        if since is None
+                        else self._event_seq(conn, session_id, since, visible=False)
+                    )
+                    if len(set(ids)) != len(ids):
+                        raise Conflict("an event id appears twice in the batch")
+                    if events:
+                        self._execute_many(
+                            conn,
+                            self._sql(INSERT_EVENT),
+                            [self._event_params(session_id, event) for event in events],
+                        )
+                    query, _ = event_page_query(False, False, 0, after is not None)
+                    cursor = [] if after is None else [after]
+                    rows = conn.execute(
+                        self._sql(query), [session_id, *cursor, limit + 1]
+                    ).fetchall()
+                    if len(rows) > limit:
+                        raise TooManyEvents(limit)  # rolls the append back
+        except self.unique_violation:
+            raise Conflict("an event id of the batch is already in the session") from None
+        if touched is None:
+            raise SessionNotFound(session_key)
+        return [self._event(row, session_key) for row in rows]
 
     def _write_metadata(
         self, conn: Any, session_id: int, metadata: dict[str, Any], now: dt.datetime
