@@ -367,55 +367,60 @@ def measure_service(backends: list[str], ops: list[str], requests: int) -> dict[
         }
 
 
-def write_reference(backends: list[str], ops: list[str], requests: int) -> None:
+def write_reference(
+    backends: list[str], ops: list[str], requests: int, path: pathlib.Path = REFERENCE
+) -> None:
+    """Count the service and merge its counts into the reference file (same request count)."""
     counts = measure_service(backends, ops, requests)
-    old = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+    old = json.loads(path.read_text()) if path.exists() else {}
     if old.get("requests") != requests:
         old = {}
     merged = old.get("backends", {})
     for backend, by_op in counts.items():
         merged.setdefault(backend, {}).update({op: round(n) for op, n in by_op.items()})
-    REFERENCE.write_text(
-        json.dumps({"requests": requests, "warm_up": WARM_UP, "backends": merged}, indent=1) + "\n"
-    )
-    print(f"wrote {REFERENCE.relative_to(ROOT)}")
+    body = {"requests": requests, "warm_up": WARM_UP, "backends": merged}
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    print(f"wrote {path}")
     for backend, by_op in counts.items():
         print(f"  {backend}: " + ", ".join(f"{op} {n / 1000:,.0f}k" for op, n in by_op.items()))
 
 
-def check(backends: list[str], ops: list[str]) -> int:
-    """0 when no operation grew more than ``TOLERANCE`` over the reference, else 1."""
-    if not REFERENCE.exists():
-        print(f"instructions: no {REFERENCE.relative_to(ROOT)}; make it with --write-reference")
-        return 1
-    reference = json.loads(REFERENCE.read_text())
-    requests = reference["requests"]
-    missing = [
-        (b, op) for b in backends for op in ops if op not in reference["backends"].get(b, {})
-    ]
-    if missing:
-        print(f"instructions: the reference has no count for {missing}")
-        return 1
-    counts = measure_service(backends, ops, requests)
+def compare(reference: dict, counts: dict[str, dict[str, float]]) -> tuple[list[list[str]], list]:
+    """The table rows of ``counts`` against ``reference``, and the (backend, op) that grew."""
     rows, grown = [], []
-    for backend in backends:
-        for op in ops:
-            before, now = reference["backends"][backend][op], counts[backend][op]
+    for backend, by_op in counts.items():
+        for op, now in by_op.items():
+            before = reference["backends"][backend][op]
             change = now / before - 1
             verdict = "ok"
             if change > TOLERANCE:
                 verdict = "GREW"
-                grown.append(f"{backend} {op}")
+                grown.append((backend, op))
             elif change < -TOLERANCE:
                 verdict = "ok (lower: --write-reference)"
             rows.append([backend, op, f"{before:,.0f}", f"{now:,.0f}", f"{change:+.1%}", verdict])
-    print(
-        f"Instructions per request against {REFERENCE.relative_to(ROOT)} "
-        f"({requests} requests; limit +{TOLERANCE:.0%})"
-    )
+    return rows, grown
+
+
+def check(backends: list[str], ops: list[str], path: pathlib.Path = REFERENCE) -> int:
+    """0 when no operation grew more than ``TOLERANCE`` over the reference, else 1."""
+    if not path.exists():
+        print(f"instructions: no {path}; make it with --write-reference")
+        return 1
+    reference = json.loads(path.read_text())
+    missing = [
+        (b, op) for b in backends for op in ops if op not in reference["backends"].get(b, {})
+    ]
+    if missing:
+        print(f"instructions: {path} has no count for {missing}")
+        return 1
+    requests = reference["requests"]
+    rows, grown = compare(reference, measure_service(backends, ops, requests))
+    print(f"Instructions per request against {path} ({requests} requests; limit +{TOLERANCE:.0%})")
     table(["backend", "op", "reference", "now", "change", "verdict"], rows)
     if grown:
-        print(f"\ninstructions: more than {TOLERANCE:.0%} over the reference: {', '.join(grown)}")
+        names = ", ".join(f"{b} {op}" for b, op in grown)
+        print(f"\ninstructions: more than {TOLERANCE:.0%} over the reference: {names}")
         return 1
     return 0
 
@@ -630,6 +635,7 @@ def main() -> int:
     parser.add_argument("--ops", default=",".join(OPERATIONS), help="comma-separated")
     parser.add_argument("--check", action="store_true", help=f"fail over {REFERENCE.name}")
     parser.add_argument("--write-reference", action="store_true", help=f"write {REFERENCE.name}")
+    parser.add_argument("--reference", type=pathlib.Path, default=REFERENCE, help=argparse.SUPPRESS)
     parser.add_argument("--in-process", action="store_true", help="no gunicorn: the WSGI app")
     parser.add_argument("--tree", action="append", default=[], type=pathlib.Path)
     parser.add_argument("--keep", type=pathlib.Path, help="in-process: copy callgrind's dumps here")
@@ -650,10 +656,10 @@ def main() -> int:
             args.requests = args.requests or 100
             return in_process(args, [b for b in backends if b != "postgresql"])
         if args.check:
-            return check(backends, ops)
+            return check(backends, ops, args.reference)
         requests_count = args.requests or REQUESTS
         if args.write_reference:
-            write_reference(backends, ops, requests_count)
+            write_reference(backends, ops, requests_count, args.reference)
             return 0
         rows = ratios(backends, ops, requests_count)
     except (Failed, RuntimeError) as err:
