@@ -59,9 +59,11 @@ class Gunicorn:
         env: dict[str, str],
         workdir: Path,
         wrapper: list[str] | None = None,
+        options: list[str] | None = None,
     ):
         self.name = name
         self.wrapper = wrapper or []  # a command the master runs under (valgrind)
+        self.options = options or []  # more gunicorn options
         self.app = app
         self.env = {**os.environ, **env}
         self.port = free_port()
@@ -80,6 +82,7 @@ class Gunicorn:
             str(WORKERS),
             "--bind",
             f"127.0.0.1:{self.port}",
+            *self.options,
             self.app,
         ]
         with open(self.log_path, "ab") as log:
@@ -94,8 +97,10 @@ class Gunicorn:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float, replaced: frozenset[int] = frozenset()) -> list[int]:
-        """Wait for ``WORKERS`` workers, none of ``replaced``, and a 200 from /healthz."""
+    def wait_ready(
+        self, timeout: float, replaced: frozenset[int] = frozenset(), workers: int = WORKERS
+    ) -> list[int]:
+        """Wait for ``workers`` workers, none of ``replaced``, and a 200 from /healthz."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -103,7 +108,7 @@ class Gunicorn:
                 raise RuntimeError(f"{self.name}: gunicorn exited:\n{self.log_tail()}")
             pids = self.worker_pids()
             if (
-                len(pids) == WORKERS
+                len(pids) == workers
                 and not replaced.intersection(pids)
                 and call("GET", self.url + "/healthz")[0] == 200
             ):

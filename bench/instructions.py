@@ -9,21 +9,22 @@ From the repository root::
     .venv/bin/python bench/instructions.py --in-process [--tree PATH]... [--metrics]
 
 The ratios of record. The service and ``bench/baseline_app.py`` are served
-as ``bench/run.py`` serves them (gunicorn with ``gunicorn.conf.py`` and
-``-w 2``: threaded workers, access log, rate limits on the host counters
+as ``bench/run.py`` serves them (gunicorn with ``gunicorn.conf.py``, started
+with ``-w 2``: threaded workers, access log, rate limits on the host counters
 file, multiprocess metrics), the gunicorn master under ``valgrind
 --tool=callgrind``. The master starts uninstrumented (``--instr-atstart=no``,
 fast); then instrumentation is switched on in it (``callgrind_control -i
-on``) and its workers are replaced, so the new ones are instrumented from
-their fork. This client, outside valgrind, sends each operation's requests
-over one kept-alive connection: ``WARM_UP`` of them, then ``--requests``
-counted ones. The worker that holds the connection (found through
-/proc/net/tcp) is sent SIGWINCH before and after the counted requests: its
-Python signal handler calls ``_PyEval_SignalReceived``, on which callgrind
-dumps (``--dump-before``), so a dump holds exactly the worker's instructions
-between the two signals, every thread of it (HTTP parsing, the request
-thread, the access log, SQLite's checkpoint thread), and nothing of the
-client's or the database server's. Instructions per request is that dump's
+on``), it is told to keep one worker (SIGTTOU: the counters file stays, as
+decided at start for two) and its workers are replaced, so the one it forks
+anew is instrumented from its fork. This client, outside valgrind, sends
+each operation's requests over one kept-alive connection: ``WARM_UP`` of
+them, then ``--requests`` counted ones. The worker is sent SIGWINCH before
+and after the counted requests: its Python signal handler calls
+``_PyEval_SignalReceived``, on which callgrind dumps (``--dump-before``), so
+a dump holds exactly the worker's instructions between the two signals,
+every thread of it (reading the request head, the request thread, the
+access log, SQLite's checkpoint thread), and nothing of the client's, the
+master's or the database server's. Instructions per request is that dump's
 total over ``--requests``.
 
 Operations (the requests of ``bench/run.py --compare``, with fixed bodies):
@@ -142,38 +143,58 @@ class Served:
 
 
 class CountedServer:
-    """A gunicorn master under callgrind whose workers are instrumented from their fork."""
+    """A gunicorn master under callgrind, then serving with one worker instrumented from its fork.
+
+    The master starts uninstrumented with ``-w 2`` (so ``gunicorn.conf.py``
+    keeps the host counters file, as served); then it is instrumented, told
+    to keep one worker (SIGTTOU) and its workers are replaced, so the one it
+    forks anew is instrumented and alone. ``--timeout`` is raised: an
+    instrumented worker boots slowly and would be taken for stuck.
+    """
 
     def __init__(self, name: str, app: str, env: dict[str, str], workdir: pathlib.Path):
         self.out = workdir / f"callgrind-{name}"
-        self.out.mkdir(parents=True)
+        (self.out / "tmp").mkdir(parents=True)
         wrapper = [
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
             f"--dump-before={DUMP_AT}",
             f"--callgrind-out-file={self.out}/cg.%p",
+            f"--vgdb-prefix={self.out}/vgdb",
         ]
-        env = {**env, "PYTHONHASHSEED": "0"}
-        self.server = Gunicorn(name, app, env, workdir, wrapper)
+        # TMPDIR: the master's own directories (metrics, counters) go with the workdir.
+        env = {**env, "PYTHONHASHSEED": "0", "TMPDIR": str(self.out / "tmp")}
+        self.server = Gunicorn(name, app, env, workdir, wrapper, ["--timeout", "900"])
         self.sequence = 0  # numbers the requests: create keys, append sessions
 
     def __enter__(self) -> CountedServer:
-        self.server.start(timeout=300)
-        assert self.server.process is not None
-        control = ["callgrind_control", "-i", "on", str(self.server.process.pid)]
+        server = self.server
+        server.start(timeout=300)
+        assert server.process is not None
+        master = server.process.pid
+        control = ["callgrind_control", f"--vgdb-prefix={self.out}/vgdb", "-i", "on", str(master)]
         run = subprocess.run(control, capture_output=True, text=True, timeout=120)
         if run.returncode:
-            self.server.stop()
+            self.__exit__()
             raise Failed(f"callgrind_control: {run.stdout}{run.stderr}")
-        old = self.server.worker_pids()
-        for pid in old:
-            os.kill(pid, signal.SIGTERM)  # the master forks instrumented ones instead
-        self.server.wait_ready(600, frozenset(old))
+        old = frozenset(server.worker_pids())
+        os.kill(master, signal.SIGTTOU)
+        deadline = time.monotonic() + 60
+        while len(server.worker_pids()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in old.intersection(server.worker_pids()):
+            os.kill(pid, signal.SIGTERM)
+        server.wait_ready(600, old, workers=1)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.stop()
+        """Killed, not stopped: the dumps are taken, and a graceful exit under valgrind is slow."""
+        process = self.server.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
 
     def send(self, conn: http.client.HTTPConnection, op: str, count: int, token: str) -> None:
         for _ in range(count):
