@@ -5,6 +5,7 @@ and ``bench/instructions.py --check`` holds each operation's instructions to the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,24 @@ def test_the_guard_fails_past_five_percent_and_not_before() -> None:
     assert verdicts(1_000_000, 1_049_000) == []
     assert verdicts(1_000_000, 1_051_000) == [("sqlite", "create")]
     assert verdicts(1_000_000, 800_000) == []  # cheaper is not a failure
+
+
+def test_check_exits_non_zero_with_the_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference.json"
+    counts = {"sqlite": {"create": 2_000_000.0, "get": 1_000_000.0}}
+    reference.write_text(json.dumps({"requests": 50, "backends": counts}))
+    grown = {"sqlite": {"create": 2_200_000.0, "get": 1_010_000.0}}
+    monkeypatch.setattr(instructions, "measure_service", lambda backends, ops, requests: grown)
+    assert instructions.check(["sqlite"], ["create", "get"], reference) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"sqlite\s+create\s+2,000,000\s+2,200,000\s+\+10\.0%\s+GREW", out), out
+    assert re.search(r"sqlite\s+get\s+1,000,000\s+1,010,000\s+\+1\.0%\s+ok", out), out
+    assert "more than 5% over the reference: sqlite create" in out
+    monkeypatch.setattr(instructions, "measure_service", lambda backends, ops, requests: counts)
+    assert instructions.check(["sqlite"], ["create", "get"], reference) == 0
+    assert instructions.check(["memory"], ["create"], reference) == 1  # nothing to hold it to
 
 
 def require_valgrind() -> None:
