@@ -39,24 +39,26 @@ authentication, grant, limiter     auth, the key cache, rate_limits (its decorat
                                    decisions), flask_limiter/, limits/ but its storage
 rate-limit counter                 limits/storage/, host_counters, rate_limits' storages
 body read and JSON parse           the service's body reading and JSON parsing (http.py)
-Marshmallow load                   Schema.load / loads / validate and all beneath
+Marshmallow load                   a schema's load / loads / validate (Marshmallow's or
+                                   the service's own) and all beneath
 storage: SQL                       sqlite3 / pysqlite3 / psycopg / sqlite_utils, Python or
                                    C, called from storage
-storage: JSON of columns           codec's JSON functions called from storage
+storage: JSON of columns           the standard library's json called from storage
 storage: timestamps                codec's time functions and datetime's C methods,
                                    called from storage
 storage: Python around             the rest of storage_backends/
-dump / JSON out / response glue    Schema.dump / dumps, json_response and the other
+dump / JSON out / response glue    a schema's dump / dumps, json_response and the other
                                    response builders, page keys, ETags
 metrics                            sessions_app's metrics and metric files,
                                    prometheus_client/
 other service code                 the rest of sessions_app/ (views' own bodies,
-                                   idempotency, errors)
+                                   idempotency, errors; the schemas' other code runs in
+                                   its caller's stage)
 outside the app                    this benchmark's own loop
 =================================  =======================================================
 
-A frame no rule names (the standard library's json, logging, re; Werkzeug
-called from a stage) runs in the stage of its caller. Paths are matched by
+A frame no rule names (logging, re, the standard library's json outside
+storage; Werkzeug called from a stage) runs in the stage of its caller. Paths are matched by
 module name wherever a module sits (``sessions_app/auth.py`` or
 ``sessions_app/corridor/auth.py``).
 
@@ -114,11 +116,14 @@ STAGES = [
 IN_STORAGE = {SQL, COLUMN_JSON, TIMESTAMPS, STORAGE}
 
 APP = r"/sessions_app/(?:\w+/)*"
+# The service's schemas (sessions_app/schemas.py or schemas/, the event schemas of
+# sessions_app/events.py), and their base.
+SCHEMAS = r"/marshmallow/|/sessions_app/(schemas\b|events\.py$)"
 # (path pattern, qualified-name pattern, rule), first match wins. A rule is a
 # stage (the frame runs in it whatever its caller), None (its caller's), or
 # (callers, stage): that stage when called from one of those stages, else the caller's.
 RULES: list[tuple[str, str, str | tuple[set[str], str] | None]] = [
-    (r"/bench/", r"", OUTSIDE),
+    ("^" + re.escape(f"{BENCH}/"), r"", OUTSIDE),
     (
         APP + r"http\.py$",
         r"^(request_id|start_request|_encoded_slash|is_service_request|contract_headers)$",
@@ -137,6 +142,9 @@ RULES: list[tuple[str, str, str | tuple[set[str], str] | None]] = [
     ),  # noqa: E501
     (APP + r"etags\.py$", r"^(representation|tag)$", DUMP),
     (APP + r"api\.py$", r"^endpoint\.", DISPATCH),
+    (SCHEMAS, r"(^|\.)(load|loads|validate)$", LOAD),
+    (SCHEMAS, r"(^|\.)(dump|dumps)$", DUMP),
+    (SCHEMAS, r"", None),
     (APP + r"(auth|keycache)\.py$", r"", AUTH),
     (
         APP + r"rate_limits\.py$",
@@ -149,9 +157,7 @@ RULES: list[tuple[str, str, str | tuple[set[str], str] | None]] = [
     (r"/prometheus_client/", r"", METRICS),
     (r"/limits/storage/", r"", COUNTER),
     (r"/(flask_limiter|limits)/", r"", AUTH),
-    (r"/marshmallow/", r"(^|\.)(load|loads|validate)$", LOAD),
-    (r"/marshmallow/", r"(^|\.)(dump|dumps)$", DUMP),
-    (r"/storage_backends/codec\.py$", r"^(dump_json|load_json)$", (IN_STORAGE, COLUMN_JSON)),
+    (r"/python3\.\d+/json/", r"", (IN_STORAGE, COLUMN_JSON)),
     (r"/storage_backends/codec\.py$", r"^(format_ts|parse_ts|utcnow)$", (IN_STORAGE, TIMESTAMPS)),
     (r"/storage_backends/", r"", STORAGE),
     (r"/(sqlite_utils|psycopg|psycopg_pool|sqlite3|pysqlite3)/", r"", (IN_STORAGE, SQL)),
@@ -300,7 +306,7 @@ def run(backend: str, ops: list[str], count: int) -> dict[str, dict[str, float]]
             raise SystemExit(f"stages: {backend} failed\n{done.stderr[-3000:]}")
         events = {}
         for line in out.read_text().splitlines():
-            _, key, n = line.split(" ")
+            key, n = line.removeprefix("events ").rsplit(" ", 1)
             events[key] = int(n)
         costs = {}
         for dump in pathlib.Path(scratch).glob("cg.*.*"):

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import baseline_app  # noqa: E402
 import instructions  # noqa: E402
+import stages  # noqa: E402
 import stores  # noqa: E402
 
 
@@ -136,6 +137,45 @@ def test_check_exits_non_zero_with_the_table(
     monkeypatch.setattr(instructions, "measure_service", lambda backends, ops, requests: counts)
     assert instructions.check(["sqlite"], ["create", "get"], reference) == 0
     assert instructions.check(["memory"], ["create"], reference) == 1  # nothing to hold it to
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "caller", "stage"),
+    [
+        ("sessions_app/auth.py", "authenticate", stages.DISPATCH, stages.AUTH),
+        ("sessions_app/corridor/auth.py", "authenticate", stages.DISPATCH, stages.AUTH),
+        ("sessions_app/host_counters.py", "FileCounters.incr", stages.AUTH, stages.COUNTER),
+        ("sessions_app/schemas.py", "ResponseSchema.dump", stages.DISPATCH, stages.DUMP),
+        ("sessions_app/schemas/sessions.py", "Fields._check", stages.LOAD, stages.LOAD),
+        ("sessions_app/api/events.py", "list_events", stages.DISPATCH, stages.OTHER),
+        ("storage_backends/sql/events.py", "Events.append", stages.OTHER, stages.STORAGE),
+        ("storage_backends/codec.py", "format_ts", stages.STORAGE, stages.TIMESTAMPS),
+        ("storage_backends/codec.py", "utcnow", stages.OTHER, stages.OTHER),
+        ("lib/python3.11/json/decoder.py", "JSONDecoder.decode", stages.SQL, stages.COLUMN_JSON),
+        ("lib/python3.11/json/decoder.py", "JSONDecoder.decode", stages.BODY, stages.BODY),
+        (
+            "site-packages/werkzeug/wrappers/request.py",
+            "Request.get_data",
+            stages.BODY,
+            stages.BODY,
+        ),
+        ("site-packages/flask/app.py", "Flask.wsgi_app", stages.OUTSIDE, stages.DISPATCH),
+        (
+            "site-packages/limits/storage/memory.py",
+            "MemoryStorage.incr",
+            stages.AUTH,
+            stages.COUNTER,
+        ),
+    ],
+)
+def test_stage_rules(path: str, name: str, caller: str, stage: str) -> None:
+    """Modules are named wherever they sit, and a frame no rule names runs in its caller's stage."""
+    table, rows, c_rows = stages.maps()
+    classify_code, _ = stages.classifiers(rows, c_rows)
+    code = compile("def f(): pass", "f", "exec").co_consts[0]
+    code = code.replace(co_filename=f"/somewhere/bench/{path}", co_qualname=name)
+    entered = table[classify_code(code)][stages.STAGES.index(caller)]
+    assert stages.STAGES[entered] == stage
 
 
 def require_valgrind() -> None:
