@@ -52,8 +52,18 @@ class Gunicorn:
     differ only in the application and its environment.
     """
 
-    def __init__(self, name: str, app: str, env: dict[str, str], workdir: Path):
+    def __init__(
+        self,
+        name: str,
+        app: str,
+        env: dict[str, str],
+        workdir: Path,
+        wrapper: list[str] | None = None,
+        options: list[str] | None = None,
+    ):
         self.name = name
+        self.wrapper = wrapper or []  # a command the master runs under (valgrind)
+        self.options = options or []  # more gunicorn options
         self.app = app
         self.env = {**os.environ, **env}
         self.port = free_port()
@@ -62,7 +72,9 @@ class Gunicorn:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> Gunicorn:
+        """Start the master; return once every worker is up and /healthz answers."""
         command = [
+            *self.wrapper,
             str(BIN / "gunicorn"),
             "-c",
             str(ROOT / "gunicorn.conf.py"),
@@ -70,6 +82,7 @@ class Gunicorn:
             str(WORKERS),
             "--bind",
             f"127.0.0.1:{self.port}",
+            *self.options,
             self.app,
         ]
         with open(self.log_path, "ab") as log:
@@ -81,12 +94,25 @@ class Gunicorn:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(
+        self, timeout: float, replaced: frozenset[int] = frozenset(), workers: int = WORKERS
+    ) -> list[int]:
+        """Wait for ``workers`` workers, none of ``replaced``, and a 200 from /healthz."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name}: gunicorn exited:\n{self.log_tail()}")
-            if len(self.worker_pids()) == WORKERS and call("GET", self.url + "/healthz")[0] == 200:
-                return self
+            pids = self.worker_pids()
+            if (
+                len(pids) == workers
+                and not replaced.intersection(pids)
+                and call("GET", self.url + "/healthz")[0] == 200
+            ):
+                return pids
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name}: gunicorn did not come up:\n{self.log_tail()}")
