@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from sessions_app import create_app
-from sessions_app.auth import hash_secret
+from sessions_app.corridor.auth import hash_secret
 from storage_backends import Agent, ApiKey, Grant, Session
 from storage_backends.codec import utcnow
 from tests.conftest import IN_CI
