@@ -593,3 +593,60 @@ def test_an_import_refuses_a_session_line_the_api_could_not_answer(
     assert "Traceback" not in result.stderr
     listed = cli("sessions", "list", AGENT, "--json", env=env).stdout
     assert [s["key"] for s in json.loads(listed)["sessions"]] == ["chat"]
+
+
+def _database_with_agent(path: Path, agent: str) -> None:
+    from storage_backends import Agent
+
+    store = storage_from_url(f"sqlite:///{path}", {})
+    try:
+        now = utcnow()
+        store.create_agent(agent=Agent(key=agent, name=agent, created_at=now, updated_at=now))
+    finally:
+        store.close()
+
+
+def _agents_in(path: Path) -> list[str]:
+    store = storage_from_url(f"sqlite:///{path}", {})
+    try:
+        return [a.key for a in store.list_agents(limit=10).items]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "mark", ["#", "?", "%41", " "], ids=["hash", "question", "percent", "space"]
+)
+def test_backup_and_restore_open_the_file_named_whatever_it_holds(
+    tmp_path: Path, mark: str
+) -> None:
+    """A path is quoted where it becomes a SQLite URI: '#', '?', '%' and ' ' open that file."""
+    from sessions_app.ops import maintenance
+
+    live, backup = tmp_path / f"prod{mark}1.db", tmp_path / f"good{mark}copy.db"
+    _database_with_agent(live, "from-live")
+    maintenance.sqlite_backup(str(live), str(backup))
+    assert _agents_in(backup) == ["from-live"]
+    assert maintenance.check_backup(str(backup)) == SCHEMA_VERSION
+    other = tmp_path / f"other{mark}2.db"
+    _database_with_agent(other, "from-other")
+    maintenance.sqlite_restore(str(backup), str(other))
+    assert _agents_in(other) == ["from-live"]
+    # Nothing beside them: no empty file named after the part before the mark.
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {n.split(mark)[0].split(".")[0] for n in names} == {"prod", "good", "other"}, names
+    assert all(mark in name for name in names), names
+
+
+def test_backup_and_restore_of_a_path_with_a_hash_through_the_cli(tmp_path: Path) -> None:
+    live = tmp_path / "prod#1.db"
+    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{live}"}
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    backup = tmp_path / "good#copy.db"
+    assert "integrity ok" in cli("backup", str(backup), env=env).stdout
+    assert _agents_in(backup) == [AGENT]
+    cli("agents", "delete", AGENT, "--yes", env=env)
+    restored = cli("restore", str(backup), "--yes", env=env)
+    assert f"restored {backup}" in restored.stdout
+    assert json.loads(cli("agents", "get", AGENT, "--json", env=env).stdout)["key"] == AGENT
+    assert not (tmp_path / "prod").exists() and not (tmp_path / "good").exists()
