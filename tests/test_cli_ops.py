@@ -58,6 +58,9 @@ def test_version_and_help() -> None:
 
 
 def test_exit_codes(env: dict[str, str], tmp_path: Path) -> None:
+    empty = store_of(env)
+    empty.check()  # an empty database: "not found" is about the record, not the file
+    empty.close()
     assert cli("agents", "frobnicate", env=env, check=False).returncode == 2
     assert cli("agents", "create", env=env, check=False).returncode == 2
     one_error_line(cli("agents", "get", "nobody", env=env, check=False), 1, "nobody", "not found")
@@ -650,3 +653,54 @@ def test_backup_and_restore_of_a_path_with_a_hash_through_the_cli(tmp_path: Path
     assert f"restored {backup}" in restored.stdout
     assert json.loads(cli("agents", "get", AGENT, "--json", env=env).stdout)["key"] == AGENT
     assert not (tmp_path / "prod").exists() and not (tmp_path / "good").exists()
+
+
+READING_COMMANDS = [
+    ["agents", "list"],
+    ["agents", "get", AGENT],
+    ["agents", "update", AGENT, "--name", "Desk"],
+    ["agents", "delete", AGENT, "--yes"],
+    ["keys", "list", "--json"],
+    ["keys", "revoke", "ak_0123456789abcdef", "--yes"],
+    ["sessions", "list", AGENT],
+    ["sessions", "get", AGENT, "chat"],
+    ["sessions", "delete", AGENT, "chat", "--yes"],
+    ["sessions", "export", AGENT, "chat"],
+    ["sessions", "purge-expired"],
+    ["backup", "{elsewhere}/copy.db"],
+]
+
+
+def test_commands_on_records_refuse_a_database_that_does_not_exist(tmp_path: Path) -> None:
+    """A mistyped path is refused, not made into a new empty database (only creates make one)."""
+    from sessions_app import create_app
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    export = elsewhere / "chat.jsonl"
+    export.write_text('{"format": "agent-sessions/session"}\n')
+    app = create_app({"TESTING": True, "STORAGE_URL": f"sqlite:///{data}/typo.db"})
+    runner = app.test_cli_runner()
+    for args in [*READING_COMMANDS, ["sessions", "import", str(export)]]:
+        args = [arg.format(elsewhere=elsewhere) for arg in args]
+        result = runner.invoke(args=args)
+        assert result.exit_code == 1, (args, result.output, result.stderr)
+        assert result.stderr.count("\n") == 1, (args, result.stderr)
+        assert f"{data}/typo.db does not exist" in result.stderr, (args, result.stderr)
+        assert list(data.iterdir()) == [], args  # nothing made: no database, no -wal, no -writer
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["chat.jsonl"]
+    # What makes a database still does; then the same commands read it.
+    assert runner.invoke(args=["agents", "create", AGENT, "--name", "Support"]).exit_code == 0
+    listed = runner.invoke(args=["agents", "list"])
+    assert listed.exit_code == 0 and listed.output.startswith(AGENT)
+    app.extensions["agent_sessions"].storage.close()
+
+
+def test_a_missing_database_through_the_console_script(tmp_path: Path) -> None:
+    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/sesions.db"}
+    message = one_error_line(cli("agents", "list", env=env, check=False), 1, "does not exist")
+    assert f"{tmp_path}/sesions.db" in message and "STORAGE_URL" in message
+    assert list(tmp_path.iterdir()) == []
+    assert "none (no database yet)" in cli("db", "status", env=env).stdout
+    assert list(tmp_path.iterdir()) == []
