@@ -78,7 +78,7 @@ def echo_json(value: Any) -> None:
 
 def echo_json_list(name: str, items: Iterable[Any]) -> None:
     """``{"<name>": [...]}`` written item by item: one document, in constant memory."""
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # click.get_text_stream is deprecated (gone in Click 9)
     out.write(f'{{"{name}": [')
     count = 0
     for item in items:

@@ -180,7 +180,7 @@ def export_session(agent_key: str, session_key: str) -> None:
     now = utcnow()
     session = store.get_session(agent_key=agent_key, session_key=session_key, now=now)
     events = store.iter_events(agent_key=agent_key, session_key=session_key, now=now)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # click.get_text_stream is deprecated (gone in Click 9)
     out.write(json_text(session_line(session), indent=None) + "\n")
     count = 0
     with progress(events, f"exporting {session_key}") as shown:
