@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import re
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import click
 from flask import current_app
 from flask.cli import AppGroup
-from marshmallow import ValidationError
+from marshmallow import Schema, ValidationError
 
 from storage_backends import (
     Conflict,
@@ -26,7 +24,6 @@ from ..schemas import (
 )
 from .cli import (
     check_key,
-    checked,
     confirm,
     echo,
     echo_json,
@@ -120,23 +117,7 @@ def purge_expired() -> None:
 
 EXPORT_FORMAT = "agent-sessions/session"
 EXPORT_VERSION = 1
-EVENT_ID = re.compile(r"^aev_[0-9A-Za-z]{1,60}$")
-EVENT_TYPES = (
-    "input_message",
-    "agent_output",
-    "thinking",
-    "tool_input",
-    "tool_output",
-    "structured_output",
-    "step_transition",
-    "skill_load",
-    "compaction",
-)
-HIDE_REASONS = ("manual", "compaction")
 EVENT_KEYS = ("id", "type", "created_at", "hide_reason")
-
-
-FORKED_FROM_FIELDS = frozenset({"agent_key", "session_key", "event_id"})
 
 
 def event_line(event: Any) -> dict[str, Any]:
@@ -210,15 +191,39 @@ def parse_line(text: str, number: int) -> dict[str, Any]:
     return value
 
 
-def timestamp(value: Any, where: str) -> dt.datetime:
+def load(schema: Schema, body: Any, number: int) -> dict[str, Any]:
+    """``body`` loaded by one of the API's schemas; a refusal names the line, the field
+    and, when it is a short text or number, the value refused."""
     try:
-        return codec.parse_ts(value)
-    except (TypeError, ValueError):
-        raise BadExport(f"{where}: not a timestamp: {value!r}") from None
+        return schema.load(body)
+    except ValidationError as err:
+        path, message = next(iter(flatten_messages(err.messages).items()))
+        value = given_at(body, path)
+        shown = f" (given: {value!r})" if value is not None else ""
+        raise BadExport(f"line {number}: {path}: {message}{shown}") from None
+
+
+def given_at(body: Any, path: str) -> Any:
+    """The value at a dotted ``path`` of ``body``, if it is short enough to show."""
+    for part in path.split("."):
+        if isinstance(body, dict) and part in body:
+            body = body[part]
+        elif isinstance(body, list) and part.isdigit() and int(part) < len(body):
+            body = body[int(part)]
+        else:
+            return None
+    if isinstance(body, bool) or not isinstance(body, str | int | float):
+        return None
+    if isinstance(body, str) and not body.isprintable():
+        return None  # shown escaped, it would read as something else
+    return body if len(repr(body)) <= 80 else None
 
 
 def read_session(first: dict[str, Any], agent_key: str | None, session_key: str | None) -> Any:
+    """The session of an export's first line, checked by the API's own schema."""
     from storage_backends import Session
+
+    from ..schemas import ExportedSessionSchema
 
     if first.get("format") != EXPORT_FORMAT or first.get("version") != EXPORT_VERSION:
         raise BadExport(
@@ -228,56 +233,14 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
     body = first.get("session")
     if not isinstance(body, dict):
         raise BadExport("line 1: no session")
-    from ..schemas import SessionCreateSchema
-
-    key = session_key or body.get("key")
-    if key is None:
+    if session_key is not None:
+        body = body | {"key": check_key(session_key, "--key")}
+    if agent_key is not None:
+        body = body | {"agent_key": check_key(agent_key, "--agent")}
+    if body.get("key") is None:
         raise BadExport("line 1: the session has no key; give one with --key")
-    try:
-        fields = checked(
-            SessionCreateSchema,
-            {k: body.get(k) for k in ("name", "description", "metadata", "enabled", "tti_minutes")}
-            | {"key": key},
-        )
-    except ValueError as err:
-        raise BadExport(f"line 1: {str(err).removeprefix('--')}") from None
-    forked_from = body.get("forked_from")
-    if forked_from is not None and not (
-        isinstance(forked_from, dict)
-        and {"agent_key", "session_key"} <= forked_from.keys() <= FORKED_FROM_FIELDS
-        and all(isinstance(v, str) and v for v in forked_from.values())
-    ):
-        raise BadExport(
-            "line 1: forked_from must be an object of agent_key, session_key and "
-            "optionally event_id, each a string"
-        )
-    created = timestamp(body.get("created_at"), "line 1: created_at")
-    updated = timestamp(body.get("updated_at"), "line 1: updated_at")
-    active = body.get("active_at")
-    return Session(
-        agent_key=agent_key or body.get("agent_key") or "",
-        created_at=created,
-        updated_at=updated,
-        forked_from=forked_from,
-        active_at=timestamp(active, "line 1: active_at") if active is not None else None,
-        **fields,
-    )
-
-
-def event_fields(body: dict[str, Any], number: int) -> dict[str, Any]:
-    """The fields of an event line, checked by its type's schema as a batch is."""
-    from ..schemas.events import STORED_EVENT_VARIANTS
-
-    given = {k: v for k, v in body.items() if k not in EVENT_KEYS}
-    try:
-        loaded = STORED_EVENT_VARIANTS[body["type"]]().load({"type": body["type"], **given})
-    except ValidationError as err:
-        path, message = next(iter(flatten_messages(err.messages).items()))
-        raise BadExport(f"line {number}: {path}: {message}") from None
-    loaded.pop("type", None)
-    loaded.pop("id", None)
-    # The line's own order first, then what the schema added (defaults).
-    return {k: loaded[k] for k in given if k in loaded} | loaded
+    fields = load(ExportedSessionSchema(), body, 1)
+    return Session(**fields)
 
 
 def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[int]) -> Any:
@@ -286,10 +249,11 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
     Raising from here aborts the import's transaction: nothing is stored.
     """
     from storage_backends import Event
-    from storage_backends.codec import dump_json
 
-    from ..schemas.events import dump_event
+    from ..corridor.errors import ApiError
+    from ..schemas.events import ExportedEventSchema, check_size
 
+    schema = ExportedEventSchema()
     for number, text in lines:
         line = parse_line(text, number)
         if "end" in line:
@@ -307,29 +271,22 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
         body = line.get("event")
         if not isinstance(body, dict):
             raise BadExport(f"line {number}: expected an event or the end line")
-        event_id, kind = body.get("id"), body.get("type")
-        if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
-            raise BadExport(f"line {number}: bad event id {event_id!r}")
-        if kind not in EVENT_TYPES:
-            raise BadExport(f"line {number}: unknown event type {kind!r}")
-        hidden = body.get("hide_reason")
-        if hidden is not None and hidden not in HIDE_REASONS:
-            raise BadExport(f"line {number}: bad hide_reason {hidden!r}")
+        loaded = load(schema, body, number)
         tally[0] += 1
+        keys = {key: loaded.pop(key, None) for key in EVENT_KEYS}
         event = Event(
-            id=event_id,
+            id=keys["id"],
             session_key=session_key,
-            type=kind,
-            fields=event_fields(body, number),
-            created_at=timestamp(body.get("created_at"), f"line {number}: created_at"),
-            hide_reason=hidden,
+            type=keys["type"],
+            # The line's own order first, then what the schema added (defaults).
+            fields={k: loaded[k] for k in body if k in loaded} | loaded,
+            created_at=keys["created_at"],
+            hide_reason=keys["hide_reason"],
         )
-        size = len(dump_json(dump_event(event)).encode())
-        if size > current_app.config["EVENT_MAX_BYTES"]:
-            raise BadExport(
-                f"line {number}: the event serializes to {size} bytes; at most "
-                f"{current_app.config['EVENT_MAX_BYTES']} are allowed"
-            )
+        try:
+            check_size(None, event)
+        except ApiError as err:
+            raise BadExport(f"line {number}: {err}") from None
         yield event
     raise BadExport("the file ends before its end line: it is not a whole export")
 
@@ -351,7 +308,6 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     if first is None:
         raise BadExport("the input is empty")
     session = read_session(parse_line(first[1], first[0]), agent_key, session_key)
-    check_key(session.agent_key, "the agent key")
     store.get_agent(agent_key=session.agent_key)
     tally = [0, 0]  # events read, end line seen
     events = read_events(lines, session.key, tally)
