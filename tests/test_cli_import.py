@@ -1,8 +1,10 @@
 """``sessions import``: every field of an export checked as the API checks it, through the
-same schemas; times only as RFC 3339 with an offset; nothing stored from a refused file."""
+same schemas; times only as RFC 3339 with an offset; a session's idle clock; nothing stored
+from a refused file."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -266,3 +268,27 @@ def test_a_bad_line_past_the_first_batch_stores_nothing(ops, tmp_path) -> None:
     events = [event_body(n) for n in range(12_000)]
     events[11_500] = event_body(11_500, hide_reason="lost")
     refused(ops, export_file(tmp_path / "big.jsonl", events=events), "line 11502", "hide_reason")
+
+
+# The idle clock
+
+
+def test_a_session_whose_clock_ran_out_is_imported_with_its_clock_restarted(ops, tmp_path) -> None:
+    long_ago = format_ts(utcnow() - dt.timedelta(days=2))
+    session = session_body(tti_minutes=5, created_at=long_ago, updated_at=long_ago)
+    session["active_at"] = long_ago
+    before = utcnow()
+    imported = ops.invoke(
+        args=["sessions", "import", str(export_file(tmp_path / "s.jsonl", session))]
+    )
+    assert imported.exit_code == 0, imported.stderr
+    assert "with 3 events" in imported.output and "idle clock" in imported.output
+    got = ops.invoke(args=["sessions", "get", AGENT, "chat", "--json"])
+    assert got.exit_code == 0, got.stderr
+    body = json.loads(got.output)
+    assert (body["created_at"], body["updated_at"]) == (long_ago, long_ago)  # kept as exported
+    listed = ops.invoke(args=["sessions", "list", AGENT]).output.split("\t")
+    expires = dt.datetime.fromisoformat(listed[4].strip())
+    assert before + dt.timedelta(minutes=5) <= expires <= utcnow() + dt.timedelta(minutes=5)
+    exported = ops.invoke(args=["sessions", "export", AGENT, "chat"]).output.splitlines()
+    assert len(exported) == 5  # its history too

@@ -288,7 +288,12 @@ def test_export_and_import_round_trip(env: dict[str, str], tmp_path: Path) -> No
     again = cli("sessions", "export", "archive", "chat", env=env).stdout.splitlines()
     original = exported.splitlines()
     assert again[1:] == original[1:]  # every event, its id, time and hide_reason kept
-    assert json.loads(again[0])["session"] | {"agent_key": AGENT} == lines[0]["session"]
+    copied = json.loads(again[0])["session"]
+    # The same session, but for its agent and its idle clock, which the import restarted.
+    assert copied["active_at"] > lines[0]["session"]["active_at"]
+    assert copied | {"agent_key": AGENT, "active_at": None} == lines[0]["session"] | {
+        "active_at": None
+    }
 
     # Standard input, under a new key.
     piped = subprocess.run(

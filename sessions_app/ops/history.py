@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -219,8 +220,14 @@ def given_at(body: Any, path: str) -> Any:
     return body if len(repr(body)) <= 80 else None
 
 
-def read_session(first: dict[str, Any], agent_key: str | None, session_key: str | None) -> Any:
-    """The session of an export's first line, checked by the API's own schema."""
+def read_session(
+    first: dict[str, Any], agent_key: str | None, session_key: str | None, now: dt.datetime
+) -> Any:
+    """The session of an export's first line, checked by the API's own schema.
+
+    Its idle clock restarts at ``now``: an import is the session's latest
+    activity, so a session exported long ago is not expired as it arrives.
+    """
     from storage_backends import Session
 
     from ..schemas import ExportedSessionSchema
@@ -240,7 +247,7 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
     if body.get("key") is None:
         raise BadExport("line 1: the session has no key; give one with --key")
     fields = load(ExportedSessionSchema(), body, 1)
-    return Session(**fields)
+    return Session(**fields | {"active_at": now})
 
 
 def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[int]) -> Any:
@@ -300,14 +307,15 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     """Read an export (a file, or - for standard input) into a new session, ids kept.
 
     All or nothing: a bad line, a missing end line or a session key that is
-    taken stores nothing.
+    taken stores nothing. The session's idle clock restarts with the import.
     """
     store = storage()
     lines = ((number, text) for number, text in enumerate(source, 1) if text.strip())
     first = next(lines, None)
     if first is None:
         raise BadExport("the input is empty")
-    session = read_session(parse_line(first[1], first[0]), agent_key, session_key)
+    now = utcnow()
+    session = read_session(parse_line(first[1], first[0]), agent_key, session_key, now)
     store.get_agent(agent_key=session.agent_key)
     tally = [0, 0]  # events read, end line seen
     events = read_events(lines, session.key, tally)
@@ -321,7 +329,11 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
         ) from None
     if not tally[1]:  # a backend that stopped reading early
         raise BadExport("the import did not reach the end line")
-    echo(f"imported session {session.key} of agent {session.agent_key} with {count} events")
+    done = f"imported session {session.key} of agent {session.agent_key} with {count} events"
+    if session.expires_at is not None:
+        expires = codec.format_ts(session.expires_at)
+        done += f"; its idle clock starts now: unless used, it expires at {expires}"
+    echo(done)
 
 
 # The schema
