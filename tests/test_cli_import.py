@@ -1,13 +1,16 @@
 """``sessions import``: every field of an export checked as the API checks it, through the
 same schemas; times only as RFC 3339 with an offset; a session's idle clock; nothing stored
-from a refused file."""
+from a refused file; and the progress bar of export and import."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
+import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,3 +295,75 @@ def test_a_session_whose_clock_ran_out_is_imported_with_its_clock_restarted(ops,
     assert before + dt.timedelta(minutes=5) <= expires <= utcnow() + dt.timedelta(minutes=5)
     exported = ops.invoke(args=["sessions", "export", AGENT, "chat"]).output.splitlines()
     assert len(exported) == 5  # its history too
+
+
+# Progress, on a terminal only
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def lines(self) -> list[str]:
+        """Each drawing of the bar, without the codes that hide and show the cursor."""
+        text = re.sub(r"\x1b\[\?25[lh]", "", self.getvalue())
+        return [line.strip() for line in text.split("\r") if line.strip()]
+
+
+def test_the_progress_bar_shows_the_total_the_rate_and_the_time_left() -> None:
+    from sessions_app.ops.history import progress
+
+    def slow() -> Iterator[int]:
+        for n in range(8):
+            time.sleep(0.2)
+            yield n
+
+    screen = Terminal()
+    with progress(slow(), "exporting chat", 8, file=screen) as shown:
+        assert list(shown) == list(range(8))
+    drawn = screen.lines()
+    assert drawn[0].startswith("exporting chat  [") and "0/8" in drawn[0], drawn
+    assert any(re.search(r"\] +4/8 +50% .*events/s", line) for line in drawn), drawn
+    # After a second, the time left: a bar still under way with an eta.
+    assert any(re.search(r"\d/8 +\d+% +00:00:0\d +[\d,]+ events/s", line) for line in drawn), drawn
+    assert re.search(r"8/8 +100% +[\d,]+ events/s", drawn[-1]), drawn
+
+
+def test_without_a_total_the_bar_counts_and_shows_the_rate() -> None:
+    from sessions_app.ops.history import progress
+
+    screen = Terminal()
+    events = (n for n in range(250))  # a generator: no length to guess from
+    with progress(events, "importing chat", None, file=screen) as shown:
+        assert sum(1 for _ in shown) == 250
+    last = screen.lines()[-1]
+    assert re.search(r"importing chat +\[.*\] +250 +[\d,]+ events/s", last), last
+    assert "%" not in last
+
+
+def test_no_progress_where_no_one_watches() -> None:
+    from sessions_app.ops.history import progress
+
+    piped = io.StringIO()
+    items = iter(range(3))
+    with progress(items, "exporting chat", 3, file=piped) as shown:
+        assert shown is items
+    assert piped.getvalue() == ""
+
+
+def test_the_end_line_gives_an_import_its_total(tmp_path) -> None:
+    from sessions_app.ops.history import announced_count
+
+    path = export_file(tmp_path / "e.jsonl", events=[event_body(n) for n in range(7)])
+    with open(path, encoding="utf-8") as source:
+        first = source.readline()
+        assert announced_count(source) == 7
+        assert source.readline() != first  # read where it was, not moved
+    path.write_text(path.read_text().rsplit("\n", 2)[0] + "\n")  # no end line
+    with open(path, encoding="utf-8") as source:
+        assert announced_count(source) is None
+    read, write = os.pipe()
+    with os.fdopen(read) as pipe, os.fdopen(write, "w") as writer:
+        writer.write('{"end": {"events": 3}}\n')
+        writer.flush()
+        assert announced_count(pipe) is None

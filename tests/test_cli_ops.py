@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import threading
@@ -709,3 +710,52 @@ def test_a_missing_database_through_the_console_script(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     assert "none (no database yet)" in cli("db", "status", env=env).stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def progress_on_a_terminal(args: list[str], env: dict[str, str], out: Path) -> str:
+    """Run the console script with standard error on a pseudo-terminal, standard output
+    into ``out``; return what the terminal showed."""
+    leader, follower = pty.openpty()
+    with open(out, "wb") as stdout:
+        process = subprocess.Popen(
+            [str(BIN / "agent-sessions"), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=follower,
+            cwd=ROOT,
+            env={**os.environ, **env, "COLUMNS": "200"},
+        )
+    os.close(follower)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the other end closed
+            chunk = b""
+        if not chunk:
+            break
+        shown += chunk
+    assert process.wait(timeout=60) == 0, shown
+    os.close(leader)
+    return shown.decode(errors="replace")
+
+
+def test_export_and_import_show_the_total_and_the_rate_on_a_terminal(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    make_session(env, "chat", events=250)
+    exported = tmp_path / "chat.jsonl"
+    shown = progress_on_a_terminal(["sessions", "export", AGENT, "chat"], env, exported)
+    assert re.search(r"exporting chat +\[#+\] +250/250 +100% +[\d,]+ events/s", shown), shown
+    assert "exported session chat with 250 events" in shown
+    assert exported.read_text().count("\n") == 252  # standard output holds the export alone
+    shown = progress_on_a_terminal(
+        ["sessions", "import", str(exported), "--key", "copy"], env, tmp_path / "out"
+    )
+    # The total from the file's end line, before the import reaches it.
+    assert re.search(r"importing copy +\[-+\] +0/250 +0%", shown), shown
+    assert re.search(r"importing copy +\[#+\] +250/250 +100% +[\d,]+ events/s", shown), shown
+    # Piped, neither shows anything on standard error.
+    assert cli("sessions", "export", AGENT, "copy", env=env).stderr == ""

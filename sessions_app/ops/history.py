@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
+import json
+import os
+import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -139,11 +144,55 @@ def session_line(session: Any) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "session": body}
 
 
-def progress(items: Iterable[Any], label: str) -> Any:
-    """``items`` with a progress counter on standard error when a person watches it."""
-    if not sys.stderr.isatty():
+def progress(items: Iterable[Any], label: str, total: int | None, file: Any = None) -> Any:
+    """``items`` with a progress bar on ``file`` (standard error) when a person watches it.
+
+    The bar shows the count of ``total`` (when known, with the percentage and,
+    after a second, the time left) and the rate. It is redrawn every 0.1% of
+    the total (every 100 items when it is not known), so that drawing costs
+    nothing next to the work. Elsewhere (a pipe, a file) nothing is written.
+    """
+    file = sys.stderr if file is None else file
+    if not file.isatty():
         return contextlib.nullcontext(items)
-    return click.progressbar(items, label=label, file=sys.stderr, show_pos=True)
+    bar = click.progressbar(
+        items,
+        length=total,
+        label=label,
+        file=file,
+        show_pos=True,
+        show_percent=total is not None,
+        show_eta=True,
+        update_min_steps=max(1, total // 1000) if total is not None else 100,
+    )
+
+    def rate(_: Any) -> str | None:
+        elapsed = time.time() - bar.start  # click's own clock for the time left
+        return f"{bar.pos / elapsed:,.0f} events/s" if bar.pos and elapsed > 0 else None
+
+    bar.item_show_func = rate
+    return bar
+
+
+def announced_count(source: Any) -> int | None:
+    """The count the end line of an export announces, read from the end of a regular file
+    without moving its position; None for a pipe or a file that does not end with one.
+
+    For the progress bar only: the import checks the count when it reaches that line.
+    """
+    try:
+        fd = source.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        tail = os.pread(fd, 4096, max(0, info.st_size - 4096))
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    try:
+        count = json.loads(tail.rstrip().rpartition(b"\n")[2])["end"]["events"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return count if type(count) is int and count >= 0 else None
 
 
 @sessions.command("export")
@@ -161,11 +210,17 @@ def export_session(agent_key: str, session_key: str) -> None:
     check_key(session_key, "SESSION_KEY")
     now = utcnow()
     session = store.get_session(agent_key=agent_key, session_key=session_key, now=now)
+    # Counted first for the progress bar only, which only a terminal shows.
+    total = (
+        store.count_events(agent_key=agent_key, session_key=session_key, now=now)
+        if sys.stderr.isatty()
+        else None
+    )
     events = store.iter_events(agent_key=agent_key, session_key=session_key, now=now)
     out = sys.stdout  # click.get_text_stream is deprecated (gone in Click 9)
     out.write(json_text(session_line(session), indent=None) + "\n")
     count = 0
-    with progress(events, f"exporting {session_key}") as shown:
+    with progress(events, f"exporting {session_key}", total) as shown:
         for event in shown:
             out.write(json_text(event_line(event), indent=None) + "\n")
             count += 1
@@ -320,7 +375,8 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     tally = [0, 0]  # events read, end line seen
     events = read_events(lines, session.key, tally)
     try:
-        with progress(events, f"importing {session.key}") as shown:
+        total = announced_count(source) if sys.stderr.isatty() else None
+        with progress(events, f"importing {session.key}", total) as shown:
             count = store.import_session(session=session, events=shown)
     except Conflict:
         raise BadExport(
