@@ -581,6 +581,12 @@ class Storage(abc.ABC):
         or may not appear, but none appears twice or out of order.
         """
 
+    def count_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        """How many events the session holds, hidden ones included (what :meth:`iter_events`
+        would yield now). Raises :class:`SessionNotFound`. Backends count without reading."""
+        events = self.iter_events(agent_key=agent_key, session_key=session_key, now=now)
+        return sum(1 for _ in events)
+
     @abc.abstractmethod
     def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
         """Create ``session`` and append ``events`` as given (ids, times and hide

@@ -529,6 +529,11 @@ class MemoryStorage(MemoryConsole, Storage):
             log = self._events[seq]
         return self._iter_events(log)
 
+    def count_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            return self._events[seq].count()
+
     def _iter_events(self, log: _Events, batch: int = 1000) -> Iterator[Event]:
         after = None
         while True:
@@ -664,6 +669,9 @@ class _Events:
         self._seq_of: dict[str, int] = {}
         self._all: list[int] = []
         self._visible: list[int] = []
+
+    def count(self) -> int:
+        return len(self._all)
 
     def check_new(self, ids: list[str]) -> None:
         """Raise :class:`Conflict` when an id is in the history or twice in ``ids``."""

@@ -239,8 +239,19 @@ class SQLiteStorage(SQLStorage):
                 return
             with _immediate(db):
                 version = db.execute("PRAGMA user_version").fetchone()[0]
-                for applied in self._migrate_from(db, version):
-                    log.info("sqlite schema migrated to version %s", applied)
+                empty = version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone()
+                applied = self._migrate_from(db, version)
+                if empty:
+                    # Once per database: the next connection, in any process, finds a version.
+                    # A new file where one was expected is a mistyped path, or a lost volume.
+                    log.warning(
+                        "storage: created a new, empty database at %s (schema version %s)",
+                        os.path.abspath(self.path),
+                        applied[-1],
+                    )
+                else:
+                    for done in applied:
+                        log.info("sqlite schema migrated to version %s", done)
             self._schema_ready_pid = pid
 
     def _record_version(self, conn: sqlite_utils.Database, version: int) -> None:

@@ -67,6 +67,15 @@ def keys_list(env: dict[str, str]) -> dict[str, list[str]]:
     return {row[0]: row for row in rows}
 
 
+def empty_database(url: str) -> None:
+    """A database with the schema and no record (the CLI refuses a file that is not there)."""
+    store = storage_from_url(url, {})
+    try:
+        store.check()
+    finally:
+        store.close()
+
+
 def make_agent(url: str, key: str = AGENT) -> None:
     """Set-up for tests about other commands: an agent stored directly."""
     now = dt.datetime.now(dt.UTC)
@@ -101,7 +110,8 @@ def test_help_lists_the_command_groups() -> None:
     assert "purge-expired" in cli("sessions", "--help", env={}).stdout
 
 
-def test_agents_create_and_list(env: dict[str, str]) -> None:
+def test_agents_create_and_list(env: dict[str, str], url: str) -> None:
+    empty_database(url)
     assert cli("agents", "list", env=env).stdout == ""
     created = cli("agents", "create", AGENT, "--name", "Support", env=env)
     assert AGENT in created.stdout
@@ -580,7 +590,8 @@ def test_keys_list_escapes_control_characters_in_names(env: dict[str, str], url:
     assert row[2:] == [f"{AGENT}=sessions:read", "active", "create-limit=default"]
 
 
-def test_error_lines_escape_control_characters(env: dict[str, str]) -> None:
+def test_error_lines_escape_control_characters(env: dict[str, str], url: str) -> None:
+    empty_database(url)
     result = cli("keys", "revoke", "ak_x\n\x1b[2Jforged", env=env, check=False)
     message = assert_cli_error(result, "not found")
     assert "ak_x\\x0a\\x1b[2Jforged" in message
@@ -622,6 +633,7 @@ def test_memory_storage_is_refused_by_the_cli(args: tuple[str, ...]) -> None:
 def test_the_cli_refuses_what_the_api_refuses(
     env: dict[str, str], url: str, args: tuple[str, ...], words: tuple[str, ...]
 ) -> None:
+    empty_database(url)
     assert_cli_error(cli(*args, env=env, check=False), *words)
     assert cli("agents", "list", env=env).stdout == ""
     assert cli("keys", "list", env=env).stdout == ""

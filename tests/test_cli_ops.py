@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import threading
@@ -58,6 +59,9 @@ def test_version_and_help() -> None:
 
 
 def test_exit_codes(env: dict[str, str], tmp_path: Path) -> None:
+    empty = store_of(env)
+    empty.check()  # an empty database: "not found" is about the record, not the file
+    empty.close()
     assert cli("agents", "frobnicate", env=env, check=False).returncode == 2
     assert cli("agents", "create", env=env, check=False).returncode == 2
     one_error_line(cli("agents", "get", "nobody", env=env, check=False), 1, "nobody", "not found")
@@ -285,7 +289,12 @@ def test_export_and_import_round_trip(env: dict[str, str], tmp_path: Path) -> No
     again = cli("sessions", "export", "archive", "chat", env=env).stdout.splitlines()
     original = exported.splitlines()
     assert again[1:] == original[1:]  # every event, its id, time and hide_reason kept
-    assert json.loads(again[0])["session"] | {"agent_key": AGENT} == lines[0]["session"]
+    copied = json.loads(again[0])["session"]
+    # The same session, but for its agent and its idle clock, which the import restarted.
+    assert copied["active_at"] > lines[0]["session"]["active_at"]
+    assert copied | {"agent_key": AGENT, "active_at": None} == lines[0]["session"] | {
+        "active_at": None
+    }
 
     # Standard input, under a new key.
     piped = subprocess.run(
@@ -327,7 +336,7 @@ def test_export_and_import_round_trip(env: dict[str, str], tmp_path: Path) -> No
                 lines[3].replace('"type": "input_message"', '"type": ["input_message"]', 1),
                 *lines[4:],
             ],
-            ("unknown event type",),
+            ("type: Must be one of",),
         ),
         (lambda lines: [], ("empty",)),
     ],
@@ -626,3 +635,160 @@ def test_an_import_refuses_a_session_line_the_api_could_not_answer(
     assert "Traceback" not in result.stderr
     listed = cli("sessions", "list", AGENT, "--json", env=env).stdout
     assert [s["key"] for s in json.loads(listed)["sessions"]] == ["chat"]
+
+
+def _database_with_agent(path: Path, agent: str) -> None:
+    from storage_backends import Agent
+
+    store = storage_from_url(f"sqlite:///{path}", {})
+    try:
+        now = utcnow()
+        store.create_agent(agent=Agent(key=agent, name=agent, created_at=now, updated_at=now))
+    finally:
+        store.close()
+
+
+def _agents_in(path: Path) -> list[str]:
+    store = storage_from_url(f"sqlite:///{path}", {})
+    try:
+        return [a.key for a in store.list_agents(limit=10).items]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "mark", ["#", "?", "%41", " "], ids=["hash", "question", "percent", "space"]
+)
+def test_backup_and_restore_open_the_file_named_whatever_it_holds(
+    tmp_path: Path, mark: str
+) -> None:
+    """A path is quoted where it becomes a SQLite URI: '#', '?', '%' and ' ' open that file."""
+    from sessions_app.ops import maintenance
+
+    live, backup = tmp_path / f"prod{mark}1.db", tmp_path / f"good{mark}copy.db"
+    _database_with_agent(live, "from-live")
+    maintenance.sqlite_backup(str(live), str(backup))
+    assert _agents_in(backup) == ["from-live"]
+    assert maintenance.check_backup(str(backup)) == SCHEMA_VERSION
+    other = tmp_path / f"other{mark}2.db"
+    _database_with_agent(other, "from-other")
+    maintenance.sqlite_restore(str(backup), str(other))
+    assert _agents_in(other) == ["from-live"]
+    # Nothing beside them: no empty file named after the part before the mark.
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {n.split(mark)[0].split(".")[0] for n in names} == {"prod", "good", "other"}, names
+    assert all(mark in name for name in names), names
+
+
+def test_backup_and_restore_of_a_path_with_a_hash_through_the_cli(tmp_path: Path) -> None:
+    live = tmp_path / "prod#1.db"
+    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{live}"}
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    backup = tmp_path / "good#copy.db"
+    assert "integrity ok" in cli("backup", str(backup), env=env).stdout
+    assert _agents_in(backup) == [AGENT]
+    cli("agents", "delete", AGENT, "--yes", env=env)
+    restored = cli("restore", str(backup), "--yes", env=env)
+    assert f"restored {backup}" in restored.stdout
+    assert json.loads(cli("agents", "get", AGENT, "--json", env=env).stdout)["key"] == AGENT
+    assert not (tmp_path / "prod").exists() and not (tmp_path / "good").exists()
+
+
+READING_COMMANDS = [
+    ["agents", "list"],
+    ["agents", "get", AGENT],
+    ["agents", "update", AGENT, "--name", "Desk"],
+    ["agents", "delete", AGENT, "--yes"],
+    ["keys", "list", "--json"],
+    ["keys", "revoke", "ak_0123456789abcdef", "--yes"],
+    ["sessions", "list", AGENT],
+    ["sessions", "get", AGENT, "chat"],
+    ["sessions", "delete", AGENT, "chat", "--yes"],
+    ["sessions", "export", AGENT, "chat"],
+    ["sessions", "purge-expired"],
+    ["backup", "{elsewhere}/copy.db"],
+]
+
+
+def test_commands_on_records_refuse_a_database_that_does_not_exist(tmp_path: Path) -> None:
+    """A mistyped path is refused, not made into a new empty database (only creates make one)."""
+    from sessions_app import create_app
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    export = elsewhere / "chat.jsonl"
+    export.write_text('{"format": "agent-sessions/session"}\n')
+    app = create_app({"TESTING": True, "STORAGE_URL": f"sqlite:///{data}/typo.db"})
+    runner = app.test_cli_runner()
+    for args in [*READING_COMMANDS, ["sessions", "import", str(export)]]:
+        args = [arg.format(elsewhere=elsewhere) for arg in args]
+        result = runner.invoke(args=args)
+        assert result.exit_code == 1, (args, result.output, result.stderr)
+        assert result.stderr.count("\n") == 1, (args, result.stderr)
+        assert f"{data}/typo.db does not exist" in result.stderr, (args, result.stderr)
+        assert list(data.iterdir()) == [], args  # nothing made: no database, no -wal, no -writer
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["chat.jsonl"]
+    # What makes a database still does; then the same commands read it.
+    assert runner.invoke(args=["agents", "create", AGENT, "--name", "Support"]).exit_code == 0
+    listed = runner.invoke(args=["agents", "list"])
+    assert listed.exit_code == 0 and listed.output.startswith(AGENT)
+    app.extensions["agent_sessions"].storage.close()
+
+
+def test_a_missing_database_through_the_console_script(tmp_path: Path) -> None:
+    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/sesions.db"}
+    message = one_error_line(cli("agents", "list", env=env, check=False), 1, "does not exist")
+    assert f"{tmp_path}/sesions.db" in message and "STORAGE_URL" in message
+    assert list(tmp_path.iterdir()) == []
+    assert "none (no database yet)" in cli("db", "status", env=env).stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def progress_on_a_terminal(args: list[str], env: dict[str, str], out: Path) -> str:
+    """Run the console script with standard error on a pseudo-terminal, standard output
+    into ``out``; return what the terminal showed."""
+    leader, follower = pty.openpty()
+    with open(out, "wb") as stdout:
+        process = subprocess.Popen(
+            [str(BIN / "agent-sessions"), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=follower,
+            cwd=ROOT,
+            env={**os.environ, **env, "COLUMNS": "200"},
+        )
+    os.close(follower)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the other end closed
+            chunk = b""
+        if not chunk:
+            break
+        shown += chunk
+    assert process.wait(timeout=60) == 0, shown
+    os.close(leader)
+    return shown.decode(errors="replace")
+
+
+def test_export_and_import_show_the_total_and_the_rate_on_a_terminal(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    make_session(env, "chat", events=250)
+    exported = tmp_path / "chat.jsonl"
+    shown = progress_on_a_terminal(["sessions", "export", AGENT, "chat"], env, exported)
+    assert re.search(r"exporting chat +\[#+\] +250/250 +100% +[\d,]+ events/s", shown), shown
+    assert "exported session chat with 250 events" in shown
+    assert exported.read_text().count("\n") == 252  # standard output holds the export alone
+    shown = progress_on_a_terminal(
+        ["sessions", "import", str(exported), "--key", "copy"], env, tmp_path / "out"
+    )
+    # The total from the file's end line, before the import reaches it.
+    assert re.search(r"importing copy +\[-+\] +0/250 +0%", shown), shown
+    assert re.search(r"importing copy +\[#+\] +250/250 +100% +[\d,]+ events/s", shown), shown
+    # Piped, neither shows anything on standard error.
+    assert cli("sessions", "export", AGENT, "copy", env=env).stderr == ""

@@ -29,6 +29,7 @@ FIELDS = {
     "input_message": st.fixed_dictionaries({"messages": messages}),
     "agent_output": st.fixed_dictionaries({"content": texts}),
     "thinking": st.fixed_dictionaries({}, optional={"content": texts}),
+    "session_interrupted": st.fixed_dictionaries({}),
     "tool_input": st.fixed_dictionaries({**tool, "tool_input": objects}),
     "tool_output": st.fixed_dictionaries({**tool, "tool_output": objects, "error": st.booleans()}),
     "structured_output": st.fixed_dictionaries({"schema_name": texts, "content": json_values}),

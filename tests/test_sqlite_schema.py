@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+import requests
 from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
@@ -158,3 +159,23 @@ def test_a_newer_database_is_one_line_from_the_cli_and_503_from_readyz(tmp_path)
         app.extensions["agent_sessions"].storage.close()
     assert response.status_code == 503
     assert response.get_json()["storage"] == "unavailable"
+
+
+def test_the_server_logs_once_that_it_made_a_new_database(tmp_path):
+    """A new, empty database is a line in the error log, with its path; an existing one is not."""
+    from tests.servers import serving
+
+    path = tmp_path / "fresh.db"
+    env = {"AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{path}"}
+    with serving(env, tmp_path, workers=2) as server:
+        for _ in range(4):  # each worker opens the database
+            assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        logs = server.logs()
+    made = [line for line in logs.splitlines() if "new, empty database" in line]
+    assert len(made) == 1, logs
+    assert "[WARNING]" in made[0] and str(path) in made[0]
+    assert user_version(path) == SCHEMA_VERSION
+    with serving(env, tmp_path, workers=1) as server:
+        assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        again = server.logs()
+    assert "storage: SQLite" in again and "new, empty database" not in again

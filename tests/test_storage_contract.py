@@ -1301,6 +1301,26 @@ def test_iter_events_reads_every_event_in_batches(storage, session):
     assert rest[1499].hide_reason == "manual"
 
 
+def test_count_events_counts_the_whole_history_of_a_live_session(storage, session):
+    assert storage.count_events(agent_key="bot", session_key="s1", now=T0) == 0
+    history(storage, *"ioiot")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_2", hide_reason="manual", now=T0
+    )
+    make_session(storage, key="other")
+    history(storage, "i", session_key="other")
+    assert storage.count_events(agent_key="bot", session_key="s1", now=T0) == 5
+    storage.delete_event(agent_key="bot", session_key="s1", event_id="aev_5", now=T0)
+    assert storage.count_events(agent_key="bot", session_key="s1", now=T0) == 4
+    for agent_key, session_key in (("bot", "nothing"), ("nobody", "s1")):
+        with pytest.raises(SessionNotFound):
+            storage.count_events(agent_key=agent_key, session_key=session_key, now=T0)
+    make_session(storage, key="idle", tti_minutes=1)
+    later = T0 + dt.timedelta(minutes=2)
+    with pytest.raises(SessionNotFound):
+        storage.count_events(agent_key="bot", session_key="idle", now=later)
+
+
 def test_import_session_keeps_ids_times_and_hide_reasons(storage, session):
     history(storage, *"ioio")
     storage.set_event_hidden(

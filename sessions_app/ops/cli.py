@@ -78,7 +78,7 @@ def echo_json(value: Any) -> None:
 
 def echo_json_list(name: str, items: Iterable[Any]) -> None:
     """``{"<name>": [...]}`` written item by item: one document, in constant memory."""
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # click.get_text_stream is deprecated (gone in Click 9)
     out.write(f'{{"{name}": [')
     count = 0
     for item in items:
@@ -124,7 +124,7 @@ def describe(err: StorageError) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def storage() -> Any:
+def storage(*, missing_ok: bool = False) -> Any:
     """The configured storage, refused where a command on it could only mislead.
 
     memory:// lives inside each server process: a command on it would act on
@@ -132,6 +132,10 @@ def storage() -> Any:
     directory that does not exist is a configuration mistake (a typo), not a
     place to create a new, empty database; the default file in the instance
     folder is the exception, its folder made on first use as the server does.
+    A SQLite file that does not exist is refused too, before anything opens
+    it, unless ``missing_ok`` (the commands that make records or the schema):
+    reading or changing records there would make a new, empty database, and
+    answer from it.
     """
     app = current_app
     store = app.extensions["agent_sessions"].storage
@@ -145,6 +149,12 @@ def storage() -> Any:
         if not os.path.isdir(directory):
             raise ConfigError(
                 f"STORAGE_URL {app.config['STORAGE_URL']}: directory {directory} does not exist"
+            )
+    if maintenance.backend_name(store) == "sqlite" and not missing_ok:
+        if not os.path.exists(store.path):
+            raise click.ClickException(
+                f"the database {os.path.abspath(store.path)} does not exist: check STORAGE_URL "
+                "(agents create, keys create, db upgrade and restore make a new one)"
             )
     return store
 
@@ -208,7 +218,7 @@ def show(body: dict[str, Any]) -> None:
 @one_line_errors
 def db_status() -> None:
     """Show the schema version of the database and of this release (changes nothing)."""
-    store = storage()
+    store = storage(missing_ok=True)
     found = maintenance.schema_version(store)
     known = maintenance.known_version()
     echo(f"backend: {maintenance.backend_name(store)}")
@@ -231,7 +241,7 @@ def db_status() -> None:
 @one_line_errors
 def db_upgrade() -> None:
     """Create the schema or bring it to this release's version (what first use does)."""
-    store = storage()
+    store = storage(missing_ok=True)
     before = maintenance.schema_version(store)
     store.check()  # opens the database, which creates or migrates the schema
     after = maintenance.schema_version(store)
@@ -267,7 +277,7 @@ def backup(path: str) -> None:
 @one_line_errors
 def restore(path: str, yes: bool) -> None:
     """Replace the SQLite database with the backup at PATH (stop the server first)."""
-    store = storage()
+    store = storage(missing_ok=True)
     if maintenance.backend_name(store) != "sqlite":
         raise click.ClickException(
             "restore writes SQLite databases; for PostgreSQL use pg_restore "

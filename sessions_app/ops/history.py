@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import re
+import io
+import json
+import os
+import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
-from marshmallow import ValidationError
+from marshmallow import Schema, ValidationError
 
 from storage_backends import (
     Conflict,
@@ -26,7 +30,6 @@ from ..schemas import (
 )
 from .cli import (
     check_key,
-    checked,
     confirm,
     echo,
     echo_json,
@@ -120,12 +123,7 @@ def purge_expired() -> None:
 
 EXPORT_FORMAT = "agent-sessions/session"
 EXPORT_VERSION = 1
-EVENT_ID = re.compile(r"^aev_[0-9A-Za-z]{1,60}$")
-HIDE_REASONS = ("manual", "compaction")
 EVENT_KEYS = ("id", "type", "created_at", "hide_reason")
-
-
-FORKED_FROM_FIELDS = frozenset({"agent_key", "session_key", "event_id"})
 
 
 def event_line(event: Any) -> dict[str, Any]:
@@ -146,11 +144,55 @@ def session_line(session: Any) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "session": body}
 
 
-def progress(items: Iterable[Any], label: str) -> Any:
-    """``items`` with a progress counter on standard error when a person watches it."""
-    if not sys.stderr.isatty():
+def progress(items: Iterable[Any], label: str, total: int | None, file: Any = None) -> Any:
+    """``items`` with a progress bar on ``file`` (standard error) when a person watches it.
+
+    The bar shows the count of ``total`` (when known, with the percentage and,
+    after a second, the time left) and the rate. It is redrawn every 0.1% of
+    the total (every 100 items when it is not known), so that drawing costs
+    nothing next to the work. Elsewhere (a pipe, a file) nothing is written.
+    """
+    file = sys.stderr if file is None else file
+    if not file.isatty():
         return contextlib.nullcontext(items)
-    return click.progressbar(items, label=label, file=sys.stderr, show_pos=True)
+    bar = click.progressbar(
+        items,
+        length=total,
+        label=label,
+        file=file,
+        show_pos=True,
+        show_percent=total is not None,
+        show_eta=True,
+        update_min_steps=max(1, total // 1000) if total is not None else 100,
+    )
+
+    def rate(_: Any) -> str | None:
+        elapsed = time.time() - bar.start  # click's own clock for the time left
+        return f"{bar.pos / elapsed:,.0f} events/s" if bar.pos and elapsed > 0 else None
+
+    bar.item_show_func = rate
+    return bar
+
+
+def announced_count(source: Any) -> int | None:
+    """The count the end line of an export announces, read from the end of a regular file
+    without moving its position; None for a pipe or a file that does not end with one.
+
+    For the progress bar only: the import checks the count when it reaches that line.
+    """
+    try:
+        fd = source.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        tail = os.pread(fd, 4096, max(0, info.st_size - 4096))
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    try:
+        count = json.loads(tail.rstrip().rpartition(b"\n")[2])["end"]["events"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return count if type(count) is int and count >= 0 else None
 
 
 @sessions.command("export")
@@ -168,11 +210,17 @@ def export_session(agent_key: str, session_key: str) -> None:
     check_key(session_key, "SESSION_KEY")
     now = utcnow()
     session = store.get_session(agent_key=agent_key, session_key=session_key, now=now)
+    # Counted first for the progress bar only, which only a terminal shows.
+    total = (
+        store.count_events(agent_key=agent_key, session_key=session_key, now=now)
+        if sys.stderr.isatty()
+        else None
+    )
     events = store.iter_events(agent_key=agent_key, session_key=session_key, now=now)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # click.get_text_stream is deprecated (gone in Click 9)
     out.write(json_text(session_line(session), indent=None) + "\n")
     count = 0
-    with progress(events, f"exporting {session_key}") as shown:
+    with progress(events, f"exporting {session_key}", total) as shown:
         for event in shown:
             out.write(json_text(event_line(event), indent=None) + "\n")
             count += 1
@@ -199,15 +247,45 @@ def parse_line(text: str, number: int) -> dict[str, Any]:
     return value
 
 
-def timestamp(value: Any, where: str) -> dt.datetime:
+def load(schema: Schema, body: Any, number: int) -> dict[str, Any]:
+    """``body`` loaded by one of the API's schemas; a refusal names the line, the field
+    and, when it is a short text or number, the value refused."""
     try:
-        return codec.parse_ts(value)
-    except (TypeError, ValueError):
-        raise BadExport(f"{where}: not a timestamp: {value!r}") from None
+        return schema.load(body)
+    except ValidationError as err:
+        path, message = next(iter(flatten_messages(err.messages).items()))
+        value = given_at(body, path)
+        shown = f" (given: {value!r})" if value is not None else ""
+        raise BadExport(f"line {number}: {path}: {message}{shown}") from None
 
 
-def read_session(first: dict[str, Any], agent_key: str | None, session_key: str | None) -> Any:
+def given_at(body: Any, path: str) -> Any:
+    """The value at a dotted ``path`` of ``body``, if it is short enough to show."""
+    for part in path.split("."):
+        if isinstance(body, dict) and part in body:
+            body = body[part]
+        elif isinstance(body, list) and part.isdigit() and int(part) < len(body):
+            body = body[int(part)]
+        else:
+            return None
+    if isinstance(body, bool) or not isinstance(body, str | int | float):
+        return None
+    if isinstance(body, str) and not body.isprintable():
+        return None  # shown escaped, it would read as something else
+    return body if len(repr(body)) <= 80 else None
+
+
+def read_session(
+    first: dict[str, Any], agent_key: str | None, session_key: str | None, now: dt.datetime
+) -> Any:
+    """The session of an export's first line, checked by the API's own schema.
+
+    Its idle clock restarts at ``now``: an import is the session's latest
+    activity, so a session exported long ago is not expired as it arrives.
+    """
     from storage_backends import Session
+
+    from ..schemas import ExportedSessionSchema
 
     if first.get("format") != EXPORT_FORMAT or first.get("version") != EXPORT_VERSION:
         raise BadExport(
@@ -217,56 +295,14 @@ def read_session(first: dict[str, Any], agent_key: str | None, session_key: str 
     body = first.get("session")
     if not isinstance(body, dict):
         raise BadExport("line 1: no session")
-    from ..schemas import SessionCreateSchema
-
-    key = session_key or body.get("key")
-    if key is None:
+    if session_key is not None:
+        body = body | {"key": check_key(session_key, "--key")}
+    if agent_key is not None:
+        body = body | {"agent_key": check_key(agent_key, "--agent")}
+    if body.get("key") is None:
         raise BadExport("line 1: the session has no key; give one with --key")
-    try:
-        fields = checked(
-            SessionCreateSchema,
-            {k: body.get(k) for k in ("name", "description", "metadata", "enabled", "tti_minutes")}
-            | {"key": key},
-        )
-    except ValueError as err:
-        raise BadExport(f"line 1: {str(err).removeprefix('--')}") from None
-    forked_from = body.get("forked_from")
-    if forked_from is not None and not (
-        isinstance(forked_from, dict)
-        and {"agent_key", "session_key"} <= forked_from.keys() <= FORKED_FROM_FIELDS
-        and all(isinstance(v, str) and v for v in forked_from.values())
-    ):
-        raise BadExport(
-            "line 1: forked_from must be an object of agent_key, session_key and "
-            "optionally event_id, each a string"
-        )
-    created = timestamp(body.get("created_at"), "line 1: created_at")
-    updated = timestamp(body.get("updated_at"), "line 1: updated_at")
-    active = body.get("active_at")
-    return Session(
-        agent_key=agent_key or body.get("agent_key") or "",
-        created_at=created,
-        updated_at=updated,
-        forked_from=forked_from,
-        active_at=timestamp(active, "line 1: active_at") if active is not None else None,
-        **fields,
-    )
-
-
-def event_fields(body: dict[str, Any], number: int) -> dict[str, Any]:
-    """The fields of an event line, checked by its type's schema as a batch is."""
-    from ..schemas.events import STORED_EVENT_VARIANTS
-
-    given = {k: v for k, v in body.items() if k not in EVENT_KEYS}
-    try:
-        loaded = STORED_EVENT_VARIANTS[body["type"]]().load({"type": body["type"], **given})
-    except ValidationError as err:
-        path, message = next(iter(flatten_messages(err.messages).items()))
-        raise BadExport(f"line {number}: {path}: {message}") from None
-    loaded.pop("type", None)
-    loaded.pop("id", None)
-    # The line's own order first, then what the schema added (defaults).
-    return {k: loaded[k] for k in given if k in loaded} | loaded
+    fields = load(ExportedSessionSchema(), body, 1)
+    return Session(**fields | {"active_at": now})
 
 
 def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[int]) -> Any:
@@ -275,11 +311,11 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
     Raising from here aborts the import's transaction: nothing is stored.
     """
     from storage_backends import Event
-    from storage_backends.codec import dump_json
 
-    # Every type the API stores, the service's own included: one list, the schemas'.
-    from ..schemas.events import STORED_EVENT_VARIANTS, dump_event
+    from ..corridor.errors import ApiError
+    from ..schemas.events import ExportedEventSchema, check_size
 
+    schema = ExportedEventSchema()
     for number, text in lines:
         line = parse_line(text, number)
         if "end" in line:
@@ -297,29 +333,22 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
         body = line.get("event")
         if not isinstance(body, dict):
             raise BadExport(f"line {number}: expected an event or the end line")
-        event_id, kind = body.get("id"), body.get("type")
-        if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
-            raise BadExport(f"line {number}: bad event id {event_id!r}")
-        if not isinstance(kind, str) or kind not in STORED_EVENT_VARIANTS:
-            raise BadExport(f"line {number}: unknown event type {kind!r}")
-        hidden = body.get("hide_reason")
-        if hidden is not None and hidden not in HIDE_REASONS:
-            raise BadExport(f"line {number}: bad hide_reason {hidden!r}")
+        loaded = load(schema, body, number)
         tally[0] += 1
+        keys = {key: loaded.pop(key, None) for key in EVENT_KEYS}
         event = Event(
-            id=event_id,
+            id=keys["id"],
             session_key=session_key,
-            type=kind,
-            fields=event_fields(body, number),
-            created_at=timestamp(body.get("created_at"), f"line {number}: created_at"),
-            hide_reason=hidden,
+            type=keys["type"],
+            # The line's own order first, then what the schema added (defaults).
+            fields={k: loaded[k] for k in body if k in loaded} | loaded,
+            created_at=keys["created_at"],
+            hide_reason=keys["hide_reason"],
         )
-        size = len(dump_json(dump_event(event)).encode())
-        if size > current_app.config["EVENT_MAX_BYTES"]:
-            raise BadExport(
-                f"line {number}: the event serializes to {size} bytes; at most "
-                f"{current_app.config['EVENT_MAX_BYTES']} are allowed"
-            )
+        try:
+            check_size(None, event)
+        except ApiError as err:
+            raise BadExport(f"line {number}: {err}") from None
         yield event
     raise BadExport("the file ends before its end line: it is not a whole export")
 
@@ -333,20 +362,21 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     """Read an export (a file, or - for standard input) into a new session, ids kept.
 
     All or nothing: a bad line, a missing end line or a session key that is
-    taken stores nothing.
+    taken stores nothing. The session's idle clock restarts with the import.
     """
     store = storage()
     lines = ((number, text) for number, text in enumerate(source, 1) if text.strip())
     first = next(lines, None)
     if first is None:
         raise BadExport("the input is empty")
-    session = read_session(parse_line(first[1], first[0]), agent_key, session_key)
-    check_key(session.agent_key, "the agent key")
+    now = utcnow()
+    session = read_session(parse_line(first[1], first[0]), agent_key, session_key, now)
     store.get_agent(agent_key=session.agent_key)
     tally = [0, 0]  # events read, end line seen
     events = read_events(lines, session.key, tally)
     try:
-        with progress(events, f"importing {session.key}") as shown:
+        total = announced_count(source) if sys.stderr.isatty() else None
+        with progress(events, f"importing {session.key}", total) as shown:
             count = store.import_session(session=session, events=shown)
     except Conflict:
         raise BadExport(
@@ -355,7 +385,11 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
         ) from None
     if not tally[1]:  # a backend that stopped reading early
         raise BadExport("the import did not reach the end line")
-    echo(f"imported session {session.key} of agent {session.agent_key} with {count} events")
+    done = f"imported session {session.key} of agent {session.agent_key} with {count} events"
+    if session.expires_at is not None:
+        expires = codec.format_ts(session.expires_at)
+        done += f"; its idle clock starts now: unless used, it expires at {expires}"
+    echo(done)
 
 
 # The schema

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,13 +31,21 @@ def backend_name(store: Storage) -> str:
     return type(store).__name__.removesuffix("Storage").lower()
 
 
+def sqlite_uri(path: str, mode: str) -> str:
+    """The ``file:`` URI of ``path``: quoted, so that a ``#``, ``?`` or ``%`` in a name is
+    part of the name, not the start of a fragment, a query or an escape."""
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}"
+
+
 def sqlite_connect(path: str, *, readonly: bool = False) -> Any:
-    """A plain connection of the SQLite library the service uses (sqlite-utils' choice)."""
+    """A plain connection of the SQLite library the service uses (sqlite-utils' choice).
+
+    Always by URI: that library reads a name starting with ``file:`` as one anyway.
+    """
     from sqlite_utils.utils import sqlite3
 
-    if readonly:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    return sqlite3.connect(path, isolation_level=None)
+    uri = sqlite_uri(path, "ro" if readonly else "rwc")
+    return sqlite3.connect(uri, uri=True, isolation_level=None)
 
 
 def schema_version(store: Storage) -> int | None:

@@ -62,7 +62,7 @@ def create_agent(agent_key: str, name: str, description: str | None) -> None:
     )
     now = utcnow()
     agent = Agent(**fields, created_at=now, updated_at=now)
-    storage().create_agent(agent=agent)
+    storage(missing_ok=True).create_agent(agent=agent)
     echo(f"created agent {agent_key}")
 
 
@@ -193,7 +193,7 @@ def create_key(
     expires: str | None,
 ) -> None:
     """Create an API key; its secret is printed once, alone on the last line."""
-    store = storage()  # refuses memory://, whose keys no server would see
+    store = storage(missing_ok=True)  # refuses memory://, whose keys no server would see
     if create_limit is not None:
         parse_limit(create_limit)  # its message names the limit
     expires_at = parse_expires(expires, utcnow()) if expires is not None else None

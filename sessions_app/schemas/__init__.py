@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import numbers
 import operator
+import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -239,6 +240,44 @@ class Timestamp(fields.Field):
         return format_ts(value)
 
 
+# RFC 3339 (section 5.6): full date, T, full time with seconds, then Z or a numeric offset.
+_RFC_3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+class Instant(fields.Field):
+    """A time given back to the service, such as an export holds: RFC 3339 with an offset.
+
+    ``2026-11-28T17:49:52.123Z`` as the API writes it, or ``+hh:mm`` for another
+    zone; never a time without an offset (it would be the local time of whoever
+    reads it, which SQLite and PostgreSQL read differently), a bare date or the
+    ISO 8601 basic format. Loads as UTC to the millisecond, what storage keeps.
+    """
+
+    default_error_messages = {
+        "invalid": "Must be an RFC 3339 time with an offset (Z or +hh:mm), "
+        "such as 2026-11-28T17:49:52.123Z."
+    }
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(type="string", format="date-time")
+        super().__init__(**kwargs)
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> str | None:
+        return format_ts(value)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dt.datetime:
+        if not isinstance(value, str) or not _RFC_3339.fullmatch(value):
+            raise self.make_error("invalid")
+        try:
+            # A day or an hour out of range; an offset that leaves years 1 to 9999.
+            instant = dt.datetime.fromisoformat(value.upper()).astimezone(dt.UTC)
+        except (ValueError, OverflowError):
+            raise self.make_error("invalid") from None
+        return instant.replace(microsecond=instant.microsecond // 1000 * 1000)
+
+
 # Field types whose dumped value is the attribute itself, for the values storage
 # returns (str, int, bool, dict or None): their _serialize only coerces.
 _AS_IS = (fields.String, fields.Integer, fields.Boolean, fields.Dict)
@@ -444,6 +483,32 @@ class SessionCreateSchema(BodySchema):
         FromSessionSchema,
         metadata={"description": "Fork: start with a copy of this session's visible events."},
     )
+
+
+class ForkedFromInSchema(BodySchema):
+    """``forked_from`` given back, as an export holds it: the source and the last event copied."""
+
+    agent_key = Key(required=True)
+    session_key = Key(required=True)
+    event_id = EventId()
+
+
+class ExportedSessionSchema(SessionCreateSchema):
+    """A session as ``agent-sessions sessions export`` writes it, read back by ``import``.
+
+    What a create takes, checked as a create checks it, and what the service
+    itself sets (keys, times, the fork's source), checked as it would set them.
+    """
+
+    class Meta(BodySchema.Meta):
+        exclude = ("from_session",)
+
+    key = Key(required=True)
+    agent_key = Key(required=True)
+    created_at = Instant(required=True)
+    updated_at = Instant(required=True)
+    active_at = Instant()
+    forked_from = fields.Nested(ForkedFromInSchema)
 
 
 class SessionUpdateSchema(BodySchema):

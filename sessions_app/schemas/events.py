@@ -32,10 +32,12 @@ from . import (
     AnswerSchema,
     BodySchema,
     EventId,
+    Instant,
     ListMetadataSchema,
     ListQuerySchema,
     ResponseSchema,
     StrictBoolean,
+    StrictInteger,
     Timestamp,
     check_tree,
 )
@@ -214,6 +216,11 @@ def _messages() -> fields.Field:
 # Event types: the fields of each, declared once
 
 
+def _count() -> fields.Integer:
+    bounds = validate.Range(min=0, max=2**63 - 1, error="Must be a count, from 0 to 2^63 - 1.")
+    return StrictInteger(required=True, validate=bounds)
+
+
 def _tool_fields() -> dict[str, fields.Field]:
     return {
         "tool_call_id": Label(required=True),
@@ -251,11 +258,12 @@ TYPE_FIELDS: dict[str, Callable[[], dict[str, fields.Field]]] = {
     "skill_load": lambda: {"skill_name": Label(required=True), "content": Text(required=True)},
     # Written by {"type": "interrupt"}; no fields of its own.
     "session_interrupted": dict,
+    # As compact and fork write it: counts of what it hid, its summary, its own id as the key.
     "compaction": lambda: {
-        "turns_compacted": fields.Integer(required=True),
-        "events_compacted": fields.Integer(required=True),
-        "summary_text": fields.String(required=True),
-        "summary_key": fields.String(required=True),
+        "turns_compacted": _count(),
+        "events_compacted": _count(),
+        "summary_text": Text(required=True, validate=validate.Length(min=1)),
+        "summary_key": EventId(required=True),
     },
 }
 EVENT_TYPES = tuple(TYPE_FIELDS)
@@ -274,6 +282,21 @@ class EventInSchema(BodySchema):
     id = EventId(metadata={"description": "Assigned by the service when omitted."})
 
 
+def _hide_reason() -> fields.String:
+    return fields.String(
+        validate=validate.OneOf([HIDDEN_MANUAL, HIDDEN_BY_COMPACTION]),
+        metadata={"description": "Absent on a visible event."},
+    )
+
+
+class StoredEventSchema(EventInSchema):
+    """An event as an export holds it: what the service set (id, time, hide_reason) too."""
+
+    id = EventId(required=True)
+    created_at = Instant(required=True)
+    hide_reason = _hide_reason()
+
+
 class EventBaseSchema(AnswerSchema):
     class Meta:
         ordered = True
@@ -281,10 +304,7 @@ class EventBaseSchema(AnswerSchema):
     id = fields.String(required=True, metadata={"pattern": EVENT_ID_PATTERN})
     session_key = fields.String(required=True)
     created_at = Timestamp(required=True)
-    hide_reason = fields.String(
-        validate=validate.OneOf([HIDDEN_MANUAL, HIDDEN_BY_COMPACTION]),
-        metadata={"description": "Absent on a visible event."},
-    )
+    hide_reason = _hide_reason()
 
 
 def _event_schemas() -> tuple[dict[str, type[Schema]], dict[str, type[Schema]]]:
@@ -305,17 +325,19 @@ def _event_schemas() -> tuple[dict[str, type[Schema]], dict[str, type[Schema]]]:
 
 EVENT_IN_VARIANTS, EVENT_VARIANTS = _event_schemas()
 #: What an imported export may hold: every type's fields, checked as a batch checks
-#: them, the service's own types included (an export carries its compactions).
+#: them, and the service's own types as the service writes them (an export carries
+#: its compactions).
 STORED_EVENT_VARIANTS: dict[str, type[Schema]] = {
-    **EVENT_IN_VARIANTS,
-    **{
-        kind: type(
-            f"{_class_name(kind)}StoredEventSchema",
-            (EventInSchema,),
-            {"type": _typed(kind), "KEEP_NULL": frozenset(), **TYPE_FIELDS[kind]()},
-        )
-        for kind in SERVICE_TYPES
-    },
+    kind: type(
+        f"{_class_name(kind)}StoredEventSchema",
+        (StoredEventSchema,),
+        {
+            "type": _typed(kind),
+            **({} if kind == "structured_output" else {"KEEP_NULL": frozenset()}),
+            **TYPE_FIELDS[kind](),
+        },
+    )
+    for kind in TYPE_FIELDS
 }
 REFUSED_IN_BATCH = {
     kind: f"{kind} events are written by the service only." for kind in SERVICE_TYPES
@@ -363,6 +385,12 @@ class EventSchema(TaggedSchema):
 
     def dump(self, obj: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return dump_event(obj)
+
+
+class ExportedEventSchema(TaggedSchema):
+    """An event line of an export, of any type (``agent-sessions sessions import``)."""
+
+    VARIANTS = STORED_EVENT_VARIANTS
 
 
 class EventListSchema(ResponseSchema):

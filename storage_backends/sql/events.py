@@ -449,6 +449,12 @@ class EventRecords(SQLDialect):
         session_id = self._session_id(agent_key, session_key, now)
         return self._iter_events(session_id, session_key)
 
+    def count_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        session_id = self._session_id(agent_key, session_key, now)
+        with self._reading() as conn:
+            query = self._sql("SELECT count(*) FROM events WHERE session_id = ?")
+            return conn.execute(query, [session_id]).fetchone()[0]
+
     def _iter_events(self, session_id: int, session_key: str) -> Iterator[Event]:
         query = self._sql(event_page_query(False, True, 0, True)[0])
         after = 0
