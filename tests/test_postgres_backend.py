@@ -111,7 +111,7 @@ def test_a_schema_1_database_moves_its_json_to_text_as_written_and_keeps_its_row
                 ).fetchall()
             )
             text = conn.execute("SELECT metadata::text FROM agents WHERE key = 'new'").fetchone()
-    assert versions == [1, 2, 3, SCHEMA_VERSION] == [1, 2, 3, 4]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
     assert types == {
         "agents.metadata": "json",
         "sessions.metadata": "json",

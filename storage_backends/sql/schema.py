@@ -184,6 +184,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ON console_sessions (expires_at)",
         ),
     ),
+    Migration(
+        6,
+        "SQLite: agent and session row ids never reused (AUTOINCREMENT)",
+        # Without AUTOINCREMENT SQLite gives the next row the newest id plus one,
+        # so the id of the newest session, once it is deleted, went to the next
+        # session created, in any agent: a page cursor or a call that held the
+        # old id then read the new session. SQLite cannot change a primary key
+        # in place: each table is rebuilt in this migration's transaction (a new
+        # table, the rows copied with their ids, the old one dropped with its
+        # indexes and trigger, the new one renamed, then those made again), as
+        # sqlite.org/lang_altertable.html#otheralter describes. sqlite_sequence
+        # starts at the highest id kept. PostgreSQL's identity columns never
+        # reuse a value.
+        sqlite=(
+            "CREATE TABLE agents_rebuilt (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "key TEXT NOT NULL, name TEXT NOT NULL, description TEXT, metadata TEXT NOT NULL, "
+            "enabled INTEGER NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+            "INSERT INTO agents_rebuilt (id, key, name, description, metadata, enabled, "
+            "created_at, updated_at) SELECT id, key, name, description, metadata, enabled, "
+            "created_at, updated_at FROM agents ORDER BY id",
+            "DROP TABLE agents",
+            "ALTER TABLE agents_rebuilt RENAME TO agents",
+            "CREATE UNIQUE INDEX idx_agents_key ON agents (key)",
+            "CREATE TABLE sessions_rebuilt (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "agent_key TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, description TEXT, "
+            "metadata TEXT NOT NULL, enabled INTEGER NOT NULL, tti_minutes INTEGER NOT NULL, "
+            "created_at TEXT NOT NULL, updated_at TEXT NOT NULL, expires_at TEXT, "
+            "forked_from TEXT, active_at TEXT)",
+            "INSERT INTO sessions_rebuilt (id, agent_key, key, name, description, metadata, "
+            "enabled, tti_minutes, created_at, updated_at, expires_at, forked_from, active_at) "
+            "SELECT id, agent_key, key, name, description, metadata, enabled, tti_minutes, "
+            "created_at, updated_at, expires_at, forked_from, active_at FROM sessions ORDER BY id",
+            # Dropping a table fires none of its triggers: the events stay.
+            "DROP TABLE sessions",
+            "ALTER TABLE sessions_rebuilt RENAME TO sessions",
+            "CREATE UNIQUE INDEX idx_sessions_agent_key_key ON sessions (agent_key, key)",
+            "CREATE INDEX idx_sessions_agent_key_id ON sessions (agent_key, id)",
+            "CREATE INDEX idx_sessions_expiring ON sessions (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+            "CREATE TRIGGER sessions_delete_events AFTER DELETE ON sessions "
+            "BEGIN DELETE FROM events WHERE session_id = OLD.id; END",
+        ),
+        postgres=(),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
