@@ -578,7 +578,10 @@ class Storage(abc.ABC):
         is checked by the call itself, which raises :class:`SessionNotFound`
         before it returns the iterator (so a streamed answer can still be a 404).
         Each batch is read on its own: events written or removed meanwhile may
-        or may not appear, but none appears twice or out of order.
+        or may not appear, but none appears twice or out of order, and none
+        of another session: a session deleted before its last batch is read
+        ends the iteration with :class:`SessionNotFound`, so that what was
+        read is never taken for the whole history.
         """
 
     @abc.abstractmethod

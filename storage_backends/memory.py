@@ -527,14 +527,20 @@ class MemoryStorage(MemoryConsole, Storage):
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
             log = self._events[seq]
-        return self._iter_events(log)
+        return self._iter_events(seq, log, session_key)
 
-    def _iter_events(self, log: _Events, batch: int = 1000) -> Iterator[Event]:
+    def _iter_events(
+        self, seq: int, log: _Events, session_key: str, batch: int = 1000
+    ) -> Iterator[Event]:
+        """As the SQL backends read: a session deleted before the last batch ends it."""
         after = None
         while True:
             with self._lock:
                 rows = list(itertools.islice(log.rows(after=after, include_hidden=True), batch))
                 events = [_copy(event) for _, event in rows]
+                gone = self._events.get(seq) is not log
+            if gone:
+                raise SessionNotFound(session_key)
             yield from events
             if len(rows) < batch:
                 return

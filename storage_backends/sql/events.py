@@ -26,16 +26,18 @@ from ..base import (
 from ..codec import merge_patch, same_json
 from .dialect import SQLDialect
 from .schema import (
+    DELETE_EVENT,
     DELETE_EXPIRED_BY_ID,
     DELETE_EXPIRED_SESSION,
     EVENT_BATCH,
-    EVENT_COLUMNS,
     FIND_SESSION,
     GET_EVENT,
+    HIDE_EVENT,
     IMPORT_BATCH,
     INSERT_EVENT,
     LAST_EVENT_ID,
     LIVE,
+    SESSION_EXISTS,
     SESSIONS,
     event_page_query,
 )
@@ -68,7 +70,8 @@ class EventRecords(SQLDialect):
         ]
 
     def _session_id(self, agent_key: str, session_key: str, now: dt.datetime) -> int:
-        """The row id of a live session, for reads.
+        """The row id of a live session: for an export's batches, and to tell why a
+        statement on a session's events (which finds the session itself) found none.
 
         Raises :class:`SessionNotFound`, also for a session expired at ``now``
         (which is then removed, with its events).
@@ -227,21 +230,24 @@ class EventRecords(SQLDialect):
         include_hidden: bool = False,
         types: frozenset[str] | None = None,
     ) -> Page:
-        session_id = self._session_id(agent_key, session_key, now)
         kinds: list[str | None] = [None] if types is None else sorted(types)
         if not kinds:
+            self._session_id(agent_key, session_key, now)
             return Page([], None)
         query, union = event_page_query(
             descending, include_hidden, 0 if types is None else len(kinds), after is not None
         )
+        session = [agent_key, session_key, self.encode_ts(now)]
         cursor = [] if after is None else [after]
         params: list[Any] = []
         for kind in kinds:
-            params += [session_id, *([] if kind is None else [kind]), *cursor, limit + 1]
+            params += [*session, *([] if kind is None else [kind]), *cursor, limit + 1]
         if union:
             params.append(limit + 1)
         with self._reading() as conn:
             rows = conn.execute(self._sql(query), params).fetchall()
+        if not rows:
+            self._session_id(agent_key, session_key, now)  # SessionNotFound, or an empty page
         more = len(rows) > limit
         rows = rows[:limit]
         return Page([self._event(row, session_key) for row in rows], rows[-1][0] if more else None)
@@ -249,10 +255,11 @@ class EventRecords(SQLDialect):
     def get_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> Event:
-        session_id = self._session_id(agent_key, session_key, now)
+        params = [agent_key, session_key, self.encode_ts(now), event_id]
         with self._reading() as conn:
-            row = conn.execute(self._sql(GET_EVENT), [session_id, event_id]).fetchone()
+            row = conn.execute(self._sql(GET_EVENT), params).fetchone()
         if row is None:
+            self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
         return self._event(row, session_key)
 
@@ -265,29 +272,22 @@ class EventRecords(SQLDialect):
         hide_reason: str | None,
         now: dt.datetime,
     ) -> Event:
-        session_id = self._session_id(agent_key, session_key, now)
+        params = [hide_reason, agent_key, session_key, self.encode_ts(now), event_id]
         with self._writing() as conn:
-            row = conn.execute(
-                self._sql(
-                    "UPDATE events SET hide_reason = ? WHERE session_id = ? AND id = ? "
-                    f"RETURNING {', '.join(EVENT_COLUMNS)}"
-                ),
-                [hide_reason, session_id, event_id],
-            ).fetchone()
+            row = conn.execute(self._sql(HIDE_EVENT), params).fetchone()
         if row is None:
+            self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
         return self._event(row, session_key)
 
     def delete_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> None:
-        session_id = self._session_id(agent_key, session_key, now)
+        params = [agent_key, session_key, self.encode_ts(now), event_id]
         with self._writing() as conn:
-            deleted = conn.execute(
-                self._sql("DELETE FROM events WHERE session_id = ? AND id = ?"),
-                [session_id, event_id],
-            ).rowcount
+            deleted = conn.execute(self._sql(DELETE_EVENT), params).rowcount
         if deleted == 0:
+            self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
 
     def compact_events(
@@ -450,14 +450,21 @@ class EventRecords(SQLDialect):
         return self._iter_events(session_id, session_key)
 
     def _iter_events(self, session_id: int, session_key: str) -> Iterator[Event]:
-        query = self._sql(event_page_query(False, True, 0, True)[0])
+        """The batches, by the row id (never given to another session); the last one
+        short. A session is deleted with its events in one statement, so one deleted
+        before that last batch was read leaves it short too, and is then missing."""
+        query = self._sql(event_page_query(False, True, 0, True, by_id=True)[0])
         after = 0
         while True:
             with self._reading() as conn:
                 rows = conn.execute(query, [session_id, after, EVENT_BATCH]).fetchall()
+                if len(rows) < EVENT_BATCH:
+                    gone = conn.execute(self._sql(SESSION_EXISTS), [session_id]).fetchone() is None
             for row in rows:
                 yield self._event(row, session_key)
             if len(rows) < EVENT_BATCH:
+                if gone:
+                    raise SessionNotFound(session_key)
                 return
             after = rows[-1][0]
 

@@ -328,15 +328,27 @@ DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? A
 DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
 PURGE_EXPIRED = "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?"
 
-# Events. A session's events are found by the session's row id, which the
-# session's own lookup (by agent and key, checking its expiry) gives first.
+# Events. A session's events are found by the session's row id. A read or a
+# change of events finds that id in its own statement, from the agent key,
+# the session key and ``now`` (the session must be live): a lookup in a
+# statement before would let a session deleted meanwhile (and, were ids
+# reused, another agent's session) answer. Where no row comes back, the caller
+# looks at the session to tell a missing session from a missing event.
+SESSION_ID = f"(SELECT id FROM sessions WHERE agent_key = ? AND key = ? AND {LIVE})"
 EVENT_COLUMNS = ("seq", "id", "type", "fields", "created_at", "hide_reason")
-EVENT_SELECT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE session_id = ?"
 INSERT_EVENT = (
     "INSERT INTO events (session_id, id, type, fields, created_at, hide_reason) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
-GET_EVENT = f"{EVENT_SELECT} AND id = ?"
+# Parameters: agent_key, session_key, now, event id.
+GET_EVENT = (
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE session_id = {SESSION_ID} AND id = ?"
+)
+HIDE_EVENT = (
+    f"UPDATE events SET hide_reason = ? WHERE session_id = {SESSION_ID} AND id = ? "
+    f"RETURNING {', '.join(EVENT_COLUMNS)}"
+)
+DELETE_EVENT = f"DELETE FROM events WHERE session_id = {SESSION_ID} AND id = ?"
 # One probe of (session_id, seq), from its end.
 LAST_EVENT_ID = (
     "SELECT id FROM events /*INDEXED BY idx_events_session_seq*/ "
@@ -369,25 +381,28 @@ RELEASE_IDEMPOTENCY_KEY = (
 )
 PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
+SESSION_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 EVENT_BATCH = 1_000  # rows per query of iter_events
 IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
 
 
 @functools.lru_cache(maxsize=64)
 def event_page_query(
-    descending: bool, include_hidden: bool, types: int, cursor: bool
+    descending: bool, include_hidden: bool, types: int, cursor: bool, by_id: bool = False
 ) -> tuple[str, bool]:
     """The statement of a page of events, and whether it is a union of one per type.
 
-    Parameters, in order: with no types, session_id, the cursor (when
-    ``cursor``) and the limit; with ``types`` types, those three per type
-    (each with the type after session_id) and the page's limit. With several
+    Parameters, in order: with no types, the session's agent key, its key
+    and ``now`` (:data:`SESSION_ID`), the cursor (when ``cursor``) and the
+    limit; with ``types`` types, those per type (each with the type after
+    ``now``) and the page's limit. ``by_id``: the session by its row id (one
+    parameter) instead, for the batches of an export. With several
     types, each type's branch reads its own index, in order, up to the limit,
     and the union keeps the first ``limit`` of those: a page reads at most
     ``types * limit`` index entries at any depth, where one ``type IN (...)``
     scan would read and sort every matching row past the cursor.
     """
-    where = "session_id = ?"
+    where = "session_id = ?" if by_id else f"session_id = {SESSION_ID}"
     if types:
         where += " AND type = ?"
     if not include_hidden:
