@@ -389,8 +389,13 @@ class EventRecords(SQLDialect):
     ) -> Session:
         try:
             with self._transaction() as conn:
+                # The source's row held until the copy commits: every writer of its
+                # history (append, compaction) takes that row first, so the statements
+                # below read one state of it, not a compaction's half (SQLite's
+                # BEGIN IMMEDIATE holds the whole database already).
                 source = conn.execute(
-                    self._sql(FIND_SESSION), [source_agent_key, source_session_key]
+                    self._sql(FIND_SESSION + self.share_lock),
+                    [source_agent_key, source_session_key],
                 ).fetchone()
                 if source is None or not self._live(source[1], session.created_at):
                     raise SessionNotFound(source_session_key)
