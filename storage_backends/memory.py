@@ -460,6 +460,7 @@ class MemoryStorage(MemoryConsole, Storage):
         up_to_event_id: str | None,
         compaction: Event,
         now: dt.datetime,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Event:
         with self._lock:
             seq, session = self._live_session(agent_key, session_key, now)
@@ -475,6 +476,8 @@ class MemoryStorage(MemoryConsole, Storage):
                 hidden = [e for e in visible if log.seq_of(e.id) <= anchor]
             log.check_new([compaction.id])
             stored = _compaction(compaction, session_key, hidden)
+            if check_compaction is not None:
+                check_compaction(_copy(stored))
             for event in hidden:
                 log.set_hidden(event.id, HIDDEN_BY_COMPACTION)
             log.add(next(self._seq), stored)
@@ -493,6 +496,7 @@ class MemoryStorage(MemoryConsole, Storage):
         include_up_to_event_id: str | None = None,
         compact_up_to_event_id: str | None = None,
         compaction: Event | None = None,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Session:
         with self._lock:
             now = session.created_at
@@ -513,6 +517,8 @@ class MemoryStorage(MemoryConsole, Storage):
             extra = []
             if compaction is not None and compact_up_to_event_id is not None:
                 extra.append(_compaction(compaction, session.key, hidden))
+                if check_compaction is not None:
+                    check_compaction(_copy(extra[-1]))
             forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
             if copies:
                 forked_from["event_id"] = copies[-1].id

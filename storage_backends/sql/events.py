@@ -298,6 +298,7 @@ class EventRecords(SQLDialect):
         up_to_event_id: str | None,
         compaction: Event,
         now: dt.datetime,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Event:
         try:
             with self._transaction() as conn:
@@ -332,7 +333,7 @@ class EventRecords(SQLDialect):
                         [HIDDEN_BY_COMPACTION, session_id, *([] if bound is None else [bound])],
                     ).rowcount
                     stored = self._add_compaction(
-                        conn, session_id, session_key, compaction, turns, hidden
+                        conn, session_id, session_key, compaction, turns, hidden, check_compaction
                     )
         except self.unique_violation:
             raise Conflict(compaction.id) from None
@@ -367,13 +368,17 @@ class EventRecords(SQLDialect):
         compaction: Event,
         turns: int,
         hidden: int,
+        check: Callable[[Event], None] | None,
     ) -> Event:
-        """Append the compaction event, with its counts of what it hid."""
+        """Append the compaction event, with its counts of what it hid, once ``check``
+        (if any) has passed it as stored; what it raises rolls the transaction back."""
         stored = dataclasses.replace(
             compaction,
             session_key=session_key,
             fields={**compaction.fields, "turns_compacted": turns, "events_compacted": hidden},
         )
+        if check is not None:
+            check(stored)
         conn.execute(self._sql(INSERT_EVENT), self._event_params(session_id, stored))
         return stored
 
@@ -386,6 +391,7 @@ class EventRecords(SQLDialect):
         include_up_to_event_id: str | None = None,
         compact_up_to_event_id: str | None = None,
         compaction: Event | None = None,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Session:
         try:
             with self._transaction() as conn:
@@ -443,7 +449,9 @@ class EventRecords(SQLDialect):
                     turns = self._count(
                         conn, session_id, "type = 'input_message' AND hide_reason IS NOT NULL", None
                     )
-                    self._add_compaction(conn, session_id, session.key, compaction, turns, hidden)
+                    self._add_compaction(
+                        conn, session_id, session.key, compaction, turns, hidden, check_compaction
+                    )
         except self.unique_violation:
             raise Conflict(session.key) from None
         except self.missing_reference:
