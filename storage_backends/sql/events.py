@@ -192,7 +192,7 @@ class EventRecords(SQLDialect):
                             self._sql(INSERT_EVENT),
                             [self._event_params(session_id, event) for event in events],
                         )
-                    query, _ = event_page_query(False, False, 0, after is not None)
+                    query, _ = event_page_query(False, False, 0, after is not None, by_id=True)
                     cursor = [] if after is None else [after]
                     rows = conn.execute(
                         self._sql(query), [session_id, *cursor, limit + 1]

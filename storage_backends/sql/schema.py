@@ -396,8 +396,9 @@ def event_page_query(
     and ``now`` (:data:`SESSION_ID`), the cursor (when ``cursor``) and the
     limit; with ``types`` types, those per type (each with the type after
     ``now``) and the page's limit. ``by_id``: the session by its row id (one
-    parameter) instead, for the batches of an export. With several
-    types, each type's branch reads its own index, in order, up to the limit,
+    parameter) instead, for a caller that holds that id (an export, the
+    transaction of an append). With several types, each type's branch reads
+    its own index, in order, up to the limit,
     and the union keeps the first ``limit`` of those: a page reads at most
     ``types * limit`` index entries at any depth, where one ``type IN (...)``
     scan would read and sort every matching row past the cursor.
