@@ -533,6 +533,7 @@ class Storage(abc.ABC):
         up_to_event_id: str | None,
         compaction: Event,
         now: dt.datetime,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Event:
         """Hide by compaction every visible event up to and including ``up_to_event_id``
         and append ``compaction``, in one transaction; return the compaction event.
@@ -541,7 +542,9 @@ class Storage(abc.ABC):
         ``input_message`` (all of them when there is none). The caller fills
         ``compaction.fields`` except ``turns_compacted`` (input messages
         hidden) and ``events_compacted`` (events hidden), which the backend
-        sets. Restarts the idle clock like :meth:`append_events`. Raises
+        sets. ``check_compaction`` is called with the event as it is about to
+        be stored (counts set); whatever it raises aborts the call and nothing
+        is written. Restarts the idle clock like :meth:`append_events`. Raises
         :class:`SessionNotFound`, :class:`SessionDisabled`,
         :class:`EventNotFound` (the anchor).
         """
@@ -556,6 +559,7 @@ class Storage(abc.ABC):
         include_up_to_event_id: str | None = None,
         compact_up_to_event_id: str | None = None,
         compaction: Event | None = None,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Session:
         """Create ``session`` with a copy of the source's visible events, in one transaction.
 
@@ -564,7 +568,11 @@ class Storage(abc.ABC):
         With ``compact_up_to_event_id`` (and ``compaction``, whose
         ``*_compacted`` counts the backend sets), the copies up to that anchor
         are hidden by compaction and ``compaction`` is appended after the last
-        copy. The stored session's ``forked_from`` names the source and the
+        copy; ``check_compaction`` is called with it as :meth:`compact_events`
+        calls it. The copy is of one state of the source: a batch or a
+        compaction of the source committing meanwhile is in it whole or not
+        at all.
+        The stored session's ``forked_from`` names the source and the
         last event copied. Raises what :meth:`create_session` raises for the
         new session, :class:`SessionNotFound` for the source and
         :class:`EventNotFound` for an anchor not among its visible events.
@@ -578,7 +586,10 @@ class Storage(abc.ABC):
         is checked by the call itself, which raises :class:`SessionNotFound`
         before it returns the iterator (so a streamed answer can still be a 404).
         Each batch is read on its own: events written or removed meanwhile may
-        or may not appear, but none appears twice or out of order.
+        or may not appear, but none appears twice or out of order, and none
+        of another session: a session deleted before its last batch is read
+        ends the iteration with :class:`SessionNotFound`, so that what was
+        read is never taken for the whole history.
         """
 
     def count_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:

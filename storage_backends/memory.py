@@ -14,7 +14,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
-import heapq
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,15 +27,12 @@ from .base import (
     Agent,
     AgentDisabled,
     AgentNotFound,
-    Answer,
     ApiKey,
     ApiKeyNotFound,
     Conflict,
     ConsoleSession,
     Event,
     EventNotFound,
-    IdempotencyKeyLost,
-    IdempotencyRecord,
     Page,
     Precondition,
     PreconditionFailed,
@@ -49,10 +45,7 @@ from .base import (
 )
 from .codec import filter_rows, merge_patch, same_json
 from .memory_console import MemoryConsole
-
-# The heap entries each claim looks at: more than the one it may add, so records
-# that expired are gone a few claims later, at a bounded cost to each claim.
-IDEMPOTENCY_SWEEP = 8
+from .memory_idempotency import MemoryIdempotency
 
 
 class _Table(dict):
@@ -96,7 +89,7 @@ class _Table(dict):
             yield self[keys[at]]
 
 
-class MemoryStorage(MemoryConsole, Storage):
+class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
     def __init__(
         self,
         *,
@@ -111,11 +104,7 @@ class MemoryStorage(MemoryConsole, Storage):
         self._keys = _Table()
         #: each session's history, by the session's sequence number
         self._events: dict[int, _Events] = {}
-        #: (scope, key) -> the record and its lock's and its own expiry
-        self._idempotency: dict[tuple[str, str], _Claim] = {}
-        #: a heap of (expires_at, scope, key), one per record stored, soonest first; an
-        #: entry whose record was since replaced or released is dropped when it comes due
-        self._idempotency_expiry: list[tuple[dt.datetime, str, str]] = []
+        self._init_idempotency()
         #: console sign-ins by token hash
         self._console: dict[str, ConsoleSession] = {}
         self.filter_scan_rows = int(filter_scan_rows)
@@ -460,6 +449,7 @@ class MemoryStorage(MemoryConsole, Storage):
         up_to_event_id: str | None,
         compaction: Event,
         now: dt.datetime,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Event:
         with self._lock:
             seq, session = self._live_session(agent_key, session_key, now)
@@ -475,6 +465,8 @@ class MemoryStorage(MemoryConsole, Storage):
                 hidden = [e for e in visible if log.seq_of(e.id) <= anchor]
             log.check_new([compaction.id])
             stored = _compaction(compaction, session_key, hidden)
+            if check_compaction is not None:
+                check_compaction(_copy(stored))
             for event in hidden:
                 log.set_hidden(event.id, HIDDEN_BY_COMPACTION)
             log.add(next(self._seq), stored)
@@ -493,6 +485,7 @@ class MemoryStorage(MemoryConsole, Storage):
         include_up_to_event_id: str | None = None,
         compact_up_to_event_id: str | None = None,
         compaction: Event | None = None,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Session:
         with self._lock:
             now = session.created_at
@@ -513,6 +506,8 @@ class MemoryStorage(MemoryConsole, Storage):
             extra = []
             if compaction is not None and compact_up_to_event_id is not None:
                 extra.append(_compaction(compaction, session.key, hidden))
+                if check_compaction is not None:
+                    check_compaction(_copy(extra[-1]))
             forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
             if copies:
                 forked_from["event_id"] = copies[-1].id
@@ -527,19 +522,25 @@ class MemoryStorage(MemoryConsole, Storage):
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
             log = self._events[seq]
-        return self._iter_events(log)
+        return self._iter_events(seq, log, session_key)
 
     def count_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
             return self._events[seq].count()
 
-    def _iter_events(self, log: _Events, batch: int = 1000) -> Iterator[Event]:
+    def _iter_events(
+        self, seq: int, log: _Events, session_key: str, batch: int = 1000
+    ) -> Iterator[Event]:
+        """As the SQL backends read: a session deleted before the last batch ends it."""
         after = None
         while True:
             with self._lock:
                 rows = list(itertools.islice(log.rows(after=after, include_hidden=True), batch))
                 events = [_copy(event) for _, event in rows]
+                gone = self._events.get(seq) is not log
+            if gone:
+                raise SessionNotFound(session_key)
             yield from events
             if len(rows) < batch:
                 return
@@ -589,74 +590,6 @@ class MemoryStorage(MemoryConsole, Storage):
                 key = dataclasses.replace(key, revoked_at=now)
                 self._keys[key_id] = (seq, key)
             return _copy(key)
-
-    # Idempotency keys
-
-    def claim_idempotency_key(
-        self,
-        *,
-        scope: str,
-        key: str,
-        fingerprint: str,
-        token: str,
-        now: dt.datetime,
-        locked_until: dt.datetime,
-        expires_at: dt.datetime,
-    ) -> IdempotencyRecord:
-        with self._lock:
-            self._drop_expired_idempotency_keys(now, IDEMPOTENCY_SWEEP)
-            held = self._idempotency.get((scope, key))
-            if (
-                held is None
-                or held.expires_at <= now
-                or (
-                    held.record.answer is None
-                    and held.locked_until <= now
-                    and held.record.fingerprint == fingerprint
-                )
-            ):
-                held = _Claim(IdempotencyRecord(fingerprint, token), locked_until, expires_at)
-                self._idempotency[scope, key] = held
-                heapq.heappush(self._idempotency_expiry, (expires_at, scope, key))
-            return held.record
-
-    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
-        with self._lock:
-            held = self._idempotency.get((scope, key))
-            if held is None or held.record.token != token or held.record.answer is not None:
-                raise IdempotencyKeyLost(key)
-            held.record = dataclasses.replace(held.record, answer=answer)
-
-    def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:
-        with self._lock:
-            held = self._idempotency.get((scope, key))
-            if held is not None and held.record.token == token and held.record.answer is None:
-                del self._idempotency[scope, key]
-
-    def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
-        with self._lock:
-            return self._drop_expired_idempotency_keys(now, None)
-
-    def _drop_expired_idempotency_keys(self, now: dt.datetime, most: int | None) -> int:
-        """Remove the records expired at ``now``, soonest first, looking at ``most``
-        entries of the heap (None: all that are due); return how many were removed."""
-        due = self._idempotency_expiry
-        removed = looked = 0
-        while due and due[0][0] <= now and (most is None or looked < most):
-            _, scope, key = heapq.heappop(due)
-            looked += 1
-            held = self._idempotency.get((scope, key))
-            if held is not None and held.expires_at <= now:
-                del self._idempotency[scope, key]
-                removed += 1
-        return removed
-
-
-@dataclasses.dataclass
-class _Claim:
-    record: IdempotencyRecord
-    locked_until: dt.datetime
-    expires_at: dt.datetime
 
 
 class _Events:

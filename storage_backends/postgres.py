@@ -108,6 +108,9 @@ class PostgresStorage(SQLStorage):
     sessions_cascade = True
     # READ COMMITTED: a second writer waits for the row, then reads the first's version.
     row_lock = " FOR UPDATE"
+    # A fork shares its source's row: appends, compactions, updates and the
+    # deletion take the row, so none of them commits between its statements.
+    share_lock = " FOR SHARE"
     expires_from_tti = "CASE WHEN tti_minutes > 0 THEN ? + make_interval(mins => tti_minutes) END"
     json_contains = "strpos({}::text, ?) > 0"
 

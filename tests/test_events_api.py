@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from sessions_app import create_app
+from storage_backends.codec import dump_json
 from tests.conftest import ALL_SCOPES, assert_error
+from tests.servers import cli
 
 EVENT_SCOPES = ("events:create", "events:append")
 EVERYTHING = ALL_SCOPES + EVENT_SCOPES
@@ -375,6 +377,65 @@ def test_size_bounds(client, full, session):
     compact = {"type": "compact", "summary_text": "z" * 5000}
     assert_error(client.post(EVENTS, json=compact, headers=full), 413, "payload_too_large")
     assert len(all_events(client, full)) == 3
+
+
+def stored_size(event: dict[str, Any]) -> int:
+    """The size of an answered event as the bound counts it (compact JSON, as answered)."""
+    return len(dump_json(event).encode())
+
+
+@pytest.mark.parametrize("app_config", [{"EVENT_MAX_BYTES": 4096}])
+def test_a_compaction_is_held_to_the_size_bound_as_stored(
+    client, full, session, storage_url, tmp_path
+):
+    """Its counts and ids count: a compaction, or a fork's, past EVENT_MAX_BYTES as it
+    would be stored is a 413 and nothing is written; what is stored exports and imports."""
+    twin = f"{SESSIONS}/s2"  # a key as long as s1: the session_key is in the size
+    assert client.post(SESSIONS, json={"key": "s2", "name": "Two"}, headers=full).status_code == 201
+    turns = [TEXT, {"type": "agent_output", "content": "a"}, TEXT]
+    for url in (BATCH, f"{twin}/events/batch"):
+        assert batch(client, full, *turns, url=url).status_code == 201
+    # The same compaction of the twin, with a one-character summary, gives the size.
+    small = client.post(
+        f"{twin}/events", json={"type": "compact", "summary_text": "s"}, headers=full
+    )
+    assert small.status_code == 201 and small.json["events"][0]["events_compacted"] == 2
+    room = 4096 - (stored_size(small.json["events"][0]) - 1)  # the summary's largest length
+    over = {"type": "compact", "summary_text": "z" * (room + 1)}
+    body = assert_error(client.post(EVENTS, json=over, headers=full), 413, "payload_too_large")
+    assert "summary_text" in body["messages"][0] and "4097 bytes" in body["messages"][0]
+    assert [e.get("hide_reason") for e in all_events(client, full, include_hidden="true")] == [
+        None
+    ] * 3
+    fits = client.post(EVENTS, json={**over, "summary_text": "z" * room}, headers=full)
+    assert fits.status_code == 201, fits.json
+    assert stored_size(fits.json["events"][0]) == 4096
+
+    anchor = all_events(client, full, url=f"{twin}/events")[0]["id"]
+    fork = {
+        "key": "fork",
+        "name": "Fork",
+        "from_session": {
+            "session_key": "s2",
+            "compact_up_to_event_id": anchor,
+            "summary_text": "z" * 20_000,
+        },
+    }
+    body = assert_error(client.post(SESSIONS, json=fork, headers=full), 413, "payload_too_large")
+    assert "from_session.summary_text" in body["messages"][0]
+    assert_error(client.get(f"{SESSIONS}/fork", headers=full), 404, "session_not_found")
+    fork["from_session"]["summary_text"] = "short"
+    assert client.post(SESSIONS, json=fork, headers=full).status_code == 201
+
+    if storage_url == "memory://":
+        return  # the CLI cannot reach a memory store
+    # What was stored comes back through an export and an import.
+    env = {"AGENT_SESSIONS_STORAGE_URL": storage_url, "AGENT_SESSIONS_EVENT_MAX_BYTES": "4096"}
+    path = tmp_path / "s1.jsonl"
+    path.write_text(cli("sessions", "export", AGENT, "s1", env=env).stdout)
+    assert client.delete(S1, headers=full).status_code == 204
+    cli("sessions", "import", str(path), env=env)
+    assert all_events(client, full, include_hidden="true")[-1] == fits.json["events"][0]
 
 
 def test_batch_bodies_past_the_usual_limit(client, full, session):

@@ -197,8 +197,8 @@ def load(storage, session_key: str, count: int, *, hide_most: bool = False) -> N
     assert storage.load_events(agent_key="bot", session_key=session_key, events=events()) == count
 
 
-def page_statements():
-    """Every shape of page: (description, statement, parameters) for session id 1."""
+def page_statements(now):
+    """Every shape of page: (description, statement, parameters) for the session "big"."""
     shapes = []
     for descending in (False, True):
         for hidden in (False, True):
@@ -206,7 +206,7 @@ def page_statements():
                 query, union = event_page_query(descending, hidden, len(types), True)
                 params = []
                 for kind in types or (None,):
-                    params += [1, *([kind] if kind else []), 30_000, 11]
+                    params += ["bot", "big", now, *([kind] if kind else []), 30_000, 11]
                 if union:
                     params.append(11)
                 name = f"desc={descending} hidden={hidden} types={len(types)}"
@@ -236,10 +236,16 @@ def test_every_page_reads_an_index_in_order(loaded):
     if url.startswith("sqlite:"):
         db = storage.db
         db.execute("ANALYZE")
-        for name, query, params in page_statements():
+        for name, query, params in page_statements(storage.encode_ts(T0)):
             parts = [r[-1] for r in db.execute(f"EXPLAIN QUERY PLAN {storage._sql(query)}", params)]
             plan = " | ".join(parts)
-            searches = [p for p in parts if p.startswith(("SEARCH", "SCAN events"))]
+            # The session: one probe of its unique key, once per branch.
+            sessions = [p for p in parts if "sessions" in p]
+            assert sessions and all(
+                p.startswith("SEARCH sessions USING INDEX idx_sessions_agent_key_key")
+                for p in sessions
+            ), (name, plan)
+            searches = [p for p in parts if p.startswith(("SEARCH events", "SCAN events"))]
             assert searches and all(p.startswith("SEARCH events USING INDEX") for p in searches)
             # The only sorting: of a union branch's own limit + 1 rows (SCAN t0: its
             # result), before the merge. Never of the rows an index search read.
@@ -264,7 +270,7 @@ def test_every_page_reads_an_index_in_order(loaded):
     with storage._connection() as conn:
         conn.execute("ANALYZE events")
         conn.execute("SET enable_bitmapscan = off")
-        for name, query, params in page_statements():
+        for name, query, params in page_statements(T0):
             rows = conn.execute("EXPLAIN (FORMAT TEXT) " + storage._sql(query), params).fetchall()
             plan = " | ".join(r[0] for r in rows)
             # Merge Append keeps the branches' order ("Sort Key" names it): no sort node.

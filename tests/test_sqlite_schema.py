@@ -9,9 +9,10 @@ import requests
 from sqlite_utils.utils import sqlite3
 
 from sessions_app import create_app
-from storage_backends import Agent, SchemaTooNew, Session, Unavailable
+from storage_backends import Agent, Conflict, SchemaTooNew, Session, Unavailable
 from storage_backends.sql import MIGRATIONS
 from storage_backends.sqlite import SCHEMA_VERSION, SQLiteStorage
+from tests.conftest import sqlite_integrity
 from tests.servers import cli
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
@@ -88,7 +89,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 5
+    assert user_version(path) == SCHEMA_VERSION == 6
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"console_sessions", "idx_console_sessions_expires_at"} <= tables
@@ -179,3 +180,71 @@ def test_the_server_logs_once_that_it_made_a_new_database(tmp_path):
         assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
         again = server.logs()
     assert "storage: SQLite" in again and "new, empty database" not in again
+
+
+def schema_objects(path) -> dict[tuple[str, str], str]:
+    """Every index and trigger of the agents and sessions tables: (type, name) to its SQL."""
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master "
+            "WHERE tbl_name IN ('agents', 'sessions') AND type IN ('index', 'trigger')"
+        ).fetchall()
+    return {(kind, name): sql for kind, name, sql in rows}
+
+
+def test_a_schema_5_database_is_rebuilt_with_ids_never_reused(tmp_path):
+    path = tmp_path / "old.db"
+    old_database(path, 5, 0, 7, 0)
+    with sqlite3.connect(path) as conn:
+        session_ids = dict(conn.execute("SELECT key, id FROM sessions").fetchall())
+        stamp = "2026-11-28T12:00:00.000Z"
+        conn.executemany(
+            "INSERT INTO events (session_id, id, type, created_at, fields) "
+            "VALUES (?, ?, 'agent_output', ?, '{}')",
+            [(session_ids["s0"], "aev_a", stamp), (session_ids["s2"], "aev_b", stamp)],
+        )
+    fresh = tmp_path / "fresh.db"
+    SQLiteStorage(str(fresh)).check()
+
+    migrated = SQLiteStorage(str(path))
+    migrated.check()
+
+    assert user_version(path) == SCHEMA_VERSION == 6
+    with sqlite3.connect(path) as conn:
+        assert dict(conn.execute("SELECT key, id FROM sessions").fetchall()) == session_ids
+        tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+        sequence = dict(conn.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+        expiring = conn.execute(
+            "SELECT count(*) FROM sessions INDEXED BY idx_sessions_expiring "
+            "WHERE expires_at IS NOT NULL"
+        ).fetchone()[0]
+    assert "AUTOINCREMENT" in tables["agents"] and "AUTOINCREMENT" in tables["sessions"]
+    assert not {"agents_rebuilt", "sessions_rebuilt"} & tables.keys()
+    assert sequence["sessions"] == max(session_ids.values()) and sequence["agents"] == 1
+    # Every index and the trigger, as a database created by this release has them.
+    assert schema_objects(path) == schema_objects(fresh)
+    assert expiring == 1
+    assert sqlite_integrity(path) == "ok"
+    # The rows and their events, where they were.
+    assert migrated.get_agent(agent_key="bot").name == "bot"
+    got = migrated.get_event(agent_key="bot", session_key="s2", event_id="aev_b", now=T0)
+    assert got.session_key == "s2"
+    with pytest.raises(Conflict):
+        write_sessions_again(migrated, "s1")
+    # The trigger still takes a session's events with it.
+    migrated.delete_session(agent_key="bot", session_key="s0", now=T0)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT id FROM events").fetchall() == [("aev_b",)]
+    # The newest session deleted, the next one takes a new id, not its id.
+    migrated.delete_session(agent_key="bot", session_key="s2", now=T0)
+    write_sessions_again(migrated, "s3")
+    with sqlite3.connect(path) as conn:
+        new_id = conn.execute("SELECT id FROM sessions WHERE key = 's3'").fetchone()[0]
+    assert new_id == max(session_ids.values()) + 1
+    migrated.close()
+
+
+def write_sessions_again(storage: SQLiteStorage, key: str) -> None:
+    storage.create_session(
+        session=Session(key=key, agent_key="bot", name="n", created_at=T0, updated_at=T0)
+    )

@@ -1321,6 +1321,30 @@ def test_count_events_counts_the_whole_history_of_a_live_session(storage, sessio
         storage.count_events(agent_key="bot", session_key="idle", now=later)
 
 
+def test_iter_events_of_a_session_deleted_meanwhile_stops_with_session_not_found(storage, session):
+    """An export under way never goes on into another session: the one deleted
+    while it was read ends it with SessionNotFound, never with a whole-looking end."""
+    make_agent(storage, "other")
+    for start in range(0, 1_200, 100):
+        storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(n) for n in range(start, start + 100)],
+            now=T0,
+        )
+    events = storage.iter_events(agent_key="bot", session_key="s1", now=T0)
+    assert next(events).id == "aev_0"
+    storage.delete_session(agent_key="bot", session_key="s1", now=T0)
+    make_session(storage, "theirs", agent_key="other")
+    storage.append_events(agent_key="other", session_key="theirs", events=[event(5_000)], now=T0)
+    read = []
+    with pytest.raises(SessionNotFound):
+        for got in events:
+            read.append(got)
+    assert "aev_5000" not in {e.id for e in read}
+    assert {e.session_key for e in read} <= {"s1"}
+
+
 def test_import_session_keeps_ids_times_and_hide_reasons(storage, session):
     history(storage, *"ioio")
     storage.set_event_hidden(

@@ -27,6 +27,7 @@ from ..corridor.errors import ApiError
 from ..naming import new_event_id
 from ..openapi import Operation
 from ..openapi.docs import docs
+from ..schemas.events import check_size
 
 bp = http.ServiceBlueprint(http.SERVICE_BLUEPRINT, __name__)
 bp.before_request(rate_limits.guard_authentication(auth.authenticate))
@@ -211,8 +212,9 @@ def compile_filter(pattern: str) -> Any:
 
 
 def compaction_event(session_key: str, summary_text: str, now: Any) -> Event:
-    """A compaction event to write (the backend counts what it hid). Its summary is the
-    event itself, so its ``summary_key`` is its id."""
+    """A compaction event to write (the backend counts what it hid, and checks the
+    result with :func:`check_compaction`). Its summary is the event itself, so its
+    ``summary_key`` is its id."""
     event_id = new_event_id()
     return Event(
         id=event_id,
@@ -221,3 +223,10 @@ def compaction_event(session_key: str, summary_text: str, now: Any) -> Event:
         fields={"summary_text": summary_text, "summary_key": event_id},
         created_at=now,
     )
+
+
+def check_compaction(field: str) -> Callable[[Event], None]:
+    """What compact and fork have the storage call on the compaction event as it is
+    about to be stored, its counts set: 413 ``payload_too_large`` (naming ``field``,
+    the summary's) when it passes ``EVENT_MAX_BYTES``, and then nothing is written."""
+    return functools.partial(check_size, field)

@@ -35,7 +35,7 @@ from ..schemas.events import (
     check_size,
     dump_event,
 )
-from .endpoint import bp, compaction_event, endpoint, service
+from .endpoint import bp, check_compaction, compaction_event, endpoint, service
 
 EVENTS_PATH = "/agents/<record_key:agent_key>/sessions/<record_key:session_key>/events"
 EVENT_PATH = EVENTS_PATH + "/<event_id:event_id>"
@@ -155,14 +155,13 @@ def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
     storage = service().storage
     answer = None
     if body["type"] == "compact":
-        compaction = compaction_event(session_key, body["summary_text"], now)
-        check_size(None, compaction)
         written = storage.compact_events(
             agent_key=agent_key,
             session_key=session_key,
             up_to_event_id=body.get("compact_up_to_event_id"),
-            compaction=compaction,
+            compaction=compaction_event(session_key, body["summary_text"], now),
             now=now,
+            check_compaction=check_compaction("summary_text"),
         )
     else:
         if body["type"] == "interrupt":

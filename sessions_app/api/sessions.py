@@ -26,6 +26,7 @@ from ..schemas import (
 )
 from .endpoint import (
     bp,
+    check_compaction,
     check_path,
     compaction_event,
     compile_filter,
@@ -100,6 +101,7 @@ def fork(*, session: Session, source: dict[str, Any], now: Any) -> Session:
         include_up_to_event_id=source.get("include_up_to_event_id"),
         compact_up_to_event_id=source.get("compact_up_to_event_id"),
         compaction=compaction,
+        check_compaction=check_compaction("from_session.summary_text"),
     )
 
 

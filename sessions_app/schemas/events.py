@@ -362,12 +362,17 @@ def event_field() -> Tagged:
     return Tagged(EVENT_VARIANTS, dump=dump_event)
 
 
-def check_size(index: int | None, event: Event) -> None:
-    """413 ``payload_too_large`` unless ``event`` serializes to at most ``EVENT_MAX_BYTES``."""
+def check_size(index: int | str | None, event: Event) -> None:
+    """413 ``payload_too_large`` unless ``event`` serializes to at most ``EVENT_MAX_BYTES``.
+
+    ``index``: the event's place in a batch, or the field that made it (a string).
+    """
     limit = current_app.config["EVENT_MAX_BYTES"]
     size = len(dump_json(dump_event(event)).encode())
     if size > limit:
-        where = "event" if index is None else f"events.{index}"
+        where = "event" if index is None else index
+        if isinstance(index, int):
+            where = f"events.{index}"
         raise ApiError(
             413,
             "payload_too_large",

@@ -89,6 +89,8 @@ class SQLDialect(Storage, abc.ABC):
     #: appended to a SELECT in a write transaction: the row stays this transaction's
     #: until it ends (nothing for a database whose write transactions hold it all)
     row_lock = ""
+    #: the same, shared: other holders of the share may read on, writers of the row wait
+    share_lock = ""
 
     filter_scan_rows = config.Config.FILTER_SCAN_ROWS
     filter_scan_seconds = config.Config.FILTER_SCAN_SECONDS

@@ -26,16 +26,18 @@ from ..base import (
 from ..codec import merge_patch, same_json
 from .dialect import SQLDialect
 from .schema import (
+    DELETE_EVENT,
     DELETE_EXPIRED_BY_ID,
     DELETE_EXPIRED_SESSION,
     EVENT_BATCH,
-    EVENT_COLUMNS,
     FIND_SESSION,
     GET_EVENT,
+    HIDE_EVENT,
     IMPORT_BATCH,
     INSERT_EVENT,
     LAST_EVENT_ID,
     LIVE,
+    SESSION_EXISTS,
     SESSIONS,
     event_page_query,
 )
@@ -68,7 +70,8 @@ class EventRecords(SQLDialect):
         ]
 
     def _session_id(self, agent_key: str, session_key: str, now: dt.datetime) -> int:
-        """The row id of a live session, for reads.
+        """The row id of a live session: for an export's batches, and to tell why a
+        statement on a session's events (which finds the session itself) found none.
 
         Raises :class:`SessionNotFound`, also for a session expired at ``now``
         (which is then removed, with its events).
@@ -189,7 +192,7 @@ class EventRecords(SQLDialect):
                             self._sql(INSERT_EVENT),
                             [self._event_params(session_id, event) for event in events],
                         )
-                    query, _ = event_page_query(False, False, 0, after is not None)
+                    query, _ = event_page_query(False, False, 0, after is not None, by_id=True)
                     cursor = [] if after is None else [after]
                     rows = conn.execute(
                         self._sql(query), [session_id, *cursor, limit + 1]
@@ -227,21 +230,24 @@ class EventRecords(SQLDialect):
         include_hidden: bool = False,
         types: frozenset[str] | None = None,
     ) -> Page:
-        session_id = self._session_id(agent_key, session_key, now)
         kinds: list[str | None] = [None] if types is None else sorted(types)
         if not kinds:
+            self._session_id(agent_key, session_key, now)
             return Page([], None)
         query, union = event_page_query(
             descending, include_hidden, 0 if types is None else len(kinds), after is not None
         )
+        session = [agent_key, session_key, self.encode_ts(now)]
         cursor = [] if after is None else [after]
         params: list[Any] = []
         for kind in kinds:
-            params += [session_id, *([] if kind is None else [kind]), *cursor, limit + 1]
+            params += [*session, *([] if kind is None else [kind]), *cursor, limit + 1]
         if union:
             params.append(limit + 1)
         with self._reading() as conn:
             rows = conn.execute(self._sql(query), params).fetchall()
+        if not rows:
+            self._session_id(agent_key, session_key, now)  # SessionNotFound, or an empty page
         more = len(rows) > limit
         rows = rows[:limit]
         return Page([self._event(row, session_key) for row in rows], rows[-1][0] if more else None)
@@ -249,10 +255,11 @@ class EventRecords(SQLDialect):
     def get_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> Event:
-        session_id = self._session_id(agent_key, session_key, now)
+        params = [agent_key, session_key, self.encode_ts(now), event_id]
         with self._reading() as conn:
-            row = conn.execute(self._sql(GET_EVENT), [session_id, event_id]).fetchone()
+            row = conn.execute(self._sql(GET_EVENT), params).fetchone()
         if row is None:
+            self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
         return self._event(row, session_key)
 
@@ -265,29 +272,22 @@ class EventRecords(SQLDialect):
         hide_reason: str | None,
         now: dt.datetime,
     ) -> Event:
-        session_id = self._session_id(agent_key, session_key, now)
+        params = [hide_reason, agent_key, session_key, self.encode_ts(now), event_id]
         with self._writing() as conn:
-            row = conn.execute(
-                self._sql(
-                    "UPDATE events SET hide_reason = ? WHERE session_id = ? AND id = ? "
-                    f"RETURNING {', '.join(EVENT_COLUMNS)}"
-                ),
-                [hide_reason, session_id, event_id],
-            ).fetchone()
+            row = conn.execute(self._sql(HIDE_EVENT), params).fetchone()
         if row is None:
+            self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
         return self._event(row, session_key)
 
     def delete_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> None:
-        session_id = self._session_id(agent_key, session_key, now)
+        params = [agent_key, session_key, self.encode_ts(now), event_id]
         with self._writing() as conn:
-            deleted = conn.execute(
-                self._sql("DELETE FROM events WHERE session_id = ? AND id = ?"),
-                [session_id, event_id],
-            ).rowcount
+            deleted = conn.execute(self._sql(DELETE_EVENT), params).rowcount
         if deleted == 0:
+            self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
 
     def compact_events(
@@ -298,6 +298,7 @@ class EventRecords(SQLDialect):
         up_to_event_id: str | None,
         compaction: Event,
         now: dt.datetime,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Event:
         try:
             with self._transaction() as conn:
@@ -332,7 +333,7 @@ class EventRecords(SQLDialect):
                         [HIDDEN_BY_COMPACTION, session_id, *([] if bound is None else [bound])],
                     ).rowcount
                     stored = self._add_compaction(
-                        conn, session_id, session_key, compaction, turns, hidden
+                        conn, session_id, session_key, compaction, turns, hidden, check_compaction
                     )
         except self.unique_violation:
             raise Conflict(compaction.id) from None
@@ -367,13 +368,17 @@ class EventRecords(SQLDialect):
         compaction: Event,
         turns: int,
         hidden: int,
+        check: Callable[[Event], None] | None,
     ) -> Event:
-        """Append the compaction event, with its counts of what it hid."""
+        """Append the compaction event, with its counts of what it hid, once ``check``
+        (if any) has passed it as stored; what it raises rolls the transaction back."""
         stored = dataclasses.replace(
             compaction,
             session_key=session_key,
             fields={**compaction.fields, "turns_compacted": turns, "events_compacted": hidden},
         )
+        if check is not None:
+            check(stored)
         conn.execute(self._sql(INSERT_EVENT), self._event_params(session_id, stored))
         return stored
 
@@ -386,11 +391,17 @@ class EventRecords(SQLDialect):
         include_up_to_event_id: str | None = None,
         compact_up_to_event_id: str | None = None,
         compaction: Event | None = None,
+        check_compaction: Callable[[Event], None] | None = None,
     ) -> Session:
         try:
             with self._transaction() as conn:
+                # The source's row held until the copy commits: every writer of its
+                # history (append, compaction) takes that row first, so the statements
+                # below read one state of it, not a compaction's half (SQLite's
+                # BEGIN IMMEDIATE holds the whole database already).
                 source = conn.execute(
-                    self._sql(FIND_SESSION), [source_agent_key, source_session_key]
+                    self._sql(FIND_SESSION + self.share_lock),
+                    [source_agent_key, source_session_key],
                 ).fetchone()
                 if source is None or not self._live(source[1], session.created_at):
                     raise SessionNotFound(source_session_key)
@@ -438,7 +449,9 @@ class EventRecords(SQLDialect):
                     turns = self._count(
                         conn, session_id, "type = 'input_message' AND hide_reason IS NOT NULL", None
                     )
-                    self._add_compaction(conn, session_id, session.key, compaction, turns, hidden)
+                    self._add_compaction(
+                        conn, session_id, session.key, compaction, turns, hidden, check_compaction
+                    )
         except self.unique_violation:
             raise Conflict(session.key) from None
         except self.missing_reference:
@@ -456,14 +469,21 @@ class EventRecords(SQLDialect):
             return conn.execute(query, [session_id]).fetchone()[0]
 
     def _iter_events(self, session_id: int, session_key: str) -> Iterator[Event]:
-        query = self._sql(event_page_query(False, True, 0, True)[0])
+        """The batches, by the row id (never given to another session); the last one
+        short. A session is deleted with its events in one statement, so one deleted
+        before that last batch was read leaves it short too, and is then missing."""
+        query = self._sql(event_page_query(False, True, 0, True, by_id=True)[0])
         after = 0
         while True:
             with self._reading() as conn:
                 rows = conn.execute(query, [session_id, after, EVENT_BATCH]).fetchall()
+                if len(rows) < EVENT_BATCH:
+                    gone = conn.execute(self._sql(SESSION_EXISTS), [session_id]).fetchone() is None
             for row in rows:
                 yield self._event(row, session_key)
             if len(rows) < EVENT_BATCH:
+                if gone:
+                    raise SessionNotFound(session_key)
                 return
             after = rows[-1][0]
 

@@ -184,6 +184,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ON console_sessions (expires_at)",
         ),
     ),
+    Migration(
+        6,
+        "SQLite: agent and session row ids never reused (AUTOINCREMENT)",
+        # Without AUTOINCREMENT SQLite gives the next row the newest id plus one,
+        # so the id of the newest session, once it is deleted, went to the next
+        # session created, in any agent: a page cursor or a call that held the
+        # old id then read the new session. SQLite cannot change a primary key
+        # in place: each table is rebuilt in this migration's transaction (a new
+        # table, the rows copied with their ids, the old one dropped with its
+        # indexes and trigger, the new one renamed, then those made again), as
+        # sqlite.org/lang_altertable.html#otheralter describes. sqlite_sequence
+        # starts at the highest id kept. PostgreSQL's identity columns never
+        # reuse a value.
+        sqlite=(
+            "CREATE TABLE agents_rebuilt (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "key TEXT NOT NULL, name TEXT NOT NULL, description TEXT, metadata TEXT NOT NULL, "
+            "enabled INTEGER NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+            "INSERT INTO agents_rebuilt (id, key, name, description, metadata, enabled, "
+            "created_at, updated_at) SELECT id, key, name, description, metadata, enabled, "
+            "created_at, updated_at FROM agents ORDER BY id",
+            "DROP TABLE agents",
+            "ALTER TABLE agents_rebuilt RENAME TO agents",
+            "CREATE UNIQUE INDEX idx_agents_key ON agents (key)",
+            "CREATE TABLE sessions_rebuilt (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "agent_key TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, description TEXT, "
+            "metadata TEXT NOT NULL, enabled INTEGER NOT NULL, tti_minutes INTEGER NOT NULL, "
+            "created_at TEXT NOT NULL, updated_at TEXT NOT NULL, expires_at TEXT, "
+            "forked_from TEXT, active_at TEXT)",
+            "INSERT INTO sessions_rebuilt (id, agent_key, key, name, description, metadata, "
+            "enabled, tti_minutes, created_at, updated_at, expires_at, forked_from, active_at) "
+            "SELECT id, agent_key, key, name, description, metadata, enabled, tti_minutes, "
+            "created_at, updated_at, expires_at, forked_from, active_at FROM sessions ORDER BY id",
+            # Dropping a table fires none of its triggers: the events stay.
+            "DROP TABLE sessions",
+            "ALTER TABLE sessions_rebuilt RENAME TO sessions",
+            "CREATE UNIQUE INDEX idx_sessions_agent_key_key ON sessions (agent_key, key)",
+            "CREATE INDEX idx_sessions_agent_key_id ON sessions (agent_key, id)",
+            "CREATE INDEX idx_sessions_expiring ON sessions (expires_at) "
+            "WHERE expires_at IS NOT NULL",
+            "CREATE TRIGGER sessions_delete_events AFTER DELETE ON sessions "
+            "BEGIN DELETE FROM events WHERE session_id = OLD.id; END",
+        ),
+        postgres=(),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -284,15 +328,27 @@ DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? A
 DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
 PURGE_EXPIRED = "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?"
 
-# Events. A session's events are found by the session's row id, which the
-# session's own lookup (by agent and key, checking its expiry) gives first.
+# Events. A session's events are found by the session's row id. A read or a
+# change of events finds that id in its own statement, from the agent key,
+# the session key and ``now`` (the session must be live): a lookup in a
+# statement before would let a session deleted meanwhile (and, were ids
+# reused, another agent's session) answer. Where no row comes back, the caller
+# looks at the session to tell a missing session from a missing event.
+SESSION_ID = f"(SELECT id FROM sessions WHERE agent_key = ? AND key = ? AND {LIVE})"
 EVENT_COLUMNS = ("seq", "id", "type", "fields", "created_at", "hide_reason")
-EVENT_SELECT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE session_id = ?"
 INSERT_EVENT = (
     "INSERT INTO events (session_id, id, type, fields, created_at, hide_reason) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
-GET_EVENT = f"{EVENT_SELECT} AND id = ?"
+# Parameters: agent_key, session_key, now, event id.
+GET_EVENT = (
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE session_id = {SESSION_ID} AND id = ?"
+)
+HIDE_EVENT = (
+    f"UPDATE events SET hide_reason = ? WHERE session_id = {SESSION_ID} AND id = ? "
+    f"RETURNING {', '.join(EVENT_COLUMNS)}"
+)
+DELETE_EVENT = f"DELETE FROM events WHERE session_id = {SESSION_ID} AND id = ?"
 # One probe of (session_id, seq), from its end.
 LAST_EVENT_ID = (
     "SELECT id FROM events /*INDEXED BY idx_events_session_seq*/ "
@@ -325,25 +381,29 @@ RELEASE_IDEMPOTENCY_KEY = (
 )
 PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
+SESSION_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 EVENT_BATCH = 1_000  # rows per query of iter_events
 IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
 
 
 @functools.lru_cache(maxsize=64)
 def event_page_query(
-    descending: bool, include_hidden: bool, types: int, cursor: bool
+    descending: bool, include_hidden: bool, types: int, cursor: bool, by_id: bool = False
 ) -> tuple[str, bool]:
     """The statement of a page of events, and whether it is a union of one per type.
 
-    Parameters, in order: with no types, session_id, the cursor (when
-    ``cursor``) and the limit; with ``types`` types, those three per type
-    (each with the type after session_id) and the page's limit. With several
-    types, each type's branch reads its own index, in order, up to the limit,
+    Parameters, in order: with no types, the session's agent key, its key
+    and ``now`` (:data:`SESSION_ID`), the cursor (when ``cursor``) and the
+    limit; with ``types`` types, those per type (each with the type after
+    ``now``) and the page's limit. ``by_id``: the session by its row id (one
+    parameter) instead, for a caller that holds that id (an export, the
+    transaction of an append). With several types, each type's branch reads
+    its own index, in order, up to the limit,
     and the union keeps the first ``limit`` of those: a page reads at most
     ``types * limit`` index entries at any depth, where one ``type IN (...)``
     scan would read and sort every matching row past the cursor.
     """
-    where = "session_id = ?"
+    where = "session_id = ?" if by_id else f"session_id = {SESSION_ID}"
     if types:
         where += " AND type = ?"
     if not include_hidden:
