@@ -20,9 +20,12 @@
   Past gunicorn's own bounds on the request line and the headers, a
   head goes to the parser at once, which answers 4xx; each byte is looked at
   once, however the head arrives.
-- A connection whose answered request left its body unread closes at once,
-  instead of gunicorn waiting five seconds for that body. A closing
-  connection lingers for the client's FIN in the loop, without blocking it.
+- A connection whose request left its body unread (a 403 or 413 before a
+  large upload) closes at once, instead of gunicorn waiting five seconds for
+  that body, and its answer says ``Connection: close``: whether it stays is
+  settled before the answer starts, never announced as kept alive and then
+  closed. A closing connection lingers for the client's FIN in the loop,
+  without blocking it.
 - At the connection cap (``worker_connections``) the connection idle longest
   (lingering, then kept alive, then with an unfinished head) is closed to
   admit a new one, so a complete request is always admitted.
@@ -321,6 +324,7 @@ class HeadReadingWorker(ThreadWorker):
         self.lingering: deque[Any] = deque()
         self.request_started: dict[int, float] = {}
         self.request_lock = threading.Lock()
+        self.serving = threading.local()  # the request and connection a thread serves
         # The service's bounds on the large routes' bodies (load_wsgi); None: unknown.
         self.large_body_bounds: tuple[int | None, int | None] = (None, None)
         cfg = self.cfg
@@ -336,6 +340,26 @@ class HeadReadingWorker(ThreadWorker):
         super().load_wsgi()
         config = getattr(self.wsgi, "config", None) or {}
         self.large_body_bounds = tuple(config.get(name) for name in LARGE_BODY_SETTINGS)
+        self.wsgi = partial(self.settled_first, self.wsgi)
+
+    def settled_first(self, app: Any, environ: dict, start_response: Any) -> Any:
+        """Call the application; before its answer starts, settle whether the connection stays.
+
+        A body the application left unread (a 403 or a 413 before a large
+        upload) is drained then, within ``DRAIN_WAIT`` and ``DRAIN_MAX_BYTES``;
+        if it cannot be, the answer says ``Connection: close``, as the
+        connection will, instead of the keep-alive its client would reuse.
+        """
+        req, conn = getattr(self.serving, "req", None), getattr(self.serving, "conn", None)
+        if req is None:  # HTTP/2: no connection of its own to keep or close
+            return app(environ, start_response)
+
+        def start(status: str, headers: list, exc_info: Any = None) -> Any:
+            if not req.should_close() and not self._keepalive_after(conn, True):
+                req.must_close = True
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
 
     def body_bound(self, head: bytes) -> tuple[bool, int | None]:
         """Whether the request (its head) is on ``LARGE_BODY_ROUTE``, and the most bytes of data
@@ -673,9 +697,11 @@ class HeadReadingWorker(ThreadWorker):
         thread = threading.get_ident()
         with self.request_lock:
             self.request_started[thread] = time.monotonic()
+        self.serving.req, self.serving.conn = req, conn
         try:
             return super().handle_request(req, conn)
         finally:
+            self.serving.req = self.serving.conn = None
             with self.request_lock:
                 del self.request_started[thread]
 
