@@ -49,6 +49,9 @@ class Config:
     EVENT_MAX_BYTES = 256 * 1024
     EVENTS_MAX_CONTENT_LENGTH = 4 * 1024 * 1024
     EVENT_MAX_DEPTH = 32
+    # A page of GET .../events also ends early, with a page_key, once its events
+    # serialize to this many bytes (always at least one event).
+    EVENTS_PAGE_MAX_BYTES = 1024 * 1024
     # Number of trusted reverse proxies in front of the service (for client addresses).
     PROXY_COUNT = 0
 
@@ -232,6 +235,7 @@ CHECKS: dict[str, Check] = {
     "EVENT_MAX_BYTES": integer(1024, 1 << 30),
     "EVENTS_MAX_CONTENT_LENGTH": integer(1024, 1 << 30),
     "EVENT_MAX_DEPTH": integer(1, 200),
+    "EVENTS_PAGE_MAX_BYTES": integer(1024, 1 << 30),
     "FILTER_SCAN_ROWS": integer(1, 10_000_000),
     "FILTER_SCAN_SECONDS": number(0.001, 60),
     "IDEMPOTENCY_KEY_TTL_SECONDS": integer(1, 366 * 24 * 60 * 60),
