@@ -64,7 +64,7 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.glogging import Logger
-from gunicorn.http.body import ChunkedReader
+from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -327,7 +327,10 @@ class HeadReadingWorker(ThreadWorker):
             return app(environ, start_response)
 
         def start(status: str, headers: list, exc_info: Any = None) -> Any:
-            if not req.should_close() and not self._keepalive_after(conn, True):
+            reader = getattr(req.body, "reader", None)
+            if type(reader) is LengthReader and reader.length == 0:
+                pass  # the body is off the socket (most requests): nothing to drain
+            elif not req.should_close() and not self._keepalive_after(conn, True):
                 req.must_close = True
             return start_response(status, headers, exc_info)
 
