@@ -49,6 +49,13 @@ class Config:
     EVENT_MAX_BYTES = 256 * 1024
     EVENTS_MAX_CONTENT_LENGTH = 4 * 1024 * 1024
     EVENT_MAX_DEPTH = 32
+    # A page of GET .../events also ends early, with a page_key, once its events
+    # serialize to this many bytes (always at least one event).
+    EVENTS_PAGE_MAX_BYTES = 1024 * 1024
+    # Seconds a client has to take each write of its answer (the head, the body, a
+    # piece of a streamed one), in gunicorn's worker: then the connection is
+    # reset, logged with the request id, and the request thread is free.
+    SEND_TIMEOUT = 10.0
     # Number of trusted reverse proxies in front of the service (for client addresses).
     PROXY_COUNT = 0
 
@@ -232,6 +239,8 @@ CHECKS: dict[str, Check] = {
     "EVENT_MAX_BYTES": integer(1024, 1 << 30),
     "EVENTS_MAX_CONTENT_LENGTH": integer(1024, 1 << 30),
     "EVENT_MAX_DEPTH": integer(1, 200),
+    "EVENTS_PAGE_MAX_BYTES": integer(1024, 1 << 30),
+    "SEND_TIMEOUT": number(0.1, 3600),
     "FILTER_SCAN_ROWS": integer(1, 10_000_000),
     "FILTER_SCAN_SECONDS": number(0.001, 60),
     "IDEMPOTENCY_KEY_TTL_SECONDS": integer(1, 366 * 24 * 60 * 60),

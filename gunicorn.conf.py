@@ -37,7 +37,9 @@ workers = _count(
 # Four threads fit PostgreSQL's pool (AGENT_SESSIONS_POSTGRES_POOL_MAX, 4 per worker).
 worker_class = "sessions_app.serving.server.HeadReadingWorker"
 threads = _count("AGENT_SESSIONS_THREADS", 4, 1, 256)
-# A request running longer gets its worker killed and replaced, as with sync workers.
+# A request running longer gets its worker killed and replaced, as with sync workers;
+# time spent waiting for a client to take its answer does not count (the worker bounds
+# that by AGENT_SESSIONS_SEND_TIMEOUT on its own).
 timeout = _count("AGENT_SESSIONS_TIMEOUT", 30, 1, 86400)
 graceful_timeout = 10
 keepalive = 5

@@ -162,6 +162,28 @@ def test_pages_both_ways_filters_and_hidden(client, full, session):
     assert [e["id"] for e in all_events(client, full)] == ids[1:]
 
 
+@pytest.mark.parametrize("app_config", [{"EVENTS_PAGE_MAX_BYTES": 4096}])
+def test_a_page_ends_early_once_it_holds_its_bytes(client, full, session):
+    small = {"type": "agent_output", "content": "x" * 1500}  # about 1.6 KB as answered
+    large = {"type": "agent_output", "content": "y" * 10_000}  # alone past the bound
+    ids = [e["id"] for e in batch(client, full, small, small, small, large, small).json["events"]]
+    for order, expected in (("asc", ids), ("desc", ids[::-1])):
+        sizes, page_key = [], None
+        while True:
+            query = {"limit": 100, "order": order, **({"page_key": page_key} if page_key else {})}
+            answer = client.get(EVENTS, query_string=query, headers=full)
+            assert answer.status_code == 200, answer.json
+            sizes.append([e["id"] for e in answer.json["events"]])
+            assert sum(len(json.dumps(e)) for e in answer.json["events"][1:]) < 4096
+            page_key = answer.json["metadata"].get("page_key")
+            if page_key is None:
+                break
+        assert [i for page in sizes for i in page] == expected  # each event once, in order
+        # Two small ones fit, a third does not; the large one comes alone.
+        pages = [len(page) for page in sizes]
+        assert pages == ([2, 1, 1, 1] if order == "asc" else [1, 1, 2, 1]), pages
+
+
 def test_page_keys_are_bound_to_their_list(client, full, session):
     client.post(SESSIONS, json={"key": "s2", "name": "Two"}, headers=full)
     for url in (BATCH, f"{SESSIONS}/s2/events/batch"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import current_app
@@ -34,6 +35,7 @@ from ..schemas.events import (
     EventsCreatedSchema,
     check_size,
     dump_event,
+    events_within,
 )
 from .endpoint import bp, check_compaction, compaction_event, endpoint, service
 
@@ -98,13 +100,19 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
                 "page_key: Not a page key of this list in this order.",
                 field_errors={"page_key": "Not a page key of this list in this order."},
             ) from None
-    page = service().storage.list_events(
+    limit = query.pop("limit")
+    read = functools.partial(
+        service().storage.list_events,
         agent_key=agent_key,
         session_key=session_key,
         now=utcnow(),
         descending=descending,
         **query,
     )
+    page = read(limit=limit)
+    fit = events_within(page.items, current_app.config["EVENTS_PAGE_MAX_BYTES"])
+    if fit < len(page.items):
+        page = read(limit=fit)  # the shorter page again: its events and its cursor in one read
     cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
     return {"events": page.items, "metadata": {"page_key": cursor}}
 

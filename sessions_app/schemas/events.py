@@ -380,6 +380,17 @@ def check_size(index: int | str | None, event: Event) -> None:
         )
 
 
+def events_within(events: list[Event], budget: int) -> int:
+    """How many of ``events``, from the first, serialize to at most ``budget`` bytes as
+    answered (at least one: a page always moves on)."""
+    total = 0
+    for count, event in enumerate(events):
+        total += len(dump_json(dump_event(event)).encode())
+        if total > budget:
+            return max(count, 1)
+    return len(events)
+
+
 # Answers
 
 

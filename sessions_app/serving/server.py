@@ -20,9 +20,12 @@
   Past gunicorn's own bounds on the request line and the headers, a
   head goes to the parser at once, which answers 4xx; each byte is looked at
   once, however the head arrives.
-- A connection whose answered request left its body unread closes at once,
-  instead of gunicorn waiting five seconds for that body. A closing
-  connection lingers for the client's FIN in the loop, without blocking it.
+- A connection whose request left its body unread (a 403 or 413 before a
+  large upload) closes at once, instead of gunicorn waiting five seconds for
+  that body, and its answer says ``Connection: close``: whether it stays is
+  settled before the answer starts, never announced as kept alive and then
+  closed. A closing connection lingers for the client's FIN in the loop,
+  without blocking it.
 - At the connection cap (``worker_connections``) the connection idle longest
   (lingering, then kept alive, then with an unfinished head) is closed to
   admit a new one, so a complete request is always admitted.
@@ -30,7 +33,11 @@
 - gunicorn's ``timeout`` applies to every request, as with sync workers: the
   worker's heartbeat stands still while a request runs past it, so the
   arbiter kills a worker whose request hangs (its other threads could still
-  beat for it otherwise).
+  beat for it otherwise). Time spent waiting for a client to take an answer
+  is not the request's, and each write of an answer must be taken by the
+  client within ``SEND_TIMEOUT`` seconds (``SendDeadline``), else the
+  connection is reset, one line with the request id is logged and the thread
+  is free.
 
 ``EscapingLogger`` logs the path as the client sent it (percent-encoded) and
 escapes control characters in every field of the access log and in every
@@ -47,6 +54,7 @@ import os
 import re
 import selectors
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -56,16 +64,19 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.glogging import Logger
-from gunicorn.http.body import ChunkedReader
+from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..observability import logs
 from ..text import escape_controls
+from .deadlines import AnswerNotRead, BodyDeadline, SendDeadline
 
 # Seconds a client has to send a request's head (AGENT_SESSIONS_HEADER_TIMEOUT).
 HEADER_TIMEOUT = 10.0
+# Seconds a thread has to write an answer (SEND_TIMEOUT, when the app does not say).
+SEND_TIMEOUT = 10.0
 # Bodies of a declared length up to this are read by the event loop too.
 BODY_BUFFER_MAX = 65536
 # The request lines of the routes whose bodies may be longer: POST /events (EVENT_MAX_BYTES)
@@ -86,6 +97,8 @@ CHUNKED = re.compile(rb"\ntransfer-encoding[ \t]*:[ \t]*chunked[ \t]*\r?\n", re.
 # A closed connection waits this long, at most, for the client's FIN.
 LINGER = 2.0
 LINGER_DRAIN_MAX = 65536
+# SO_LINGER on, for 0 seconds: close() resets the connection.
+LINGER_RESET = struct.pack("ii", 1, 0)
 # The error names of the service's JSON error shape, by gunicorn's status.
 ERROR_NAMES = {
     400: "invalid_request",
@@ -263,46 +276,6 @@ def header_timeout() -> float:
     return seconds
 
 
-class BodyDeadline:
-    """A connection's socket as a request thread reads from it: no read waits past a deadline.
-
-    The loop hands a request to a thread before its body is all in when the
-    body is over ``BODY_BUFFER_MAX`` (declared, or chunked on
-    ``LARGE_BODY_ROUTE``); the thread then reads it from the socket. Without a
-    deadline a client that stalls, or trickles a byte at a time, holds the
-    thread until gunicorn's timeout kills the whole worker. With it, reading
-    fails with ``socket.timeout`` once ``timeout`` seconds have passed since
-    the thread's first read (time spent queued for a thread is the server's,
-    not the client's), and bytes already received are always taken: the
-    service answers 408 and the connection closes. Everything but ``recv`` is
-    the socket's own.
-    """
-
-    __slots__ = ("deadline", "sock", "timeout")
-
-    def __init__(self, sock: Any, timeout: float) -> None:
-        self.sock = sock
-        self.timeout = timeout
-        self.deadline: float | None = None
-
-    def recv(self, size: int) -> bytes:
-        now = time.monotonic()
-        if self.deadline is None:
-            self.deadline = now + self.timeout
-        remaining = max(self.deadline - now, 0.0)  # 0: only what has arrived already
-        prior = self.sock.gettimeout()
-        self.sock.settimeout(remaining if prior is None else min(prior, remaining))
-        try:
-            return self.sock.recv(size)
-        except BlockingIOError:
-            raise TimeoutError("the request body was not received in time") from None
-        finally:
-            self.sock.settimeout(prior)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
-
-
 class Refused(Exception):
     """A request the loop answers itself, at once: its head or chunked body is too long."""
 
@@ -321,8 +294,10 @@ class HeadReadingWorker(ThreadWorker):
         self.lingering: deque[Any] = deque()
         self.request_started: dict[int, float] = {}
         self.request_lock = threading.Lock()
+        self.serving = threading.local()  # the request and connection a thread serves
         # The service's bounds on the large routes' bodies (load_wsgi); None: unknown.
         self.large_body_bounds: tuple[int | None, int | None] = (None, None)
+        self.send_timeout = SEND_TIMEOUT
         cfg = self.cfg
         # Past this many bytes without a complete head the parser has what it
         # needs to answer 4xx (a request line or headers over their limits).
@@ -336,6 +311,30 @@ class HeadReadingWorker(ThreadWorker):
         super().load_wsgi()
         config = getattr(self.wsgi, "config", None) or {}
         self.large_body_bounds = tuple(config.get(name) for name in LARGE_BODY_SETTINGS)
+        self.send_timeout = config.get("SEND_TIMEOUT", SEND_TIMEOUT)
+        self.wsgi = partial(self.settled_first, self.wsgi)
+
+    def settled_first(self, app: Any, environ: dict, start_response: Any) -> Any:
+        """Call the application; before its answer starts, settle whether the connection stays.
+
+        A body the application left unread (a 403 or a 413 before a large
+        upload) is drained then, within ``DRAIN_WAIT`` and ``DRAIN_MAX_BYTES``;
+        if it cannot be, the answer says ``Connection: close``, as the
+        connection will, instead of the keep-alive its client would reuse.
+        """
+        req, conn = getattr(self.serving, "req", None), getattr(self.serving, "conn", None)
+        if req is None:  # HTTP/2: no connection of its own to keep or close
+            return app(environ, start_response)
+
+        def start(status: str, headers: list, exc_info: Any = None) -> Any:
+            reader = getattr(req.body, "reader", None)
+            if type(reader) is LengthReader and reader.length == 0:
+                pass  # the body is off the socket (most requests): nothing to drain
+            elif not req.should_close() and not self._keepalive_after(conn, True):
+                req.must_close = True
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
 
     def body_bound(self, head: bytes) -> tuple[bool, int | None]:
         """Whether the request (its head) is on ``LARGE_BODY_ROUTE``, and the most bytes of data
@@ -494,6 +493,13 @@ class HeadReadingWorker(ThreadWorker):
     # Closing: the loop waits for the client's FIN without blocking on it.
 
     def finish_request(self, conn: Any, fs: Any) -> None:
+        if getattr(conn, "answer_cut", False):
+            # The answer was cut off: a reset, so its unsent bytes are dropped at once.
+            with contextlib.suppress(OSError):
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            self.nr_conns -= 1
+            conn.close()
+            return
         if not fs.cancelled() and fs.exception() is None and not fs.result():
             self.linger(conn)  # gunicorn's close_graceful would block the loop
             return
@@ -673,11 +679,38 @@ class HeadReadingWorker(ThreadWorker):
         thread = threading.get_ident()
         with self.request_lock:
             self.request_started[thread] = time.monotonic()
+        self.serving.req, self.serving.conn = req, conn
+        sock = conn.sock
+        conn.sock = writer = SendDeadline(sock, self.send_timeout, self.client_time)
         try:
             return super().handle_request(req, conn)
+        except AnswerNotRead:
+            conn.answer_cut = True
+            self.log.warning(
+                "answer not read by the client within %ss: connection closed request_id=%s",
+                self.send_timeout,
+                writer.request_id,
+            )
+            return False
         finally:
+            conn.sock = sock
+            self.serving.req = self.serving.conn = None
             with self.request_lock:
                 del self.request_started[thread]
+
+    @contextlib.contextmanager
+    def client_time(self) -> Any:
+        """While a thread waits for its client to take an answer, it is not in the heartbeat."""
+        thread = threading.get_ident()
+        with self.request_lock:
+            started = self.request_started.pop(thread, None)
+        paused = time.monotonic()
+        try:
+            yield
+        finally:
+            if started is not None:
+                with self.request_lock:
+                    self.request_started[thread] = started + (time.monotonic() - paused)
 
     def notify(self) -> None:
         with self.request_lock:
