@@ -73,9 +73,12 @@ class SessionDisabled(StorageError):
 class TooManyEvents(StorageError):
     """A read would return more than its ``limit`` events: nothing was written."""
 
-    def __init__(self, limit: int):
-        super().__init__(f"more than {limit} events")
+    def __init__(self, limit: int, max_bytes: int | None = None):
+        super().__init__(
+            f"more than {limit} events" if max_bytes is None else f"more than {max_bytes} bytes"
+        )
         self.limit = limit
+        self.max_bytes = max_bytes
 
 
 class Unavailable(StorageError):
@@ -461,6 +464,7 @@ class Storage(abc.ABC):
         now: dt.datetime,
         since: str | None,
         limit: int,
+        max_bytes: int | None = None,
     ) -> list[Event]:
         """Append ``events`` as :meth:`append_events` does and, in the same transaction,
         read back the visible events written after the event ``since``, oldest first.
@@ -474,7 +478,8 @@ class Storage(abc.ABC):
         session has no event ``since``, :class:`Conflict` for an id of
         ``events`` already in the session (or twice in ``events``), and
         :class:`TooManyEvents` when more than ``limit`` events would be
-        returned.
+        returned, or when their fields serialize (as stored, JSON) to more than
+        ``max_bytes`` bytes in all.
         """
 
     @abc.abstractmethod

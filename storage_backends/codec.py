@@ -122,3 +122,9 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def fields_bytes(events: Iterable[Any]) -> int:
+    """The bytes of the events' fields as stored (compact JSON), in all: what a
+    bounded read counts against its byte bound."""
+    return sum(len(dump_json(event.fields).encode()) for event in events)

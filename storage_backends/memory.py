@@ -43,7 +43,7 @@ from .base import (
     Storage,
     TooManyEvents,
 )
-from .codec import filter_rows, merge_patch, same_json
+from .codec import fields_bytes, filter_rows, merge_patch, same_json
 from .memory_console import MemoryConsole
 from .memory_idempotency import MemoryIdempotency
 
@@ -376,6 +376,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         now: dt.datetime,
         since: str | None,
         limit: int,
+        max_bytes: int | None = None,
     ) -> list[Event]:
         with self._lock:  # held across the checks, the append and the read
             # The refusals in the contract's order (Storage.append_events_since).
@@ -390,6 +391,10 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             rows = log.rows(after=after, include_hidden=False)
             if room < 0 or next(itertools.islice(rows, room, None), None) is not None:
                 raise TooManyEvents(limit)
+            if max_bytes is not None:
+                stored = [event for _, event in log.rows(after=after, include_hidden=False)]
+                if fields_bytes([*stored, *events]) > max_bytes:
+                    raise TooManyEvents(limit, max_bytes)
             self.append_events(agent_key=agent_key, session_key=session_key, events=events, now=now)
             return _page(log.rows(after=after, include_hidden=False), limit).items
 

@@ -735,6 +735,22 @@ def test_since_answers_at_most_a_page(client, full, session):
     assert len(say(client, full, since=first.json["events"][1]["id"]).json["events"]) == 100
 
 
+@pytest.mark.parametrize("app_config", [{"EVENTS_PAGE_MAX_BYTES": 4096}])
+def test_since_answers_at_most_a_page_of_bytes(client, full, session):
+    """A few large events are refused as many small ones are: 400, and the input unwritten."""
+    big = {"type": "agent_output", "content": "x" * 1990}  # 2,004 bytes of fields
+    first = batch(client, full, big, big).json["events"]  # with an input: 4,056; two: 4,104
+    fits = say(client, full, since="start")
+    assert fits.status_code == 201 and len(fits.json["events"]) == 3
+    before = all_events(client, full)
+    body = assert_error(say(client, full, since="start"), 400, "invalid_request", "since")
+    assert "4096 bytes" in body["field_errors"]["since"]
+    assert "nothing was written" in body["field_errors"]["since"]
+    assert all_events(client, full) == before
+    # What follows a later anchor still fits.
+    assert len(say(client, full, since=first[1]["id"]).json["events"]) == 2
+
+
 def test_interrupt_appends_a_session_interrupted_event(client, keys, full, session):
     said = say(client, full).json["events"][0]
     response = client.post(EVENTS, json=INTERRUPT, headers=full)

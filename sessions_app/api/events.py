@@ -194,6 +194,7 @@ def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
                 now=now,
                 since=None if since == SINCE_START else since,
                 limit=SINCE_MAX_EVENTS,
+                max_bytes=current_app.config["EVENTS_PAGE_MAX_BYTES"],
             )
     metrics.events_written(1)
     events = [written] if answer is None else answer

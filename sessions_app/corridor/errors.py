@@ -182,9 +182,14 @@ def handle_session_disabled(err: SessionDisabled) -> Response:
 
 def handle_too_many_events(err: TooManyEvents) -> Response:
     # Only an input's ``since`` asks for a bounded read in the same transaction as a write.
+    what = (
+        f"More than {err.limit} visible events"
+        if err.max_bytes is None
+        else f"Visible events of more than {err.max_bytes} bytes"
+    )
     message = (
-        f"More than {err.limit} visible events would follow it, more than one answer "
-        "holds; nothing was written. Page through them with GET .../events instead."
+        f"{what} would follow it, more than one answer holds; nothing was written. "
+        "Page through them with GET .../events instead."
     )
     return error_response(400, "invalid_request", [f"since: {message}"], {"since": message})
 

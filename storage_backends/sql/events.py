@@ -23,7 +23,7 @@ from ..base import (
     StaleHistory,
     TooManyEvents,
 )
-from ..codec import merge_patch, same_json
+from ..codec import fields_bytes, merge_patch, same_json
 from .dialect import SQLDialect
 from .schema import (
     DELETE_EVENT,
@@ -166,6 +166,7 @@ class EventRecords(SQLDialect):
         now: dt.datetime,
         since: str | None,
         limit: int,
+        max_bytes: int | None = None,
     ) -> list[Event]:
         ids = [event.id for event in events]
         rows: list[Any] = []
@@ -199,11 +200,14 @@ class EventRecords(SQLDialect):
                     ).fetchall()
                     if len(rows) > limit:
                         raise TooManyEvents(limit)  # rolls the append back
+                    answer = [self._event(row, session_key) for row in rows]
+                    if max_bytes is not None and fields_bytes(answer) > max_bytes:
+                        raise TooManyEvents(limit, max_bytes)  # rolls the append back
         except self.unique_violation:
             raise Conflict("an event id of the batch is already in the session") from None
         if touched is None:
             raise SessionNotFound(session_key)
-        return [self._event(row, session_key) for row in rows]
+        return answer
 
     def _write_metadata(
         self, conn: Any, session_id: int, metadata: dict[str, Any], now: dt.datetime
