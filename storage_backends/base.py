@@ -551,7 +551,8 @@ class Storage(abc.ABC):
         be stored (counts set); whatever it raises aborts the call and nothing
         is written. Restarts the idle clock like :meth:`append_events`. Raises
         :class:`SessionNotFound`, :class:`SessionDisabled`,
-        :class:`EventNotFound` (the anchor).
+        :class:`EventNotFound` (an anchor that is not a visible event of the
+        session: a hidden one is refused, as :meth:`fork_session` refuses it).
         """
 
     @abc.abstractmethod

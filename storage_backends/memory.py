@@ -466,8 +466,10 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 inputs = [i for i, e in enumerate(visible) if e.type == "input_message"]
                 hidden = visible[: inputs[-1]] if inputs else visible
             else:
-                anchor = log.seq_of(up_to_event_id)
-                hidden = [e for e in visible if log.seq_of(e.id) <= anchor]
+                ids = [event.id for event in visible]
+                if up_to_event_id not in ids:  # the anchor is a visible event, as a fork's
+                    raise EventNotFound(up_to_event_id)
+                hidden = visible[: ids.index(up_to_event_id) + 1]
             log.check_new([compaction.id])
             stored = _compaction(compaction, session_key, hidden)
             if check_compaction is not None:

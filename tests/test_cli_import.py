@@ -178,6 +178,57 @@ def test_an_import_means_the_same_instant_whatever_the_local_zone(tmp_path, back
 # Every field as the API checks it
 
 
+def test_a_session_created_after_its_update_is_refused(ops, tmp_path) -> None:
+    session = session_body(created_at="2026-12-02T00:00:00Z", updated_at="2026-12-01T00:00:00Z")
+    refused(ops, export_file(tmp_path / "s.jsonl", session), "line 1", "created_at", "updated_at")
+
+
+FAR_PAST, EPOCH_JUST_BEFORE = "0001-01-01T00:00:00Z", "1969-12-31T23:59:59.999Z"
+
+
+@pytest.mark.parametrize("value", [FAR_PAST, EPOCH_JUST_BEFORE, "2999-01-01T00:00:00Z"])
+@pytest.mark.parametrize("field", ["created_at", "updated_at", "active_at"])
+def test_a_session_time_must_be_one_the_api_could_have_written(ops, tmp_path, field, value) -> None:
+    path = export_file(tmp_path / "s.jsonl", session_body(**{field: value}))
+    message = refused(ops, path, "line 1", field, repr(value))
+    assert ("1970" if value < "2" else "a day past") in message
+
+
+@pytest.mark.parametrize("value", [FAR_PAST, EPOCH_JUST_BEFORE, "2999-01-01T00:00:00Z"])
+def test_an_event_time_must_be_one_the_api_could_have_written(ops, tmp_path, value) -> None:
+    events = (
+        [event_body(0, created_at=value)]
+        if value < "2"
+        else [event_body(0), event_body(1, created_at=value)]
+    )
+    line = "line 2" if value < "2" else "line 3"
+    refused(ops, export_file(tmp_path / "e.jsonl", events=events), line, "created_at", repr(value))
+
+
+def test_times_within_the_allowance_are_imported(ops, tmp_path) -> None:
+    """1970 itself, and a host whose clock ran up to a day ahead of this one's."""
+    ahead = format_ts(utcnow() + dt.timedelta(hours=23))
+    session = session_body(created_at="1970-01-01T00:00:00Z", updated_at=ahead)
+    events = [event_body(0, created_at="1970-01-01T00:00:00Z"), event_body(1, created_at=ahead)]
+    path = export_file(tmp_path / "t.jsonl", session, events)
+    result = ops.invoke(args=["sessions", "import", str(path)])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_an_event_older_than_the_one_before_it_is_refused(ops, tmp_path) -> None:
+    events = [
+        event_body(0, created_at="2026-01-01T00:00:00Z"),
+        event_body(1, created_at="2026-01-01T00:00:00Z"),  # the same time: a batch
+        event_body(2, created_at="2026-06-01T00:00:00Z"),
+        event_body(3, created_at="2026-05-31T23:59:59.999Z"),
+    ]
+    path = export_file(tmp_path / "e.jsonl", events=events)
+    message = refused(
+        ops, path, "line 5", "created_at", "previous event", "2026-06-01T00:00:00.000Z"
+    )
+    assert "2026-05-31T23:59:59.999Z" in message
+
+
 @pytest.mark.parametrize(
     ("session", "words"),
     [

@@ -651,6 +651,13 @@ def test_compact(client, full, session):
     assert json.loads(again.get_data(as_text=True).split("\n\n")[0][6:])["events_compacted"] == 1
     missing = {**anchored, "compact_up_to_event_id": "aev_missing"}
     assert_error(client.post(EVENTS, json=missing, headers=full), 404, "event_not_found")
+    # A hidden anchor is refused, as a fork refuses it, and nothing is written.
+    assert client.post(f"{EVENTS}/{ids[3]}/hide", headers=full).status_code == 200
+    before = all_events(client, full, include_hidden="true")
+    for hidden in (ids[3], ids[0]):  # hidden by hand, hidden by a compaction
+        refused = {**anchored, "compact_up_to_event_id": hidden}
+        assert_error(client.post(EVENTS, json=refused, headers=full), 404, "event_not_found")
+    assert all_events(client, full, include_hidden="true") == before
 
 
 # Input for a running agent: behavior, since, interrupt

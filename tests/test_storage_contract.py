@@ -1106,6 +1106,23 @@ def test_compaction_up_to_an_anchor(storage, session):
             compaction=compaction("d"),
             now=T0,
         )
+    # A hidden anchor is no anchor, as a fork refuses it: nothing is hidden or added.
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_5", hide_reason="manual", now=T0
+    )
+    for hidden in ("aev_5", "aev_2"):  # hidden by hand, hidden by the compaction
+        with pytest.raises(EventNotFound):
+            storage.compact_events(
+                agent_key="bot",
+                session_key="s1",
+                up_to_event_id=hidden,
+                compaction=compaction("e"),
+                now=T0,
+            )
+    assert walk_events(storage) == ["aev_4", "aev_6", "aev_c"]
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_5", hide_reason=None, now=T0
+    )
     # A compaction id the session has is a conflict, and nothing is hidden.
     with pytest.raises(Conflict):
         storage.compact_events(

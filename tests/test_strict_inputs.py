@@ -47,6 +47,44 @@ def test_unknown_query_parameters_are_400_naming_them(
     assert set(body["field_errors"]) == set(unknown)
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "repeated"),
+    [
+        (SESSIONS, "limit=10&limit=20", "limit"),
+        (SESSIONS, "filter=a&filter=b", "filter"),
+        (SESSIONS, "page_key=x&limit=1&page_key=y", "page_key"),
+        ("/v2/agents", "limit=1&limit=1", "limit"),  # even the same value
+        ("/v2/api_keys", "limit=5&limit=6", "limit"),
+        (SESSIONS + "/{session}/events", "order=desc&order=asc", "order"),
+        (
+            SESSIONS + "/{session}/events",
+            "include_hidden=true&include_hidden=false",
+            "include_hidden",
+        ),
+        (SESSIONS + "/{session}/events", "type=agent_output&type=input_message", "type"),
+    ],
+)
+def test_a_repeated_query_parameter_is_400_naming_it(
+    client, admin, agent, session, path, query, repeated
+):
+    url = path.format(agent=agent, session=session) + "?" + query
+    body = assert_error(client.get(url, headers=admin), 400, "invalid_request", repeated)
+    assert set(body["field_errors"]) == {repeated}, body
+    assert body["messages"] == [f"{repeated}: Given more than once; give it once."], body
+
+
+def test_a_repeated_unknown_query_parameter_is_named_as_unknown(client, admin, agent):
+    url = SESSIONS.format(agent=agent) + "?limt=1&limt=2"
+    body = assert_error(client.get(url, headers=admin), 400, "invalid_request", "limt")
+    assert body["field_errors"]["limt"] == "Unknown field.", body
+
+
+def test_a_list_of_types_is_one_comma_separated_parameter(client, full, agent, session):
+    url = SESSIONS.format(agent=agent) + f"/{session}/events?type=agent_output,input_message"
+    response = client.get(url, headers=full)
+    assert response.status_code == 200, response.get_json()
+
+
 def test_known_query_parameters_still_work(client, full, agent, session):
     response = client.get(SESSIONS.format(agent=agent) + "?limit=1&filter=s", headers=full)
     assert response.status_code == 200

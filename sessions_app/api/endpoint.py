@@ -36,6 +36,8 @@ errors.register(bp)  # the API's and the docs page's, wherever the blueprint is 
 
 # Statuses of a request whose query or body is refused.
 BAD_INPUT = (400, 413, 415)
+# The refusal of a query parameter given more than once.
+GIVEN_TWICE = "Given more than once; give it once."
 
 
 def service() -> Any:
@@ -97,6 +99,11 @@ def endpoint(
     missing session of a missing agent is ``agent_not_found``.
     """
     query_schema = query() if query is not None else None
+    query_names = (
+        {field.data_key or name for name, field in query_schema.load_fields.items()}
+        if query_schema is not None
+        else set()
+    )
     body_schema = body() if body is not None else None
     response_schema = response() if response is not None else None
     etag_schema = etag() if etag is not None else None
@@ -126,6 +133,16 @@ def endpoint(
                     if method in ("PATCH", "DELETE"):
                         inputs["precondition"] = conditions
                 if query_schema is not None:
+                    # No parameter repeats (a list, such as type, is comma-separated):
+                    # a second value is refused, never silently dropped.
+                    # (An unknown one is left to the schema, which names it as unknown.)
+                    repeated = [
+                        name
+                        for name, values in req.args.lists()
+                        if len(values) > 1 and name in query_names
+                    ]
+                    if repeated:
+                        raise ValidationError(dict.fromkeys(repeated, [GIVEN_TWICE]))
                     inputs["query"] = query_schema.load(req.args.to_dict())
                 elif environ.get("QUERY_STRING") and req.args:
                     raise ValidationError(dict.fromkeys(req.args, ["Unknown field."]))

@@ -234,6 +234,33 @@ class BadExport(ValueError):
     """A line of an export that cannot be imported; the message names the line."""
 
 
+#: The earliest time an import takes: the API never wrote one before it.
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: How far past the import's own time a time may be: the exporting host's clock
+#: may run ahead of this one's, never by more.
+CLOCK_SKEW = dt.timedelta(days=1)
+
+
+def time_refused(number: int, field: str, message: str, body: dict[str, Any]) -> BadExport:
+    """The refusal of ``body``'s time ``field``, showing it as the line gives it."""
+    value = given_at(body, field)
+    shown = f" (given: {value!r})" if value is not None else ""
+    return BadExport(f"line {number}: {field}: {message}{shown}")
+
+
+def check_time(
+    value: dt.datetime, field: str, number: int, now: dt.datetime, body: dict[str, Any]
+) -> None:
+    """``value`` is a time the API could have written: from 1970 to ``now`` plus
+    :data:`CLOCK_SKEW`."""
+    if value < EPOCH:
+        raise time_refused(number, field, "Must not be before 1970-01-01T00:00:00Z.", body)
+    if value > now + CLOCK_SKEW:
+        limit = codec.format_ts(now + CLOCK_SKEW)
+        message = f"Must not be more than a day past the import's time (up to {limit})."
+        raise time_refused(number, field, message, body)
+
+
 def parse_line(text: str, number: int) -> dict[str, Any]:
     """One line, parsed as strictly as a request body (no NUL, no unpaired surrogate)."""
     from ..corridor.http import parse
@@ -302,11 +329,22 @@ def read_session(
     if body.get("key") is None:
         raise BadExport("line 1: the session has no key; give one with --key")
     fields = load(ExportedSessionSchema(), body, 1)
+    for name in ("created_at", "updated_at", "active_at"):
+        if fields.get(name) is not None:
+            check_time(fields[name], name, 1, now, body)
+    if fields["created_at"] > fields["updated_at"]:
+        message = f"Must not be after updated_at ({codec.format_ts(fields['updated_at'])})."
+        raise time_refused(1, "created_at", message, body)
     return Session(**fields | {"active_at": now})
 
 
-def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[int]) -> Any:
+def read_events(
+    lines: Iterator[tuple[int, str]], session_key: str, tally: list[int], now: dt.datetime
+) -> Any:
     """The events of an export, checked one by one; a missing or wrong end line is an error.
+
+    Times run forward, as the API writes a history: an event older than the one
+    before it is refused, as is one outside :func:`check_time`'s bounds.
 
     Raising from here aborts the import's transaction: nothing is stored.
     """
@@ -316,6 +354,7 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
     from ..schemas.events import ExportedEventSchema, check_size
 
     schema = ExportedEventSchema()
+    previous: dt.datetime | None = None
     for number, text in lines:
         line = parse_line(text, number)
         if "end" in line:
@@ -336,6 +375,11 @@ def read_events(lines: Iterator[tuple[int, str]], session_key: str, tally: list[
         loaded = load(schema, body, number)
         tally[0] += 1
         keys = {key: loaded.pop(key, None) for key in EVENT_KEYS}
+        check_time(keys["created_at"], "created_at", number, now, body)
+        if previous is not None and keys["created_at"] < previous:
+            message = f"Must not be before the previous event's ({codec.format_ts(previous)})."
+            raise time_refused(number, "created_at", message, body)
+        previous = keys["created_at"]
         event = Event(
             id=keys["id"],
             session_key=session_key,
@@ -373,7 +417,7 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     session = read_session(parse_line(first[1], first[0]), agent_key, session_key, now)
     store.get_agent(agent_key=session.agent_key)
     tally = [0, 0]  # events read, end line seen
-    events = read_events(lines, session.key, tally)
+    events = read_events(lines, session.key, tally, now)
     try:
         total = announced_count(source) if sys.stderr.isatty() else None
         with progress(events, f"importing {session.key}", total) as shown:

@@ -312,7 +312,7 @@ class EventRecords(SQLDialect):
                     if not session.enabled:
                         raise SessionDisabled(session_key)
                     if up_to_event_id is not None:
-                        bound = self._event_seq(conn, session_id, up_to_event_id, visible=False)
+                        bound = self._event_seq(conn, session_id, up_to_event_id, visible=True)
                     else:
                         # Everything before the last visible input message, or everything.
                         row = conn.execute(
