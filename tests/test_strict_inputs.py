@@ -117,6 +117,7 @@ def test_the_cli_warns_of_an_unknown_setting_once(tmp_path: Path):
         "AGENT_SESSIONS_STORAGE_URL": f"sqlite:///{tmp_path}/x.db",
         "AGENT_SESSIONS_SESION_CREATE_LIMIT": "5/minute",
     }
+    cli("db", "upgrade", env={"AGENT_SESSIONS_STORAGE_URL": env["AGENT_SESSIONS_STORAGE_URL"]})
     result = cli("agents", "list", env=env)
     assert result.stderr.splitlines() == [
         "Warning: unknown setting AGENT_SESSIONS_SESION_CREATE_LIMIT is ignored; "
