@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 
 import psycopg
 import pytest
@@ -139,6 +140,9 @@ def test_writers_of_one_history_take_turns(sql_url):
                 event_id = f"aev_w{writer}n{n}"
                 while True:
                     last = last_id()
+                    # Let another writer in between the read and the write, so that
+                    # the writers race even on a loaded machine.
+                    time.sleep(0.0005)
                     try:
                         storage.append_events(
                             agent_key="bot",
