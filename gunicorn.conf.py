@@ -59,7 +59,7 @@ access_log_format = (
     "request_id=%({x-request-id}o)s duration=%(L)ss"
 )
 errorlog = "-"
-logger_class = "sessions_app.serving.server.EscapingLogger"
+logger_class = "sessions_app.serving.logger.EscapingLogger"
 
 # AGENT_SESSIONS_LOG_FORMAT: "text" (default) or "json" (sessions_app/observability/logs.py),
 # read by the logger before the app is built, so checked here.

@@ -80,7 +80,7 @@ def access_line(response: Any, environ: dict) -> dict[str, Any]:
     """The JSON access line of ``response``, written by the project's gunicorn logger."""
     from gunicorn.config import Config
 
-    from sessions_app.serving.server import EscapingLogger
+    from sessions_app.serving.logger import EscapingLogger
 
     captured: list[str] = []
 

@@ -348,10 +348,12 @@ def json_object(limit: int | None, req: Any) -> dict[str, Any]:
     if encoding not in ("identity", ""):
         raise _unsupported("Content-Encoding is not supported; send the body as it is.")
     # The server decodes chunked framing only: any other transfer coding (gzip,
-    # chunked) would reach the parser still coded.
+    # chunked) would reach the parser still coded. 501, as the server answers it.
     codings = environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")
     if any(coding.strip() not in ("chunked", "identity", "") for coding in codings):
-        raise _unsupported("Transfer-Encoding other than chunked is not supported.")
+        raise errors.ApiError(
+            501, "invalid_request", "Transfer-Encoding other than chunked is not supported."
+        )
     if limit is None:
         limit = current_app._get_current_object().extensions["agent_sessions"].max_body
     raw = read_body(limit, req)

@@ -1,6 +1,6 @@
 """JSON logs (``LOG_FORMAT=json``): one JSON object per line, for a log pipeline.
 
-Under gunicorn, ``server.EscapingLogger`` hands its error and access logs to
+Under gunicorn, ``serving.logger.EscapingLogger`` hands its error and access logs to
 :func:`use_json`: every line either writes (gunicorn's own, the service's
 loggers, which ``gunicorn.conf.py`` sends to the error log, and any library's
 warnings) is formatted by python-json-logger's formatter. Each line has

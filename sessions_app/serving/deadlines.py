@@ -33,19 +33,29 @@ class BodyDeadline:
     not the client's), and bytes already received are always taken: the
     service answers 408 and the connection closes. Everything but ``recv`` is
     the socket's own.
+
+    ``continue_first``: the request's ``Expect: 100-continue`` was held back;
+    ``100 Continue`` is sent just before the first read, so a request the
+    service refuses on its head alone (a 401, or a 413 on its declared
+    length) gets its final answer without being invited to send the body.
     """
 
-    __slots__ = ("deadline", "sock", "timeout")
+    __slots__ = ("continue_first", "deadline", "sock", "timeout")
 
-    def __init__(self, sock: Any, timeout: float) -> None:
+    def __init__(self, sock: Any, timeout: float, continue_first: bool = False) -> None:
         self.sock = sock
         self.timeout = timeout
+        self.continue_first = continue_first
         self.deadline: float | None = None
 
     def recv(self, size: int) -> bytes:
         now = time.monotonic()
         if self.deadline is None:
             self.deadline = now + self.timeout
+        if self.continue_first:
+            self.continue_first = False
+            with contextlib.suppress(OSError):  # the client is gone: the read says so
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         remaining = max(self.deadline - now, 0.0)  # 0: only what has arrived already
         prior = self.sock.gettimeout()
         self.sock.settimeout(remaining if prior is None else min(prior, remaining))

@@ -1,4 +1,4 @@
-"""The gunicorn worker and logger that ``gunicorn.conf.py`` names.
+"""The gunicorn worker that ``gunicorn.conf.py`` names.
 
 ``HeadReadingWorker`` is gunicorn's threaded worker with three changes:
 
@@ -38,18 +38,12 @@
   client within ``SEND_TIMEOUT`` seconds (``SendDeadline``), else the
   connection is reset, one line with the request id is logged and the thread
   is free.
-
-``EscapingLogger`` logs the path as the client sent it (percent-encoded) and
-escapes control characters in every field of the access log and in every
-error-log message, so no client can write a line or a terminal sequence into
-either log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import selectors
@@ -57,20 +51,17 @@ import socket
 import struct
 import threading
 import time
-import traceback
 from collections import deque
 from functools import partial
 from typing import Any
 
 from gunicorn import util
-from gunicorn.glogging import Logger
 from gunicorn.http.body import ChunkedReader, LengthReader
+from gunicorn.http.errors import InvalidHeader, UnsupportedTransferCoding
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..observability import logs
-from ..text import escape_controls
 from .deadlines import AnswerNotRead, BodyDeadline, SendDeadline
 
 # Seconds a client has to send a request's head (AGENT_SESSIONS_HEADER_TIMEOUT).
@@ -124,6 +115,8 @@ REASONS = {
     501: "Not Implemented",
     503: "Service Unavailable",
 }
+# The one answer to every transfer coding but chunked, the service's as gunicorn's (501).
+UNSUPPORTED_CODING = "Transfer-Encoding other than chunked is not supported."
 EXPECT_CONTINUE = re.compile(rb"\nexpect[ \t]*:[ \t]*100-continue[ \t]*(\r?\n)", re.IGNORECASE)
 
 
@@ -206,6 +199,28 @@ def chunked_end(
             return pos, walked, False
         walked += size
         pos = after + 2 if data[after : after + 2] == b"\r\n" else after + 1
+
+
+class MissingHost(InvalidHeader):
+    """An HTTP/1.1 request without a Host field (RFC 9112 3.2): gunicorn's 400."""
+
+    def __init__(self, req: Any) -> None:
+        super().__init__("HOST", req=req)
+
+    def __str__(self) -> str:
+        return "an HTTP/1.1 request needs one Host header field"
+
+
+def check_head(req: Any) -> None:
+    """Refuse what gunicorn's parser lets through and RFC 9112 does not: an HTTP/1.1
+    request without Host (two are gunicorn's own 400), a transfer coding other than
+    chunked (gunicorn passes gzip, deflate and compress on, still coded)."""
+    if req.version >= (1, 1) and not any(name == "HOST" for name, _ in req.headers):
+        raise MissingHost(req)
+    for name, value in req.headers:
+        codings = (v.strip(" \t").lower() for v in value.split(","))
+        if name == "TRANSFER-ENCODING" and any(c not in ("chunked", "identity") for c in codings):
+            raise UnsupportedTransferCoding(value)
 
 
 class BoundedChunkedReader(ChunkedReader):
@@ -361,6 +376,7 @@ class HeadReadingWorker(ThreadWorker):
         conn.chunk_data = 0  # the data bytes of the chunks walked
         conn.large_body = False  # on LARGE_BODY_ROUTE
         conn.body_bound = None  # the most data bytes a chunked body may declare
+        conn.continue_on_read = False  # 100 Continue at the first read of the body
         conn.sock.setblocking(False)
         # A stopping worker gives a head the time it gives a kept-alive connection.
         wait = (
@@ -423,6 +439,7 @@ class HeadReadingWorker(ThreadWorker):
                 if len(TRANSFER_ENCODING.findall(head)) != 1:
                     return True
             elif length > BODY_BUFFER_MAX:
+                self.defer_continue(conn, end, length)
                 return True
             if (length is None or len(data) - end < length) and self.answer_expect_continue(
                 conn, end
@@ -459,6 +476,16 @@ class HeadReadingWorker(ThreadWorker):
             pass  # the client is gone: reading its head ends the connection
         return True
 
+    def defer_continue(self, conn: Any, end: int, length: int) -> None:
+        """Hold back ``100 Continue`` for a body a thread reads: it is sent at the
+        thread's first read of the body (``BodyDeadline``), so an answer decided on
+        the head alone (401, 403, 413) is the only one (RFC 9110 10.1.1)."""
+        expect = EXPECT_CONTINUE.search(conn.head, 0, end)
+        if expect is None or b"HTTP/1.0" in conn.head[: conn.head.find(b"\n")]:
+            return
+        del conn.head[expect.start() + 1 : expect.end()]
+        conn.continue_on_read = len(conn.head) - head_end(conn.head) < length
+
     def read_head(self, conn: Any, sock: Any) -> None:
         data = receive(sock)
         if data is None:
@@ -483,7 +510,7 @@ class HeadReadingWorker(ThreadWorker):
         sock = getattr(unreader, "sock", None)
         if sock is not None:
             real = sock.sock if isinstance(sock, BodyDeadline) else sock
-            unreader.sock = BodyDeadline(real, self.header_timeout)
+            unreader.sock = BodyDeadline(real, self.header_timeout, conn.continue_on_read)
         unreader.unread(bytes(conn.head))
         conn.head = bytearray()
         conn.data_ready = True
@@ -626,24 +653,29 @@ class HeadReadingWorker(ThreadWorker):
 
     # gunicorn's own error answers, in the service's error shape.
 
-    def refusal(self, status: int, message: str, note: str) -> bytes:
+    def refusal(self, status: int, message: str, note: str, rid: str | None = None) -> bytes:
         """The answer to a request refused before the service saw it, and its log line:
         ``note`` with the request id the answer carries, so a client's id finds it."""
-        rid = os.urandom(16).hex()
-        self.log.warning("%s request_id=%s", note, rid)
+        rid = rid or os.urandom(16).hex()
+        self.log.warning("%s request_id=%s", note, rid, extra={"request_id": rid})
         return error_answer(status, message, rid)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        rid = os.urandom(16).hex()
         captured = CapturedAnswer()  # gunicorn logs, and writes its HTML answer here
-        super().handle_error(req, captured, addr, exc)
+        tagging = getattr(self.log, "tagged", None)  # gunicorn's lines get the answer's id
+        with tagging(rid) if tagging is not None else contextlib.nullcontext():
+            super().handle_error(req, captured, addr, exc)
         try:
             status = int(bytes(captured.data).split(b" ", 2)[1])
         except (IndexError, ValueError):
             status = 500
         message = REASONS.get(status, "Bad Request")
-        if status < 500 and str(exc):
+        if isinstance(exc, UnsupportedTransferCoding):
+            message = UNSUPPORTED_CODING
+        elif status < 500 and str(exc):
             message = f"{message}: {str(exc)[:200]}"
-        answer = self.refusal(status, message, f"answered {status} to an unreadable request")
+        answer = self.refusal(status, message, f"answered {status} to an unreadable request", rid)
         with contextlib.suppress(Exception):
             util.write_nonblock(client, answer)
 
@@ -672,6 +704,7 @@ class HeadReadingWorker(ThreadWorker):
     # The timeout: the heartbeat is as old as the oldest running request.
 
     def handle_request(self, req: Any, conn: Any) -> Any:
+        check_head(req)  # raised: handle_error answers it, before the application sees it
         bound = getattr(conn, "body_bound", None)
         body = getattr(req, "body", None)
         if bound is not None and type(getattr(body, "reader", None)) is ChunkedReader:
@@ -719,61 +752,3 @@ class HeadReadingWorker(ThreadWorker):
             super().notify()
         else:
             os.utime(self.tmp.fileno(), (oldest, oldest))
-
-
-class EscapingFormatter(logging.Formatter):
-    """Control characters in a message or a traceback are written as escapes."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = escape_controls(record.message, backslash=False)
-        return super().formatMessage(record)
-
-    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
-        # An exception's message may hold a newline of the client's: escaped
-        # before the traceback is laid out, so only the layout's newlines stay.
-        report = traceback.TracebackException(*ei)
-        seen = set()
-        pending = [report]
-        while pending:
-            current = pending.pop()
-            if id(current) in seen:
-                continue
-            seen.add(id(current))
-            if isinstance(getattr(current, "_str", None), str):
-                current._str = escape_controls(current._str, backslash=False)
-            pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-        lines = "".join(report.format()).rstrip("\n").split("\n")
-        return "\n".join(escape_controls(line, backslash=False) for line in lines)
-
-
-class EscapingLogger(Logger):
-    """gunicorn's logger; every access-log field and error-log line on one line, as text."""
-
-    def setup(self, cfg: Any) -> None:
-        super().setup(cfg)
-        self.json_lines = logs.json_format()
-        if self.json_lines:  # LOG_FORMAT=json: sessions_app/logs.py formats both logs
-            logs.use_json(self)
-            return
-        for log in (self.error_log, self.access_log):
-            for handler in log.handlers:
-                if getattr(handler, "_gunicorn", False) and handler.formatter is not None:
-                    handler.setFormatter(
-                        EscapingFormatter(handler.formatter._fmt, handler.formatter.datefmt)
-                    )
-
-    def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
-        if getattr(self, "json_lines", False):
-            if self.access_log_enabled:
-                logs.access(self, resp, req, environ, request_time)
-            return
-        super().access(resp, req, environ, request_time)
-
-    def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict:
-        atoms = super().atoms(resp, req, environ, request_time)
-        # The path as received, percent-encoded (PATH_INFO is decoded).
-        atoms["U"] = environ.get("RAW_URI", "").partition("?")[0] or "-"
-        return {
-            name: escape_controls(value) if isinstance(value, str) else value
-            for name, value in atoms.items()
-        }
