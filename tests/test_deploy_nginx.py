@@ -243,6 +243,8 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         "AGENT_SESSIONS_PROXY_COUNT": "1",
         "AGENT_SESSIONS_METRICS_TOKEN": "metrics-token-0123456789",
         "AGENT_SESSIONS_WORKERS": "1",
+        # Pages of 80 large events (20 MB), past what any socket buffer holds.
+        "AGENT_SESSIONS_EVENTS_PAGE_MAX_BYTES": str(32 * 2**20),
     }
     grants = f"{AGENT}=sessions:create,sessions:read,events:create,events:append"
     token = bootstrap(env, AGENT, grants=grants)
