@@ -48,6 +48,9 @@ class Config:
     # (tool_input, tool_output, structured_output content).
     EVENT_MAX_BYTES = 256 * 1024
     EVENTS_MAX_CONTENT_LENGTH = 4 * 1024 * 1024
+    # The events one POST /events/batch may hold (Vectara's own bound is 100): one
+    # all-or-nothing write of a whole turn or import, within EVENTS_MAX_CONTENT_LENGTH.
+    EVENTS_BATCH_MAX = 1000
     EVENT_MAX_DEPTH = 32
     # A page of GET .../events also ends early, with a page_key, once its events
     # serialize to this many bytes (always at least one event).
@@ -238,6 +241,7 @@ CHECKS: dict[str, Check] = {
     "FILTER_MAX_LENGTH": integer(1, 100_000),
     "EVENT_MAX_BYTES": integer(1024, 1 << 30),
     "EVENTS_MAX_CONTENT_LENGTH": integer(1024, 1 << 30),
+    "EVENTS_BATCH_MAX": integer(1, 100_000),
     "EVENT_MAX_DEPTH": integer(1, 200),
     "EVENTS_PAGE_MAX_BYTES": integer(1024, 1 << 30),
     "SEND_TIMEOUT": number(0.1, 3600),

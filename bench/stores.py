@@ -194,8 +194,14 @@ def bulk_load(url: str, *, sessions: int, agents: int) -> float:
         storage.load_sessions(rows, batch=BULK_BATCH)
         storage.db.execute("ANALYZE")
     elif url.startswith("postgresql:"):
+        with storage._reading() as conn:
+            before = conn.execute("SELECT coalesce(max(id), 0) FROM sessions").fetchone()[0]
         storage.close()
         _load_postgres(url, rows)
+        # COPY writes the sessions' rows only: their metadata index as every write keeps it.
+        storage = storage_from_url(url)
+        with storage._transaction() as conn:
+            storage._index_sessions_after(conn, before)
     else:
         raise ValueError(f"no bulk loader for {url}")
     storage.close()

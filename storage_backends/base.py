@@ -207,6 +207,17 @@ class Event:
 
 
 @dataclasses.dataclass
+class StateDocument:
+    """A JSON object an agent's runtime keeps across its sessions, by a key of its choosing
+    (ADK's ``app:`` state under one key, each user's ``user:`` state under another)."""
+
+    key: str
+    value: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: None for a key never written
+    updated_at: dt.datetime | None = None
+
+
+@dataclasses.dataclass
 class ConsoleSession:
     """A sign-in to the browser console: the SHA-256 of its random token (the cookie's
     value, never stored), the API key it acts as, its CSRF token and its expiry."""
@@ -374,11 +385,19 @@ class Storage(abc.ABC):
         now: dt.datetime,
         after: int | None = None,
         matches: Any = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Page:
         """A page of the agent's live sessions in creation order.
 
         ``matches``, when given, is a compiled pattern with a ``search``
         method; only sessions whose name or description it matches are listed.
+        ``metadata``, when given (1 to 4 keys), lists only the sessions whose
+        metadata has each top-level key with a value whose text is the one given:
+        a string equal to it, or a number or boolean whose JSON text is it
+        (:func:`codec.metadata_value_text`). It is read through an index kept in
+        the transaction of every write of a session's metadata, so a page costs
+        the same at any size and depth; with several keys (or ``matches``) it
+        reads the first key's matches within the same budget as a filter.
         Such a page reads a bounded number of sessions for a bounded time
         (``FILTER_SCAN_ROWS``, ``FILTER_SCAN_SECONDS``): when the budget runs
         out first, it ends early, with fewer than ``limit`` items (maybe none)
@@ -434,8 +453,25 @@ class Storage(abc.ABC):
         if_last_event_id: Any = ANY_LAST_EVENT,
         metadata_patch: Mapping[str, Any] | None = None,
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
+        create: Session | None = None,
+        state_patch: Mapping[str, Mapping[str, Any]] | None = None,
+        check_state: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> Session:
         """Append ``events`` (ids chosen by the caller) in one transaction, all or nothing.
+
+        ``state_patch`` maps state document keys of the agent to JSON merge patches,
+        applied in the same transaction (a document never written starts as ``{}``);
+        ``check_state`` is called with each key and result before anything is
+        written, and whatever it raises aborts the batch. Writers of one document
+        take turns, so no patch is lost.
+
+        ``create``, when given, is the session to create (its key ``session_key``)
+        if no live one has the key: created in the same transaction, so that the
+        batch's first write needs no other call; raises then what
+        :meth:`create_session` raises (:class:`AgentNotFound`, :class:`AgentDisabled`)
+        and :class:`SessionDisabled` for one created disabled, and nothing is
+        created. Of two batches creating one key at once, one creates it and the
+        other appends to it.
 
         The same transaction restarts the session's idle clock (``active_at``
         and the stored expiry move to ``now``) and, with ``metadata_patch``,
@@ -530,6 +566,33 @@ class Storage(abc.ABC):
         """Raises :class:`SessionNotFound`, :class:`EventNotFound`."""
 
     @abc.abstractmethod
+    def pop_event(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+    ) -> Event | None:
+        """Delete the session's newest event (hidden or not) and return it, in one
+        transaction; None when the history is empty.
+
+        ``if_last_event_id``: only while the newest event has this id, else
+        :class:`StaleHistory` and nothing is deleted. Appends and pops of one
+        session take turns, so an event is popped at most once. Raises
+        :class:`SessionNotFound`; a disabled session's events can be popped.
+        """
+
+    @abc.abstractmethod
+    def clear_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        """Delete every event of the session, hidden ones too, in one transaction; the session
+        stays (its fields and idle clock unchanged). Return how many were deleted.
+
+        A disabled session is cleared too. Raises :class:`SessionNotFound` (also when
+        expired at ``now``: it is then removed).
+        """
+
+    @abc.abstractmethod
     def compact_events(
         self,
         *,
@@ -611,6 +674,17 @@ class Storage(abc.ABC):
         :meth:`create_session` raises, and :class:`Conflict` for an id given
         twice. A disabled session may be imported (a restore is not new input).
         ``session.forked_from`` and ``active_at`` are stored as given.
+        """
+
+    # State documents: what an agent's runtime keeps across its sessions
+
+    @abc.abstractmethod
+    def get_state(self, *, agent_key: str, keys: list[str]) -> list[StateDocument]:
+        """The agent's state documents with these keys, in that order; a key never written
+        is an empty document without ``updated_at``. Raises :class:`AgentNotFound`.
+
+        They are written by :meth:`append_events` (``state_patch``) and deleted with
+        their agent.
         """
 
     # API keys

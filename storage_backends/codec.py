@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import re2
@@ -128,3 +129,50 @@ def fields_bytes(events: Iterable[Any]) -> int:
     """The bytes of the events' fields as stored (compact JSON), in all: what a
     bounded read counts against its byte bound."""
     return sum(len(dump_json(event.fields).encode()) for event in events)
+
+
+# The metadata index: which sessions have a top-level metadata key with a value.
+
+#: Keys and values up to this many characters are indexed as they are; longer ones by
+#: their digest, which is longer than this, so the two forms never meet.
+INDEX_TEXT_MAX = 64
+
+
+def index_text(text: str) -> str:
+    """A metadata key or value as the index holds it: bounded, whatever its length."""
+    if len(text) <= INDEX_TEXT_MAX:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def metadata_value_text(value: Any) -> str | None:
+    """What a query's value must equal for ``value`` to match: a string itself, a number
+    or boolean its JSON text (``17``, ``true``); None for null, objects and arrays."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return dump_json(value)
+    return None
+
+
+def metadata_index_entries(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The index's (key, value) rows for a session's metadata, as a mapping."""
+    entries = {}
+    for key, value in metadata.items():
+        text = metadata_value_text(value)
+        if text is not None:
+            entries[index_text(key)] = index_text(text)
+    return entries
+
+
+def metadata_conditions(query: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A query's ``metadata.KEY=VALUE`` pairs as the index holds them."""
+    return [(index_text(key), index_text(value)) for key, value in query.items()]
+
+
+def metadata_matches(metadata: Mapping[str, Any], query: Mapping[str, str]) -> bool:
+    """Whether ``metadata`` has every key of ``query`` with a value matching its text."""
+    return all(
+        key in metadata and metadata_value_text(metadata[key]) == value
+        for key, value in query.items()
+    )

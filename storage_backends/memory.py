@@ -9,13 +9,12 @@ so its cost does not grow with its depth.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import copy
 import dataclasses
 import datetime as dt
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -35,58 +34,35 @@ from .base import (
     EventNotFound,
     Page,
     Precondition,
-    PreconditionFailed,
     Session,
     SessionDisabled,
     SessionNotFound,
     StaleHistory,
+    StateDocument,
     Storage,
     TooManyEvents,
 )
-from .codec import fields_bytes, filter_rows, merge_patch, same_json
+from .codec import (
+    fields_bytes,
+    filter_rows,
+    merge_patch,
+    metadata_matches,
+    same_json,
+    text_matches,
+)
 from .memory_console import MemoryConsole
 from .memory_idempotency import MemoryIdempotency
-
-
-class _Table(dict):
-    """Records by key, as (sequence number, record), with their sequence numbers sorted.
-
-    The sequence number is the page cursor: a page starts where a bisection of
-    the sorted numbers puts it. Removal shifts the list (a memmove), which is
-    far cheaper than walking a page's depth on every read.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seqs: list[int] = []
-        self._keys: list[str] = []
-
-    def add(self, seq: int, key: str, record: Any) -> None:
-        # Sequence numbers only grow, so a new record always goes last.
-        self[key] = (seq, record)
-        self._seqs.append(seq)
-        self._keys.append(key)
-
-    def remove(self, key: str) -> None:
-        seq, _ = self.pop(key)
-        at = bisect.bisect_left(self._seqs, seq)
-        del self._seqs[at], self._keys[at]
-
-    def after(self, seq: int | None) -> Iterator[tuple[int, Any]]:
-        """(sequence number, record) in order, from the first above ``seq``."""
-        at = 0 if seq is None else bisect.bisect_right(self._seqs, seq)
-        keys = self._keys
-        while at < len(keys):
-            yield self[keys[at]]
-            at += 1
-
-    def before(self, seq: int | None) -> Iterator[tuple[int, Any]]:
-        """(sequence number, record) newest first, from the last below ``seq``."""
-        at = len(self._seqs) if seq is None else bisect.bisect_left(self._seqs, seq)
-        keys = self._keys
-        while at > 0:
-            at -= 1
-            yield self[keys[at]]
+from .memory_tables import (
+    History,
+    MetadataIndex,
+    Table,
+    check_precondition,
+    compaction_of,
+    copy_record,
+    copy_tree,
+    page_of,
+    stored_copy,
+)
 
 
 class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
@@ -99,12 +75,16 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         # Reentrant: a unit of work (atomic) holds it across the calls made inside.
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
-        self._agents = _Table()
-        self._sessions: dict[str, _Table] = {}
-        self._keys = _Table()
+        self._agents = Table()
+        self._sessions: dict[str, Table] = {}
+        #: the sessions' metadata values, for the list's metadata.KEY=VALUE
+        self._by_metadata = MetadataIndex()
+        self._keys = Table()
         #: each session's history, by the session's sequence number
-        self._events: dict[int, _Events] = {}
+        self._events: dict[int, History] = {}
         self._init_idempotency()
+        #: each agent's state documents, by key
+        self._state: dict[str, dict[str, StateDocument]] = {}
         #: console sign-ins by token hash
         self._console: dict[str, ConsoleSession] = {}
         self.filter_scan_rows = int(filter_scan_rows)
@@ -137,17 +117,17 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         with self._lock:
             if agent.key in self._agents:
                 raise Conflict(agent.key)
-            self._agents.add(next(self._seq), agent.key, _copy(agent))
-            self._sessions[agent.key] = _Table()
-            return _copy(agent)
+            self._agents.add(next(self._seq), agent.key, copy_record(agent))
+            self._sessions[agent.key] = Table()
+            return copy_record(agent)
 
     def get_agent(self, *, agent_key: str) -> Agent:
         with self._lock:
-            return _copy(self._agent(agent_key))
+            return copy_record(self._agent(agent_key))
 
     def list_agents(self, *, limit: int, after: int | None = None) -> Page:
         with self._lock:
-            return _page(self._agents.after(after), limit)
+            return page_of(self._agents.after(after), limit)
 
     def update_agent(
         self,
@@ -160,19 +140,21 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         with self._lock:
             seq, _ = self._agents.get(agent_key, (None, None))
             agent = self._agent(agent_key)
-            _check(precondition, agent)
-            agent = dataclasses.replace(agent, **_copy_tree(dict(changes)), updated_at=now)
+            check_precondition(precondition, agent)
+            agent = dataclasses.replace(agent, **copy_tree(dict(changes)), updated_at=now)
             self._agents[agent_key] = (seq, agent)
-            return _copy(agent)
+            return copy_record(agent)
 
     def delete_agent(
         self, *, agent_key: str, precondition: Precondition[Agent] | None = None
     ) -> None:
         with self._lock:
-            _check(precondition, self._agent(agent_key))
+            check_precondition(precondition, self._agent(agent_key))
             self._agents.remove(agent_key)
-            for seq, _ in self._sessions.pop(agent_key).values():
+            for seq, session in self._sessions.pop(agent_key).values():
                 self._events.pop(seq, None)
+                self._by_metadata.remove(agent_key, seq, session.metadata)
+            self._state.pop(agent_key, None)
             # A new agent with this key inherits no grants.
             for key_id, (seq, key) in list(self._keys.items()):
                 kept = [grant for grant in key.grants if grant.agent != agent_key]
@@ -190,9 +172,9 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
     def create_session(self, *, session: Session) -> Session:
         with self._lock:
             self._create_session(session)
-            return _copy(session)
+            return copy_record(session)
 
-    def _create_session(self, session: Session, log: _Events | None = None) -> None:
+    def _create_session(self, session: Session, log: History | None = None) -> None:
         """Store a copy of ``session`` with ``log`` as its history (empty by default).
 
         Called with the lock held; raises what :meth:`create_session` raises.
@@ -209,12 +191,13 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             # Idle past its TTI, the session is gone for clients: its key is free.
             self._remove_session(sessions, session.key)
         seq = next(self._seq)
-        sessions.add(seq, session.key, _copy(session))
-        self._events[seq] = _Events() if log is None else log
+        sessions.add(seq, session.key, copy_record(session))
+        self._by_metadata.add(session.agent_key, seq, session.metadata)
+        self._events[seq] = History() if log is None else log
 
     def get_session(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Session:
         with self._lock:
-            return _copy(self._live_session(agent_key, session_key, now)[1])
+            return copy_record(self._live_session(agent_key, session_key, now)[1])
 
     def list_sessions(
         self,
@@ -224,14 +207,19 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         now: dt.datetime,
         after: int | None = None,
         matches: Any = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Page:
         with self._lock:
             sessions = self._sessions.get(agent_key)
             if sessions is None:
                 return Page([], None)
+            if metadata:
+                return self._list_by_metadata(
+                    agent_key, sessions, limit, now, after, matches, metadata
+                )
             live = ((seq, s) for seq, s in sessions.after(after) if not s.expired(now))
             if matches is None:
-                return _page(live, limit)
+                return page_of(live, limit)
             rows, stopped = filter_rows(
                 live,
                 limit=limit,
@@ -242,8 +230,38 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 max_seconds=self.filter_scan_seconds,
             )
             if stopped is None:
-                return _page(iter(rows), limit)
-            return Page([_copy(r) for _, r in rows], stopped)
+                return page_of(iter(rows), limit)
+            return Page([copy_record(r) for _, r in rows], stopped)
+
+    def _list_by_metadata(
+        self,
+        agent_key: str,
+        sessions: Table,
+        limit: int,
+        now: dt.datetime,
+        after: int | None,
+        matches: Any,
+        metadata: Mapping[str, str],
+    ) -> Page:
+        """The metadata index's page, read as the SQL backends read theirs (see there)."""
+        (key, value), *_ = metadata.items()
+        picked: list[tuple[int, Session]] = []
+        deadline = time.monotonic() + self.filter_scan_seconds
+        read = 0
+        for seq in self._by_metadata.after(agent_key, key, value, after):
+            _, session = sessions.at(seq)
+            if (
+                not session.expired(now)
+                and metadata_matches(session.metadata, metadata)
+                and (matches is None or text_matches(matches, session.name, session.description))
+            ):
+                picked.append((seq, session))
+                if len(picked) > limit:
+                    return page_of(iter(picked), limit)
+            read += 1
+            if read >= self.filter_scan_rows or time.monotonic() > deadline:
+                return Page([copy_record(s) for _, s in picked], seq)
+        return page_of(iter(picked), limit)
 
     def list_recent_sessions(
         self,
@@ -260,7 +278,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 return Page([], None)
             live = ((seq, s) for seq, s in sessions.before(before) if not s.expired(now))
             if matches is None:
-                return _page(live, limit)
+                return page_of(live, limit)
             rows, stopped = filter_rows(
                 live,
                 limit=limit,
@@ -271,8 +289,8 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 max_seconds=self.filter_scan_seconds,
             )
             if stopped is None:
-                return _page(iter(rows), limit)
-            return Page([_copy(r) for _, r in rows], stopped)
+                return page_of(iter(rows), limit)
+            return Page([copy_record(r) for _, r in rows], stopped)
 
     def update_session(
         self,
@@ -285,12 +303,14 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
     ) -> Session:
         with self._lock:
             seq, session = self._live_session(agent_key, session_key, now)
-            _check(precondition, session)
-            session = dataclasses.replace(
-                session, **_copy_tree(dict(changes)), updated_at=now, active_at=now
+            check_precondition(precondition, session)
+            updated = dataclasses.replace(
+                session, **copy_tree(dict(changes)), updated_at=now, active_at=now
             )
-            self._sessions[agent_key][session_key] = (seq, session)
-            return _copy(session)
+            self._sessions[agent_key][session_key] = (seq, updated)
+            self._reindex(agent_key, seq, session, updated)
+            session = updated
+            return copy_record(session)
 
     def delete_session(
         self,
@@ -301,7 +321,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         precondition: Precondition[Session] | None = None,
     ) -> None:
         with self._lock:
-            _check(precondition, self._live_session(agent_key, session_key, now)[1])
+            check_precondition(precondition, self._live_session(agent_key, session_key, now)[1])
             self._remove_session(self._sessions[agent_key], session_key)
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
@@ -326,11 +346,17 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             raise SessionNotFound(session_key)
         return seq, session
 
-    def _remove_session(self, sessions: _Table, session_key: str) -> None:
+    def _remove_session(self, sessions: Table, session_key: str) -> None:
         """Remove a session and its events."""
-        seq, _ = sessions[session_key]
+        seq, session = sessions[session_key]
         sessions.remove(session_key)
         self._events.pop(seq, None)
+        self._by_metadata.remove(session.agent_key, seq, session.metadata)
+
+    def _reindex(self, agent_key: str, seq: int, before: Session, after: Session) -> None:
+        if after.metadata is not before.metadata:
+            self._by_metadata.remove(agent_key, seq, before.metadata)
+            self._by_metadata.add(agent_key, seq, after.metadata)
 
     # Events
 
@@ -344,28 +370,75 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         if_last_event_id: Any = ANY_LAST_EVENT,
         metadata_patch: Mapping[str, Any] | None = None,
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
+        create: Session | None = None,
+        state_patch: Mapping[str, Mapping[str, Any]] | None = None,
+        check_state: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> Session:
         with self._lock:
             # The refusals in the contract's order (Storage.append_events).
-            seq, session = self._live_session(agent_key, session_key, now)
+            try:
+                seq, session = self._live_session(agent_key, session_key, now)
+                log = self._events[seq]
+            except SessionNotFound:
+                if create is None:
+                    raise
+                # Created last, once every check passed: there is no rollback here.
+                seq, session, log = None, copy_record(create), History()
             changes: dict[str, Any] = {"active_at": now}
             if metadata_patch is not None:
-                metadata = _copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
+                metadata = copy_tree(merge_patch(session.metadata, dict(metadata_patch)))
                 if check_metadata is not None:
-                    check_metadata(_copy_tree(metadata))
+                    check_metadata(copy_tree(metadata))
                 if not same_json(metadata, session.metadata):
                     changes.update(metadata=metadata, updated_at=now)
             if not session.enabled:
                 raise SessionDisabled(session_key)
-            log = self._events[seq]
             if if_last_event_id is not ANY_LAST_EVENT and log.last_id() != if_last_event_id:
                 raise StaleHistory(session_key)
             log.check_new([event.id for event in events])
-            for event in events:
-                log.add(next(self._seq), _stored(event, session_key))
-            session = dataclasses.replace(session, **changes)
-            self._sessions[agent_key][session_key] = (seq, session)
-            return _copy(session)
+            documents = self._state.get(agent_key, {})
+            patched = {}
+            for key in sorted(state_patch or ()):
+                held = documents.get(key)
+                value = copy_tree(merge_patch(held.value if held else {}, dict(state_patch[key])))
+                if check_state is not None:
+                    check_state(key, copy_tree(value))
+                patched[key] = StateDocument(key, value, now)
+            if seq is None:
+                new = dataclasses.replace(session, **changes)
+                for event in events:
+                    log.add(next(self._seq), stored_copy(event, session_key))
+                self._create_session(new, log)
+                result = new
+            else:
+                for event in events:
+                    log.add(next(self._seq), stored_copy(event, session_key))
+                result = dataclasses.replace(session, **changes)
+                self._sessions[agent_key][session_key] = (seq, result)
+                self._reindex(agent_key, seq, session, result)
+            if patched:
+                self._state.setdefault(agent_key, {}).update(patched)
+            return copy_record(result)
+
+    def pop_event(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+    ) -> Event | None:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            log = self._events[seq]
+            last = log.last_id()
+            if if_last_event_id is not ANY_LAST_EVENT and last != if_last_event_id:
+                raise StaleHistory(session_key)
+            if last is None:
+                return None
+            event = copy_record(log.get(last))
+            log.remove(last)
+            return event
 
     def append_events_since(
         self,
@@ -396,7 +469,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 if fields_bytes([*stored, *events]) > max_bytes:
                     raise TooManyEvents(limit, max_bytes)
             self.append_events(agent_key=agent_key, session_key=session_key, events=events, now=now)
-            return _page(log.rows(after=after, include_hidden=False), limit).items
+            return page_of(log.rows(after=after, include_hidden=False), limit).items
 
     def list_events(
         self,
@@ -417,14 +490,14 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             )
             if types is not None:
                 rows = ((s, e) for s, e in rows if e.type in types)
-            return _page(rows, limit)
+            return page_of(rows, limit)
 
     def get_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> Event:
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
-            return _copy(self._events[seq].get(event_id))
+            return copy_record(self._events[seq].get(event_id))
 
     def set_event_hidden(
         self,
@@ -437,7 +510,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
     ) -> Event:
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
-            return _copy(self._events[seq].set_hidden(event_id, hide_reason))
+            return copy_record(self._events[seq].set_hidden(event_id, hide_reason))
 
     def delete_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
@@ -445,6 +518,13 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
             self._events[seq].remove(event_id)
+
+    def clear_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        with self._lock:
+            seq, _ = self._live_session(agent_key, session_key, now)
+            deleted = self._events[seq].count()
+            self._events[seq] = History()
+            return deleted
 
     def compact_events(
         self,
@@ -471,9 +551,9 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                     raise EventNotFound(up_to_event_id)
                 hidden = visible[: ids.index(up_to_event_id) + 1]
             log.check_new([compaction.id])
-            stored = _compaction(compaction, session_key, hidden)
+            stored = compaction_of(compaction, session_key, hidden)
             if check_compaction is not None:
-                check_compaction(_copy(stored))
+                check_compaction(copy_record(stored))
             for event in hidden:
                 log.set_hidden(event.id, HIDDEN_BY_COMPACTION)
             log.add(next(self._seq), stored)
@@ -481,7 +561,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 seq,
                 dataclasses.replace(session, active_at=now),
             )
-            return _copy(stored)
+            return copy_record(stored)
 
     def fork_session(
         self,
@@ -498,7 +578,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             now = session.created_at
             source_seq, _ = self._live_session(source_agent_key, source_session_key, now)
             source = self._events[source_seq]
-            copies = [_stored(e, session.key) for _, e in source.rows(include_hidden=False)]
+            copies = [stored_copy(e, session.key) for _, e in source.rows(include_hidden=False)]
             ids = [event.id for event in copies]
             if include_up_to_event_id is not None:
                 if include_up_to_event_id not in ids:
@@ -512,18 +592,18 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
                 hidden = copies[: ids.index(compact_up_to_event_id) + 1]
             extra = []
             if compaction is not None and compact_up_to_event_id is not None:
-                extra.append(_compaction(compaction, session.key, hidden))
+                extra.append(compaction_of(compaction, session.key, hidden))
                 if check_compaction is not None:
-                    check_compaction(_copy(extra[-1]))
+                    check_compaction(copy_record(extra[-1]))
             forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
             if copies:
                 forked_from["event_id"] = copies[-1].id
-            session = dataclasses.replace(_copy(session), forked_from=forked_from)
+            session = dataclasses.replace(copy_record(session), forked_from=forked_from)
             for event in hidden:
                 event.hide_reason = HIDDEN_BY_COMPACTION
             log = self._new_log(copies + extra)
             self._create_session(session, log)
-            return _copy(session)
+            return copy_record(session)
 
     def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
         with self._lock:
@@ -537,14 +617,14 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             return self._events[seq].count()
 
     def _iter_events(
-        self, seq: int, log: _Events, session_key: str, batch: int = 1000
+        self, seq: int, log: History, session_key: str, batch: int = 1000
     ) -> Iterator[Event]:
         """As the SQL backends read: a session deleted before the last batch ends it."""
         after = None
         while True:
             with self._lock:
                 rows = list(itertools.islice(log.rows(after=after, include_hidden=True), batch))
-                events = [_copy(event) for _, event in rows]
+                events = [copy_record(event) for _, event in rows]
                 gone = self._events.get(seq) is not log
             if gone:
                 raise SessionNotFound(session_key)
@@ -554,18 +634,26 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             after = rows[-1][0]
 
     def import_session(self, *, session: Session, events: Iterable[Event]) -> int:
-        stored = [_stored(event, session.key) for event in events]
+        stored = [stored_copy(event, session.key) for event in events]
         with self._lock:
-            self._create_session(_copy(session), self._new_log(stored))
+            self._create_session(copy_record(session), self._new_log(stored))
             return len(stored)
 
-    def _new_log(self, events: list[Event]) -> _Events:
+    def _new_log(self, events: list[Event]) -> History:
         """A history holding ``events`` (stored copies); :class:`Conflict` for a repeated id."""
-        log = _Events()
+        log = History()
         log.check_new([event.id for event in events])
         for event in events:
             log.add(next(self._seq), event)
         return log
+
+    # State documents
+
+    def get_state(self, *, agent_key: str, keys: list[str]) -> list[StateDocument]:
+        with self._lock:
+            self._agent(agent_key)
+            documents = self._state.get(agent_key, {})
+            return [copy_record(documents.get(key) or StateDocument(key)) for key in keys]
 
     # API keys
 
@@ -573,19 +661,19 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         with self._lock:
             if api_key.id in self._keys:
                 raise Conflict(api_key.id)
-            self._keys.add(next(self._seq), api_key.id, _copy(api_key))
-            return _copy(api_key)
+            self._keys.add(next(self._seq), api_key.id, copy_record(api_key))
+            return copy_record(api_key)
 
     def get_api_key(self, *, key_id: str) -> ApiKey:
         with self._lock:
             try:
-                return _copy(self._keys[key_id][1])
+                return copy_record(self._keys[key_id][1])
             except KeyError:
                 raise ApiKeyNotFound(key_id) from None
 
     def list_api_keys(self, *, limit: int, after: int | None = None) -> Page:
         with self._lock:
-            return _page(self._keys.after(after), limit)
+            return page_of(self._keys.after(after), limit)
 
     def revoke_api_key(self, *, key_id: str, now: dt.datetime) -> ApiKey:
         with self._lock:
@@ -596,139 +684,4 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             if key.revoked_at is None:
                 key = dataclasses.replace(key, revoked_at=now)
                 self._keys[key_id] = (seq, key)
-            return _copy(key)
-
-
-class _Events:
-    """One session's history: events by sequence number, with the sorted numbers of
-    all of them and of the visible ones, so that a page starts with a bisection.
-    """
-
-    def __init__(self) -> None:
-        self._by_seq: dict[int, Event] = {}
-        self._seq_of: dict[str, int] = {}
-        self._all: list[int] = []
-        self._visible: list[int] = []
-
-    def count(self) -> int:
-        return len(self._all)
-
-    def check_new(self, ids: list[str]) -> None:
-        """Raise :class:`Conflict` when an id is in the history or twice in ``ids``."""
-        if len(set(ids)) != len(ids):
-            raise Conflict("an event id appears twice in the batch")
-        for event_id in ids:
-            if event_id in self._seq_of:
-                raise Conflict(event_id)
-
-    def add(self, seq: int, event: Event) -> None:
-        # Sequence numbers only grow, so a new event always goes last.
-        self._by_seq[seq] = event
-        self._seq_of[event.id] = seq
-        self._all.append(seq)
-        if event.hide_reason is None:
-            self._visible.append(seq)
-
-    def seq_of(self, event_id: str) -> int:
-        try:
-            return self._seq_of[event_id]
-        except KeyError:
-            raise EventNotFound(event_id) from None
-
-    def get(self, event_id: str) -> Event:
-        return self._by_seq[self.seq_of(event_id)]
-
-    def last_id(self) -> str | None:
-        return self._by_seq[self._all[-1]].id if self._all else None
-
-    def set_hidden(self, event_id: str, hide_reason: str | None) -> Event:
-        seq = self.seq_of(event_id)
-        event = self._by_seq[seq]
-        if (event.hide_reason is None) != (hide_reason is None):
-            if hide_reason is None:
-                bisect.insort(self._visible, seq)
-            else:
-                del self._visible[bisect.bisect_left(self._visible, seq)]
-        event.hide_reason = hide_reason
-        return event
-
-    def remove(self, event_id: str) -> None:
-        seq = self.seq_of(event_id)
-        event = self._by_seq.pop(seq)
-        del self._seq_of[event_id]
-        del self._all[bisect.bisect_left(self._all, seq)]
-        if event.hide_reason is None:
-            del self._visible[bisect.bisect_left(self._visible, seq)]
-
-    def rows(
-        self, *, after: int | None = None, descending: bool = False, include_hidden: bool
-    ) -> Iterator[tuple[int, Event]]:
-        """(sequence number, event) in order (``descending``: newest first), past ``after``."""
-        seqs = self._all if include_hidden else self._visible
-        by_seq = self._by_seq
-        if descending:
-            at = len(seqs) if after is None else bisect.bisect_left(seqs, after)
-            while at > 0:
-                at -= 1
-                yield seqs[at], by_seq[seqs[at]]
-        else:
-            at = 0 if after is None else bisect.bisect_right(seqs, after)
-            while at < len(seqs):
-                yield seqs[at], by_seq[seqs[at]]
-                at += 1
-
-
-def _stored(event: Event, session_key: str) -> Event:
-    """A copy of ``event`` as stored in the session ``session_key``."""
-    return dataclasses.replace(_copy(event), session_key=session_key)
-
-
-def _compaction(compaction: Event, session_key: str, hidden: list[Event]) -> Event:
-    """The compaction event to store, with its counts of what it ``hidden``."""
-    stored = _stored(compaction, session_key)
-    stored.fields.update(
-        turns_compacted=sum(event.type == "input_message" for event in hidden),
-        events_compacted=len(hidden),
-    )
-    return stored
-
-
-def _check(precondition: Precondition[Any] | None, record: Any) -> None:
-    """Raise :class:`PreconditionFailed` unless ``precondition`` (if any) holds for a copy
-    of ``record`` (called with the lock held, so the write that follows sees the same)."""
-    if precondition is not None and not precondition(_copy(record)):
-        raise PreconditionFailed(getattr(record, "key", ""))
-
-
-def _page(rows: Iterator[tuple[int, Any]], limit: int) -> Page:
-    """Take ``limit`` records from (seq, record) pairs; the cursor says whether more follow."""
-    picked = []
-    for seq, record in rows:
-        if len(picked) == limit:
-            return Page([_copy(r) for _, r in picked], picked[-1][0])
-        picked.append((seq, record))
-    return Page([_copy(r) for _, r in picked], None)
-
-
-def _copy(record: Any) -> Any:
-    """A copy of a stored dataclass that shares nothing mutable with it.
-
-    Records hold immutable values (text, numbers, datetimes, tuples) besides
-    JSON metadata and a key's grants, so a shallow copy with those two copied
-    anew is enough, at a sixth of ``copy.deepcopy``'s cost (2 µs a session).
-    """
-    clone = copy.copy(record)
-    for name, value in vars(record).items():
-        if isinstance(value, dict | list):
-            setattr(clone, name, _copy_tree(value))
-    return clone
-
-
-def _copy_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _copy_tree(child) for key, child in value.items()}
-    if isinstance(value, list):
-        return [_copy_tree(child) for child in value]
-    if dataclasses.is_dataclass(value):
-        return _copy(value)
-    return value
+            return copy_record(key)

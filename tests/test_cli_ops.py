@@ -522,6 +522,8 @@ def _event_at(lines: list[str], index: int, change: Any) -> list[str]:
         (lambda e: {**e, "messages": [{"type": "image", "content": "x"}]}, ("messages.0.type",)),
         (lambda e: {**e, "session_key": "elsewhere"}, ("session_key", "Unknown")),
         (lambda e: {**e, "bogus": 1}, ("bogus", "Unknown")),
+        (lambda e: {**e, "metadata": [1]}, ("metadata", "object")),
+        (lambda e: {**e, "metadata": {"k" * 129: 1}}, ("metadata", "Keys")),
         (
             lambda e: {"id": e["id"], "type": "agent_output", "created_at": e["created_at"]},
             ("content",),
@@ -555,6 +557,22 @@ def test_an_import_checks_each_event_as_the_api_does(
     result = cli("sessions", "import", str(path), "--key", "copy", env=env, check=False)
     one_error_line(result, 1, "line 4", *words)
     assert cli("sessions", "get", AGENT, "copy", env=env, check=False).returncode == 1
+
+
+def test_an_events_metadata_is_exported_and_imported(env: dict[str, str], tmp_path: Path) -> None:
+    cli("agents", "create", AGENT, "--name", "Support", env=env)
+    make_session(env, "chat", events=3)
+    lines = cli("sessions", "export", AGENT, "chat", env=env).stdout.splitlines()
+    meta = {"adk": {"invocation_id": "i-1"}, "author": "user"}
+    lines = _event_at(lines, 2, lambda e: {**e, "metadata": meta})
+    path = tmp_path / "meta.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cli("sessions", "import", str(path), "--key", "copy", env=env)
+    again = cli("sessions", "export", AGENT, "copy", env=env).stdout.splitlines()
+    events = [json.loads(line)["event"] for line in again[1:-1]]
+    assert events[1]["metadata"] == meta
+    assert all("metadata" not in e for i, e in enumerate(events) if i != 1)
+    assert [json.loads(x) for x in again[1:]] == [json.loads(x) for x in lines[1:]]
 
 
 def test_an_export_with_compactions_and_interruptions_imports_unchanged(

@@ -42,6 +42,9 @@ ENDPOINTS = {
     ("PATCH", "/v2/agents/{agent_key}/sessions/{session_key}"),
     ("DELETE", "/v2/agents/{agent_key}/sessions/{session_key}"),
     ("GET", f"{EVENTS}"),
+    ("DELETE", f"{EVENTS}"),
+    ("POST", f"{EVENTS}/pop"),
+    ("GET", "/v2/agents/{agent_key}/state"),
     ("POST", f"{EVENTS}"),
     ("POST", f"{EVENTS}/batch"),
     ("GET", f"{EVENTS}/{{event_id}}"),
@@ -87,6 +90,9 @@ STATUSES = [
     ("DELETE", "/v2/api_keys/{key_id}", {"204", "404"} | KEYED),
     ("POST", "/v2/api_keys", {"201"} | KEYED | BODIED),
     ("GET", EVENTS, {"200", "400", "404"} | KEYED),
+    ("DELETE", EVENTS, {"204", "404"} | KEYED),
+    ("POST", f"{EVENTS}/pop", {"200", "404", "409"} | KEYED | BODIED | IDEMPOTENT),
+    ("GET", "/v2/agents/{agent_key}/state", {"200", "400", "404"} | KEYED),
     ("POST", EVENTS, {"201", "404"} | KEYED | BODIED | IDEMPOTENT),
     ("POST", f"{EVENTS}/batch", {"201", "404"} | KEYED | BODIED | IDEMPOTENT),
     ("GET", f"{EVENTS}/{{event_id}}", {"200", "404"} | KEYED),
@@ -186,7 +192,13 @@ def test_security_parameters_and_examples(doc: dict[str, Any]) -> None:
     listing = doc["paths"]["/v2/agents/{agent_key}/sessions"]["get"]
     query = {p["name"]: p["schema"] for p in listing["parameters"] if p["in"] == "query"}
     assert query["limit"] == {"type": "integer", "default": 10, "minimum": 1, "maximum": 100}
-    assert set(query) == {"limit", "page_key", "filter"}
+    assert set(query) == {"limit", "page_key", "filter", "metadata.KEY"}
+    assert query["metadata.KEY"]["type"] == "string"
+    described = next(p for p in listing["parameters"] if p["name"] == "metadata.KEY")
+    assert "metadata.user_id=u-17" in described["description"]
+    events = doc["paths"][f"{EVENTS}"]["get"]["parameters"]
+    limit = next(p for p in events if p["name"] == "limit")["schema"]
+    assert limit == {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000}
 
     session = doc["components"]["schemas"]["SessionCreate"]["properties"]
     assert session["metadata"]["maxProperties"] == 64
@@ -223,9 +235,9 @@ def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> Non
     create = doc["paths"][EVENTS]["post"]
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert set(union(body)) == {"input_message", "interrupt", "compact"}
-    assert set(schemas["InterruptBody"]["properties"]) == {"type", "stream_response"}
+    assert set(schemas["InterruptBody"]["properties"]) == {"type", "metadata", "stream_response"}
     assert set(schemas["SessionInterruptedEvent"]["properties"]) == {
-        "id", "session_key", "type", "created_at", "hide_reason",
+        "id", "session_key", "type", "created_at", "hide_reason", "metadata",
     }  # fmt: skip
     said = schemas["InputMessageBody"]["properties"]
     assert said["behavior"]["enum"] == ["steer", "follow_up"]

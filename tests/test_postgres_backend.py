@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import threading
 import time
 
@@ -222,3 +223,96 @@ def test_a_fork_reads_its_source_whole_while_a_compaction_commits(monkeypatch, i
     assert all(e.hide_reason is None for e in copied)
     if "aev_sum" in ids:
         assert copied[-1].fields["summary_text"] == "the first turn"
+
+
+def test_a_schema_6_database_gets_its_metadata_index_backfilled():
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    with postgres_schema() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for migration in MIGRATIONS[:6]:
+                for statement in migration.postgres:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES (%s)", [migration.version]
+                )
+            conn.execute(
+                "INSERT INTO agents (key, name, metadata, enabled, created_at, updated_at) "
+                "VALUES ('bot', 'bot', '{}', true, %s, %s)",
+                [T0, T0],
+            )
+            for n, metadata in enumerate(BACKFILLED):
+                conn.execute(
+                    "INSERT INTO sessions (agent_key, key, name, metadata, enabled, tti_minutes, "
+                    "created_at, updated_at) VALUES ('bot', %s, 'n', %s, true, 0, %s, %s)",
+                    [f"s{n}", json.dumps(metadata), T0, T0],
+                )
+        storage = storage_from_url(url, {})
+        try:
+            found = {
+                query: [
+                    s.key
+                    for s in storage.list_sessions(
+                        agent_key="bot", limit=10, now=T0, metadata=dict([query])
+                    ).items
+                ]
+                for query in BACKFILL_QUERIES
+            }
+        finally:
+            storage.close()
+    assert found == BACKFILL_QUERIES
+
+
+# Sessions an older release stored, and what their backfilled index finds.
+BACKFILLED = [
+    {"user_id": "u-17", "n": 17},
+    {"user_id": "u-18", "n": 17.5, "flag": True},
+    {"user_id": "u-17", "long": "x" * 300, "obj": {"user_id": "u-17"}},
+    {},
+]
+BACKFILL_QUERIES = {
+    ("user_id", "u-17"): ["s0", "s2"],
+    ("n", "17"): ["s0"],
+    ("n", "17.5"): ["s1"],
+    ("flag", "true"): ["s1"],
+    ("long", "x" * 300): ["s2"],
+    ("obj", "{}"): [],
+}
+
+
+def test_a_metadata_page_reads_the_lookup_index_in_order():
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    from storage_backends.sql.dialect import to_pyformat
+    from storage_backends.sql.schema import METADATA_PAGE
+
+    with postgres_schema() as url:
+        storage = storage_from_url(url, {})
+        try:
+            storage.create_agent(agent=Agent(key="bot", name="bot", created_at=T0, updated_at=T0))
+            with storage._connection() as conn:
+                conn.execute(
+                    "INSERT INTO sessions (agent_key, key, name, metadata, enabled, tti_minutes, "
+                    "created_at, updated_at) SELECT 'bot', 's' || n, 'n', "
+                    "json_build_object('user_id', 'u-' || mod(n, 100)), true, 0, %s, %s "
+                    "FROM generate_series(0, 20000) AS n",
+                    [T0, T0],
+                )
+                storage._index_sessions_after(conn, 0)
+                plan = "\n".join(
+                    row[0]
+                    for row in conn.execute(
+                        "EXPLAIN " + to_pyformat(METADATA_PAGE),
+                        ["bot", "user_id", "u-7", 0, T0, 11],
+                    )
+                )
+            page = storage.list_sessions(
+                agent_key="bot", limit=10, now=T0, metadata={"user_id": "u-7"}
+            )
+        finally:
+            storage.close()
+    assert "session_metadata_lookup" in plan, plan
+    assert "Sort" not in plan and "Seq Scan" not in plan, plan
+    assert [s.key for s in page.items] == [f"s{n}" for n in range(7, 1000, 100)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 import requests
@@ -89,7 +90,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 6
+    assert user_version(path) == SCHEMA_VERSION == 8
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"console_sessions", "idx_console_sessions_expires_at"} <= tables
@@ -209,7 +210,7 @@ def test_a_schema_5_database_is_rebuilt_with_ids_never_reused(tmp_path):
     migrated = SQLiteStorage(str(path))
     migrated.check()
 
-    assert user_version(path) == SCHEMA_VERSION == 6
+    assert user_version(path) == SCHEMA_VERSION == 8
     with sqlite3.connect(path) as conn:
         assert dict(conn.execute("SELECT key, id FROM sessions").fetchall()) == session_ids
         tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
@@ -248,3 +249,37 @@ def write_sessions_again(storage: SQLiteStorage, key: str) -> None:
     storage.create_session(
         session=Session(key=key, agent_key="bot", name="n", created_at=T0, updated_at=T0)
     )
+
+
+def test_a_schema_6_database_gets_its_metadata_index_backfilled(tmp_path):
+    from tests.test_postgres_backend import BACKFILL_QUERIES, BACKFILLED
+
+    path = tmp_path / "old.db"
+    old_database(path, 6)
+    with sqlite3.connect(path) as conn:
+        for n, metadata in enumerate(BACKFILLED):
+            conn.execute(
+                "INSERT INTO sessions (agent_key, key, name, metadata, enabled, tti_minutes, "
+                "created_at, updated_at) VALUES ('bot', ?, 'n', ?, 1, 0, ?, ?)",
+                [
+                    f"s{n}",
+                    json.dumps(metadata),
+                    "2026-11-28T12:00:00.000Z",
+                    "2026-11-28T12:00:00.000Z",
+                ],
+            )
+    storage = SQLiteStorage(str(path))
+    try:
+        found = {
+            query: [
+                s.key
+                for s in storage.list_sessions(
+                    agent_key="bot", limit=10, now=T0, metadata=dict([query])
+                ).items
+            ]
+            for query in BACKFILL_QUERIES
+        }
+    finally:
+        storage.close()
+    assert found == BACKFILL_QUERIES
+    assert user_version(path) == SCHEMA_VERSION

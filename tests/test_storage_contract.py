@@ -28,6 +28,7 @@ from storage_backends import (
     SessionDisabled,
     SessionNotFound,
     StaleHistory,
+    StateDocument,
     TooManyEvents,
 )
 from storage_backends.codec import utcnow
@@ -1557,3 +1558,456 @@ def test_two_writers_with_one_precondition_one_wins(storage, operation):
         thread.join(timeout=30)
     expected_loser = "SessionNotFound" if operation == "delete_session" else "PreconditionFailed"
     assert sorted(outcomes) == sorted(["ok", expected_loser])
+
+
+# Beyond Vectara: what agent-framework adapters need
+
+
+def test_an_events_metadata_is_kept_by_every_copy(storage, session):
+    meta = {"adk": {"invocation_id": "i-1", "partial": False}, "tags": ["a", 1, None]}
+    with_meta = event(1, "tool_input")
+    with_meta.fields["metadata"] = meta
+    storage.append_events(agent_key="bot", session_key="s1", events=[with_meta, event(2)], now=T0)
+    got = storage.get_event(agent_key="bot", session_key="s1", event_id="aev_1", now=T0)
+    assert got.fields["metadata"] == meta
+    assert (
+        "metadata"
+        not in storage.list_events(agent_key="bot", session_key="s1", limit=5, now=T0)
+        .items[1]
+        .fields
+    )
+    fork(storage)
+    copied = list(storage.iter_events(agent_key="bot", session_key="f1", now=T0))
+    assert copied[0].fields == got.fields
+    imported = Session(key="copy", agent_key="bot", name="copy", created_at=T0, updated_at=T0)
+    storage.import_session(session=imported, events=iter(copied))
+    again = storage.get_event(agent_key="bot", session_key="copy", event_id="aev_1", now=T0)
+    assert again.fields["metadata"] == meta
+
+
+def test_clear_events_empties_the_history_and_keeps_the_session(storage, session):
+    make_session(storage, "s2")
+    history(storage, *"ioto")
+    other = history(storage, "i", session_key="s2")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_2", hide_reason="manual", now=T0
+    )
+    before = storage.get_session(agent_key="bot", session_key="s1", now=T0)
+    later = T0 + dt.timedelta(seconds=1)
+    assert storage.clear_events(agent_key="bot", session_key="s1", now=later) == 4
+    assert ids_of(storage) == []
+    assert storage.get_session(agent_key="bot", session_key="s1", now=later) == before
+    assert [e for e, _ in ids_of(storage, "s2")] == other  # another session's stay
+    assert storage.clear_events(agent_key="bot", session_key="s1", now=later) == 0
+    # An empty history again: "no event yet", and its ids free.
+    storage.append_events(
+        agent_key="bot", session_key="s1", events=[event(1)], now=later, if_last_event_id=None
+    )
+    assert [e for e, _ in ids_of(storage)] == ["aev_1"]
+
+
+def test_clear_events_of_a_missing_expired_or_disabled_session(storage, session):
+    with pytest.raises(SessionNotFound):
+        storage.clear_events(agent_key="bot", session_key="nope", now=T0)
+    with pytest.raises(SessionNotFound):
+        storage.clear_events(agent_key="nobot", session_key="s1", now=T0)
+    make_session(storage, "idle", tti_minutes=1)
+    with pytest.raises(SessionNotFound):
+        storage.clear_events(agent_key="bot", session_key="idle", now=T0 + dt.timedelta(minutes=2))
+    make_session(storage, "idle", at=T0 + dt.timedelta(minutes=3))  # its key is free
+    history(storage, *"io")
+    storage.update_session(agent_key="bot", session_key="s1", changes={"enabled": False}, now=T0)
+    assert storage.clear_events(agent_key="bot", session_key="s1", now=T0) == 2
+
+
+# The session list's metadata query, through its index
+
+
+def by_metadata(storage, agent_key="bot", limit=3, now=T0, **kwargs):
+    return walk(storage, agent_key=agent_key, limit=limit, now=now, **kwargs)
+
+
+def test_metadata_query_matches_strings_numbers_and_booleans(storage):
+    make_agent(storage)
+    make_agent(storage, "other")
+    long_value = "v" * 200
+    sessions = {
+        "a": {"user_id": "u-17", "n": 17, "ok": True, "long": long_value},
+        "b": {"user_id": "u-17", "n": "17", "ok": "true", "x": None},
+        "c": {"user_id": "u-18", "n": 17.5, "ok": False, "obj": {"user_id": "u-17"}},
+        "d": {"nested": ["u-17"], "x": "null"},
+        "e": {},
+    }
+    for key, metadata in sessions.items():
+        make_session(storage, key, metadata=metadata)
+    make_session(storage, "elsewhere", agent_key="other", metadata={"user_id": "u-17"})
+    expected = [
+        ({"user_id": "u-17"}, ["a", "b"]),
+        ({"n": "17"}, ["a", "b"]),
+        ({"n": "17.5"}, ["c"]),
+        ({"n": "17.0"}, []),
+        ({"ok": "true"}, ["a", "b"]),
+        ({"ok": "false"}, ["c"]),
+        ({"ok": "True"}, []),
+        ({"long": long_value}, ["a"]),
+        ({"long": "v" * 199}, []),
+        ({"x": "null"}, ["d"]),  # JSON null is no value; the string "null" is one
+        ({"obj": "{}"}, []),
+        ({"nested": '["u-17"]'}, []),
+        ({"missing": "u-17"}, []),
+        ({"user_id": "u-17", "n": "17", "ok": "true"}, ["a", "b"]),
+        ({"user_id": "u-17", "long": long_value}, ["a"]),
+        ({"user_id": "u-17", "n": "17", "ok": "true", "x": "null"}, []),
+    ]
+    for query, keys in expected:
+        assert by_metadata(storage, metadata=query) == keys, query
+        assert by_metadata(storage, metadata=query, limit=1) == keys, query
+    assert by_metadata(storage, agent_key="other", metadata={"user_id": "u-17"}) == ["elsewhere"]
+    assert by_metadata(storage, agent_key="nobody", metadata={"user_id": "u-17"}) == []
+    # With the filter too.
+    pattern = re.compile("name b")
+    assert by_metadata(storage, metadata={"user_id": "u-17"}, matches=pattern) == ["b"]
+
+
+def test_metadata_query_pages_in_creation_order(storage):
+    make_agent(storage)
+    for n in range(25):
+        make_session(storage, f"s{n:02}", metadata={"team": "red" if n % 3 else "blue"})
+    red = [f"s{n:02}" for n in range(25) if n % 3]
+    for limit in (1, 2, 5, 16, 17, 100):
+        assert by_metadata(storage, metadata={"team": "red"}, limit=limit) == red
+    page = storage.list_sessions(agent_key="bot", limit=4, now=T0, metadata={"team": "blue"})
+    assert [s.key for s in page.items] == ["s00", "s03", "s06", "s09"]
+    assert page.items[0] == storage.get_session(agent_key="bot", session_key="s00", now=T0)
+    # Sessions created meanwhile come after; none is missed or listed twice.
+    make_session(storage, "late", metadata={"team": "blue"})
+    rest = by_metadata(storage, metadata={"team": "blue"}, limit=4)
+    assert rest == ["s00", "s03", "s06", "s09", "s12", "s15", "s18", "s21", "s24", "late"]
+
+
+def test_the_metadata_index_follows_every_write(storage):
+    make_agent(storage)
+    make_session(storage, "s1", metadata={"user_id": "u-1", "stage": "new"})
+    make_session(storage, "s2", metadata={"user_id": "u-2"})
+    q = {"user_id": "u-1"}
+    assert by_metadata(storage, metadata=q) == ["s1"]
+    storage.update_session(
+        agent_key="bot", session_key="s2", changes={"metadata": {"user_id": "u-1"}}, now=T0
+    )
+    assert by_metadata(storage, metadata=q) == ["s1", "s2"]
+    storage.update_session(agent_key="bot", session_key="s2", changes={"name": "x"}, now=T0)
+    assert by_metadata(storage, metadata=q) == ["s1", "s2"]
+    # A batch's metadata_patch: a key changed, one removed, one added.
+    storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(1)],
+        now=T0,
+        metadata_patch={"user_id": "u-9", "stage": None, "tier": 2},
+    )
+    assert by_metadata(storage, metadata=q) == ["s2"]
+    assert by_metadata(storage, metadata={"user_id": "u-9", "tier": "2"}) == ["s1"]
+    assert by_metadata(storage, metadata={"stage": "new"}) == []
+    # A refused patch changes nothing, the index included.
+    with pytest.raises(ValueError):
+        storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(2)],
+            now=T0,
+            metadata_patch={"user_id": "u-1"},
+            check_metadata=lambda metadata: (_ for _ in ()).throw(ValueError("no")),
+        )
+    assert by_metadata(storage, metadata=q) == ["s2"]
+    # Fork and import write the new session's rows.
+    fork(storage, key="f1", source="s2")
+    storage.update_session(
+        agent_key="bot", session_key="f1", changes={"metadata": {"user_id": "u-1"}}, now=T0
+    )
+    copy_of = Session(
+        key="imported", agent_key="bot", name="i", metadata=q, created_at=T0, updated_at=T0
+    )
+    storage.import_session(session=copy_of, events=iter([]))
+    assert by_metadata(storage, metadata=q) == ["s2", "f1", "imported"]
+    # Deleting a session, an expired one, and an agent take their rows with them.
+    storage.delete_session(agent_key="bot", session_key="s2", now=T0)
+    assert by_metadata(storage, metadata=q) == ["f1", "imported"]
+    make_session(storage, "idle", metadata=q, tti_minutes=1)
+    later = T0 + dt.timedelta(minutes=5)
+    assert by_metadata(storage, metadata=q, now=later) == ["f1", "imported"]
+    make_session(storage, "idle", at=later, metadata={"user_id": "u-5"})  # takes the key
+    assert by_metadata(storage, metadata=q, now=later) == ["f1", "imported"]
+    assert by_metadata(storage, metadata={"user_id": "u-5"}, now=later) == ["idle"]
+    storage.delete_agent(agent_key="bot")
+    make_agent(storage)
+    make_session(storage, "fresh")
+    assert by_metadata(storage, metadata=q) == []
+
+
+@pytest.mark.parametrize(
+    "options", [{"FILTER_SCAN_ROWS": 3}, {"FILTER_SCAN_SECONDS": 1e-9}], ids=["rows", "seconds"]
+)
+def test_a_metadata_query_of_several_keys_ends_its_page_when_its_budget_is_spent(
+    storage_url, options
+):
+    storage = budgeted(storage_url, **options)
+    try:
+        make_agent(storage)
+        for n in range(10):
+            make_session(storage, f"s{n}", metadata={"a": "1", "b": "2" if n in (4, 9) else "0"})
+        query = {"a": "1", "b": "2"}
+        first = storage.list_sessions(agent_key="bot", limit=5, now=T0, metadata=query)
+        assert [s.key for s in first.items] == [] and first.next_cursor is not None
+        assert walk(storage, limit=5, metadata=query) == ["s4", "s9"]
+        # One key, every entry a match: the page is whole within the budget of rows.
+        if "FILTER_SCAN_ROWS" in options:
+            page = storage.list_sessions(agent_key="bot", limit=2, now=T0, metadata={"a": "1"})
+            assert [s.key for s in page.items] == ["s0", "s1"]
+    finally:
+        storage.close()
+
+
+def test_pop_event_takes_the_newest_and_answers_it(storage, session):
+    history(storage, *"iot")
+    storage.set_event_hidden(
+        agent_key="bot", session_key="s1", event_id="aev_3", hide_reason="manual", now=T0
+    )
+    popped = storage.pop_event(agent_key="bot", session_key="s1", now=T0)
+    assert popped.id == "aev_3" and popped.hide_reason == "manual"  # hidden or not
+    assert popped.fields == event(3, "tool_input").fields and popped.session_key == "s1"
+    with pytest.raises(StaleHistory):
+        storage.pop_event(agent_key="bot", session_key="s1", now=T0, if_last_event_id="aev_1")
+    assert [e for e, _ in ids_of(storage)] == ["aev_1", "aev_2"]
+    second = storage.pop_event(agent_key="bot", session_key="s1", now=T0, if_last_event_id="aev_2")
+    assert second.id == "aev_2"
+    storage.update_session(agent_key="bot", session_key="s1", changes={"enabled": False}, now=T0)
+    assert storage.pop_event(agent_key="bot", session_key="s1", now=T0).id == "aev_1"
+    assert storage.pop_event(agent_key="bot", session_key="s1", now=T0) is None
+    with pytest.raises(StaleHistory):
+        storage.pop_event(agent_key="bot", session_key="s1", now=T0, if_last_event_id="aev_1")
+    with pytest.raises(SessionNotFound):
+        storage.pop_event(agent_key="bot", session_key="nope", now=T0)
+    make_session(storage, "idle", tti_minutes=1)
+    with pytest.raises(SessionNotFound):
+        storage.pop_event(agent_key="bot", session_key="idle", now=T0 + dt.timedelta(minutes=2))
+
+
+def test_concurrent_pops_take_each_event_once(storage, session):
+    ids = history(storage, *"io" * 10)
+    popped, errors = [], []
+
+    def pop() -> None:
+        try:
+            for _ in range(5):
+                event_ = storage.pop_event(agent_key="bot", session_key="s1", now=T0)
+                if event_ is not None:
+                    popped.append(event_.id)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=pop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sorted(popped) == sorted(ids) and ids_of(storage) == []
+
+
+def new_session(key="s1", **fields):
+    fields.setdefault("name", f"new {key}")
+    return Session(key=key, agent_key="bot", created_at=T0, updated_at=T0, **fields)
+
+
+def test_a_batch_creates_its_session_when_missing(storage):
+    make_agent(storage)
+    created = storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(1)],
+        now=T0,
+        if_last_event_id=None,
+        metadata_patch={"b": 2},
+        create=new_session(metadata={"a": 1, "user_id": "u-1"}, tti_minutes=5),
+    )
+    assert created.key == "s1" and created.metadata == {"a": 1, "user_id": "u-1", "b": 2}
+    got = storage.get_session(agent_key="bot", session_key="s1", now=T0)
+    assert (got.name, got.tti_minutes, got.metadata) == ("new s1", 5, created.metadata)
+    assert by_metadata(storage, metadata={"user_id": "u-1", "b": "2"}) == ["s1"]
+    # It exists now: the next batch appends, and create_session changes nothing.
+    storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(2)],
+        now=T0,
+        if_last_event_id="aev_1",
+        create=new_session(name="other", metadata={"x": 1}),
+    )
+    assert storage.get_session(agent_key="bot", session_key="s1", now=T0).name == "new s1"
+    assert [e for e, _ in ids_of(storage)] == ["aev_1", "aev_2"]
+
+
+def test_a_refused_batch_creates_nothing(storage):
+    make_agent(storage)
+    refusals = [
+        (StaleHistory, {"if_last_event_id": "aev_9"}, new_session()),
+        (Conflict, {"events": [event(1), event(1)]}, new_session()),
+        (SessionDisabled, {}, new_session(enabled=False)),
+        (ValueError, {"metadata_patch": {"a": 1}, "check_metadata": _refuse}, new_session()),
+    ]
+    for raised, options, create in refusals:
+        with pytest.raises(raised):
+            storage.append_events(
+                agent_key="bot",
+                session_key="s1",
+                **{"events": [event(1)], "now": T0, **options},
+                create=create,
+            )
+        with pytest.raises(SessionNotFound):
+            storage.get_session(agent_key="bot", session_key="s1", now=T0)
+    with pytest.raises(AgentNotFound):
+        storage.append_events(
+            agent_key="nobot",
+            session_key="s1",
+            events=[event(1)],
+            now=T0,
+            create=dataclasses.replace(new_session(), agent_key="nobot"),
+        )
+    storage.update_agent(agent_key="bot", changes={"enabled": False}, now=T0)
+    with pytest.raises(AgentDisabled):
+        storage.append_events(
+            agent_key="bot", session_key="s1", events=[event(1)], now=T0, create=new_session()
+        )
+    assert walk(storage) == []
+
+
+def _refuse(metadata):
+    raise ValueError("refused")
+
+
+def test_batches_creating_one_session_at_once_make_one(storage):
+    make_agent(storage)
+    outcomes, errors = [], []
+
+    def write(n: int) -> None:
+        try:
+            storage.append_events(
+                agent_key="bot",
+                session_key="s1",
+                events=[event(100 + n)],
+                now=T0,
+                create=new_session(name=f"writer {n}"),
+            )
+            outcomes.append(n)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and sorted(outcomes) == list(range(6))
+    assert walk(storage) == ["s1"]
+    assert sorted(e for e, _ in ids_of(storage)) == sorted(f"aev_{100 + n}" for n in range(6))
+
+
+# An agent's state documents, written with a batch
+
+
+def test_state_documents_are_patched_with_their_batch(storage, session):
+    make_session(storage, "s2")
+    assert storage.get_state(agent_key="bot", keys=["app", "user:u-1"]) == [
+        StateDocument("app"),
+        StateDocument("user:u-1"),
+    ]
+    later = T0 + dt.timedelta(seconds=1)
+    storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[event(1)],
+        now=later,
+        state_patch={"app": {"theme": "dark", "n": 1}, "user:u-1": {"lang": "fr"}},
+    )
+    # Another session of the agent sees and patches the same documents.
+    storage.append_events(
+        agent_key="bot",
+        session_key="s2",
+        events=[event(2)],
+        now=later,
+        state_patch={"app": {"n": 2, "theme": None, "deep": {"a": [1]}}},
+    )
+    app, user, other = storage.get_state(agent_key="bot", keys=["app", "user:u-1", "user:u-2"])
+    assert app == StateDocument("app", {"n": 2, "deep": {"a": [1]}}, later)
+    assert user == StateDocument("user:u-1", {"lang": "fr"}, later)
+    assert other == StateDocument("user:u-2")
+    app.value["n"] = 99  # a copy
+    assert storage.get_state(agent_key="bot", keys=["app"])[0].value["n"] == 2
+    with pytest.raises(AgentNotFound):
+        storage.get_state(agent_key="nobot", keys=["app"])
+
+
+def test_a_refused_batch_writes_no_state(storage, session):
+    storage.append_events(
+        agent_key="bot", session_key="s1", events=[event(1)], now=T0, state_patch={"app": {"a": 1}}
+    )
+    refusals = [
+        (StaleHistory, {"if_last_event_id": "aev_9"}),
+        (Conflict, {"events": [event(1)]}),
+        (ValueError, {"check_state": lambda key, value: _refuse(value)}),
+        (ValueError, {"metadata_patch": {"m": 1}, "check_metadata": _refuse}),
+    ]
+    for raised, options in refusals:
+        with pytest.raises(raised):
+            storage.append_events(
+                agent_key="bot",
+                session_key="s1",
+                **{"events": [event(2)], "now": T0, **options},
+                state_patch={"app": {"a": 2}, "other": {"b": 1}},
+            )
+    assert [d.value for d in storage.get_state(agent_key="bot", keys=["app", "other"])] == [
+        {"a": 1},
+        {},
+    ]
+    with pytest.raises(SessionNotFound):
+        storage.append_events(
+            agent_key="bot", session_key="nope", events=[], now=T0, state_patch={"x": {"a": 1}}
+        )
+    assert storage.get_state(agent_key="bot", keys=["x"])[0] == StateDocument("x")
+
+
+def test_state_goes_with_its_agent(storage, session):
+    storage.append_events(
+        agent_key="bot", session_key="s1", events=[], now=T0, state_patch={"app": {"a": 1}}
+    )
+    storage.delete_agent(agent_key="bot")
+    make_agent(storage)
+    assert storage.get_state(agent_key="bot", keys=["app"]) == [StateDocument("app")]
+
+
+def test_concurrent_state_patches_lose_nothing(storage, session):
+    for n in range(4):
+        make_session(storage, f"w{n}")
+    errors = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(10):
+                storage.append_events(
+                    agent_key="bot",
+                    session_key=f"w{n}",
+                    events=[event(f"{n}x{i}")],
+                    now=T0,
+                    state_patch={"app": {f"w{n}-{i}": i}, "shared": {f"w{n}-{i}": True}},
+                )
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    app, shared = storage.get_state(agent_key="bot", keys=["app", "shared"])
+    assert len(app.value) == 40 and len(shared.value) == 40

@@ -99,6 +99,7 @@ def test_history_through_the_official_client(server):
                 "tool_configuration_name": "kb",
                 "tool_name": "search",
                 "tool_input": {"q": "x"},
+                "metadata": {"adk": {"author": "agent", "invocation_id": "i-1"}},
             },  # fmt: skip
             *outputs[:15],
         ],
@@ -122,6 +123,9 @@ def test_history_through_the_official_client(server):
     every = list(client.agent_events.list(AGENT, "chat", limit=7))
     assert [e.id for e in every][:2] == ids and len(every) == 33
     assert isinstance(every[2], AgentEvent_ToolInput) and every[2].tool_input == {"q": "x"}
+    # An event's metadata (beyond Vectara) is an extra field its models accept and keep.
+    assert every[2].metadata == {"adk": {"author": "agent", "invocation_id": "i-1"}}
+    assert getattr(every[3], "metadata", None) is None
     assert all(isinstance(e, AgentEvent_AgentOutput) for e in every[3:])
 
     hidden = client.agent_events.hide(AGENT, "chat", every[3].id)

@@ -5,7 +5,7 @@ from .endpoint import bp
 
 # isort: off
 # The routes in the order the OpenAPI document lists them.
-from . import sessions, events, agents, api_keys  # noqa: F401
+from . import sessions, events, state, agents, api_keys  # noqa: F401
 # isort: on
 
 __all__ = ["bp"]

@@ -73,6 +73,7 @@ def endpoint(
     authorize: Callable[[dict[str, str], dict[str, Any]], None] | None = None,
     etag: type[Schema] | None = None,
     idempotent: bool = False,
+    creates_session: Callable[[Any], bool] | None = None,
     **described: Any,
 ) -> Callable:
     """Declare a view: its query and body schemas (loaded into ``query=`` and ``body=``),
@@ -93,6 +94,10 @@ def endpoint(
     ``idempotent``: a POST that creates something, which takes an
     ``Idempotency-Key`` (:mod:`.idempotency`): once its body is read and its
     permissions checked, the rest runs once per key, and retries get its answer.
+
+    ``creates_session``, given the parsed body, says whether it may create the
+    session the path names: a bad query or body is then a 404 only for a missing
+    agent (a missing session is what it asks to create).
 
     The order of refusals is the contract's: a bad query or body is a 400 only
     once the records the path names are known to exist (404 before 400), and a
@@ -160,9 +165,15 @@ def endpoint(
                         )
             except (ValidationError, ApiError, HTTPException) as err:
                 if _is_bad_input(err):
-                    check_path(path.get("agent_key"), path.get("session_key"))
+                    check_path(path.get("agent_key"), session_of(path, raw))
                 raise
             return respond(path, inputs, raw, conditions if method in ("GET", "HEAD") else None)
+
+        def session_of(path: dict[str, str], raw: Any) -> str | None:
+            """The session whose absence is a 404 before the input's 400."""
+            if creates_session is not None and isinstance(raw, dict) and creates_session(raw):
+                return None
+            return path.get("session_key")
 
         def respond(
             path: dict[str, str],
@@ -178,7 +189,7 @@ def endpoint(
                 result = view(**path, **inputs)
             except (ValidationError, ApiError, HTTPException) as err:
                 if _is_bad_input(err):
-                    check_path(path.get("agent_key"), path.get("session_key"))
+                    check_path(path.get("agent_key"), session_of(path, raw))
                 raise
             except SessionNotFound:
                 check_path(path.get("agent_key"))

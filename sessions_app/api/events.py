@@ -9,7 +9,7 @@ from flask import current_app
 from marshmallow import ValidationError
 from werkzeug.wrappers import Response
 
-from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event
+from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event, Session
 from storage_backends.codec import dump_json, utcnow
 
 from ..corridor import auth, http, rate_limits
@@ -31,13 +31,16 @@ from ..schemas.events import (
     EventCreateSchema,
     EventListQuerySchema,
     EventListSchema,
+    EventPopSchema,
     EventSchema,
     EventsCreatedSchema,
+    EventsPoppedSchema,
     check_size,
     dump_event,
     events_within,
 )
 from .endpoint import bp, check_compaction, compaction_event, endpoint, service
+from .state import check_state
 
 EVENTS_PATH = "/agents/<record_key:agent_key>/sessions/<record_key:session_key>/events"
 EVENT_PATH = EVENTS_PATH + "/<event_id:event_id>"
@@ -46,9 +49,13 @@ WRITE_CONFLICTS = {
     409: "`session_disabled`: the session's `enabled` is false; it takes no new events.",
 }
 BATCH_CONFLICTS = {
+    403: "`forbidden`: the key lacks `events:append` on this agent, or (with "
+    "`create_session`) `sessions:create`.",
+    404: "`agent_not_found`; `session_not_found` unless `create_session` is given.",
     409: "`conflict`: an event id the session already has (or twice in the batch), or an "
     "`if_last_event_id` that no longer names the session's last event; nothing is written. "
-    "`session_disabled`: the session's `enabled` is false; it takes no new events.",
+    "`session_disabled`: the session's `enabled` is false; it takes no new events. With "
+    "`create_session`, `agent_disabled`: the agent takes no new sessions.",
     413: "`payload_too_large`: the body is over {events_max_body} bytes, or an event "
     "serializes to more than {event_max_bytes}.",
 }
@@ -63,6 +70,12 @@ def event_stream(events: list[Event]) -> Response:
     lines = [f"data: {dump_json(dump_event(event))}\n\n" for event in events]
     lines.append('data: {"type":"end"}\n\n')
     return current_app.response_class("".join(lines), 201, mimetype="text/event-stream")
+
+
+def authorize_batch(path: dict[str, str], body: dict[str, Any]) -> None:
+    """A batch that may create its session needs sessions:create too."""
+    if body.get("create_session") is not None:
+        auth.check(path["agent_key"], "sessions:create")
 
 
 def authorize_event_write(path: dict[str, str], body: dict[str, Any]) -> None:
@@ -173,10 +186,11 @@ def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
         )
     else:
         if body["type"] == "interrupt":
-            kind, fields = "session_interrupted", {}
+            kind, fields = "session_interrupted", event_fields(body)
         else:
             kind = "input_message"
-            fields = {name: body[name] for name in ("messages", "behavior") if name in body}
+            names = [name for name in ("messages", "behavior") if name in body]
+            fields = event_fields(body, *names)
         written = Event(
             id=new_event_id(), session_key=session_key, type=kind, fields=fields, created_at=now
         )
@@ -212,7 +226,9 @@ def create_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
     EventsCreatedSchema,
     body=EventBatchSchema,
     body_limit="EVENTS_MAX_CONTENT_LENGTH",
+    authorize=authorize_batch,
     idempotent=True,
+    creates_session=lambda body: body.get("create_session") is not None,
     examples={
         "request": EVENT_BATCH_REQUEST,
         "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
@@ -229,11 +245,20 @@ def append_events(agent_key: str, session_key: str, body: dict[str, Any]) -> Any
             id=item.pop("id", None) or new_event_id(),
             session_key=session_key,
             type=kind,
-            fields=item,
+            fields=event_fields(item, *(name for name in item if name != "metadata")),
             created_at=now,
         )
         check_size(index, event)
         events.append(event)
+    create = None
+    if "create_session" in body:
+        create = Session(
+            key=session_key,
+            agent_key=agent_key,
+            created_at=now,
+            updated_at=now,
+            **body["create_session"],
+        )
     service().storage.append_events(
         agent_key=agent_key,
         session_key=session_key,
@@ -242,9 +267,50 @@ def append_events(agent_key: str, session_key: str, body: dict[str, Any]) -> Any
         if_last_event_id=body.get("if_last_event_id", ANY_LAST_EVENT),
         metadata_patch=body.get("metadata_patch"),
         check_metadata=check_patched_metadata if "metadata_patch" in body else None,
+        create=create,
+        state_patch=body.get("state_patch"),
+        check_state=check_state,
     )
     metrics.events_written(len(events))
     return {"events": events, "session_key": session_key}
+
+
+@bp.post(EVENTS_PATH + "/pop")
+@rate_limits.per_key
+@auth.require("sessions:delete")
+@endpoint(
+    "Events",
+    200,
+    EventsPoppedSchema,
+    body=EventPopSchema,
+    idempotent=True,
+    examples={
+        "request": {"if_last_event_id": EVENT["id"]},
+        "response": {"events": [EVENT], "session_key": EVENT["session_key"]},
+    },
+    errors={
+        409: "`conflict`: `if_last_event_id` no longer names the session's newest event (or "
+        "the history is empty); nothing is deleted.",
+    },
+)
+def pop_event(agent_key: str, session_key: str, body: dict[str, Any]) -> Any:
+    """Delete the session's newest event and answer it, in one step (beyond Vectara)."""
+    popped = service().storage.pop_event(
+        agent_key=agent_key,
+        session_key=session_key,
+        now=utcnow(),
+        if_last_event_id=body.get("if_last_event_id", ANY_LAST_EVENT),
+    )
+    return {"events": [] if popped is None else [popped], "session_key": session_key}
+
+
+def event_fields(body: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The stored fields of an event: its type's ``names`` from ``body``, then its
+    ``metadata`` when one was sent (answered last, after the type's own)."""
+    fields = {name: body[name] for name in names}
+    if "metadata" in body:
+        fields["metadata"] = body["metadata"]
+    return fields
 
 
 def check_patched_metadata(metadata: dict[str, Any]) -> None:
@@ -260,6 +326,15 @@ def check_patched_metadata(metadata: dict[str, Any]) -> None:
             f"metadata_patch: the patched metadata is out of bounds: {message}",
             field_errors={"metadata_patch": message},
         ) from None
+
+
+@bp.delete(EVENTS_PATH)
+@rate_limits.per_key
+@auth.require("sessions:delete")
+@endpoint("Events", 204)
+def clear_events(agent_key: str, session_key: str) -> None:
+    """Empty the session's history and keep the session (beyond Vectara)."""
+    service().storage.clear_events(agent_key=agent_key, session_key=session_key, now=utcnow())
 
 
 @bp.post(EVENT_PATH + "/hide")

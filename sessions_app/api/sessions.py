@@ -6,6 +6,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from flask import request
+
 from storage_backends import Conflict, Session
 from storage_backends.codec import utcnow
 
@@ -127,6 +129,14 @@ def create_with_generated_key(session: Session, create: Callable[..., Session]) 
 )
 def list_sessions(agent_key: str, query: dict[str, Any]) -> Any:
     """List the agent's sessions, a page at a time."""
+    args = request.args
+    twice = [
+        name for name in query.get("metadata", ()) if len(args.getlist(f"metadata.{name}")) > 1
+    ]
+    if twice:
+        name = f"metadata.{twice[0]}"[:200]
+        message = "Given twice; give each metadata key once."
+        raise ApiError(400, "invalid_request", f"{name}: {message}", field_errors={name: message})
     pattern = query.pop("filter", None)
     if pattern is not None:
         query["matches"] = compile_filter(pattern)

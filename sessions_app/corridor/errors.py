@@ -108,12 +108,22 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, str]:
 UNKNOWN_FIELD = "Unknown field."
 
 
+def _is_metadata(path: str) -> bool:
+    """A body's ``metadata``, an event's of a batch (``events.3.metadata``) or the
+    session's a batch creates (``create_session.metadata``)."""
+    parts = path.split(".")
+    return (
+        parts[0] == "metadata"
+        or (len(parts) == 3 and parts[0] == "events" and parts[2] == "metadata")
+        or parts[:2] == ["create_session", "metadata"]
+    )
+
+
 def validation_error(err: ValidationError) -> ApiError:
     field_errors = flatten_messages(err.messages)
     # An unknown field named "metadata" (in a body that has none) is not metadata.
     only_metadata = all(
-        path.split(".")[0] == "metadata" and message != UNKNOWN_FIELD
-        for path, message in field_errors.items()
+        _is_metadata(path) and message != UNKNOWN_FIELD for path, message in field_errors.items()
     )
     code = "invalid_metadata" if only_metadata else "invalid_request"
     messages = [

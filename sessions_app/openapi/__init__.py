@@ -33,14 +33,15 @@ from ..schemas import (
     ReadinessSchema,
     SessionListQuerySchema,
 )
-from ..schemas.events import Tagged, TaggedSchema
+from ..schemas.events import BoundedList, Tagged, TaggedSchema
 
 OPENAPI_VERSION = "3.0.3"  # the newest version the bundled Swagger UI renders
 EXTENSION = "agent_sessions_openapi"
 SERVICE_PACKAGE = __package__.rpartition(".")[0]  # whose views the document describes
 # The modules of the /v2 API's views, whose routes take a key (the health routes do not).
 API_VIEWS = frozenset(
-    f"{SERVICE_PACKAGE}.api.{resource}" for resource in ("sessions", "events", "agents", "api_keys")
+    f"{SERVICE_PACKAGE}.api.{resource}"
+    for resource in ("sessions", "events", "state", "agents", "api_keys")
 )
 
 
@@ -89,6 +90,10 @@ TAGS = [
     {
         "name": "Events",
         "description": "A session's history: what users said and what the agent did.",
+    },
+    {
+        "name": "State",
+        "description": "What an agent's runtime keeps across its sessions (beyond Vectara).",
     },
     {"name": "Agents", "description": "Agents (admin keys only)."},
     {"name": "API keys", "description": "API keys and their grants (admin keys only)."},
@@ -283,6 +288,8 @@ def _field_attributes(config: Any) -> Callable[..., dict[str, Any]]:
             found["nullable"] = True  # JSON null means "absent" in request bodies
         if isinstance(field, Metadata):
             found["maxProperties"] = config["METADATA_MAX_KEYS"]
+        if isinstance(field, BoundedList) and isinstance(field.high, str):
+            found.update(minItems=field.low, maxItems=config[field.high])
         if field.name == "filter" and isinstance(field.parent, SessionListQuerySchema):
             found["maxLength"] = config["FILTER_MAX_LENGTH"]
         return found

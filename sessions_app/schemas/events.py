@@ -17,11 +17,12 @@ refuses them (``http.parse``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flask import current_app
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from storage_backends.base import HIDDEN_BY_COMPACTION, HIDDEN_MANUAL, Event
 from storage_backends.codec import dump_json, format_ts
@@ -29,12 +30,16 @@ from storage_backends.codec import dump_json, format_ts
 from ..corridor.errors import ApiError
 from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, EVENT_ID_PREFIX, is_event_id
 from . import (
+    TTI_MAX_MINUTES,
     AnswerSchema,
     BodySchema,
+    Description,
     EventId,
     Instant,
     ListMetadataSchema,
     ListQuerySchema,
+    Metadata,
+    Name,
     ResponseSchema,
     StrictBoolean,
     StrictInteger,
@@ -44,7 +49,8 @@ from . import (
 
 NAME_MAX_LENGTH = 255
 MESSAGES_MAX = 100
-BATCH_MAX = 100
+#: Events a page may hold: Vectara's 100, and beyond it up to 1,000 for clients that ask.
+PAGE_MAX = 1000
 #: Types only the service writes (compact and fork); a batch cannot carry them.
 SERVICE_TYPES = frozenset({"compaction"})
 #: How an input is to meet a run already under way: told to the agent runtime.
@@ -113,15 +119,27 @@ def check_depth(value: Any, max_depth: int) -> None:
 
 class BoundedList(fields.List):
     """A list whose length is checked before its items are loaded: a body of a hundred
-    thousand items is refused at once, not after loading each."""
+    thousand items is refused at once, not after loading each.
 
-    def __init__(self, inner: fields.Field, *, low: int, high: int, **kwargs: Any):
-        super().__init__(inner, validate=validate.Length(min=low, max=high), **kwargs)
+    ``high`` is a number, or the name of the setting that holds it (the OpenAPI
+    document reads the same setting).
+    """
+
+    def __init__(self, inner: fields.Field, *, low: int, high: int | str, **kwargs: Any):
+        if isinstance(high, int):
+            kwargs["validate"] = validate.Length(min=low, max=high)
+        super().__init__(inner, **kwargs)
         self.low, self.high = low, high
 
+    def bound(self) -> int:
+        high = self.high
+        return high if isinstance(high, int) else current_app.config[high]
+
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
-        if isinstance(value, list) and not self.low <= len(value) <= self.high:
-            raise ValidationError(f"Must hold {self.low} to {self.high} items.")
+        if isinstance(value, list) and not self.low <= len(value) <= self.bound():
+            if self.low == 0:
+                raise ValidationError(f"Must hold at most {self.bound()} items.")
+            raise ValidationError(f"Must hold {self.low} to {self.bound()} items.")
         return super()._deserialize(value, attr, data, **kwargs)
 
 
@@ -273,13 +291,28 @@ def _class_name(kind: str) -> str:
     return "".join(part.capitalize() for part in kind.split("_"))
 
 
+class EventMetadata(Metadata):
+    """An event's own metadata: bounded like a session's in keys, key length and depth;
+    its bytes count in the event's (``EVENT_MAX_BYTES``)."""
+
+    sized = False
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("metadata", {}).update(
+            description="Beyond Vectara: any JSON object, bounded like session metadata in "
+            "keys, key length and depth, and counted in the event's size. Absent when not sent."
+        )
+        super().__init__(**kwargs)
+
+
 class EventInSchema(BodySchema):
-    """An event a batch carries: its type's fields, and optionally its own id."""
+    """An event a batch carries: its type's fields, and optionally its own id and metadata."""
 
     # structured_output's content may be JSON null, a value like any other.
     KEEP_NULL = frozenset({"content"})
 
     id = EventId(metadata={"description": "Assigned by the service when omitted."})
+    metadata = EventMetadata()
 
 
 def _hide_reason() -> fields.String:
@@ -305,6 +338,12 @@ class EventBaseSchema(AnswerSchema):
     session_key = fields.String(required=True)
     created_at = Timestamp(required=True)
     hide_reason = _hide_reason()
+    metadata = fields.Dict(
+        metadata={
+            "description": "Beyond Vectara: the event's metadata, as written; absent "
+            "when none was sent."
+        }
+    )
 
 
 def _event_schemas() -> tuple[dict[str, type[Schema]], dict[str, type[Schema]]]:
@@ -419,6 +458,15 @@ class EventsCreatedSchema(ResponseSchema):
     session_key = fields.String(required=True)
 
 
+class EventsPoppedSchema(ResponseSchema):
+    events = fields.List(
+        event_field(),
+        required=True,
+        metadata={"description": "The event deleted; empty when the history was."},
+    )
+    session_key = fields.String(required=True)
+
+
 # Request bodies
 
 
@@ -454,6 +502,7 @@ class InputMessageBodySchema(BodySchema):
             "and nothing is written (page through GET .../events instead)."
         }
     )
+    metadata = EventMetadata()
     stream_response = StrictBoolean(
         load_default=False,
         metadata={"description": "Answer text/event-stream: the events, then an end event."},
@@ -476,6 +525,7 @@ class InterruptBodySchema(BodySchema):
     """Appends one session_interrupted event, for the agent runtime to read."""
 
     type = _typed("interrupt")
+    metadata = EventMetadata()
     stream_response = StrictBoolean(load_default=False)
 
 
@@ -517,12 +567,78 @@ class MetadataPatch(fields.Dict):
         return patch
 
 
+class SessionIfMissingSchema(BodySchema):
+    """The session a batch creates when its key has none (the key is the URL's)."""
+
+    name = Name(required=True)
+    description = Description()
+    metadata = Metadata()
+    enabled = StrictBoolean()
+    tti_minutes = StrictInteger(validate=validate.Range(min=0, max=TTI_MAX_MINUTES))
+
+
+#: An agent's state document key: ``app``, ``user:u-17``...
+STATE_KEY_PATTERN = r"^[0-9A-Za-z_.:@-]+$"
+STATE_KEY_MAX_LENGTH = 128
+#: State documents one batch may patch, or one read may ask for.
+STATE_KEYS_MAX = 16
+_STATE_KEY = re.compile(STATE_KEY_PATTERN[:-1] + r"\Z")
+
+
+def is_state_key(value: str) -> bool:
+    return len(value) <= STATE_KEY_MAX_LENGTH and _STATE_KEY.match(value) is not None
+
+
+STATE_KEY_RULE = f"Must be 1 to {STATE_KEY_MAX_LENGTH} letters, digits or any of _ . : @ -."
+
+
+class DocumentPatch(fields.Dict):
+    """A merge patch of a state document: an object no deeper than metadata may be."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(keys=fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        patch = super()._deserialize(value, attr, data, **kwargs)
+        config = current_app.config
+        check_tree(
+            patch,
+            depth=1,
+            max_depth=config["METADATA_MAX_DEPTH"],
+            max_key_length=config["METADATA_MAX_KEY_LENGTH"],
+        )
+        return patch
+
+
+class StatePatch(fields.Dict):
+    """State document keys to JSON merge patches, each no deeper than metadata may be."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(keys=fields.String(), values=DocumentPatch(), **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        if isinstance(value, dict):
+            if not 1 <= len(value) <= STATE_KEYS_MAX:
+                raise ValidationError(f"Must name 1 to {STATE_KEYS_MAX} state documents.")
+            for key in value:
+                if not isinstance(key, str) or not is_state_key(key):
+                    raise ValidationError({str(key)[:200]: [STATE_KEY_RULE]})
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class EventBatchSchema(BodySchema):
     # Null is a value here: "the session has no event yet".
     KEEP_NULL = frozenset({"if_last_event_id"})
 
     events = BoundedList(
-        Tagged(EVENT_IN_VARIANTS, refused=REFUSED_IN_BATCH), low=1, high=BATCH_MAX, required=True
+        Tagged(EVENT_IN_VARIANTS, refused=REFUSED_IN_BATCH),
+        low=0,
+        high="EVENTS_BATCH_MAX",
+        required=True,
+        metadata={
+            "description": "1 to EVENTS_BATCH_MAX events (1,000 by default); none is allowed "
+            "when the batch has create_session, metadata_patch or state_patch."
+        },
     )
     if_last_event_id = EventId(
         allow_none=True,
@@ -533,6 +649,41 @@ class EventBatchSchema(BodySchema):
     )
     metadata_patch = MetadataPatch(
         metadata={"description": "A JSON merge patch (RFC 7386) of the session's metadata."},
+    )
+    create_session = fields.Nested(
+        SessionIfMissingSchema,
+        metadata={
+            "description": "Beyond Vectara: create the session with these fields (its key is "
+            "the URL's) when it does not exist, in the batch's transaction. Needs "
+            "sessions:create too."
+        },
+    )
+    state_patch = StatePatch(
+        metadata={
+            "description": "Beyond Vectara: the agent's state documents (shared by its "
+            "sessions) to change, by key, each with a JSON merge patch (RFC 7386), in the "
+            "batch's transaction. Each result stays within the metadata bounds."
+        },
+    )
+
+    @validates_schema
+    def check_events(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data.get("events") and not {"create_session", "metadata_patch", "state_patch"} & (
+            data.keys()
+        ):
+            raise ValidationError(
+                "Must hold at least one event, unless the batch has create_session, "
+                "metadata_patch or state_patch.",
+                field_name="events",
+            )
+
+
+class EventPopSchema(BodySchema):
+    if_last_event_id = EventId(
+        metadata={
+            "description": "Pop only while the session's newest event has this id; else 409 "
+            "conflict and nothing is deleted."
+        }
     )
 
 
@@ -565,6 +716,15 @@ class TypeList(fields.String):
 
 
 class EventListQuerySchema(ListQuerySchema):
+    limit = StrictInteger(
+        load_default=10,
+        validate=validate.Range(min=1, max=PAGE_MAX),
+        metadata={
+            "description": "Events per page: 1 to 100 as in Vectara, and beyond it up to "
+            "1,000. A page also ends early once its events serialize to "
+            "EVENTS_PAGE_MAX_BYTES, with a page_key to go on."
+        },
+    )
     page_key = fields.String(
         validate=validate.Length(min=1, max=200),
         metadata={"description": "The page_key of the previous page of this list, same order."},

@@ -1,7 +1,7 @@
 """Every operation of the SQL backends, written once over a small dialect.
 
 :class:`SQLStorage` holds the statements and what they mean, one module per
-record kind (agents, sessions, events, api_keys, idempotency, console) over the schema
+record kind (agents, sessions, events, state, api_keys, idempotency, console) over the schema
 (schema.py: migrations, tables, statements) and the dialect (dialect.py); a
 backend subclass supplies only what differs between databases:
 
@@ -39,6 +39,7 @@ from .events import EventRecords
 from .idempotency import IdempotencyRecords
 from .schema import MIGRATIONS, SCHEMA_VERSION, SESSION_INSERT_COLUMNS, SESSION_PAGE
 from .sessions import SessionRecords
+from .state import StateRecords
 
 
 class SQLStorage(
@@ -46,6 +47,7 @@ class SQLStorage(
     AgentRecords,
     SessionRecords,
     EventRecords,
+    StateRecords,
     ApiKeyRecords,
     IdempotencyRecords,
     abc.ABC,

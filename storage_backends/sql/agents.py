@@ -90,6 +90,7 @@ class AgentRecords(SQLDialect):
                 raise AgentNotFound(agent_key)
             if not self.sessions_cascade:
                 conn.execute(self._sql("DELETE FROM sessions WHERE agent_key = ?"), [agent_key])
+                conn.execute(self._sql("DELETE FROM agent_state WHERE agent_key = ?"), [agent_key])
             self._end_grants(conn, agent_key)
 
     def _end_grants(self, conn: Any, agent_key: str) -> None:

@@ -184,6 +184,8 @@ class SQLDialect(Storage, abc.ABC):
                 continue
             for statement in getattr(migration, self.dialect_name):
                 conn.execute(statement)
+            if migration.backfill is not None:
+                getattr(self, migration.backfill)(conn, 0)
             self._record_version(conn, migration.version)
             applied.append(migration.version)
         return applied

@@ -35,12 +35,17 @@ from .schema import (
     HIDE_EVENT,
     IMPORT_BATCH,
     INSERT_EVENT,
+    LAST_EVENT,
     LAST_EVENT_ID,
     LIVE,
     SESSION_EXISTS,
     SESSIONS,
     event_page_query,
 )
+
+
+class _CreatedMeanwhile(Exception):
+    """A batch's create_session lost the race for its key to another writer's."""
 
 
 class EventRecords(SQLDialect):
@@ -122,11 +127,40 @@ class EventRecords(SQLDialect):
         if_last_event_id: Any = ANY_LAST_EVENT,
         metadata_patch: Mapping[str, Any] | None = None,
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
+        create: Session | None = None,
+        state_patch: Mapping[str, Mapping[str, Any]] | None = None,
+        check_state: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> Session:
+        options = (if_last_event_id, metadata_patch, check_metadata, state_patch, check_state)
+        try:
+            return self._append(agent_key, session_key, events, now, *options, create)
+        except _CreatedMeanwhile:
+            # Another writer created the session first, and committed: it exists now.
+            return self._append(agent_key, session_key, events, now, *options, None)
+
+    def _append(
+        self,
+        agent_key: str,
+        session_key: str,
+        events: list[Event],
+        now: dt.datetime,
+        if_last_event_id: Any,
+        metadata_patch: Mapping[str, Any] | None,
+        check_metadata: Callable[[dict[str, Any]], None] | None,
+        state_patch: Mapping[str, Mapping[str, Any]] | None,
+        check_state: Callable[[str, dict[str, Any]], None] | None,
+        create: Session | None,
     ) -> Session:
         ids = [event.id for event in events]
+        creating = False
         try:
             with self._transaction() as conn:
                 touched = self._touch(conn, agent_key, session_key, now)
+                if touched is None and create is not None:
+                    # Created in this transaction: a refusal below rolls it back.
+                    creating = True
+                    touched = self._insert_session(conn, create), create
+                    creating = False
                 if touched is not None:
                     # The refusals in the contract's order (Storage.append_events).
                     session_id, session = touched
@@ -144,7 +178,9 @@ class EventRecords(SQLDialect):
                     if len(set(ids)) != len(ids):
                         raise Conflict("an event id appears twice in the batch")
                     if metadata is not None and not same_json(metadata, session.metadata):
-                        session = self._write_metadata(conn, session_id, metadata, now)
+                        session = self._write_metadata(conn, session_id, session, metadata, now)
+                    if state_patch:
+                        self._patch_state(conn, agent_key, state_patch, check_state, now)
                     if events:
                         self._execute_many(
                             conn,
@@ -152,10 +188,47 @@ class EventRecords(SQLDialect):
                             [self._event_params(session_id, event) for event in events],
                         )
         except self.unique_violation:
+            if creating:
+                raise _CreatedMeanwhile from None
             raise Conflict("an event id of the batch is already in the session") from None
+        except self.missing_reference:
+            raise AgentNotFound(agent_key) from None
         if touched is None:
             raise SessionNotFound(session_key)
         return session
+
+    def pop_event(
+        self,
+        *,
+        agent_key: str,
+        session_key: str,
+        now: dt.datetime,
+        if_last_event_id: Any = ANY_LAST_EVENT,
+    ) -> Event | None:
+        found, last = False, None
+        with self._transaction() as conn:
+            # Held: no append or other pop of this session comes between the read and the delete.
+            row = conn.execute(
+                self._sql(FIND_SESSION + self.row_lock), [agent_key, session_key]
+            ).fetchone()
+            if row is not None and not self._live(row[1], now):
+                conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
+            elif row is not None:
+                found = True
+                last = conn.execute(self._sql(LAST_EVENT), [row[0]]).fetchone()
+                if (
+                    if_last_event_id is not ANY_LAST_EVENT
+                    and (None if last is None else last[1]) != if_last_event_id
+                ):
+                    raise StaleHistory(session_key)
+                if last is not None:
+                    conn.execute(
+                        self._sql("DELETE FROM events WHERE session_id = ? AND seq = ?"),
+                        [row[0], last[0]],
+                    )
+        if not found:
+            raise SessionNotFound(session_key)
+        return None if last is None else self._event(last, session_key)
 
     def append_events_since(
         self,
@@ -210,9 +283,15 @@ class EventRecords(SQLDialect):
         return answer
 
     def _write_metadata(
-        self, conn: Any, session_id: int, metadata: dict[str, Any], now: dt.datetime
+        self,
+        conn: Any,
+        session_id: int,
+        session: Session,
+        metadata: dict[str, Any],
+        now: dt.datetime,
     ) -> Session:
-        """Store the session's new metadata, moving ``updated_at``; the session as written."""
+        """Store the session's new metadata (and its rows of the metadata index), moving
+        ``updated_at``; the session as written."""
         row = conn.execute(
             self._sql(
                 f"UPDATE sessions SET metadata = ?, updated_at = ? WHERE id = ? "
@@ -220,6 +299,7 @@ class EventRecords(SQLDialect):
             ),
             [self.encode_json(metadata), self.encode_ts(now), session_id],
         ).fetchone()
+        self._index_metadata(conn, session_id, session.agent_key, metadata, session.metadata)
         return self._record(SESSIONS, row)
 
     def list_events(
@@ -293,6 +373,23 @@ class EventRecords(SQLDialect):
         if deleted == 0:
             self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
+
+    def clear_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> int:
+        deleted = None
+        with self._transaction() as conn:
+            # Held: an append that comes meanwhile waits for the history to be empty.
+            row = conn.execute(
+                self._sql(FIND_SESSION + self.row_lock), [agent_key, session_key]
+            ).fetchone()
+            if row is not None and not self._live(row[1], now):
+                conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
+            elif row is not None:
+                deleted = conn.execute(
+                    self._sql("DELETE FROM events WHERE session_id = ?"), [row[0]]
+                ).rowcount
+        if deleted is None:
+            raise SessionNotFound(session_key)
+        return deleted
 
     def compact_events(
         self,

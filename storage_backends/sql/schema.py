@@ -17,12 +17,15 @@ from ..base import (
 
 @dataclasses.dataclass(frozen=True)
 class Migration:
-    """One version of the schema: statements per dialect (an empty tuple: nothing to do)."""
+    """One version of the schema: statements per dialect (an empty tuple: nothing to do),
+    then, when ``backfill`` names one, a method of the backend that fills what SQL alone
+    cannot (it gets the migration's connection, in the migration's transaction)."""
 
     version: int
     summary: str
     sqlite: tuple[str, ...]
     postgres: tuple[str, ...]
+    backfill: str | None = None
 
 
 # Append new versions; never edit one a release has applied. A database records
@@ -228,6 +231,51 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         postgres=(),
     ),
+    Migration(
+        7,
+        "the metadata index of the session list (storage_backends/sql/sessions.py)",
+        # One row per top-level metadata key whose value is a string, number or
+        # boolean, as codec.metadata_index_entries gives it (long texts by their
+        # digest, so every row fits a btree). The lookup index serves a page of
+        # one agent's sessions with key = value in session order, from any
+        # cursor; the primary key serves a session's own rows. Rows go with
+        # their session in the statement that removes it (trigger, cascade).
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS session_metadata (session_id INTEGER NOT NULL, "
+            "key TEXT NOT NULL, agent_key TEXT NOT NULL, value TEXT NOT NULL, "
+            "PRIMARY KEY (session_id, key)) WITHOUT ROWID",
+            "CREATE INDEX IF NOT EXISTS idx_session_metadata_lookup "
+            "ON session_metadata (agent_key, key, value, session_id)",
+            "CREATE TRIGGER IF NOT EXISTS sessions_delete_metadata AFTER DELETE ON sessions "
+            "BEGIN DELETE FROM session_metadata WHERE session_id = OLD.id; END",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS session_metadata (
+            session_id bigint NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            key text NOT NULL, PRIMARY KEY (session_id, key),
+            agent_key text NOT NULL, value text NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS session_metadata_lookup "
+            "ON session_metadata (agent_key, key, value, session_id)",
+        ),
+        backfill="_index_sessions_after",
+    ),
+    Migration(
+        8,
+        "an agent's state documents (storage_backends/sql/state.py)",
+        # One JSON object per (agent, key), written by event batches' state_patch;
+        # the rows go with their agent (a cascade, or delete_agent on SQLite).
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS agent_state (agent_key TEXT NOT NULL, key TEXT NOT NULL, "
+            "value TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (agent_key, key)) "
+            "WITHOUT ROWID",
+        ),
+        postgres=(
+            """CREATE TABLE IF NOT EXISTS agent_state (
+            agent_key text NOT NULL REFERENCES agents (key) ON DELETE CASCADE,
+            key text NOT NULL, PRIMARY KEY (agent_key, key),
+            value json NOT NULL, updated_at timestamptz NOT NULL)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -349,6 +397,11 @@ HIDE_EVENT = (
     f"RETURNING {', '.join(EVENT_COLUMNS)}"
 )
 DELETE_EVENT = f"DELETE FROM events WHERE session_id = {SESSION_ID} AND id = ?"
+# The newest event, whole: one probe of (session_id, seq), from its end.
+LAST_EVENT = (
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY idx_events_session_seq*/ "
+    "WHERE session_id = ? ORDER BY seq DESC LIMIT 1"
+)
 # One probe of (session_id, seq), from its end.
 LAST_EVENT_ID = (
     "SELECT id FROM events /*INDEXED BY idx_events_session_seq*/ "
@@ -382,6 +435,56 @@ RELEASE_IDEMPOTENCY_KEY = (
 PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
 SESSION_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
+# The metadata index (migration 7).
+INSERT_METADATA = (
+    "INSERT INTO session_metadata (session_id, key, agent_key, value) VALUES (?, ?, ?, ?)"
+)
+INSERT_SESSION_ID = INSERT_SESSION + " RETURNING id"
+DELETE_METADATA = "DELETE FROM session_metadata WHERE session_id = ?"
+DELETE_METADATA_KEY = DELETE_METADATA + " AND key = ?"
+INDEX_BATCH = 10_000  # sessions per read of a backfill
+INDEX_ROWS = 200  # rows per INSERT of the index (4 parameters each, within any driver's bound)
+
+
+# One condition and no filter: the page itself, one index entry and one session row a row.
+METADATA_PAGE = (
+    f"SELECT s.{SESSIONS.position}, {', '.join('s.' + f for f in SESSIONS.fields)}, s.expires_at "
+    "FROM session_metadata AS m /*INDEXED BY idx_session_metadata_lookup*/ "
+    "JOIN sessions AS s ON s.id = m.session_id "
+    "WHERE m.agent_key = ? AND m.key = ? AND m.value = ? AND m.session_id > ? "
+    f"AND (s.expires_at IS NULL OR s.expires_at > ?) ORDER BY m.session_id LIMIT ?"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def insert_metadata_rows(count: int) -> str:
+    """One INSERT of ``count`` rows of the metadata index (cheaper than as many statements)."""
+    return INSERT_METADATA + ", (?, ?, ?, ?)" * (count - 1)
+
+
+def metadata_scan_query(conditions: int) -> str:
+    """The rows a page of ``metadata.KEY=VALUE`` reads, in session order, from a cursor.
+
+    Parameters: a key and value for each condition after the first, then agent_key,
+    the first condition's key and value, and the cursor. The first condition's index range
+    drives the read (one entry a row); each row says whether the session is live
+    (its expires_at), its name and description (for ``filter``), and whether it
+    meets the other conditions, each one probe of the primary key.
+    """
+    others = " AND ".join(
+        "EXISTS (SELECT 1 FROM session_metadata AS o WHERE o.session_id = m.session_id "
+        "AND o.key = ? AND o.value = ?)"
+        for _ in range(conditions - 1)
+    )
+    return (
+        f"SELECT m.session_id, s.name, s.description, s.expires_at, {others or '1 = 1'} "
+        "FROM session_metadata AS m /*INDEXED BY idx_session_metadata_lookup*/ "
+        "JOIN sessions AS s ON s.id = m.session_id "
+        "WHERE m.agent_key = ? AND m.key = ? AND m.value = ? AND m.session_id > ? "
+        "ORDER BY m.session_id"
+    )
+
+
 EVENT_BATCH = 1_000  # rows per query of iter_events
 IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
 

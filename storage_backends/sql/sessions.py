@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import operator
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,20 +18,35 @@ from ..base import (
     Session,
     SessionNotFound,
 )
-from ..codec import filter_rows
+from ..codec import (
+    filter_rows,
+    metadata_conditions,
+    metadata_index_entries,
+    text_matches,
+)
 from .dialect import SQLDialect
 from .schema import (
     DELETE_EXPIRED_BY_ID,
     DELETE_EXPIRED_SESSION,
+    DELETE_METADATA,
+    DELETE_METADATA_KEY,
     DELETE_SESSION,
     GET_SESSION,
+    INDEX_BATCH,
+    INDEX_ROWS,
+    INSERT_METADATA,
     INSERT_SESSION,
+    INSERT_SESSION_ID,
     LIVE,
+    METADATA_PAGE,
     PURGE_EXPIRED,
     SESSION_INSERT_COLUMNS,
     SESSION_PAGE,
+    SESSION_SELECT,
     SESSION_TEXT,
     SESSIONS,
+    insert_metadata_rows,
+    metadata_scan_query,
 )
 
 
@@ -39,11 +55,17 @@ class SessionRecords(SQLDialect):
 
     def create_session(self, *, session: Session) -> Session:
         params = [*self._encode(SESSIONS, session, SESSION_INSERT_COLUMNS), session.agent_key]
+        entries = metadata_index_entries(session.metadata)
         try:
-            with self._writing() as conn:
-                inserted = conn.execute(self._sql(INSERT_SESSION), params).rowcount
+            if entries:
+                # The session and its rows of the metadata index commit together.
+                with self._transaction() as conn:
+                    inserted = self._insert_indexed(conn, session, params, entries)
+            else:
+                with self._writing() as conn:
+                    inserted = conn.execute(self._sql(INSERT_SESSION), params).rowcount
         except self.unique_violation:
-            inserted = self._replace_expired_session(session, params)
+            inserted = self._replace_expired_session(session, params, entries)
         except self.missing_reference:
             raise AgentNotFound(session.agent_key) from None
         if inserted == 0:
@@ -51,7 +73,31 @@ class SessionRecords(SQLDialect):
             raise AgentDisabled(session.agent_key)
         return session
 
-    def _replace_expired_session(self, session: Session, params: list[Any]) -> int:
+    def _insert_indexed(
+        self, conn: Any, session: Session, params: list[Any], entries: dict[str, str]
+    ) -> int:
+        """INSERT_SESSION and the new session's rows of the metadata index; rows inserted."""
+        row = conn.execute(self._sql(INSERT_SESSION_ID), params).fetchone()
+        if row is None:
+            return 0
+        self._add_index_rows(conn, row[0], session.agent_key, entries)
+        return 1
+
+    def _add_index_rows(
+        self, conn: Any, session_id: int, agent_key: str, entries: Mapping[str, str]
+    ) -> None:
+        """A session's new rows of the metadata index, a statement per INDEX_ROWS of them."""
+        rows = list(entries.items())
+        for start in range(0, len(rows), INDEX_ROWS):
+            chunk = rows[start : start + INDEX_ROWS]
+            conn.execute(
+                self._sql(insert_metadata_rows(len(chunk))),
+                [part for key, value in chunk for part in (session_id, key, agent_key, value)],
+            )
+
+    def _replace_expired_session(
+        self, session: Session, params: list[Any], entries: dict[str, str]
+    ) -> int:
         """The key is taken: by a live session (:class:`Conflict`) or by one idle past its TTI.
 
         An expired session is gone for clients, so it gives way: it is removed
@@ -65,6 +111,8 @@ class SessionRecords(SQLDialect):
                 ).rowcount
                 if removed == 0:
                     raise Conflict(session.key)
+                if entries:
+                    return self._insert_indexed(conn, session, params, entries)
                 return conn.execute(self._sql(INSERT_SESSION), params).rowcount
         except self.unique_violation:
             raise Conflict(session.key) from None
@@ -94,7 +142,10 @@ class SessionRecords(SQLDialect):
         now: dt.datetime,
         after: int | None = None,
         matches: Any = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Page:
+        if metadata:
+            return self._list_by_metadata(agent_key, limit, now, after, matches, metadata)
         params: list[Any] = [agent_key, after or 0, self.encode_ts(now)]
         if matches is None:
             with self._reading() as conn:
@@ -117,6 +168,114 @@ class SessionRecords(SQLDialect):
         if stopped is None:
             return self._page(SESSIONS, rows, limit)
         return Page([self._record(SESSIONS, r) for r in rows], stopped)
+
+    def _list_by_metadata(
+        self,
+        agent_key: str,
+        limit: int,
+        now: dt.datetime,
+        after: int | None,
+        matches: Any,
+        metadata: Mapping[str, str],
+    ) -> Page:
+        """A page of the sessions whose metadata meets every condition, through the index.
+
+        One condition without a filter is one statement: ``limit + 1`` entries of
+        the index from the cursor, each with its session's row, whatever the
+        agent's size or the page's depth. Otherwise the first condition's entries
+        are read in session order from the cursor, within the filtered list's
+        budget (rows and seconds), and the page ends early, with a cursor, when
+        the other conditions or the filter let too few through.
+        """
+        (key, value), *others = metadata_conditions(metadata)
+        if not others and matches is None:
+            with self._reading() as conn:
+                rows = conn.execute(
+                    self._sql(METADATA_PAGE),
+                    [agent_key, key, value, after or 0, self.encode_ts(now), limit + 1],
+                ).fetchall()
+            return self._page(SESSIONS, rows, limit)
+        params = [*(text for pair in others for text in pair), agent_key, key, value, after or 0]
+        picked: list[int] = []
+        stopped = None
+        deadline = time.monotonic() + self.filter_scan_seconds
+        read = 0
+        query = self._sql(metadata_scan_query(1 + len(others)))
+        with self._scan(query, params, max(100, 2 * limit)) as scanned:
+            for session_id, name, description, expires_at, meets in scanned:
+                if (
+                    meets
+                    and self._live(expires_at, now)
+                    and (matches is None or text_matches(matches, name, description))
+                ):
+                    picked.append(session_id)
+                    if len(picked) > limit:
+                        break
+                read += 1
+                if read >= self.filter_scan_rows or time.monotonic() > deadline:
+                    stopped = session_id
+                    break
+        more = len(picked) > limit
+        picked = picked[:limit]
+        rows = []
+        if picked:
+            marks = ", ".join("?" * len(picked))
+            with self._reading() as conn:
+                rows = conn.execute(
+                    self._sql(f"{SESSION_SELECT} WHERE id IN ({marks}) ORDER BY id"), picked
+                ).fetchall()
+        cursor = picked[-1] if more else stopped
+        return Page([self._record(SESSIONS, row) for row in rows], cursor)
+
+    def _index_metadata(
+        self,
+        conn: Any,
+        session_id: int,
+        agent_key: str,
+        metadata: Mapping[str, Any],
+        previous: Mapping[str, Any] | None = None,
+        *,
+        new: bool = False,
+    ) -> None:
+        """Make the session's rows of the metadata index those of ``metadata``, in ``conn``'s
+        transaction: ``new``, a session that has none yet; ``previous``, the metadata its
+        rows hold now (only the keys that changed are written); neither, rewrite them all."""
+        entries = metadata_index_entries(metadata)
+        if new or previous is None:
+            if not new:
+                conn.execute(self._sql(DELETE_METADATA), [session_id])
+            gone, added = {}, entries
+        else:
+            held = metadata_index_entries(previous)
+            gone = {k: v for k, v in held.items() if entries.get(k) != v}
+            added = {k: v for k, v in entries.items() if held.get(k) != v}
+        if gone:
+            self._execute_many(
+                conn, self._sql(DELETE_METADATA_KEY), [[session_id, key] for key in gone]
+            )
+        if added:
+            self._add_index_rows(conn, session_id, agent_key, added)
+
+    def _index_sessions_after(self, conn: Any, after: int) -> None:
+        """Index the metadata of every session whose row id is above ``after`` (which has
+        none yet): the migration's backfill, and a bulk load's."""
+        while True:
+            rows = conn.execute(
+                self._sql(
+                    "SELECT id, agent_key, metadata FROM sessions WHERE id > ? ORDER BY id LIMIT ?"
+                ),
+                [after, INDEX_BATCH],
+            ).fetchall()
+            if not rows:
+                return
+            params = [
+                [session_id, key, agent_key, value]
+                for session_id, agent_key, metadata in rows
+                for key, value in metadata_index_entries(self.decode_json(metadata)).items()
+            ]
+            if params:
+                self._execute_many(conn, self._sql(INSERT_METADATA), params)
+            after = rows[-1][0]
 
     def update_session(
         self,
@@ -149,6 +308,8 @@ class SessionRecords(SQLDialect):
                     row = conn.execute(
                         self._sql(query), [*params, stamp, agent_key, session_key, stamp]
                     ).fetchone()
+                    if row is not None and "metadata" in changes:
+                        self._index_metadata(conn, row[0], agent_key, changes["metadata"])
             if row is None:
                 raise SessionNotFound(session_key)
             return self._record(SESSIONS, row)
@@ -159,6 +320,8 @@ class SessionRecords(SQLDialect):
             if row is None:
                 # Gone means gone: an expired session is removed by the call that noticed.
                 conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
+            elif "metadata" in changes:
+                self._index_metadata(conn, row[0], agent_key, changes["metadata"])
         if row is None:
             raise SessionNotFound(session_key)
         return self._record(SESSIONS, row)
@@ -232,6 +395,7 @@ class SessionRecords(SQLDialect):
                 self._sql("SELECT 1 FROM agents WHERE key = ?"), [session.agent_key]
             ).fetchone()
             raise (AgentNotFound if agent is None else AgentDisabled)(session.agent_key)
+        self._index_metadata(conn, row[0], session.agent_key, session.metadata, new=True)
         return row[0]
 
     def load_sessions(self, sessions: Iterable[Session], *, batch: int = 10_000) -> int:
@@ -249,6 +413,8 @@ class SessionRecords(SQLDialect):
                 return stored
             try:
                 with self._transaction() as conn:
+                    last = conn.execute(self._sql("SELECT max(id) FROM sessions")).fetchone()[0]
                     stored += self._execute_many(conn, statement, chunk)
+                    self._index_sessions_after(conn, last or 0)
             except self.unique_violation:
                 raise Conflict("a session key of the batch exists") from None
