@@ -1,7 +1,8 @@
 """Every operation of the SQL backends, written once over a small dialect.
 
 :class:`SQLStorage` holds the statements and what they mean, one module per
-record kind (agents, sessions, events, state, api_keys, idempotency, console) over the schema
+record kind (agents, sessions, events, state, api_keys, idempotency, console; released,
+the freeing of a removed session's events) over the schema
 (schema.py: migrations, tables, statements) and the dialect (dialect.py); a
 backend subclass supplies only what differs between databases:
 
