@@ -87,6 +87,8 @@ class SQLiteStorage(SQLStorage):
         "THEN strftime('%Y-%m-%dT%H:%M:%fZ', ?, '+' || tti_minutes || ' minutes') END"
     )
     json_contains = "instr({}, ?) > 0"
+    # One writer for the whole file: a large fork's copy must not hold it (sql/forks.py).
+    fork_in_chunks = True
 
     encode_json = staticmethod(dump_json)
     decode_json = staticmethod(json.loads)
@@ -167,6 +169,27 @@ class SQLiteStorage(SQLStorage):
 
     # The UPDATE and the removal of an expired session commit together.
     _update_transaction = _transaction
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        """A second connection in a read transaction, which WAL keeps at one state of the
+        file while this thread's connection writes (a fork's source, sql/forks.py)."""
+        self._thread_connection()  # the schema, ensured
+        with _translated():
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        try:
+            with _translated():
+                conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                conn.execute("BEGIN")
+            yield _Snapshot(conn)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     @contextlib.contextmanager
     def _scan(self, query: str, params: list[Any], batch: int) -> Iterator[Any]:
@@ -473,6 +496,19 @@ class _Translated:
 
 
 _translated = _Translated
+
+
+class _Snapshot:
+    """A snapshot's connection whose statements' failures are translated (see _Translated)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def execute(self, statement: str, params: Any = ()) -> Any:
+        with _translated():
+            return self.conn.execute(statement, params)
 
 
 class _Reading(_Translated):

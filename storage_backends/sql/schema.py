@@ -409,10 +409,12 @@ REVOKE_API_KEY = (
 DELETE_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? RETURNING id, expires_at"
 DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? AND expires_at <= ?"
 DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
-# A chunk of the expired sessions, by the sweep's index (parameters: now, the chunk's size).
+# A chunk of the expired sessions, by the sweep's index; a fork's placeholder (forks.py)
+# only once it is older than any copy (parameters: now, that age's start, the chunk's size).
 PURGE_EXPIRED = (
     "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
-    "WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?)"
+    "WHERE expires_at IS NOT NULL AND expires_at <= ? "
+    "AND (substr(key, 1, 1) <> '~' OR created_at <= ?) ORDER BY expires_at LIMIT ?)"
 )
 PURGE_CHUNK = 500  # sessions per transaction of purge_expired_sessions
 # Freeing the events of removed sessions (released.py). Parameters: the row id twice, a count.

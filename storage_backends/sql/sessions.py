@@ -24,6 +24,7 @@ from ..codec import (
     metadata_index_entries,
     text_matches,
 )
+from .forks import FORK_PLACEHOLDER_GRACE
 from .released import ReleasedRows
 from .schema import (
     DELETE_EXPIRED_BY_ID,
@@ -384,7 +385,12 @@ class SessionRecords(ReleasedRows):
         while True:
             with self._writing() as conn:
                 removed = conn.execute(
-                    self._sql(PURGE_EXPIRED), [self.encode_ts(now), PURGE_CHUNK]
+                    self._sql(PURGE_EXPIRED),
+                    [
+                        self.encode_ts(now),
+                        self.encode_ts(now - FORK_PLACEHOLDER_GRACE),
+                        PURGE_CHUNK,
+                    ],
                 ).rowcount
             purged += removed
             if removed < PURGE_CHUNK:
