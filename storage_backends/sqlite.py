@@ -171,6 +171,32 @@ class SQLiteStorage(SQLStorage):
     _update_transaction = _transaction
 
     @contextlib.contextmanager
+    def _bulk(self) -> Iterator[None]:
+        """The chunks of a long copy or freeing checkpoint nothing inside their turns; the
+        WAL they wrote is checkpointed at the end, outside any turn.
+
+        A commit that finds the WAL past REQUEST_AUTOCHECKPOINT_PAGES runs a checkpoint
+        of it inside its writers' turn: after one chunk of such a run, or after the
+        whole run for the next writer, that was hundreds of milliseconds of a held
+        writer. A PASSIVE checkpoint blocks no writer, and leaves a WAL the next
+        writer starts again from its beginning.
+        """
+        if WAL_RESET_BUG or self._unit() is not None or getattr(self._local, "bulk", False):
+            yield  # the outer run's
+            return
+        db = self.db
+        with _translated():
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._local.bulk = True
+        try:
+            yield
+        finally:
+            self._local.bulk = False
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                db.execute(f"PRAGMA wal_autocheckpoint = {REQUEST_AUTOCHECKPOINT_PAGES}")
+
+    @contextlib.contextmanager
     def _snapshot(self) -> Iterator[Any]:
         """A second connection in a read transaction, which WAL keeps at one state of the
         file while this thread's connection writes (a fork's source, sql/forks.py)."""

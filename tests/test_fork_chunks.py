@@ -25,6 +25,7 @@ from storage_backends import (
     storage_from_url,
 )
 from storage_backends.sql import forks
+from storage_backends.sqlite import REQUEST_AUTOCHECKPOINT_PAGES
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, 0, 123000, tzinfo=dt.UTC)
 COUNT = 2_000
@@ -109,6 +110,9 @@ def test_a_large_fork_is_copied_in_chunks_and_holds_the_visible_history(store, m
     assert len(sizes) > 1
     assert max(sizes) <= forks.FORK_CHUNK_MAX
     assert store.get_session(agent_key="bot", session_key="f", now=T0).forked_from is not None
+    # The chunks checkpointed nothing in their turns; requests after do again, past the bound.
+    autocheckpoint = store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    assert autocheckpoint == REQUEST_AUTOCHECKPOINT_PAGES
 
 
 def test_nothing_of_a_fork_is_seen_before_it_appears_and_later_writes_are_not_in_it(

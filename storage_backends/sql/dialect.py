@@ -145,6 +145,11 @@ class SQLDialect(Storage, abc.ABC):
     ) -> contextlib.AbstractContextManager[Iterable[Any]]:
         """The rows of ``query``, read as they are consumed."""
 
+    def _bulk(self) -> contextlib.AbstractContextManager[None]:
+        """Around the many short transactions of one long copy or freeing (forks.py,
+        released.py): what the database needs so that none of them grows long."""
+        return contextlib.nullcontext()
+
     #: per thread: ``unit``, the connection of the open atomic() block, if any
     _local: threading.local
 

@@ -222,30 +222,29 @@ class ForkRecords(SQLDialect):
         compaction: Event | None,
         check: Callable[[Event], None] | None,
     ) -> Session:
-        with self._snapshot() as snapshot:
-            plan = self._fork_plan(snapshot, session, source, anchors, "")
-            self._check_fork_target(session)
-            session = dataclasses.replace(session, forked_from=plan.forked_from)
-            placeholder = self._insert_placeholder(session)
+        with self._bulk():
+            with self._snapshot() as snapshot:
+                plan = self._fork_plan(snapshot, session, source, anchors, "")
+                self._check_fork_target(session)
+                session = dataclasses.replace(session, forked_from=plan.forked_from)
+                placeholder = self._insert_placeholder(session)
+                try:
+                    self._copy_in_chunks(snapshot, plan, placeholder, session.agent_key)
+                except BaseException:
+                    self._drop_placeholder(placeholder)
+                    raise
             try:
-                self._copy_in_chunks(snapshot, plan, placeholder, session.agent_key)
+                self._publish_fork(placeholder, session, plan, compaction, check)
             except BaseException:
                 self._drop_placeholder(placeholder)
                 raise
-        try:
-            self._publish_fork(placeholder, session, plan, compaction, check)
-        except BaseException:
-            self._drop_placeholder(placeholder)
-            raise
         return session
 
     def _check_fork_target(self, session: Session) -> None:
         """Refuse, before any copy, a fork that could not appear: its key held by a live
         session, its agent missing or disabled (the publication decides for good)."""
         with self._reading() as conn:
-            row = conn.execute(
-                self._sql(FIND_SESSION), [session.agent_key, session.key]
-            ).fetchone()
+            row = conn.execute(self._sql(FIND_SESSION), [session.agent_key, session.key]).fetchone()
             agent = conn.execute(
                 self._sql("SELECT enabled FROM agents WHERE key = ?"), [session.agent_key]
             ).fetchone()

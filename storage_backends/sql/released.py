@@ -44,6 +44,10 @@ class ReleasedRows(SQLDialect):
             # Inside atomic(): a chunk would be its transaction's, held to its end. The
             # notes stay for the next purge or agent deletion.
             return 0
+        with self._bulk():
+            return self._free_all(session_ids)
+
+    def _free_all(self, session_ids: Iterable[int] | None) -> int:
         freed = 0
         chunk = FREE_CHUNK_FIRST
         if session_ids is not None:
