@@ -56,6 +56,7 @@ import config
 from .base import Unavailable
 from .codec import dump_json, format_ts, parse_ts
 from .sql import SCHEMA_VERSION, SQLStorage
+from .sql.dialect import BulkRun
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "WritersTurn"]
 
@@ -171,7 +172,7 @@ class SQLiteStorage(SQLStorage):
     _update_transaction = _transaction
 
     @contextlib.contextmanager
-    def _bulk(self) -> Iterator[None]:
+    def _bulk(self) -> Iterator[BulkRun]:
         """The chunks of a long copy or freeing checkpoint nothing inside their turns; the
         WAL they wrote is checkpointed at the end, outside any turn.
 
@@ -181,19 +182,25 @@ class SQLiteStorage(SQLStorage):
         writer. A PASSIVE checkpoint blocks no writer, and leaves a WAL the next
         writer starts again from its beginning.
         """
-        if WAL_RESET_BUG or self._unit() is not None or getattr(self._local, "bulk", False):
-            yield  # the outer run's
+        outer = getattr(self._local, "bulk", None)
+        if outer is not None:
+            yield outer
+            return
+        run = BulkRun()
+        if WAL_RESET_BUG or self._unit() is not None:
+            yield run
             return
         db = self.db
         with _translated():
             db.execute("PRAGMA wal_autocheckpoint = 0")
-        self._local.bulk = True
+        self._local.bulk = run
         try:
-            yield
+            yield run
         finally:
-            self._local.bulk = False
+            self._local.bulk = None
             with contextlib.suppress(sqlite3.Error):
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if run.wrote_much:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 db.execute(f"PRAGMA wal_autocheckpoint = {REQUEST_AUTOCHECKPOINT_PAGES}")
 
     @contextlib.contextmanager

@@ -222,14 +222,15 @@ class ForkRecords(SQLDialect):
         compaction: Event | None,
         check: Callable[[Event], None] | None,
     ) -> Session:
-        with self._bulk():
+        with self._bulk() as run:
             with self._snapshot() as snapshot:
                 plan = self._fork_plan(snapshot, session, source, anchors, "")
                 self._check_fork_target(session)
                 session = dataclasses.replace(session, forked_from=plan.forked_from)
                 placeholder = self._insert_placeholder(session)
                 try:
-                    self._copy_in_chunks(snapshot, plan, placeholder, session.agent_key)
+                    chunks = self._copy_in_chunks(snapshot, plan, placeholder, session.agent_key)
+                    run.wrote_much = chunks > 1
                 except BaseException:
                     self._drop_placeholder(placeholder)
                     raise
@@ -272,11 +273,13 @@ class ForkRecords(SQLDialect):
             raise AgentNotFound(session.agent_key) from None
         return row[0]
 
-    def _copy_in_chunks(self, snapshot: Any, plan: _Plan, placeholder: int, agent: str) -> None:
+    def _copy_in_chunks(self, snapshot: Any, plan: _Plan, placeholder: int, agent: str) -> int:
         """The source's events, read from ``snapshot``, written to the placeholder a chunk
-        to a transaction, each chunk sized to hold the writer about FORK_TARGET_S."""
+        to a transaction, each chunk sized to hold the writer about FORK_TARGET_S; return
+        how many chunks."""
+        chunks = 0
         if plan.last_seq is None:
-            return
+            return chunks
         copy_json = self.encode_json if self.decode_json is identity else identity
         read = self._sql(FORK_ROWS)
         insert = self._sql(INSERT_EVENT)
@@ -286,7 +289,7 @@ class ForkRecords(SQLDialect):
         while True:
             rows = snapshot.execute(read, [plan.source_id, after, plan.last_seq, chunk]).fetchall()
             if not rows:
-                return
+                return chunks
             params = [
                 [
                     placeholder,
@@ -305,8 +308,9 @@ class ForkRecords(SQLDialect):
                     raise AgentNotFound(agent)
                 self._execute_many(conn, insert, params)
             took = time.monotonic() - started
+            chunks += 1
             if len(rows) < chunk:
-                return
+                return chunks
             after = rows[-1][0]
             if took < FORK_TARGET_S / 2:
                 chunk = min(chunk * 2, FORK_CHUNK_MAX)

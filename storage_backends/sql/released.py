@@ -44,8 +44,10 @@ class ReleasedRows(SQLDialect):
             # Inside atomic(): a chunk would be its transaction's, held to its end. The
             # notes stay for the next purge or agent deletion.
             return 0
-        with self._bulk():
-            return self._free_all(session_ids)
+        with self._bulk() as run:
+            freed = self._free_all(session_ids)
+            run.wrote_much = run.wrote_much or freed > FREE_CHUNK_FIRST
+            return freed
 
     def _free_all(self, session_ids: Iterable[int] | None) -> int:
         freed = 0
