@@ -56,6 +56,7 @@ import config
 from .base import Unavailable
 from .codec import dump_json, format_ts, parse_ts
 from .sql import SCHEMA_VERSION, SQLStorage
+from .sql.dialect import BulkRun
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "WritersTurn"]
 
@@ -87,6 +88,8 @@ class SQLiteStorage(SQLStorage):
         "THEN strftime('%Y-%m-%dT%H:%M:%fZ', ?, '+' || tti_minutes || ' minutes') END"
     )
     json_contains = "instr({}, ?) > 0"
+    # One writer for the whole file: a large fork's copy must not hold it (sql/forks.py).
+    fork_in_chunks = True
 
     encode_json = staticmethod(dump_json)
     decode_json = staticmethod(json.loads)
@@ -167,6 +170,59 @@ class SQLiteStorage(SQLStorage):
 
     # The UPDATE and the removal of an expired session commit together.
     _update_transaction = _transaction
+
+    @contextlib.contextmanager
+    def _bulk(self) -> Iterator[BulkRun]:
+        """The chunks of a long copy or freeing checkpoint nothing inside their turns; the
+        WAL they wrote is checkpointed at the end, outside any turn.
+
+        A commit that finds the WAL past REQUEST_AUTOCHECKPOINT_PAGES runs a checkpoint
+        of it inside its writers' turn: after one chunk of such a run, or after the
+        whole run for the next writer, that was hundreds of milliseconds of a held
+        writer. A PASSIVE checkpoint blocks no writer, and leaves a WAL the next
+        writer starts again from its beginning.
+        """
+        outer = getattr(self._local, "bulk", None)
+        if outer is not None:
+            yield outer
+            return
+        run = BulkRun()
+        if WAL_RESET_BUG or self._unit() is not None:
+            yield run
+            return
+        db = self.db
+        with _translated():
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._local.bulk = run
+        try:
+            yield run
+        finally:
+            self._local.bulk = None
+            with contextlib.suppress(sqlite3.Error):
+                if run.wrote_much:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                db.execute(f"PRAGMA wal_autocheckpoint = {REQUEST_AUTOCHECKPOINT_PAGES}")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        """A second connection in a read transaction, which WAL keeps at one state of the
+        file while this thread's connection writes (a fork's source, sql/forks.py)."""
+        self._thread_connection()  # the schema, ensured
+        with _translated():
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        try:
+            with _translated():
+                conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                conn.execute("BEGIN")
+            yield _Snapshot(conn)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     @contextlib.contextmanager
     def _scan(self, query: str, params: list[Any], batch: int) -> Iterator[Any]:
@@ -473,6 +529,19 @@ class _Translated:
 
 
 _translated = _Translated
+
+
+class _Snapshot:
+    """A snapshot's connection whose statements' failures are translated (see _Translated)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def execute(self, statement: str, params: Any = ()) -> Any:
+        with _translated():
+            return self.conn.execute(statement, params)
 
 
 class _Reading(_Translated):

@@ -316,3 +316,62 @@ def test_a_metadata_page_reads_the_lookup_index_in_order():
     assert "session_metadata_lookup" in plan, plan
     assert "Sort" not in plan and "Seq Scan" not in plan, plan
     assert [s.key for s in page.items] == [f"s{n}" for n in range(7, 1000, 100)]
+
+
+def test_a_schema_8_database_frees_a_deleted_session_s_events_after_its_deletion():
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    with postgres_schema() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for migration in MIGRATIONS[:8]:
+                for statement in migration.postgres:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES (%s)", [migration.version]
+                )
+            conn.execute(
+                "INSERT INTO agents (key, name, metadata, enabled, created_at, updated_at) "
+                "VALUES ('bot', 'bot', '{}', true, %s, %s)",
+                [T0, T0],
+            )
+            ids = {}
+            for key in ("gone", "kept"):
+                ids[key] = conn.execute(
+                    "INSERT INTO sessions (agent_key, key, name, metadata, enabled, tti_minutes, "
+                    "created_at, updated_at) VALUES ('bot', %s, 'n', '{}', true, 0, %s, %s) "
+                    "RETURNING id",
+                    [key, T0, T0],
+                ).fetchone()[0]
+            for n in range(300):
+                conn.execute(
+                    "INSERT INTO events (session_id, id, type, created_at, fields) "
+                    "VALUES (%s, %s, 'agent_output', %s, '{}')",
+                    [ids["gone" if n else "kept"], f"aev_{n}", T0],
+                )
+        storage = storage_from_url(url, {})
+        try:
+            storage.delete_session(agent_key="bot", session_key="gone", now=T0)
+        finally:
+            storage.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            left = dict(conn.execute("SELECT session_id, count(*) FROM events GROUP BY 1"))
+            notes = conn.execute("SELECT count(*) FROM released_sessions").fetchone()[0]
+            # No cascade from sessions to events any more: the trigger notes, the freeing deletes.
+            references = conn.execute(
+                "SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                "AND conrelid = 'events'::regclass"
+            ).fetchone()[0]
+            triggers = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT tgname FROM pg_trigger WHERE tgrelid = 'sessions'::regclass "
+                    "AND NOT tgisinternal"
+                )
+            ]
+    assert left == {ids["kept"]: 1}
+    assert notes == 0
+    assert references == 0
+    assert triggers == ["sessions_release_events"]

@@ -90,7 +90,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 8
+    assert user_version(path) == SCHEMA_VERSION == 9
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"console_sessions", "idx_console_sessions_expires_at"} <= tables
@@ -210,7 +210,7 @@ def test_a_schema_5_database_is_rebuilt_with_ids_never_reused(tmp_path):
     migrated = SQLiteStorage(str(path))
     migrated.check()
 
-    assert user_version(path) == SCHEMA_VERSION == 8
+    assert user_version(path) == SCHEMA_VERSION == 9
     with sqlite3.connect(path) as conn:
         assert dict(conn.execute("SELECT key, id FROM sessions").fetchall()) == session_ids
         tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
@@ -283,3 +283,31 @@ def test_a_schema_6_database_gets_its_metadata_index_backfilled(tmp_path):
         storage.close()
     assert found == BACKFILL_QUERIES
     assert user_version(path) == SCHEMA_VERSION
+
+
+def test_a_schema_8_database_frees_a_deleted_session_s_events_after_its_deletion(tmp_path):
+    path = tmp_path / "old.db"
+    old_database(path, 8, 0, 0)
+    with sqlite3.connect(path) as conn:
+        session_ids = dict(conn.execute("SELECT key, id FROM sessions").fetchall())
+        conn.executemany(
+            "INSERT INTO events (session_id, id, type, created_at, fields) "
+            "VALUES (?, ?, 'agent_output', '2026-11-28T12:00:00.000Z', '{}')",
+            [(session_ids["s0"], f"aev_{n}") for n in range(300)] + [(session_ids["s1"], "aev_k")],
+        )
+    fresh = tmp_path / "fresh.db"
+    SQLiteStorage(str(fresh)).check()
+
+    migrated = SQLiteStorage(str(path))
+    migrated.delete_session(agent_key="bot", session_key="s0", now=T0)
+
+    assert user_version(path) == SCHEMA_VERSION
+    # The trigger that removed the events with their session is gone; the one that notes
+    # them for the freeing is there, as in a database this release created.
+    assert schema_objects(path) == schema_objects(fresh)
+    assert ("trigger", "sessions_delete_events") not in schema_objects(path)
+    with sqlite3.connect(path) as conn:
+        left = conn.execute("SELECT session_id, count(*) FROM events GROUP BY session_id")
+        assert dict(left.fetchall()) == {session_ids["s1"]: 1}
+        assert conn.execute("SELECT count(*) FROM released_sessions").fetchone()[0] == 0
+    assert sqlite_integrity(path) == "ok"

@@ -1,7 +1,8 @@
 """Every operation of the SQL backends, written once over a small dialect.
 
 :class:`SQLStorage` holds the statements and what they mean, one module per
-record kind (agents, sessions, events, state, api_keys, idempotency, console) over the schema
+record kind (agents, sessions, events, forks, state, api_keys, idempotency, console;
+released, the freeing of a removed session's events) over the schema
 (schema.py: migrations, tables, statements) and the dialect (dialect.py); a
 backend subclass supplies only what differs between databases:
 
@@ -36,6 +37,7 @@ from .api_keys import ApiKeyRecords
 from .console import ConsoleSQL
 from .dialect import identity, to_pyformat, with_hints
 from .events import EventRecords
+from .forks import ForkRecords
 from .idempotency import IdempotencyRecords
 from .schema import MIGRATIONS, SCHEMA_VERSION, SESSION_INSERT_COLUMNS, SESSION_PAGE
 from .sessions import SessionRecords
@@ -47,6 +49,7 @@ class SQLStorage(
     AgentRecords,
     SessionRecords,
     EventRecords,
+    ForkRecords,
     StateRecords,
     ApiKeyRecords,
     IdempotencyRecords,

@@ -92,6 +92,8 @@ class AgentRecords(SQLDialect):
                 conn.execute(self._sql("DELETE FROM sessions WHERE agent_key = ?"), [agent_key])
                 conn.execute(self._sql("DELETE FROM agent_state WHERE agent_key = ?"), [agent_key])
             self._end_grants(conn, agent_key)
+        # The sessions went with the agent; their events are freed in short chunks.
+        self._free_released()
 
     def _end_grants(self, conn: Any, agent_key: str) -> None:
         """Remove the grants naming the agent, so that a new agent with its key inherits none."""

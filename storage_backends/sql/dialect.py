@@ -70,6 +70,15 @@ def _builder(table: Table, decoder: Callable[[Table, str], Any]) -> Callable[[An
     return namespace["build"]
 
 
+class BulkRun:
+    """One run of short transactions (see :meth:`SQLDialect._bulk`)."""
+
+    __slots__ = ("wrote_much",)
+
+    def __init__(self) -> None:
+        self.wrote_much = False
+
+
 class SQLDialect(Storage, abc.ABC):
     """What every record kind's operations stand on: the dialect's hooks, the
     transactions, and rows made records; a backend subclass supplies the dialect."""
@@ -144,6 +153,12 @@ class SQLDialect(Storage, abc.ABC):
         self, query: str, params: list[Any], batch: int
     ) -> contextlib.AbstractContextManager[Iterable[Any]]:
         """The rows of ``query``, read as they are consumed."""
+
+    def _bulk(self) -> contextlib.AbstractContextManager[BulkRun]:
+        """Around the many short transactions of one long copy or freeing (forks.py,
+        released.py): what the database needs so that none of them grows long. The
+        caller sets ``wrote_much`` on what it yields once it wrote more than a chunk."""
+        return contextlib.nullcontext(BulkRun())
 
     #: per thread: ``unit``, the connection of the open atomic() block, if any
     _local: threading.local

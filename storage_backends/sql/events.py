@@ -1,4 +1,5 @@
-"""Events in SQL: append, list, read, hide, delete, compaction, fork, export and import."""
+"""Events in SQL: append, list, read, hide, delete, compaction, export and import (the fork
+is forks.py)."""
 
 from __future__ import annotations
 
@@ -482,82 +483,6 @@ class EventRecords(SQLDialect):
             check(stored)
         conn.execute(self._sql(INSERT_EVENT), self._event_params(session_id, stored))
         return stored
-
-    def fork_session(
-        self,
-        *,
-        session: Session,
-        source_agent_key: str,
-        source_session_key: str,
-        include_up_to_event_id: str | None = None,
-        compact_up_to_event_id: str | None = None,
-        compaction: Event | None = None,
-        check_compaction: Callable[[Event], None] | None = None,
-    ) -> Session:
-        try:
-            with self._transaction() as conn:
-                # The source's row held until the copy commits: every writer of its
-                # history (append, compaction) takes that row first, so the statements
-                # below read one state of it, not a compaction's half (SQLite's
-                # BEGIN IMMEDIATE holds the whole database already).
-                source = conn.execute(
-                    self._sql(FIND_SESSION + self.share_lock),
-                    [source_agent_key, source_session_key],
-                ).fetchone()
-                if source is None or not self._live(source[1], session.created_at):
-                    raise SessionNotFound(source_session_key)
-                source_id = source[0]
-                bound = None
-                if include_up_to_event_id is not None:
-                    bound = self._event_seq(conn, source_id, include_up_to_event_id, visible=True)
-                compact_bound = None
-                if compact_up_to_event_id is not None:
-                    compact_bound = self._event_seq(
-                        conn, source_id, compact_up_to_event_id, visible=True
-                    )
-                    if bound is not None and compact_bound > bound:
-                        raise EventNotFound(compact_up_to_event_id)
-                # The last event to copy, which bounds the copy against later appends.
-                last = conn.execute(
-                    self._sql(
-                        "SELECT seq, id FROM events /*INDEXED BY idx_events_visible*/ "
-                        "WHERE session_id = ? AND hide_reason IS NULL"
-                        + ("" if bound is None else " AND seq <= ?")
-                        + " ORDER BY seq DESC LIMIT 1"
-                    ),
-                    [source_id, *([] if bound is None else [bound])],
-                ).fetchone()
-                forked_from = {"agent_key": source_agent_key, "session_key": source_session_key}
-                if last is not None:
-                    forked_from["event_id"] = last[1]
-                session = dataclasses.replace(session, forked_from=forked_from)
-                session_id = self._insert_session(conn, session)
-                if last is not None:
-                    conn.execute(
-                        self._sql(
-                            "INSERT INTO events "
-                            "(session_id, id, type, fields, created_at, hide_reason) "
-                            "SELECT ?, id, type, fields, created_at, "
-                            "CASE WHEN seq <= ? THEN ? END "
-                            "FROM events /*INDEXED BY idx_events_visible*/ "
-                            "WHERE session_id = ? AND hide_reason IS NULL AND seq <= ? "
-                            "ORDER BY seq"
-                        ),
-                        [session_id, compact_bound or 0, HIDDEN_BY_COMPACTION, source_id, last[0]],
-                    )
-                if compact_bound is not None and compaction is not None:
-                    hidden = self._count(conn, session_id, "hide_reason IS NOT NULL", None)
-                    turns = self._count(
-                        conn, session_id, "type = 'input_message' AND hide_reason IS NOT NULL", None
-                    )
-                    self._add_compaction(
-                        conn, session_id, session.key, compaction, turns, hidden, check_compaction
-                    )
-        except self.unique_violation:
-            raise Conflict(session.key) from None
-        except self.missing_reference:
-            raise AgentNotFound(session.agent_key) from None
-        return session
 
     def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
         session_id = self._session_id(agent_key, session_key, now)

@@ -276,6 +276,41 @@ MIGRATIONS: tuple[Migration, ...] = (
             value json NOT NULL, updated_at timestamptz NOT NULL)""",
         ),
     ),
+    Migration(
+        9,
+        "a deleted session's events freed after its deletion (storage_backends/sql/released.py)",
+        # Removing a session used to remove its events in the same statement
+        # (a trigger, a cascade): seconds of holding SQLite's one writer for a
+        # large history. Now the statement that removes a session notes its id
+        # here when it had events, which are unreachable from then on (reads
+        # find a session's events through its live row, and row ids are never
+        # reused); they are freed afterwards in chunks of a few milliseconds,
+        # each its own transaction. A crash between the two leaves the note,
+        # and the next deletion or purge finishes the work.
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS released_sessions (session_id INTEGER PRIMARY KEY)",
+            "DROP TRIGGER IF EXISTS sessions_delete_events",
+            "CREATE TRIGGER IF NOT EXISTS sessions_release_events AFTER DELETE ON sessions "
+            "WHEN EXISTS (SELECT 1 FROM events WHERE session_id = OLD.id) "
+            "BEGIN INSERT OR IGNORE INTO released_sessions (session_id) VALUES (OLD.id); END",
+        ),
+        postgres=(
+            "CREATE TABLE IF NOT EXISTS released_sessions (session_id bigint PRIMARY KEY)",
+            "ALTER TABLE events DROP CONSTRAINT IF EXISTS events_session_id_fkey",
+            """CREATE OR REPLACE FUNCTION release_session_events() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM events WHERE session_id = OLD.id) THEN
+                    INSERT INTO released_sessions (session_id) VALUES (OLD.id)
+                    ON CONFLICT DO NOTHING;
+                END IF;
+                RETURN NULL;
+            END $$""",
+            "DROP TRIGGER IF EXISTS sessions_release_events ON sessions",
+            "CREATE TRIGGER sessions_release_events AFTER DELETE ON sessions "
+            "FOR EACH ROW EXECUTE FUNCTION release_session_events()",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -371,10 +406,24 @@ API_KEY_PAGE = f"{API_KEYS.select} WHERE seq > ? ORDER BY seq LIMIT ?"
 REVOKE_API_KEY = (
     f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? {API_KEYS.returning}"
 )
-DELETE_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? RETURNING expires_at"
+DELETE_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? RETURNING id, expires_at"
 DELETE_EXPIRED_SESSION = "DELETE FROM sessions WHERE agent_key = ? AND key = ? AND expires_at <= ?"
 DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
-PURGE_EXPIRED = "DELETE FROM sessions WHERE expires_at IS NOT NULL AND expires_at <= ?"
+# A chunk of the expired sessions, by the sweep's index; a fork's placeholder (forks.py)
+# only once it is older than any copy (parameters: now, that age's start, the chunk's size).
+PURGE_EXPIRED = (
+    "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
+    "WHERE expires_at IS NOT NULL AND expires_at <= ? "
+    "AND (substr(key, 1, 1) <> '~' OR created_at <= ?) ORDER BY expires_at LIMIT ?)"
+)
+PURGE_CHUNK = 500  # sessions per transaction of purge_expired_sessions
+# Freeing the events of removed sessions (released.py). Parameters: the row id twice, a count.
+RELEASED_SESSIONS = "SELECT session_id FROM released_sessions ORDER BY session_id LIMIT ?"
+FREE_EVENTS = (
+    "DELETE FROM events WHERE session_id = ? AND seq IN (SELECT seq FROM events "
+    "/*INDEXED BY idx_events_session_seq*/ WHERE session_id = ? ORDER BY seq LIMIT ?)"
+)
+FORGET_RELEASED = "DELETE FROM released_sessions WHERE session_id = ?"
 
 # Events. A session's events are found by the session's row id. A read or a
 # change of events finds that id in its own statement, from the agent key,

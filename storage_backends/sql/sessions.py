@@ -24,7 +24,8 @@ from ..codec import (
     metadata_index_entries,
     text_matches,
 )
-from .dialect import SQLDialect
+from .forks import FORK_PLACEHOLDER_GRACE
+from .released import ReleasedRows
 from .schema import (
     DELETE_EXPIRED_BY_ID,
     DELETE_EXPIRED_SESSION,
@@ -39,6 +40,7 @@ from .schema import (
     INSERT_SESSION_ID,
     LIVE,
     METADATA_PAGE,
+    PURGE_CHUNK,
     PURGE_EXPIRED,
     SESSION_INSERT_COLUMNS,
     SESSION_PAGE,
@@ -50,7 +52,7 @@ from .schema import (
 )
 
 
-class SessionRecords(SQLDialect):
+class SessionRecords(ReleasedRows):
     """The session operations of :class:`SQLStorage`."""
 
     def create_session(self, *, session: Session) -> Session:
@@ -362,22 +364,39 @@ class SessionRecords(SQLDialect):
                     conn.execute(self._sql("DELETE FROM sessions WHERE id = ?"), [session_id])
             if session_id is None:
                 raise SessionNotFound(session_key)
+            self._free_released([session_id])
             return
         with self._writing() as conn:
             row = conn.execute(
                 self._sql(DELETE_SESSION),
                 [agent_key, session_key],
             ).fetchone()
+        if row is not None:
+            # Gone for every reader already; its events are freed in short chunks.
+            self._free_released([row[0]])
         # An expired session is removed all the same, but it was already gone for clients.
-        if row is None or not self._live(row[0], now):
+        if row is None or not self._live(row[1], now):
             raise SessionNotFound(session_key)
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
-        with self._writing() as conn:
-            return conn.execute(
-                self._sql(PURGE_EXPIRED),
-                [self.encode_ts(now)],
-            ).rowcount
+        # A chunk of sessions to a transaction, then the events of every session
+        # removed, this purge's and any a crash or an expiry left noted.
+        purged = 0
+        while True:
+            with self._writing() as conn:
+                removed = conn.execute(
+                    self._sql(PURGE_EXPIRED),
+                    [
+                        self.encode_ts(now),
+                        self.encode_ts(now - FORK_PLACEHOLDER_GRACE),
+                        PURGE_CHUNK,
+                    ],
+                ).rowcount
+            purged += removed
+            if removed < PURGE_CHUNK:
+                break
+        self._free_released()
+        return purged
 
     def _insert_session(self, conn: Any, session: Session) -> int:
         """create_session inside ``conn``'s transaction; return the new row's id.
