@@ -143,14 +143,16 @@ def _encode_state(delta: dict[str, Any]) -> dict[str, str]:
 
 
 def _decode_state(stored: Any) -> dict[str, Any]:
+    """A state as stored; a value another client wrote as plain JSON is read as it is."""
     out: dict[str, Any] = {}
-    for key, text in (stored or {}).items():
-        if not isinstance(text, str):
-            continue
-        if key.startswith("#"):
-            key, value = json.loads(text)
-        else:
-            value = json.loads(text)
+    for key, value in (stored or {}).items():
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # a plain string, not one of ours
+            if key.startswith("#") and isinstance(value, list) and len(value) == 2:
+                key, value = value
         out[key] = value
     return out
 

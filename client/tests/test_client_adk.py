@@ -551,3 +551,22 @@ def test_a_long_history_is_read_in_two_requests(service, admin, prefix, loop):
     assert len(sent) == 2, sent
     # Appending on what was read: the newest event read is the history's last.
     service.append_event(got, user_event("one more"))
+
+
+def test_shared_state_another_client_wrote_reads_as_it_is(service, admin, prefix):
+    service.create_session(app_name=APP, user_id="u", session_id="s", state={"app:n": "17"})
+    agent = agent_key(APP, prefix)
+    # A runtime of another kind writes plain JSON values to the same documents.
+    admin.events.append(
+        agent,
+        session_key("u", "s"),
+        [],
+        state_patch={"app": {"greeting": "Bonjour", "count": 3}, "user:u": {"lang": "fr"}},
+    )
+    got = service.get_session(app_name=APP, user_id="u", session_id="s")
+    assert got.state == {
+        "app:n": "17",
+        "app:greeting": "Bonjour",
+        "app:count": 3,
+        "user:lang": "fr",
+    }
