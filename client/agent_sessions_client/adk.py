@@ -43,7 +43,9 @@ import re
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from google.adk.errors._stale_session_error import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
@@ -62,7 +64,7 @@ from google.genai import types
 from ._core import NOT_GIVEN
 from .client import AsyncAgentSessions
 from .errors import AgentNotFound, Conflict, EventNotFound, Forbidden, SessionNotFound
-from .models import Event, Session
+from .models import Event, Session, parse_timestamp
 
 __all__ = [
     "AgentNotSetUp",
@@ -227,19 +229,17 @@ def _native(event: AdkEvent) -> tuple[dict[str, Any], types.Content | None]:
     return {"type": "structured_output", "schema_name": ADK_SCHEMA, "content": None}, None
 
 
-def _rebuilt(event: Event) -> dict[str, Any] | None:
+def _rebuilt(event: Mapping[str, Any]) -> dict[str, Any] | None:
     """The content a native event's fields say, as ADK's JSON."""
-    if event.type == "input_message":
-        texts = [m.get("content") for m in event.fields.get("messages", [])]
+    kind = event["type"]
+    if kind == "input_message":
+        texts = [m.get("content") for m in event.get("messages", [])]
         parts = [{"text": t} for t in texts if isinstance(t, str)]
         return {"role": "user", "parts": parts} if parts else None
-    if event.type == "agent_output":
-        return {"role": "model", "parts": [{"text": event.fields.get("content", "")}]}
-    if event.type == "thinking":
-        return {
-            "role": "model",
-            "parts": [{"text": event.fields.get("content", ""), "thought": True}],
-        }
+    if kind == "agent_output":
+        return {"role": "model", "parts": [{"text": event.get("content", "")}]}
+    if kind == "thinking":
+        return {"role": "model", "parts": [{"text": event.get("content", ""), "thought": True}]}
     return None
 
 
@@ -258,29 +258,40 @@ def to_service_event(event: AdkEvent) -> dict[str, Any]:
     return body
 
 
-def from_service_event(event: Event) -> AdkEvent | None:
-    """The ADK event a stored event holds (one written by another client: its native
-    text as a user's or the model's; None for what ADK has no event for)."""
-    text = (event.metadata or {}).get("adk_event")
-    if isinstance(text, str):
-        data = json.loads(text)
-        if "content" not in data:
+def from_service_event(event: Event | Mapping[str, Any]) -> AdkEvent | None:
+    """The ADK event a stored event holds (a record, or the event's JSON as answered).
+
+    One written by another client reads as its native text, the user's or the
+    model's; None for what ADK has no event for.
+    """
+    if isinstance(event, Event):
+        event = {
+            **event.fields,
+            "id": event.id,
+            "type": event.type,
+            "metadata": event.metadata,
+            "created_at": event.created_at.isoformat() if event.created_at else None,
+        }
+    text = (event.get("metadata") or {}).get("adk_event")
+    if isinstance(text, str) and text.endswith("}"):
+        if '"content":' not in text or "content" not in json.loads(text):
             content = _rebuilt(event)
             if content is not None:
-                data["content"] = content
-        return AdkEvent.model_validate(data)
+                # Spliced into the text: ADK's own JSON parser reads it in one pass.
+                joint = "," if len(text) > 2 else ""
+                text = f'{text[:-1]}{joint}"content":{json.dumps(content)}}}'
+        return AdkEvent.model_validate_json(text)
     content = _rebuilt(event)
-    if content is None or event.type == "thinking":
+    if content is None or event["type"] == "thinking":
         return None
-    stamp = event.created_at.timestamp() if event.created_at else time.time()
-    author = "user" if event.type == "input_message" else "agent"
+    stamp = parse_timestamp(event.get("created_at"))
     return AdkEvent.model_validate(
         {
-            "id": event.id,
+            "id": event["id"],
             "invocation_id": "",
-            "author": author,
+            "author": "user" if event["type"] == "input_message" else "agent",
             "content": content,
-            "timestamp": stamp,
+            "timestamp": stamp.timestamp() if stamp else time.time(),
         }
     )
 
@@ -409,28 +420,29 @@ class AgentSessionsService(BaseSessionService):
         wanted = config.num_recent_events if config else None
         after = config.after_timestamp if config else None
         document = user_document(user_id)
+        path = f"/v2/agents/{quote(agent, safe='')}/sessions/{key}/events"
+        query: dict[str, Any] = {
+            "order": "desc",
+            "include_hidden": "true",
+            "limit": PAGE if wanted is None else max(1, min(wanted, PAGE)),
+            "include_session": "true",
+            "include_state": f"app,{document}",
+        }
         try:
-            page = await self._client.events.page(
-                agent,
-                key,
-                order="desc",
-                include_hidden=True,
-                limit=PAGE if wanted is None else max(1, min(wanted, PAGE)),
-                include_session=True,
-                include_state=["app", document],
-            )
+            # The events as answered, not as records: a long history is read at ADK's pace.
+            page = (await self._client.request("GET", path, params=query)).json()
         except (SessionNotFound, AgentNotFound):
             return None
-        record = page.session
-        if record is None or record.metadata.get("user_id") != user_id:
+        record = Session.from_dict(page["session"])
+        if record.metadata.get("user_id") != user_id:
             return None
-        marker = page.items[0].id if page.items else ""
-        state = {d.key: _decode_state(d.value) for d in page.state or []}
+        marker = page["events"][0]["id"] if page["events"] else ""
+        state = {d["key"]: _decode_state(d["value"]) for d in page["state"]}
         events: list[AdkEvent] = []
         done = wanted == 0
         while not done:
-            for stored in page.items:
-                if stored.hidden:
+            for stored in page["events"]:
+                if "hide_reason" in stored:
                     continue
                 event = from_service_event(stored)
                 if event is None:
@@ -442,11 +454,11 @@ class AgentSessionsService(BaseSessionService):
                 if wanted is not None and len(events) >= wanted:
                     done = True
                     break
-            if done or page.page_key is None:
+            page_key = page["metadata"].get("page_key")
+            if done or page_key is None:
                 break
-            page = await self._client.events.page(
-                agent, key, order="desc", include_hidden=True, limit=PAGE, page_key=page.page_key
-            )
+            query = {"order": "desc", "include_hidden": "true", "limit": PAGE, "page_key": page_key}
+            page = (await self._client.request("GET", path, params=query)).json()
         events.reverse()
         session = self._session(record, app_name, state.get("app", {}), state.get(document, {}))
         session.events = events
@@ -511,6 +523,8 @@ class AgentSessionsService(BaseSessionService):
                 if_last_event_id=NOT_GIVEN if marker is None else (marker or None),
                 metadata_patch=metadata_patch,
                 state_patch=self._state_patch(session.user_id, deltas) or None,
+                # The event's id is its own: a retry is never written twice.
+                idempotency_key=False,
             )
         except (SessionNotFound, AgentNotFound):
             raise SessionNotFoundError(f"Session {session.id} not found.") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._core import NOT_GIVEN, BaseClient, Call, Request, body_of, call, creating, segment
 from .models import Agent, ApiKey, Event, EventPage, Page, Session, StateDocument
@@ -343,7 +343,7 @@ class Events(_Resource):
         metadata_patch: Mapping[str, Any] | None = None,
         state_patch: Mapping[str, Mapping[str, Any]] | None = None,
         create_session: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
+        idempotency_key: str | Literal[False] | None = None,
     ) -> Call[list[Event]]:
         """Append what the agent did, all or nothing (needs ``events:append``).
 
@@ -358,6 +358,11 @@ class Events(_Resource):
         "exclusive"?: True}``; needs ``sessions:create`` too) creates the session
         when it does not exist (with ``exclusive``, only then: else ``Conflict``).
         ``events`` may be empty when one of those three is given.
+
+        ``idempotency_key=False`` sends none, for a caller whose events carry their
+        own ids (``"id": "aev_..."``): a retry then cannot write them twice, and one
+        whose first attempt was written answers ``Conflict``. It saves the server
+        the key's record, two writes of its own.
         """
         body: dict[str, Any] = {"events": [dict(event) for event in events]}
         if if_last_event_id is not NOT_GIVEN:
@@ -372,8 +377,8 @@ class Events(_Resource):
             "POST",
             _events_path(agent_key, session_key) + "/batch",
             json=body,
-            headers=creating(idempotency_key),
-            repeatable=True,
+            headers=None if idempotency_key is False else creating(idempotency_key),
+            repeatable=idempotency_key is not False or all("id" in e for e in body["events"]),
         )
         return (yield from self._client._fetch(req, _events))
 
