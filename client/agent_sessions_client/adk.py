@@ -440,7 +440,14 @@ class AgentSessionsService(BaseSessionService):
         state = {d["key"]: _decode_state(d["value"]) for d in page["state"]}
         events: list[AdkEvent] = []
         done = wanted == 0
+        whole = wanted is None and after is None  # every page will be read
         while not done:
+            page_key = page["metadata"].get("page_key")
+            following = None
+            if whole and page_key is not None:
+                # Asked for now: the server reads the next page while this one is converted.
+                following = asyncio.ensure_future(self._events_page(path, page_key))
+                await asyncio.sleep(0)
             for stored in page["events"]:
                 if "hide_reason" in stored:
                     continue
@@ -454,11 +461,9 @@ class AgentSessionsService(BaseSessionService):
                 if wanted is not None and len(events) >= wanted:
                     done = True
                     break
-            page_key = page["metadata"].get("page_key")
             if done or page_key is None:
                 break
-            query = {"order": "desc", "include_hidden": "true", "limit": PAGE, "page_key": page_key}
-            page = (await self._client.request("GET", path, params=query)).json()
+            page = await (following or self._events_page(path, page_key))
         events.reverse()
         session = self._session(record, app_name, state.get("app", {}), state.get(document, {}))
         session.events = events
@@ -542,6 +547,10 @@ class AgentSessionsService(BaseSessionService):
         return self._commit_event_to_session(session, event)
 
     # Helpers
+
+    async def _events_page(self, path: str, page_key: str) -> dict[str, Any]:
+        query = {"order": "desc", "include_hidden": "true", "limit": PAGE, "page_key": page_key}
+        return (await self._client.request("GET", path, params=query)).json()
 
     async def _delivered(self, agent: str, key: str, event_id: str, event: AdkEvent) -> bool:
         """Whether this event is stored already (a delivery again); AlreadyExistsError

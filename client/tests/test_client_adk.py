@@ -570,3 +570,50 @@ def test_shared_state_another_client_wrote_reads_as_it_is(service, admin, prefix
         "app:count": 3,
         "user:lang": "fr",
     }
+
+
+class LoseAppendAnswers(httpx.AsyncBaseTransport):
+    """Sends each request for real, and loses the answer of the first ``count`` appends
+    of an event (as a connection that breaks once the server has written them)."""
+
+    def __init__(self, count: int):
+        self.inner = httpx.AsyncHTTPTransport()
+        self.count = count
+        self.lost: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        appending = request.url.path.endswith("/batch") and b'"aev_' in request.content
+        if appending and self.count > 0:
+            self.count -= 1
+            self.lost.append(request.url.path)
+            await response.aclose()
+            raise httpx.ReadError("connection reset after the answer was sent", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_an_append_whose_answer_was_lost_is_written_once(adk_server, admin, prefix, loop):
+    transport = LoseAppendAnswers(count=1)
+
+    async def run() -> tuple[Session, Session]:
+        async with httpx.AsyncClient(transport=transport) as http:
+            adapter = AgentSessionsService(
+                adk_server.url, adk_server.admin, agent_prefix=prefix, http_client=http
+            )
+            session = await adapter.create_session(app_name=APP, user_id="u", session_id="lossy")
+            event = user_event("hello", actions=EventActions(state_delta={"user:seen": True}))
+            await adapter.append_event(session, event)  # the answer is lost; the retry holds
+            await adapter.append_event(session, user_event("and again"))
+            got = await adapter.get_session(app_name=APP, user_id="u", session_id="lossy")
+            return session, got
+
+    session, got = loop.run(run())
+    assert transport.lost, "no answer was lost"
+    assert [e.content.parts[0].text for e in got.events] == ["hello", "and again"]
+    assert got.events == session.events and got.state == {"user:seen": True}
+    stored = admin.events.list(agent_key(APP, prefix), session_key("u", "lossy"))
+    assert len(list(stored)) == 2
