@@ -10,6 +10,7 @@ import itertools
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -1885,6 +1886,15 @@ def _refuse(metadata):
     raise ValueError("refused")
 
 
+def at_once(write: Callable[[int], None], count: int) -> None:
+    """``write(n)`` for n in range(count), each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
 def test_batches_creating_one_session_at_once_make_one(storage):
     make_agent(storage)
     outcomes, errors = [], []
@@ -1902,11 +1912,7 @@ def test_batches_creating_one_session_at_once_make_one(storage):
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    at_once(write, 6)
     assert errors == [] and sorted(outcomes) == list(range(6))
     assert walk(storage) == ["s1"]
     assert sorted(e for e, _ in ids_of(storage)) == sorted(f"aev_{100 + n}" for n in range(6))
@@ -1960,11 +1966,7 @@ def test_of_exclusive_creates_of_one_key_at_once_one_wins(storage):
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    at_once(write, 6)
     assert errors == [] and len(outcomes) == 1 and len(refused) == 5
     (winner,) = outcomes
     assert storage.get_session(agent_key="bot", session_key="s1", now=T0).name == f"writer {winner}"

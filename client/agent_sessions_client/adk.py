@@ -179,6 +179,19 @@ def _texts(content: types.Content) -> list[str] | None:
     return texts or None
 
 
+def _tool(
+    kind: str, call_id: str | None, name: str | None, value: Any, event: AdkEvent, author: str
+) -> dict[str, Any]:
+    """A function call (``tool_input``) or its response (``tool_output``) as the native type."""
+    return {
+        "type": kind,
+        "tool_call_id": (call_id or event.id or "call")[:255],
+        "tool_configuration_name": author[:255],
+        "tool_name": (name or "function")[:255],
+        kind: value or {},
+    }
+
+
 def _native(event: AdkEvent) -> tuple[dict[str, Any], types.Content | None]:
     """The event's native type and fields, and the content they rebuild (None: none)."""
     content = event.content
@@ -188,22 +201,11 @@ def _native(event: AdkEvent) -> tuple[dict[str, Any], types.Content | None]:
     responses = [p.function_response for p in parts if p.function_response]
     if calls:
         call = calls[0]
-        return {
-            "type": "tool_input",
-            "tool_call_id": (call.id or event.id)[:255],
-            "tool_configuration_name": author[:255],
-            "tool_name": (call.name or "function")[:255],
-            "tool_input": call.args or {},
-        }, None
+        return _tool("tool_input", call.id, call.name, call.args, event, author), None
     if responses:
         response = responses[0]
-        return {
-            "type": "tool_output",
-            "tool_call_id": (response.id or event.id)[:255],
-            "tool_configuration_name": author[:255],
-            "tool_name": (response.name or "function")[:255],
-            "tool_output": response.response or {},
-        }, None
+        fields = _tool("tool_output", response.id, response.name, response.response, event, author)
+        return fields, None
     if content is not None and parts:
         if (
             all(

@@ -220,8 +220,17 @@ def _messages(messages: str | Sequence[str | Mapping[str, Any]]) -> list[Any]:
     ]
 
 
-def _flag(value: bool) -> str:
-    return "true" if value else "false"
+def _history_query(
+    order: str | None,
+    types: str | Iterable[str] | None,
+    include_hidden: bool | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """The query of a read of the history (None: left out)."""
+    if types is not None and not isinstance(types, str):
+        types = ",".join(types)
+    hidden = None if include_hidden is None else ("true" if include_hidden else "false")
+    return {"order": order, "type": types, "include_hidden": hidden, "limit": limit}
 
 
 def _events(body: Any) -> list[Event]:
@@ -249,14 +258,11 @@ class Events(_Resource):
         """Every event of the session in history order (``order="desc"``: newest first),
         read ``limit`` per request; ``types`` keeps only those types, ``include_hidden``
         adds hidden events. Iterate, or use ``.pages()``."""
-        if types is not None and not isinstance(types, str):
-            types = ",".join(types)
-        hidden = None if include_hidden is None else ("true" if include_hidden else "false")
         fetch = self._client._lister(
             _events_path(agent_key, session_key),
             "events",
             Event.from_dict,
-            {"order": order, "type": types, "include_hidden": hidden, "limit": limit},
+            _history_query(order, types, include_hidden, limit),
         )
         return self._pager(fetch, page_key)
 
@@ -277,13 +283,8 @@ class Events(_Resource):
         """One page of the history (as :meth:`list` reads them), with, when asked, the
         session (``include_session``) and some of the agent's state documents
         (``include_state``: their keys), read after the events in the same request."""
-        if types is not None and not isinstance(types, str):
-            types = ",".join(types)
         params = {
-            "order": order,
-            "type": types,
-            "include_hidden": None if include_hidden is None else _flag(include_hidden),
-            "limit": limit,
+            **_history_query(order, types, include_hidden, limit),
             "page_key": page_key,
             "include_session": "true" if include_session else None,
             "include_state": None if include_state is None else ",".join(include_state),
