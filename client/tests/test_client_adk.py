@@ -6,6 +6,7 @@ its event, agents made on first use, an equal event delivered twice)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import time
@@ -617,3 +618,26 @@ def test_an_append_whose_answer_was_lost_is_written_once(adk_server, admin, pref
     assert got.events == session.events and got.state == {"user:seen": True}
     stored = admin.events.list(agent_key(APP, prefix), session_key("u", "lossy"))
     assert len(list(stored)) == 2
+
+
+def test_one_service_from_several_event_loops(adk_server, prefix):
+    """As ADK's sync ``Runner.run`` uses it: each call in a thread with a loop of its own."""
+    adapter = AgentSessionsService(adk_server.url, adk_server.admin, agent_prefix=prefix)
+
+    async def turn(n: int) -> int:
+        session = await adapter.create_session(app_name=APP, user_id="u", session_id=f"t{n}")
+        await adapter.append_event(session, user_event(f"turn {n}"))
+        got = await adapter.get_session(app_name=APP, user_id="u", session_id=f"t{n}")
+        await adapter.close()
+        return len(got.events)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        counts = list(pool.map(lambda n: asyncio.run(turn(n)), range(6)))
+    assert counts == [1] * 6
+
+    async def listing() -> set[str]:
+        async with adapter:  # closes this loop's connections
+            listed = await adapter.list_sessions(app_name=APP, user_id="u")
+        return {s.id for s in listed.sessions}
+
+    assert asyncio.run(listing()) == {f"t{n}" for n in range(6)}
