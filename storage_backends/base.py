@@ -454,6 +454,7 @@ class Storage(abc.ABC):
         metadata_patch: Mapping[str, Any] | None = None,
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
         create: Session | None = None,
+        create_exclusive: bool = False,
         state_patch: Mapping[str, Mapping[str, Any]] | None = None,
         check_state: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> Session:
@@ -471,7 +472,8 @@ class Storage(abc.ABC):
         :meth:`create_session` raises (:class:`AgentNotFound`, :class:`AgentDisabled`)
         and :class:`SessionDisabled` for one created disabled, and nothing is
         created. Of two batches creating one key at once, one creates it and the
-        other appends to it.
+        other appends to it; with ``create_exclusive`` a live session with the key
+        (the other batch's too) is :class:`Conflict` instead, and nothing is written.
 
         The same transaction restarts the session's idle clock (``active_at``
         and the stored expiry move to ``now``) and, with ``metadata_patch``,

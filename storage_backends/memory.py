@@ -371,6 +371,7 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         metadata_patch: Mapping[str, Any] | None = None,
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
         create: Session | None = None,
+        create_exclusive: bool = False,
         state_patch: Mapping[str, Mapping[str, Any]] | None = None,
         check_state: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> Session:
@@ -379,6 +380,8 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             try:
                 seq, session = self._live_session(agent_key, session_key, now)
                 log = self._events[seq]
+                if create is not None and create_exclusive:
+                    raise Conflict(f"session {session_key!r} already exists")
             except SessionNotFound:
                 if create is None:
                     raise

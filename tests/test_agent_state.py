@@ -125,3 +125,62 @@ def test_scopes_and_missing_agents(client, keys, full, session):
     assert_error(missing, 404, "agent_not_found")
     bad = client.get("/v2/agents/nobody/state", query_string={"keys": "a b"}, headers=full)
     assert_error(bad, 404, "agent_not_found")
+
+
+def test_an_exclusive_create_refuses_a_session_that_exists(client, full, session):
+    body = {
+        "events": [],
+        "create_session": {"name": "Four", "exclusive": True, "metadata": {"v": 1}},
+        "state_patch": {"app": {"by": "first"}},
+    }
+    first = client.post(f"{SESSIONS}/s4/events/batch", json=body, headers=full)
+    assert first.status_code == 201, first.json
+    body["create_session"]["metadata"] = {"v": 2}
+    body["state_patch"] = {"app": {"by": "second"}}
+    again = client.post(f"{SESSIONS}/s4/events/batch", json=body, headers=full)
+    assert_error(again, 409, "conflict")
+    # Nothing of the refused batch: neither the session's metadata nor the shared state.
+    assert client.get(f"{SESSIONS}/s4", headers=full).json["metadata"] == {"v": 1}
+    assert state(client, full, "app")[0]["value"] == {"by": "first"}
+    # Without exclusive, the batch goes to the existing session, as before.
+    body["create_session"].pop("exclusive")
+    assert client.post(f"{SESSIONS}/s4/events/batch", json=body, headers=full).status_code == 201
+    bad = dict(body, create_session={"name": "Five", "exclusive": "yes"})
+    assert_error(
+        client.post(f"{SESSIONS}/s5/events/batch", json=bad, headers=full),
+        400,
+        "invalid_request",
+        "create_session.exclusive",
+    )
+
+
+def test_a_page_of_events_answers_its_session_and_state_when_asked(client, full, session):
+    patch = {"app": {"theme": "dark"}, "user:u-1": {"lang": "fr"}}
+    assert batch(client, full, TEXT, state_patch=patch, metadata_patch={"m": 1}).status_code == 201
+    plain = client.get(EVENTS, headers=full).json
+    assert set(plain) == {"events", "metadata"}
+    page = client.get(
+        EVENTS,
+        query_string={"include_session": "true", "include_state": "user:u-1,app,user:u-2"},
+        headers=full,
+    )
+    assert page.status_code == 200, page.json
+    body = page.json
+    assert body["events"] == plain["events"]
+    assert body["session"] == client.get(f"{SESSIONS}/s1", headers=full).json
+    assert body["session"]["metadata"] == {"m": 1}
+    assert [(d["key"], d["value"]) for d in body["state"]] == [
+        ("user:u-1", {"lang": "fr"}),
+        ("app", {"theme": "dark"}),
+        ("user:u-2", {}),
+    ]
+    off = client.get(EVENTS, query_string={"include_session": "false"}, headers=full).json
+    assert "session" not in off and "state" not in off
+    for query, field in [
+        ({"include_session": "yes"}, "include_session"),
+        ({"include_state": "a b"}, "include_state"),
+        ({"include_state": "app,app"}, "include_state"),
+    ]:
+        assert_error(
+            client.get(EVENTS, query_string=query, headers=full), 400, "invalid_request", field
+        )

@@ -227,7 +227,7 @@ def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> Non
     events = doc["paths"][f"{EVENTS}/{{event_id}}"]["get"]["responses"]["200"]
     one = union(events["content"]["application/json"]["schema"])
     assert set(one) == answer_types
-    listed = union(schemas["EventList"]["properties"]["events"]["items"])
+    listed = union(schemas["EventPage"]["properties"]["events"]["items"])
     assert listed == one
     assert set(union(schemas["EventBatch"]["properties"]["events"]["items"])) == answer_types - {
         "compaction"
@@ -263,7 +263,15 @@ def test_event_types_are_one_of_with_a_discriminator(doc: dict[str, Any]) -> Non
     assert "from_session" in schemas["SessionCreate"]["properties"]
     listing = doc["paths"][EVENTS]["get"]
     query = {p["name"] for p in listing["parameters"] if p["in"] == "query"}
-    assert query == {"limit", "page_key", "include_hidden", "order", "type"}
+    assert query == {
+        "limit",
+        "page_key",
+        "include_hidden",
+        "order",
+        "type",
+        "include_session",
+        "include_state",
+    }
     path = {p["name"]: p for p in create["parameters"] if p["in"] == "path"}
     assert set(path) == {"agent_key", "session_key"}
     get = doc["paths"][f"{EVENTS}/{{event_id}}"]["get"]

@@ -10,6 +10,7 @@ import itertools
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -1885,6 +1886,15 @@ def _refuse(metadata):
     raise ValueError("refused")
 
 
+def at_once(write: Callable[[int], None], count: int) -> None:
+    """``write(n)`` for n in range(count), each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
 def test_batches_creating_one_session_at_once_make_one(storage):
     make_agent(storage)
     outcomes, errors = [], []
@@ -1902,14 +1912,66 @@ def test_batches_creating_one_session_at_once_make_one(storage):
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    at_once(write, 6)
     assert errors == [] and sorted(outcomes) == list(range(6))
     assert walk(storage) == ["s1"]
     assert sorted(e for e, _ in ids_of(storage)) == sorted(f"aev_{100 + n}" for n in range(6))
+
+
+def test_an_exclusive_create_refuses_a_live_session_and_writes_nothing(storage):
+    make_agent(storage)
+    storage.append_events(
+        agent_key="bot",
+        session_key="s1",
+        events=[],
+        now=T0,
+        create=new_session(metadata={"v": 1}),
+        create_exclusive=True,
+    )
+    with pytest.raises(Conflict):
+        storage.append_events(
+            agent_key="bot",
+            session_key="s1",
+            events=[event(1)],
+            now=T0,
+            metadata_patch={"v": 2},
+            state_patch={"app": {"a": 1}},
+            create=new_session(name="other"),
+            create_exclusive=True,
+        )
+    got = storage.get_session(agent_key="bot", session_key="s1", now=T0)
+    assert (got.name, got.metadata) == ("new s1", {"v": 1})
+    assert ids_of(storage) == []
+    assert storage.get_state(agent_key="bot", keys=["app"]) == [StateDocument("app")]
+
+
+def test_of_exclusive_creates_of_one_key_at_once_one_wins(storage):
+    make_agent(storage)
+    outcomes, refused, errors = [], [], []
+
+    def write(n: int) -> None:
+        try:
+            storage.append_events(
+                agent_key="bot",
+                session_key="s1",
+                events=[event(100 + n)],
+                now=T0,
+                state_patch={"app": {f"k{n}": n}},
+                create=new_session(name=f"writer {n}"),
+                create_exclusive=True,
+            )
+            outcomes.append(n)
+        except Conflict:
+            refused.append(n)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    at_once(write, 6)
+    assert errors == [] and len(outcomes) == 1 and len(refused) == 5
+    (winner,) = outcomes
+    assert storage.get_session(agent_key="bot", session_key="s1", now=T0).name == f"writer {winner}"
+    assert [e for e, _ in ids_of(storage)] == [f"aev_{100 + winner}"]
+    assert storage.get_state(agent_key="bot", keys=["app"])[0].value == {f"k{winner}": winner}
 
 
 # An agent's state documents, written with a batch

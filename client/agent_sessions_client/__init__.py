@@ -35,7 +35,17 @@ from .errors import (
     UnexpectedResponse,
     UnsupportedMediaType,
 )
-from .models import Agent, ApiKey, Event, ForkedFrom, Grant, Page, Session
+from .models import (
+    Agent,
+    ApiKey,
+    Event,
+    EventPage,
+    ForkedFrom,
+    Grant,
+    Page,
+    Session,
+    StateDocument,
+)
 
 __all__ = [
     "NOT_GIVEN",
@@ -53,6 +63,7 @@ __all__ = [
     "Conflict",
     "Event",
     "EventNotFound",
+    "EventPage",
     "Forbidden",
     "ForkedFrom",
     "Grant",
@@ -71,6 +82,7 @@ __all__ = [
     "Session",
     "SessionDisabled",
     "SessionNotFound",
+    "StateDocument",
     "SyncPager",
     "Unauthorized",
     "Unavailable",

@@ -21,8 +21,10 @@ __all__ = [
     "ForkedFrom",
     "Grant",
     "Page",
+    "EventPage",
     "Record",
     "Session",
+    "StateDocument",
 ]
 
 T = TypeVar("T")
@@ -156,12 +158,17 @@ class Event(Record):
     created_at: dt.datetime | None = None
     hide_reason: str | None = None
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: What the event carries beyond its type's fields (None when it has none).
+    metadata: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, etag: str | None = None) -> Event:
         if not isinstance(data, Mapping):
             raise ValueError("Event: not a JSON object")
         fields = {k: v for k, v in data.items() if k not in COMMON_EVENT_FIELDS}
+        metadata = fields.pop("metadata", None)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValueError("Event: metadata is not a JSON object")
         return cls(
             id=data["id"],
             session_key=data["session_key"],
@@ -169,6 +176,7 @@ class Event(Record):
             created_at=parse_timestamp(data.get("created_at")),
             hide_reason=data.get("hide_reason"),
             fields=fields,
+            metadata=metadata,
             etag=etag,
         )
 
@@ -186,9 +194,29 @@ class Event(Record):
         return self.hide_reason is not None
 
 
+@dataclasses.dataclass(kw_only=True)
+class StateDocument(Record):
+    """One of an agent's state documents (``app``, ``user:u-17``...): ``{}`` until written."""
+
+    key: str
+    value: dict[str, Any] = dataclasses.field(default_factory=dict)
+    updated_at: dt.datetime | None = None
+
+    TIMESTAMPS = frozenset({"updated_at"})
+
+
 @dataclasses.dataclass
 class Page(Generic[T]):
     """One page of a list; ``page_key`` goes on to the next (None on the last page)."""
 
     items: list[T]
     page_key: str | None = None
+
+
+@dataclasses.dataclass
+class EventPage(Page[Event]):
+    """A page of a history, with what was asked along with it: the session
+    (``include_session``) and the agent's state documents (``include_state``)."""
+
+    session: Session | None = None
+    state: list[StateDocument] | None = None

@@ -7,11 +7,12 @@ each method builds its request and returns the generator :mod:`._core` runs.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._core import NOT_GIVEN, BaseClient, Call, Request, body_of, call, creating, segment
-from .models import Agent, ApiKey, Event, Page, Session
+from .models import Agent, ApiKey, Event, EventPage, Page, Session, StateDocument
 
 if TYPE_CHECKING:
     from .client import AsyncPager, SyncPager
@@ -133,20 +134,25 @@ class Sessions(_Resource):
         agent_key: str,
         *,
         filter: str | None = None,
+        metadata: Mapping[str, str | int | float | bool] | None = None,
         limit: int | None = None,
         page_key: str | None = None,
     ) -> SyncPager[Session] | AsyncPager[Session]:
         """Every session of the agent, oldest first, read ``limit`` per request.
 
         ``filter`` is an RE2 regular expression over name and description.
+        ``metadata`` keeps the sessions whose metadata has each of these top-level
+        keys with this value (up to 4 keys; an indexed lookup): ``{"user_id": "u-17"}``.
         Iterate for the sessions, or over ``.pages()`` for each page and its
         ``page_key`` (start from one with ``page_key=``).
         """
+        params: dict[str, Any] = {"filter": filter, "limit": limit}
+        for name, value in (metadata or {}).items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise TypeError(f"metadata[{name!r}] must be a string, number or boolean")
+            params[f"metadata.{name}"] = value if isinstance(value, str) else json.dumps(value)
         fetch = self._client._lister(
-            _sessions_path(agent_key),
-            "sessions",
-            Session.from_dict,
-            {"filter": filter, "limit": limit},
+            _sessions_path(agent_key), "sessions", Session.from_dict, params
         )
         return self._pager(fetch, page_key)
 
@@ -214,6 +220,19 @@ def _messages(messages: str | Sequence[str | Mapping[str, Any]]) -> list[Any]:
     ]
 
 
+def _history_query(
+    order: str | None,
+    types: str | Iterable[str] | None,
+    include_hidden: bool | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """The query of a read of the history (None: left out)."""
+    if types is not None and not isinstance(types, str):
+        types = ",".join(types)
+    hidden = None if include_hidden is None else ("true" if include_hidden else "false")
+    return {"order": order, "type": types, "include_hidden": hidden, "limit": limit}
+
+
 def _events(body: Any) -> list[Event]:
     return [Event.from_dict(item) for item in body["events"]]
 
@@ -239,16 +258,50 @@ class Events(_Resource):
         """Every event of the session in history order (``order="desc"``: newest first),
         read ``limit`` per request; ``types`` keeps only those types, ``include_hidden``
         adds hidden events. Iterate, or use ``.pages()``."""
-        if types is not None and not isinstance(types, str):
-            types = ",".join(types)
-        hidden = None if include_hidden is None else ("true" if include_hidden else "false")
         fetch = self._client._lister(
             _events_path(agent_key, session_key),
             "events",
             Event.from_dict,
-            {"order": order, "type": types, "include_hidden": hidden, "limit": limit},
+            _history_query(order, types, include_hidden, limit),
         )
         return self._pager(fetch, page_key)
+
+    @call
+    def page(
+        self,
+        agent_key: str,
+        session_key: str,
+        *,
+        order: str | None = None,
+        types: str | Iterable[str] | None = None,
+        include_hidden: bool | None = None,
+        limit: int | None = None,
+        page_key: str | None = None,
+        include_session: bool = False,
+        include_state: Iterable[str] | None = None,
+    ) -> Call[EventPage]:
+        """One page of the history (as :meth:`list` reads them), with, when asked, the
+        session (``include_session``) and some of the agent's state documents
+        (``include_state``: their keys), read after the events in the same request."""
+        params = {
+            **_history_query(order, types, include_hidden, limit),
+            "page_key": page_key,
+            "include_session": "true" if include_session else None,
+            "include_state": None if include_state is None else ",".join(include_state),
+        }
+        req = Request("GET", _events_path(agent_key, session_key), params=params, repeatable=True)
+
+        def parse(body: Any) -> EventPage:
+            session = body.get("session")
+            state = body.get("state")
+            return EventPage(
+                _events(body),
+                body["metadata"].get("page_key"),
+                session=None if session is None else Session.from_dict(session),
+                state=None if state is None else [StateDocument.from_dict(d) for d in state],
+            )
+
+        return (yield from self._client._fetch(req, parse))
 
     @call
     def get(self, agent_key: str, session_key: str, event_id: str) -> Call[Event]:
@@ -289,28 +342,44 @@ class Events(_Resource):
         *,
         if_last_event_id: str | None = NOT_GIVEN,
         metadata_patch: Mapping[str, Any] | None = None,
-        idempotency_key: str | None = None,
+        state_patch: Mapping[str, Mapping[str, Any]] | None = None,
+        create_session: Mapping[str, Any] | None = None,
+        idempotency_key: str | Literal[False] | None = None,
     ) -> Call[list[Event]]:
         """Append what the agent did, all or nothing (needs ``events:append``).
 
         ``events`` are event objects as the API takes them
-        (``{"type": "agent_output", "content": "..."}``). With ``if_last_event_id``
-        the batch is written only while the session's last event has that id
-        (None: while it has none), else :class:`~agent_sessions_client.errors.Conflict`.
-        ``metadata_patch`` merges into the session's metadata (RFC 7386) in the
-        same transaction.
+        (``{"type": "agent_output", "content": "...", "metadata"?: {...}}``). With
+        ``if_last_event_id`` the batch is written only while the session's last
+        event has that id (None: while it has none), else
+        :class:`~agent_sessions_client.errors.Conflict`. In the same transaction:
+        ``metadata_patch`` merges into the session's metadata (RFC 7386),
+        ``state_patch`` (``{"app": {...}, "user:u-17": {...}}``) into the agent's
+        state documents, and ``create_session`` (``{"name": ..., "metadata"?: ...,
+        "exclusive"?: True}``; needs ``sessions:create`` too) creates the session
+        when it does not exist (with ``exclusive``, only then: else ``Conflict``).
+        ``events`` may be empty when one of those three is given.
+
+        ``idempotency_key=False`` sends none, for a caller whose events carry their
+        own ids (``"id": "aev_..."``): a retry then cannot write them twice, and one
+        whose first attempt was written answers ``Conflict``. It saves the server
+        the key's record, two writes of its own.
         """
         body: dict[str, Any] = {"events": [dict(event) for event in events]}
         if if_last_event_id is not NOT_GIVEN:
             body["if_last_event_id"] = if_last_event_id
         if metadata_patch is not None:
             body["metadata_patch"] = metadata_patch
+        if state_patch is not None:
+            body["state_patch"] = state_patch
+        if create_session is not None:
+            body["create_session"] = dict(create_session)
         req = Request(
             "POST",
             _events_path(agent_key, session_key) + "/batch",
             json=body,
-            headers=creating(idempotency_key),
-            repeatable=True,
+            headers=None if idempotency_key is False else creating(idempotency_key),
+            repeatable=idempotency_key is not False or all("id" in e for e in body["events"]),
         )
         return (yield from self._client._fetch(req, _events))
 
@@ -391,6 +460,20 @@ class Agents(_Resource):
         """Read one agent (with its ``etag``)."""
         req = Request("GET", _agent_path(key), repeatable=True)
         return (yield from self._client._fetch_record(req, Agent))
+
+    @call
+    def state(self, key: str, keys: Iterable[str]) -> Call[list[StateDocument]]:
+        """Some of the agent's state documents (1 to 16 keys: ``["app", "user:u-17"]``),
+        in that order; one never written is ``{}`` (needs ``sessions:read``)."""
+        if isinstance(keys, str):
+            keys = [keys]
+        params = {"keys": ",".join(keys)}
+        req = Request("GET", _agent_path(key) + "/state", params=params, repeatable=True)
+        return (
+            yield from self._client._fetch(
+                req, lambda body: [StateDocument.from_dict(d) for d in body["state"]]
+            )
+        )
 
     def list(
         self, *, limit: int | None = None, page_key: str | None = None

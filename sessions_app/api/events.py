@@ -29,8 +29,6 @@ from ..schemas.events import (
     SINCE_START,
     EventBatchSchema,
     EventCreateSchema,
-    EventListQuerySchema,
-    EventListSchema,
     EventPopSchema,
     EventSchema,
     EventsCreatedSchema,
@@ -39,6 +37,7 @@ from ..schemas.events import (
     dump_event,
     events_within,
 )
+from ..schemas.state import EventPageQuerySchema, EventPageSchema
 from .endpoint import bp, check_compaction, compaction_event, endpoint, service
 from .state import check_state
 
@@ -55,7 +54,8 @@ BATCH_CONFLICTS = {
     409: "`conflict`: an event id the session already has (or twice in the batch), or an "
     "`if_last_event_id` that no longer names the session's last event; nothing is written. "
     "`session_disabled`: the session's `enabled` is false; it takes no new events. With "
-    "`create_session`, `agent_disabled`: the agent takes no new sessions.",
+    "`create_session`, `agent_disabled`: the agent takes no new sessions; with its "
+    "`exclusive`, `conflict`: the session exists.",
     413: "`payload_too_large`: the body is over {events_max_body} bytes, or an event "
     "serializes to more than {event_max_bytes}.",
 }
@@ -94,12 +94,14 @@ def authorize_event_write(path: dict[str, str], body: dict[str, Any]) -> None:
 @endpoint(
     "Events",
     200,
-    EventListSchema,
-    query=EventListQuerySchema,
+    EventPageSchema,
+    query=EventPageQuerySchema,
     examples={"response": {"events": [EVENT], "metadata": {}}},
 )
 def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
     """List the session's events, a page at a time."""
+    with_session = query.pop("include_session")
+    state_keys = query.pop("include_state", None)
     descending = query.pop("order") == "desc"
     scope = f"{agent_key}/{session_key}"
     page_key = query.pop("page_key", None)
@@ -127,7 +129,17 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
     if fit < len(page.items):
         page = read(limit=fit)  # the shorter page again: its events and its cursor in one read
     cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
-    return {"events": page.items, "metadata": {"page_key": cursor}}
+    answer: dict[str, Any] = {"events": page.items, "metadata": {"page_key": cursor}}
+    # Read after the events: a write between the reads shows in the session (its metadata,
+    # the newer), so a runtime that takes the page's newest event as the history's last
+    # and writes with if_last_event_id is refused rather than acting on an older state.
+    if with_session:
+        answer["session"] = service().storage.get_session(
+            agent_key=agent_key, session_key=session_key, now=utcnow()
+        )
+    if state_keys is not None:
+        answer["state"] = service().storage.get_state(agent_key=agent_key, keys=state_keys)
+    return answer
 
 
 @bp.get(EVENT_PATH)
@@ -250,8 +262,9 @@ def append_events(agent_key: str, session_key: str, body: dict[str, Any]) -> Any
         )
         check_size(index, event)
         events.append(event)
-    create = None
+    create, exclusive = None, False
     if "create_session" in body:
+        exclusive = body["create_session"].pop("exclusive", False)
         create = Session(
             key=session_key,
             agent_key=agent_key,
@@ -268,6 +281,7 @@ def append_events(agent_key: str, session_key: str, body: dict[str, Any]) -> Any
         metadata_patch=body.get("metadata_patch"),
         check_metadata=check_patched_metadata if "metadata_patch" in body else None,
         create=create,
+        create_exclusive=exclusive,
         state_patch=body.get("state_patch"),
         check_state=check_state,
     )

@@ -9,52 +9,16 @@ from marshmallow import RAISE, Schema, ValidationError, fields
 
 from ..corridor import auth, rate_limits
 from ..corridor.errors import ApiError
-from ..schemas import ResponseSchema, Timestamp, check_metadata
-from ..schemas.events import (
-    STATE_KEY_PATTERN,
-    STATE_KEY_RULE,
-    STATE_KEYS_MAX,
-    is_state_key,
-)
+from ..schemas import ResponseSchema, check_metadata
+from ..schemas.state import STATE_KEYS_DESCRIPTION, StateDocumentSchema, StateKeys
 from .endpoint import bp, endpoint, service
-
-
-class StateKeys(fields.String):
-    """A comma-separated list of state document keys, each once."""
-
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list[str]:
-        value = super()._deserialize(value, attr, data, **kwargs)
-        keys = value.split(",")
-        if not 1 <= len(keys) <= STATE_KEYS_MAX:
-            raise ValidationError(f"Name 1 to {STATE_KEYS_MAX} state documents.")
-        bad = next((key for key in keys if not is_state_key(key)), None)
-        if bad is not None:
-            raise ValidationError(f"{bad[:64]!r}: {STATE_KEY_RULE}")
-        if len(set(keys)) != len(keys):
-            raise ValidationError("Name each state document once.")
-        return keys
 
 
 class StateQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    keys = StateKeys(
-        required=True,
-        metadata={
-            "description": f"The documents' keys, comma-separated (1 to {STATE_KEYS_MAX}), "
-            f"each matching {STATE_KEY_PATTERN} and at most 128 characters: `app,user:u-17`."
-        },
-    )
-
-
-class StateDocumentSchema(ResponseSchema):
-    class Meta:
-        ordered = True
-
-    key = fields.String(required=True)
-    value = fields.Dict(required=True, metadata={"description": "`{}` until written."})
-    updated_at = Timestamp(metadata={"description": "Absent on a document never written."})
+    keys = StateKeys(required=True, metadata={"description": STATE_KEYS_DESCRIPTION})
 
 
 class StateListSchema(ResponseSchema):

@@ -575,6 +575,12 @@ class SessionIfMissingSchema(BodySchema):
     metadata = Metadata()
     enabled = StrictBoolean()
     tti_minutes = StrictInteger(validate=validate.Range(min=0, max=TTI_MAX_MINUTES))
+    exclusive = StrictBoolean(
+        metadata={
+            "description": "true: only create; a live session with the key is 409 conflict "
+            "and nothing of the batch is written."
+        }
+    )
 
 
 #: An agent's state document key: ``app``, ``user:u-17``...

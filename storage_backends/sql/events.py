@@ -129,14 +129,19 @@ class EventRecords(SQLDialect):
         metadata_patch: Mapping[str, Any] | None = None,
         check_metadata: Callable[[dict[str, Any]], None] | None = None,
         create: Session | None = None,
+        create_exclusive: bool = False,
         state_patch: Mapping[str, Mapping[str, Any]] | None = None,
         check_state: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> Session:
         options = (if_last_event_id, metadata_patch, check_metadata, state_patch, check_state)
         try:
-            return self._append(agent_key, session_key, events, now, *options, create)
+            return self._append(
+                agent_key, session_key, events, now, *options, create, create_exclusive
+            )
         except _CreatedMeanwhile:
             # Another writer created the session first, and committed: it exists now.
+            if create_exclusive:
+                raise Conflict(f"session {session_key!r} already exists") from None
             return self._append(agent_key, session_key, events, now, *options, None)
 
     def _append(
@@ -151,12 +156,15 @@ class EventRecords(SQLDialect):
         state_patch: Mapping[str, Mapping[str, Any]] | None,
         check_state: Callable[[str, dict[str, Any]], None] | None,
         create: Session | None,
+        create_exclusive: bool = False,
     ) -> Session:
         ids = [event.id for event in events]
         creating = False
         try:
             with self._transaction() as conn:
                 touched = self._touch(conn, agent_key, session_key, now)
+                if touched is not None and create is not None and create_exclusive:
+                    raise Conflict(f"session {session_key!r} already exists")
                 if touched is None and create is not None:
                     # Created in this transaction: a refusal below rolls it back.
                     creating = True
