@@ -222,6 +222,11 @@ def _last_event(body: Any) -> Event:
     return _events(body)[-1]
 
 
+def _popped(body: Any) -> Event | None:
+    events = _events(body)
+    return events[0] if events else None
+
+
 class Events(_Resource):
     """``client.events``: a session's history."""
 
@@ -289,6 +294,7 @@ class Events(_Resource):
         *,
         if_last_event_id: str | None = NOT_GIVEN,
         metadata_patch: Mapping[str, Any] | None = None,
+        create_session: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Call[list[Event]]:
         """Append what the agent did, all or nothing (needs ``events:append``).
@@ -298,13 +304,17 @@ class Events(_Resource):
         the batch is written only while the session's last event has that id
         (None: while it has none), else :class:`~agent_sessions_client.errors.Conflict`.
         ``metadata_patch`` merges into the session's metadata (RFC 7386) in the
-        same transaction.
+        same transaction. ``create_session`` (``{"name": ..., "metadata"?: ...}``)
+        creates the session, keyed ``session_key``, when it does not exist, in the
+        batch's transaction (needs ``sessions:create`` too); ignored when it exists.
         """
         body: dict[str, Any] = {"events": [dict(event) for event in events]}
         if if_last_event_id is not NOT_GIVEN:
             body["if_last_event_id"] = if_last_event_id
         if metadata_patch is not None:
             body["metadata_patch"] = metadata_patch
+        if create_session is not None:
+            body["create_session"] = dict(create_session)
         req = Request(
             "POST",
             _events_path(agent_key, session_key) + "/batch",
@@ -313,6 +323,40 @@ class Events(_Resource):
             repeatable=True,
         )
         return (yield from self._client._fetch(req, _events))
+
+    @call
+    def pop(
+        self,
+        agent_key: str,
+        session_key: str,
+        *,
+        if_last_event_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Call[Event | None]:
+        """Delete the session's newest event (hidden or not) and answer it; None when the
+        history is empty. One transaction: of concurrent pops, each event goes to one.
+
+        With ``if_last_event_id``, only while the newest event has that id, else
+        :class:`~agent_sessions_client.errors.Conflict` and nothing is deleted. Sent
+        with an Idempotency-Key, so a retry never pops a second event (needs
+        ``sessions:delete``).
+        """
+        body = body_of(if_last_event_id=if_last_event_id)
+        req = Request(
+            "POST",
+            _events_path(agent_key, session_key) + "/pop",
+            json=body,
+            headers=creating(idempotency_key),
+            repeatable=True,
+        )
+        return (yield from self._client._fetch(req, _popped))
+
+    @call
+    def clear(self, agent_key: str, session_key: str) -> Call[None]:
+        """Delete every event of the session, hidden ones too, and keep the session
+        (needs ``sessions:delete``)."""
+        req = Request("DELETE", _events_path(agent_key, session_key), repeatable=True)
+        return (yield from self._client._fetch_nothing(req))
 
     @call
     def compact(
