@@ -254,6 +254,24 @@ def test_every_item_is_popped_exactly_once_against_concurrent_writes(store: Stor
     assert sorted(taken + contents(left)) == sorted(contents(first + added))
 
 
+def test_concurrent_first_writes_create_the_session_once(store: Store) -> None:
+    session_id = f"first-{uuid.uuid4().hex}"
+    barrier = threading.Barrier(8)
+
+    def first_write(index: int) -> None:
+        own = store.session(session_id)  # each writer its own object, thread and loop
+        barrier.wait()
+        run(own.add_items([user(f"writer {index}")]))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(first_write, range(8)))
+    items = run(store.session(session_id).get_items())
+    assert sorted(contents(items)) == sorted(f"writer {i}" for i in range(8))
+    with AgentSessions(store.url, store.token) as client:
+        keys = [s.key for s in client.sessions.list(AGENT, filter=session_id, limit=100)]
+    assert keys == [session_id]
+
+
 # Session ids
 
 
@@ -464,6 +482,8 @@ def test_a_front_ends_input_reads_as_a_user_message(store: Store) -> None:
             ],
         },
     ]
+    # The limit counts items: the newest event, which holds none, is passed over.
+    assert run(session.get_items(limit=1)) == [run(session.get_items())[-1]]
     # An event that holds no item is dropped by pop_item, as SQLiteSession drops a row
     # it cannot read, and the next item is answered.
     assert run(session.pop_item())["content"][0]["text"] == "two"
