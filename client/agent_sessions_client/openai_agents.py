@@ -59,6 +59,8 @@ TEXT_SCHEMA = "openai_agents.item"
 SESSION_ID_KEY = "openai_agents_session_id"
 #: ``tool_configuration_name`` of the SDK's function tools' events.
 TOOL_CONFIGURATION = "function"
+#: Function call names remembered for their outputs' events.
+TOOL_NAMES_KEPT = 1000
 #: Events read per request (the service's largest page).
 PAGE = 1000
 #: The service's default bounds on a native event's JSON values and names.
@@ -221,6 +223,7 @@ class AgentSessionsSession(SessionABC):
         self.client = client if client is not None else AgentSessions(base_url, api_key)
         self.session_name = session_name or self._default_name()
         self._closed = False
+        self._tool_names: dict[Any, Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -267,11 +270,15 @@ class AgentSessionsSession(SessionABC):
 
     def items_to_events(self, items: list[Any]) -> list[dict[str, Any]]:
         """The events of one ``add_items``, in order."""
-        names = {
-            item.get("call_id"): item.get("name")
-            for item in items
-            if isinstance(item, dict) and item.get("type") == "function_call"
-        }
+        # A function's output names its call only: the name comes from the call, in this
+        # write or an earlier one of this object (the SDK writes a step's call and output
+        # together).
+        names = self._tool_names
+        for item in items:
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                names[item.get("call_id")] = item.get("name")
+        while len(names) > TOOL_NAMES_KEPT:
+            del names[next(iter(names))]
         return [self.item_to_event(item, tool_names=names) for item in items]
 
     def item_to_event(
