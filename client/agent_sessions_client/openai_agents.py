@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -185,8 +186,10 @@ class AgentSessionsSession(SessionABC):
     The API key needs ``sessions:read``, ``sessions:create`` and ``events:append``
     (writes), and ``sessions:delete`` (``pop_item`` and ``clear_session``).
     ``session_settings``: as ``SQLiteSession``'s (``limit``: the items
-    ``get_items()`` reads by default). ``client``: an :class:`AgentSessions` to
-    share (its connections, retries, timeout), left open by :meth:`close`.
+    ``get_items()`` reads by default). ``client``: an :class:`AgentSessions` of
+    ``base_url`` to share among sessions (its connections, key, retries and
+    timeout), left open by :meth:`close`. ``session_name``: the name the first
+    write gives the session (by default the ``session_id``, cut to 255 characters).
 
     Subclasses may change how an item becomes an event (:meth:`item_to_event`) and
     back (:meth:`event_to_item`).
@@ -219,11 +222,14 @@ class AgentSessionsSession(SessionABC):
             if session_settings is not None
             else SessionSettings()
         )
+        if client is not None and client.base_url != base_url.rstrip("/"):
+            raise ValueError(f"client is of {client.base_url!r}, not of base_url {base_url!r}")
         self._owns_client = client is None
         self.client = client if client is not None else AgentSessions(base_url, api_key)
         self.session_name = session_name or self._default_name()
         self._closed = False
         self._tool_names: dict[Any, Any] = {}
+        self._tool_names_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -273,12 +279,13 @@ class AgentSessionsSession(SessionABC):
         # A function's output names its call only: the name comes from the call, in this
         # write or an earlier one of this object (the SDK writes a step's call and output
         # together).
-        names = self._tool_names
-        for item in items:
-            if isinstance(item, dict) and item.get("type") == "function_call":
-                names[item.get("call_id")] = item.get("name")
-        while len(names) > TOOL_NAMES_KEPT:
-            del names[next(iter(names))]
+        with self._tool_names_lock:
+            for item in items:
+                if isinstance(item, dict) and item.get("type") == "function_call":
+                    self._tool_names[item.get("call_id")] = item.get("name")
+            while len(self._tool_names) > TOOL_NAMES_KEPT:
+                del self._tool_names[next(iter(self._tool_names))]
+            names = dict(self._tool_names)
         return [self.item_to_event(item, tool_names=names) for item in items]
 
     def item_to_event(

@@ -434,6 +434,31 @@ def test_items_past_the_event_bounds_are_kept_whole(session: AgentSessionsSessio
     assert run(session.pop_item()) == items[-2]
 
 
+def test_items_at_the_edges_read_back(session: AgentSessionsSession) -> None:
+    items = [
+        user(""),
+        {"role": "assistant", "content": ""},
+        {"type": "function_call", "call_id": "c" * 256, "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c1", "name": " ", "arguments": ""},
+        {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "[1, 2]"},
+        {"type": "function_call_output", "call_id": "c2"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}]},
+        {"type": "message", "role": "user", "content": []},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": str(n)} for n in range(150)],
+        },
+        {"type": "", "x": None},
+        {"no_type": True, "nested": {"list": [[], {}, [None, 1.0, -0.0, True]]}},
+        "a bare string",
+        [1, "two"],
+    ]
+    run(session.add_items(items))
+    assert run(session.get_items()) == items
+    assert run(session.pop_item()) == items[-1]
+
+
 def test_a_one_mib_item(store: Store, session: AgentSessionsSession) -> None:
     big = {"role": "user", "content": "x" * (1024 * 1024)}
     run(session.add_items([user("before"), big, user("after")]))
