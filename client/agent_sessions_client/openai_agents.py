@@ -314,7 +314,8 @@ class AgentSessionsSession(SessionABC):
         ``input_message`` (from a front end) and an ``agent_output``.
         """
         fields = event.fields
-        meta = (fields.get("metadata") or {}).get(ITEM_KEY)
+        # An attribute: a field of its type's on this release, of the record on later ones.
+        meta = (getattr(event, "metadata", None) or {}).get(ITEM_KEY)
         if isinstance(meta, dict):
             if meta.get("text"):
                 return json.loads(fields["content"])
