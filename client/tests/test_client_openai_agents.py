@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import IN_CI  # noqa: E402
@@ -555,16 +556,40 @@ def test_an_agent_the_key_has_no_grant_on_is_refused(store: Store) -> None:
     reader.close()
 
 
-def test_a_cancelled_write_is_finished_and_then_cancelled(session: AgentSessionsSession) -> None:
+class HeldUp(httpx.HTTPTransport):
+    """Sends each request once ``release`` is set, telling ``sent`` it has one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = threading.Event()
+        self.release = threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.set()
+        assert self.release.wait(30)
+        return super().handle_request(request)
+
+
+def test_a_cancelled_write_is_finished_and_then_cancelled(store: Store) -> None:
+    transport = HeldUp()
+    http = httpx.Client(transport=transport)
+    client = AgentSessions(store.url, store.token, http_client=http)
+    session = store.session(client=client)
+
     async def cancel_midway() -> None:
         task = asyncio.create_task(session.add_items([user("once")]))
-        await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(transport.sent.wait, 30)  # the write is under way
         task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()  # a second cancellation changes nothing
+        transport.release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert task.cancelled()
 
     run(cancel_midway())
-    assert run(session.get_items()) == [user("once")]
+    assert run(session.get_items()) == [user("once")]  # written once, not lost
+    http.close()
 
 
 # The Runner over the adapter
