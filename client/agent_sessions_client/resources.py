@@ -241,6 +241,11 @@ def _last_event(body: Any) -> Event:
     return _events(body)[-1]
 
 
+def _popped(body: Any) -> Event | None:
+    events = _events(body)
+    return events[0] if events else None
+
+
 class Events(_Resource):
     """``client.events``: a session's history."""
 
@@ -382,6 +387,40 @@ class Events(_Resource):
             repeatable=idempotency_key is not False or all("id" in e for e in body["events"]),
         )
         return (yield from self._client._fetch(req, _events))
+
+    @call
+    def pop(
+        self,
+        agent_key: str,
+        session_key: str,
+        *,
+        if_last_event_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Call[Event | None]:
+        """Delete the session's newest event (hidden or not) and answer it; None when the
+        history is empty. One transaction: of concurrent pops, each event goes to one.
+
+        With ``if_last_event_id``, only while the newest event has that id, else
+        :class:`~agent_sessions_client.errors.Conflict` and nothing is deleted. Sent
+        with an Idempotency-Key, so a retry never pops a second event (needs
+        ``sessions:delete``).
+        """
+        body = body_of(if_last_event_id=if_last_event_id)
+        req = Request(
+            "POST",
+            _events_path(agent_key, session_key) + "/pop",
+            json=body,
+            headers=creating(idempotency_key),
+            repeatable=True,
+        )
+        return (yield from self._client._fetch(req, _popped))
+
+    @call
+    def clear(self, agent_key: str, session_key: str) -> Call[None]:
+        """Delete every event of the session, hidden ones too, and keep the session
+        (needs ``sessions:delete``)."""
+        req = Request("DELETE", _events_path(agent_key, session_key), repeatable=True)
+        return (yield from self._client._fetch_nothing(req))
 
     @call
     def compact(

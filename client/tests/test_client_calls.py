@@ -148,6 +148,38 @@ def test_events_create_append_list_get_hide_unhide_delete_compact(api, agent):
     assert [e.type for e in written] == ["agent_output"]
 
 
+def test_events_append_creating_the_session_pop_and_clear(api, agent, lose_answers, connect, token):
+    written = api.events.append(
+        agent,
+        "new-chat",
+        TURN,
+        if_last_event_id=None,
+        create_session={"name": "New chat", "metadata": {"user_id": "u-17"}},
+    )
+    made = api.sessions.get(agent, "new-chat")
+    assert (made.name, made.metadata) == ("New chat", {"user_id": "u-17"})
+    # The session exists now: create_session is ignored, the events are appended.
+    more = api.events.append(agent, "new-chat", TURN[2:], create_session={"name": "Other"})
+    assert api.sessions.get(agent, "new-chat").name == "New chat"
+
+    assert api.events.pop(agent, "new-chat") == more[0]
+    with pytest.raises(Conflict):
+        api.events.pop(agent, "new-chat", if_last_event_id=written[0].id)
+    assert api.events.pop(agent, "new-chat", if_last_event_id=written[2].id) == written[2]
+    # A pop whose answer is lost is sent again with its Idempotency-Key: one event goes.
+    lossy = connect(token, transport=lose_answers(1))
+    assert lossy.events.pop(agent, "new-chat") == written[1]
+    assert len(set(lossy.sent.keys())) == 1 and len(lossy.sent.requests) == 2
+    assert [e.id for e in api.events.list(agent, "new-chat")] == [written[0].id]
+
+    assert api.events.clear(agent, "new-chat") is None
+    assert list(api.events.list(agent, "new-chat")) == []
+    assert api.events.pop(agent, "new-chat") is None
+    assert api.sessions.get(agent, "new-chat").name == "New chat"  # the session stays
+    with pytest.raises(SessionNotFound):
+        api.events.clear(agent, "no-such-chat")
+
+
 def test_agents_and_api_keys(connect, live, agent):
     api = connect(live.admin)
     other = f"{agent}-triage"
