@@ -24,8 +24,20 @@ def format_ts(value: dt.datetime | None) -> str | None:
         return None
     if value.tzinfo is not dt.UTC:
         value = value.astimezone(dt.UTC)
-    # isoformat pads the year to four digits, which strftime("%Y") does not; "+00:00" becomes Z.
-    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
+    # The year padded to four digits, which strftime("%Y") does not do; the same text
+    # as isoformat(timespec="milliseconds") with Z for +00:00, at about half its cost.
+    return _TS_TEXT % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond // 1000,
+    )
+
+
+_TS_TEXT = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"
 
 
 def parse_ts(value: str | None) -> dt.datetime | None:

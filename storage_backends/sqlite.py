@@ -62,6 +62,11 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "WritersTurn"]
 
 log = logging.getLogger(__name__)
 
+# The driver asks every parameter of a type it has no adapter for whether it adapts
+# itself (two failed attribute lookups, about 10k instructions for each None bound);
+# an adapter that gives None back binds NULL as before, without them.
+sqlite3.register_adapter(type(None), lambda value: value)
+
 # SQLite before this release can corrupt a WAL database written by several
 # connections at once (https://sqlite.org/wal.html#walresetbug).
 WAL_RESET_FIXED = (3, 51, 3)

@@ -125,11 +125,12 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
         **query,
     )
     page = read(limit=limit)
-    fit = events_within(page.items, current_app.config["EVENTS_PAGE_MAX_BYTES"])
+    fit, events = events_within(page.items, current_app.config["EVENTS_PAGE_MAX_BYTES"])
     if fit < len(page.items):
         page = read(limit=fit)  # the shorter page again: its events and its cursor in one read
+        events = page.items
     cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
-    answer: dict[str, Any] = {"events": page.items, "metadata": {"page_key": cursor}}
+    answer: dict[str, Any] = {"events": events, "metadata": {"page_key": cursor}}
     # Read after the events: a write between the reads shows in the session (its metadata,
     # the newer), so a runtime that takes the page's newest event as the history's last
     # and writes with if_last_event_id is refused rather than acting on an older state.

@@ -383,8 +383,13 @@ REFUSED_IN_BATCH = {
 }
 
 
-def dump_event(event: Event) -> dict[str, Any]:
-    """An event as the API answers it: id, session_key, type, created_at, hide_reason?, fields."""
+def dump_event(event: Event | dict[str, Any]) -> dict[str, Any]:
+    """An event as the API answers it: id, session_key, type, created_at, hide_reason?, fields.
+
+    A dict is an event already dumped (:func:`events_within`'s), and is answered as it is.
+    """
+    if type(event) is dict:
+        return event
     out: dict[str, Any] = {
         "id": event.id,
         "session_key": event.session_key,
@@ -419,15 +424,23 @@ def check_size(index: int | str | None, event: Event) -> None:
         )
 
 
-def events_within(events: list[Event], budget: int) -> int:
+def events_within(events: list[Event], budget: int) -> tuple[int, list[dict[str, Any]]]:
     """How many of ``events``, from the first, serialize to at most ``budget`` bytes as
-    answered (at least one: a page always moves on)."""
+    answered (at least one: a page always moves on), and the events dumped (which
+    :func:`dump_event` then answers as they are)."""
+    dumped = [dump_event(event) for event in events]
+    if not dumped:
+        return 0, dumped
+    # The compact list is its events' texts, a comma between each two, in brackets:
+    # one encoding measures them all when they fit, the usual case.
+    if len(dump_json(dumped).encode()) - len(dumped) - 1 <= budget:
+        return len(dumped), dumped
     total = 0
-    for count, event in enumerate(events):
-        total += len(dump_json(dump_event(event)).encode())
+    for count, event in enumerate(dumped):
+        total += len(dump_json(event).encode())
         if total > budget:
-            return max(count, 1)
-    return len(events)
+            return max(count, 1), dumped
+    return len(dumped), dumped
 
 
 # Answers
