@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -54,7 +53,7 @@ from sqlite_utils.utils import sqlite3
 import config
 
 from .base import Unavailable
-from .codec import dump_json, format_ts, parse_ts
+from .codec import dump_json, format_ts, load_json, parse_ts
 from .sql import SCHEMA_VERSION, SQLStorage
 from .sql.dialect import BulkRun
 
@@ -97,7 +96,7 @@ class SQLiteStorage(SQLStorage):
     fork_in_chunks = True
 
     encode_json = staticmethod(dump_json)
-    decode_json = staticmethod(json.loads)
+    decode_json = staticmethod(load_json)
     encode_ts = staticmethod(format_ts)
     decode_ts = staticmethod(parse_ts)
     encode_flag = staticmethod(int)
