@@ -424,23 +424,23 @@ def check_size(index: int | str | None, event: Event) -> None:
         )
 
 
-def events_within(events: list[Event], budget: int) -> tuple[int, list[dict[str, Any]]]:
-    """How many of ``events``, from the first, serialize to at most ``budget`` bytes as
-    answered (at least one: a page always moves on), and the events dumped (which
-    :func:`dump_event` then answers as they are)."""
-    dumped = [dump_event(event) for event in events]
-    if not dumped:
-        return 0, dumped
-    # The compact list is its events' texts, a comma between each two, in brackets:
-    # one encoding measures them all when they fit, the usual case.
-    if len(dump_json(dumped).encode()) - len(dumped) - 1 <= budget:
-        return len(dumped), dumped
+def events_within(events: list[Event | dict[str, Any]], budget: int) -> int:
+    """How many of ``events`` (or of their dumps), from the first, serialize to at most
+    ``budget`` bytes as answered (at least one: a page always moves on)."""
     total = 0
-    for count, event in enumerate(dumped):
-        total += len(dump_json(event).encode())
+    for count, event in enumerate(events):
+        total += len(dump_json(dump_event(event)).encode())
         if total > budget:
-            return max(count, 1), dumped
-    return len(dumped), dumped
+            return max(count, 1)
+    return len(events)
+
+
+def events_bytes(text: str, answer: dict[str, Any]) -> int:
+    """What the events of a dumped page ``answer`` serialize to, one by one, in bytes,
+    from ``text``, the answer's compact JSON: that text less the answer's with no
+    events, and less the commas between them."""
+    envelope = dump_json({**answer, "events": []})
+    return len(text.encode()) - len(envelope.encode()) - max(len(answer["events"]) - 1, 0)
 
 
 # Answers
