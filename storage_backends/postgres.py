@@ -95,7 +95,10 @@ def _json(value: Any) -> Json:
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    return None if value is None else value.astimezone(dt.UTC)
+    # The connections' TimeZone is UTC, so psycopg's datetimes come in UTC already.
+    if value is None or value.tzinfo is dt.UTC:
+        return value
+    return value.astimezone(dt.UTC)
 
 
 class PostgresStorage(SQLStorage):
