@@ -84,6 +84,8 @@ for tests and demos, not for a million sessions per worker process.
 PostgreSQL takes part when it answers on 127.0.0.1:5432 (user postgres), in
 scratch databases (``bench``, ``bench_loaded``, ...) created anew and dropped
 at the end (kept, with the server logs, under ``--keep``).
+The servers' turns under wrk are ``bench/wrk_driver.py``'s; the compare mode
+and its table, ``bench/compare.py``'s.
 Results are also written as JSON to ``bench/results/`` (git-ignored). The exit
 status is 0 when every target measured is met, 2 when one is missed, 1 when
 the benchmark itself failed.
