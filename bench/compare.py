@@ -12,6 +12,7 @@ from pathlib import Path
 import instructions
 import stores
 from harness import Gunicorn
+from instructions import table as print_table
 from wrk_driver import Load, Plan, Target, alternate, stats
 
 BASELINE_APP = "bench.baseline_app:app"
@@ -137,14 +138,3 @@ def print_compare(rows: list[dict], plan: Plan) -> None:
             for r in rows
         ],
     )
-
-
-def print_table(headers: list[str], rows: list[list[str]], left: int = 2) -> None:
-    """Columns padded to their widest cell; the first ``left`` ones aligned left."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
-    for line in [headers, ["-" * w for w in widths], *rows]:
-        cells = [
-            str(cell).ljust(width) if column < left else str(cell).rjust(width)
-            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
