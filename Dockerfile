@@ -9,7 +9,7 @@ COPY setup.cfg pyproject.toml README.md config.py wsgi.py ./
 COPY sessions_app ./sessions_app
 COPY storage_backends ./storage_backends
 RUN python -m venv /opt/agent-sessions \
-    && /opt/agent-sessions/bin/pip install --no-cache-dir --disable-pip-version-check ".[postgres,redis]"
+    && /opt/agent-sessions/bin/pip install --no-cache-dir --disable-pip-version-check ".[postgres,redis,fast]"
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 agent-sessions \

@@ -84,6 +84,8 @@ for tests and demos, not for a million sessions per worker process.
 PostgreSQL takes part when it answers on 127.0.0.1:5432 (user postgres), in
 scratch databases (``bench``, ``bench_loaded``, ...) created anew and dropped
 at the end (kept, with the server logs, under ``--keep``).
+The servers' turns under wrk are ``bench/wrk_driver.py``'s; the compare mode
+and its table, ``bench/compare.py``'s.
 Results are also written as JSON to ``bench/results/`` (git-ignored). The exit
 status is 0 when every target measured is met, 2 when one is missed, 1 when
 the benchmark itself failed.
@@ -98,7 +100,6 @@ import datetime as dt
 import itertools
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -111,17 +112,10 @@ from typing import Any
 import instructions
 import profiling
 import stores
-from harness import BENCH, BIN, Gunicorn, Summary, WrkResult, call, reachable, require_wrk, wrk
+from compare import BASELINE_APP, COMPARE_OPS, OPS, compare, print_table
+from harness import BENCH, BIN, Gunicorn, Summary, call, reachable, require_wrk
+from wrk_driver import BenchError, Load, Plan, Target, alternate, drive, stats, warm_up
 
-BASELINE_APP = "bench.baseline_app:app"
-FLOOR_APP = "bench.baseline_app:app_with_api_headers"
-OPS = ("create", "get", "list")
-# Events: append one agent_output event (POST .../events/batch, an events:append
-# key), and list the newest 20 (GET .../events?order=desc&limit=20).
-EVENT_OPS = ("append", "newest 20")
-COMPARE_OPS = OPS + EVENT_OPS
-THROUGHPUT_TARGETS = {"create": 0.70, "get": 0.80, "list": 0.70, "append": 0.70, "newest 20": 0.70}
-P99_TARGET = 2.0
 SCALE_TARGET = 1.25
 DEEP_PAGE_TARGET = 1.10
 RSS_TARGET = 0.10
@@ -132,161 +126,7 @@ DEEP_EVENTS = 100_000  # the deep events page starts this far in: page 10,001 of
 EXPORT_RSS_TARGET_MIB = 50
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-@dataclasses.dataclass
-class Plan:
-    rounds: int
-    seconds: float
-    warmup: float
-    profile_seconds: float
-    floor: bool = False  # --compare also measures the baseline with the API's headers
-    instructions: int = instructions.REQUESTS  # --compare: counted per op under callgrind; 0: none
-
-
-@dataclasses.dataclass
-class Target:
-    """A running server and the API key its store accepts."""
-
-    server: Gunicorn
-    token: str
-
-
-@dataclasses.dataclass
-class Load:
-    """One kind of request for wrk: an operation and what it needs."""
-
-    op: str
-    random_keys: int = 0  # get: random bulk sessions among this many; append: bench-append-N
-    page_key: str | None = None  # list, events page: start here instead of the first page
-    session: str | None = None  # events: the session (default: the store's seeded ones)
-
-
-_create_runs = itertools.count()
-_run_tag = secrets.token_hex(2)
-
-
-def drive(target: Target, load: Load, seconds: float, during: Any = None) -> WrkResult:
-    base = f"{target.server.url}/v2/agents/{stores.AGENT}/sessions"
-    token = target.token
-    if load.op == "create":
-        tag = f"{_run_tag}r{next(_create_runs)}"
-        return wrk(base, "create", [token, tag], seconds, during)
-    if load.op == "get" and load.random_keys:
-        args = [token, stores.BULK_KEY_PREFIX, str(load.random_keys)]
-        return wrk(base + "/", "get", args, seconds, during)
-    if load.op == "get":
-        return wrk(f"{base}/{stores.GET_KEY}", "get", [token], seconds, during)
-    if load.op == "append" and load.session is None and load.random_keys:
-        args = [token, f"{stores.APPEND_KEY}-", str(load.random_keys)]
-        return wrk(base + "/", "append", args, seconds, during)
-    if load.op == "append":
-        return wrk(
-            f"{base}/{load.session or stores.APPEND_KEY}/events/batch",
-            "append",
-            [token],
-            seconds,
-            during,
-        )
-    if load.op == "newest 20":
-        url = f"{base}/{load.session or stores.HISTORY_KEY}/events?order=desc&limit=20"
-        return wrk(url, "list", [token], seconds, during)
-    query = "limit=10" + (f"&page_key={load.page_key}" if load.page_key else "")
-    if load.op == "events page":
-        url = f"{base}/{load.session or stores.HISTORY_KEY}/events?{query}"
-        return wrk(url, "list", [token], seconds, during)
-    return wrk(f"{base}?{query}", "list", [token], seconds, during)
-
-
-def warm_up(name: str, target: Target, load: Load, seconds: float) -> None:
-    """A short run that also proves the requests succeed before anything is measured."""
-    result = drive(target, load, seconds)
-    if result.non2xx or result.socket_errors or not result.requests:
-        raise BenchError(
-            f"{name} {load.op}: warm-up got statuses {result.statuses} and "
-            f"{result.socket_errors} socket errors\n{target.server.log_tail()}"
-        )
-
-
-def alternate(
-    targets: dict[str, Target], loads: dict[str, dict[str, Load]], plan: Plan
-) -> dict[str, dict[str, Summary]]:
-    """Rounds in which every target runs every one of its loads, taking turns."""
-    for name, target in targets.items():
-        for load in loads[name].values():
-            warm_up(name, target, load, plan.warmup)
-    names = list(targets)
-    ops = list(dict.fromkeys(op for name in names for op in loads[name]))
-    runs: dict[str, dict[str, list[WrkResult]]] = {name: {} for name in names}
-    for number in range(plan.rounds):
-        order = names if number % 2 == 0 else names[::-1]
-        line = []
-        for op in ops:
-            for name in order:
-                if op in loads[name]:
-                    result = drive(targets[name], loads[name][op], plan.seconds)
-                    runs[name].setdefault(op, []).append(result)
-                    line.append(f"{name} {op} {result.rps:,.0f}/s")
-        print(f"  round {number + 1}/{plan.rounds}: " + ", ".join(line), flush=True)
-    return {name: {op: Summary(r) for op, r in by_op.items()} for name, by_op in runs.items()}
-
-
 # Modes
-
-
-def compare(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> list[dict]:
-    """The service against the baseline, which gets the same requests and ignores the key."""
-    rows = []
-    for backend in backends:
-        print(f"\ncompare: {backend}", flush=True)
-        store = stores.prepare(backend, workdir, "compare", settings)
-        apps = {"service": store.app, "baseline": BASELINE_APP}
-        if plan.floor:
-            apps["floor"] = FLOOR_APP
-        with contextlib.ExitStack() as running:
-            targets = {
-                name: Target(
-                    running.enter_context(Gunicorn(f"{name}-{backend}", app, store.env, workdir)),
-                    store.token,
-                )
-                for name, app in apps.items()
-            }
-            loads = {name: {op: compare_load(op) for op in COMPARE_OPS} for name in targets}
-            results = alternate(targets, loads, plan)
-        for op in COMPARE_OPS:
-            ours, base = results["service"][op], results["baseline"][op]
-            row = {
-                "backend": backend,
-                "op": op,
-                "service": stats(ours),
-                "baseline": stats(base),
-                "ratio": ours.rps / base.rps,
-                "p99_ratio": ours.p99_ms / base.p99_ms,
-            }
-            if plan.floor:
-                row["floor"] = stats(results["floor"][op])
-                row["floor_ratio"] = results["floor"][op].rps / base.rps
-            rows.append(row)
-    counted = {}
-    if plan.instructions:
-        print(
-            f"\ninstructions: {plan.instructions} requests an operation under callgrind", flush=True
-        )
-        for r in instructions.ratios(backends, list(COMPARE_OPS), plan.instructions, settings):
-            counted[r["backend"], r["op"]] = r
-    for row in rows:
-        row["instructions"] = counted.get((row["backend"], row["op"]))
-        # The ratio of record is the instructions'; without them, the wall-clock one.
-        ratio = row["instructions"]["ratio"] if row["instructions"] else row["ratio"]
-        row["met"] = (
-            ratio >= THROUGHPUT_TARGETS[row["op"]]
-            and row["p99_ratio"] <= P99_TARGET
-            and not row["service"]["non2xx"]
-        )
-    print_compare(rows, plan)
-    return rows
 
 
 def metrics_cost(backends: list[str], plan: Plan, workdir: Path, settings: dict) -> list[dict]:
@@ -339,67 +179,6 @@ def metrics_cost(backends: list[str], plan: Plan, workdir: Path, settings: dict)
         ],
     )
     return rows
-
-
-def compare_load(op: str) -> Load:
-    """Appends spread over many sessions; the other operations as they are."""
-    return Load(op, random_keys=stores.APPEND_SESSIONS) if op == "append" else Load(op)
-
-
-def print_compare(rows: list[dict], plan: Plan) -> None:
-    """One table: the instructions ratio of record, and the wall-clock run, indicative."""
-    print(
-        f"\nService vs baseline. Of record: instructions per request under gunicorn "
-        f"(callgrind, {plan.instructions} requests an op; bench/instructions.py). Indicative: "
-        f"wall-clock, {plan.rounds} rounds of {plan.seconds:g} s, medians (load moves it)."
-    )
-    if plan.floor:
-        print("floor: the baseline sending the API's response headers, as a ratio to the baseline")
-
-    def counted(r: dict, key: str, fmt: str) -> str:
-        return format(r["instructions"][key], fmt) if r["instructions"] else "-"
-
-    print_table(
-        [
-            "backend",
-            "op",
-            "instr",
-            "base instr",
-            "instr ratio (target)",
-            "db µs",
-            "req/s",
-            "base req/s",
-            "wall ratio",
-            "p50 ms",
-            "p99 ms",
-            "p99 x (<=2)",
-            "non-2xx",
-            "met",
-            *(["floor"] if plan.floor else []),
-        ],
-        [
-            [
-                r["backend"],
-                r["op"],
-                counted(r, "service", ",.0f"),
-                counted(r, "baseline", ",.0f"),
-                f"{counted(r, 'ratio', '.3f')} (>={THROUGHPUT_TARGETS[r['op']]:.2f})",
-                f"{r['instructions']['database_us']:,.0f}"
-                if r["instructions"] and r["instructions"]["database_us"] is not None
-                else "",
-                f"{r['service']['rps']:,.0f}",
-                f"{r['baseline']['rps']:,.0f}",
-                f"{r['ratio']:.2f}",
-                f"{r['service']['p50_ms']:.2f}",
-                f"{r['service']['p99_ms']:.2f}",
-                f"{r['p99_ratio']:.2f}",
-                str(r["service"]["non2xx"]),
-                "yes" if r["met"] else "NO",
-                *([f"{r['floor_ratio']:.2f}"] if plan.floor else []),
-            ]
-            for r in rows
-        ],
-    )
 
 
 def scale(
@@ -816,28 +595,6 @@ def print_profile(op: str, report: dict) -> None:
 
 
 # Output
-
-
-def stats(summary: Summary) -> dict:
-    return {
-        "rps": summary.rps,
-        "p50_ms": summary.p50_ms,
-        "p99_ms": summary.p99_ms,
-        "non2xx": summary.non2xx,
-        "statuses": summary.statuses,
-        "runs": [dataclasses.asdict(r) for r in summary.runs],
-    }
-
-
-def print_table(headers: list[str], rows: list[list[str]], left: int = 2) -> None:
-    """Columns padded to their widest cell; the first ``left`` ones aligned left."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
-    for line in [headers, ["-" * w for w in widths], *rows]:
-        cells = [
-            str(cell).ljust(width) if column < left else str(cell).rjust(width)
-            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
 
 
 def save(results: dict) -> Path:

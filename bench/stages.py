@@ -43,7 +43,8 @@ Marshmallow load                   a schema's load / loads / validate (Marshmall
                                    the service's own) and all beneath
 storage: SQL                       sqlite3 / pysqlite3 / psycopg / sqlite_utils, Python or
                                    C, called from storage
-storage: JSON of columns           the standard library's json called from storage
+storage: JSON of columns           codec.load_json, orjson and the standard library's
+                                   json, called from storage
 storage: timestamps                codec's time functions and datetime's C methods,
                                    called from storage
 storage: Python around             the rest of storage_backends/
@@ -159,6 +160,7 @@ RULES: list[tuple[str, str, str | tuple[set[str], str] | None]] = [
     (r"/(flask_limiter|limits)/", r"", AUTH),
     (r"/python3\.\d+/json/", r"", (IN_STORAGE, COLUMN_JSON)),
     (r"/storage_backends/codec\.py$", r"^(format_ts|parse_ts|utcnow)$", (IN_STORAGE, TIMESTAMPS)),
+    (r"/storage_backends/codec\.py$", r"^load_json$", (IN_STORAGE, COLUMN_JSON)),
     (r"/storage_backends/", r"", STORAGE),
     (r"/(sqlite_utils|psycopg|psycopg_pool|sqlite3|pysqlite3)/", r"", (IN_STORAGE, SQL)),
     (r"/(flask|werkzeug)/", r"", ({OUTSIDE}, DISPATCH)),
@@ -168,6 +170,7 @@ RULES: list[tuple[str, str, str | tuple[set[str], str] | None]] = [
 C_RULES: list[tuple[str, str | tuple[set[str], str] | None]] = [
     (r"^(_?sqlite3|pysqlite3\.\w+|psycopg\w*)$", (IN_STORAGE, SQL)),
     (r"^(datetime)$", (IN_STORAGE, TIMESTAMPS)),
+    (r"^orjson$", (IN_STORAGE, COLUMN_JSON)),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,8 +25,20 @@ def format_ts(value: dt.datetime | None) -> str | None:
         return None
     if value.tzinfo is not dt.UTC:
         value = value.astimezone(dt.UTC)
-    # isoformat pads the year to four digits, which strftime("%Y") does not; "+00:00" becomes Z.
-    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
+    # The year padded to four digits, which strftime("%Y") does not do; the same text
+    # as isoformat(timespec="milliseconds") with Z for +00:00, at about half its cost.
+    return _TS_TEXT % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond // 1000,
+    )
+
+
+_TS_TEXT = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"
 
 
 def parse_ts(value: str | None) -> dt.datetime | None:
@@ -38,6 +51,34 @@ def parse_ts(value: str | None) -> dt.datetime | None:
 # Compact JSON text with non-ASCII characters as they are, from one encoder built
 # once (json.dumps with options builds a new encoder on every call).
 dump_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+try:  # the "fast" extra
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - the test extra installs it
+    _fast_loads = None
+
+_load_json = json.JSONDecoder().decode
+# orjson reads an integer past 64 bits as a float, where json.loads keeps it whole:
+# text with a run of 19 digits (any integer orjson might not hold) is read by json.
+_LONG_DIGITS = re.compile(r"[0-9]{19}").search
+_LONG_DIGITS_BYTES = re.compile(rb"[0-9]{19}").search
+
+
+def load_json(text: str | bytes) -> Any:
+    """A stored JSON value, as ``json.loads`` reads it, through orjson when installed.
+
+    orjson is several times faster on a column of a page; what it reads otherwise
+    than ``json`` (long integers) or refuses (NaN, a number past the double's
+    range, a lone surrogate) is read by ``json`` instead.
+    """
+    long_digits = _LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_BYTES
+    if _fast_loads is not None and long_digits(text) is None:
+        try:
+            return _fast_loads(text)
+        except ValueError:
+            pass
+    return _load_json(text if isinstance(text, str) else text.decode())
 
 
 # The list filter: RE2 matches in linear time, and never writes to stderr (with

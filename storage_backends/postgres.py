@@ -49,14 +49,14 @@ from typing import Any
 import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import Json
+from psycopg.types.json import Json, set_json_loads
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 import config
 
 from . import sql
 from .base import Unavailable
-from .codec import dump_json
+from .codec import dump_json, load_json
 from .sql import SQLStorage, identity
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,10 @@ def _json(value: Any) -> Json:
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    return None if value is None else value.astimezone(dt.UTC)
+    # The connections' TimeZone is UTC, so psycopg's datetimes come in UTC already.
+    if value is None or value.tzinfo is dt.UTC:
+        return value
+    return value.astimezone(dt.UTC)
 
 
 class PostgresStorage(SQLStorage):
@@ -115,7 +118,8 @@ class PostgresStorage(SQLStorage):
     json_contains = "strpos({}::text, ?) > 0"
 
     encode_json = staticmethod(_json)
-    # psycopg reads json columns with json.loads, as the SQLite backend does.
+    # psycopg reads json columns with codec.load_json (set on each connection), as the
+    # SQLite backend does.
     decode_json = staticmethod(identity)
     encode_ts = staticmethod(identity)
     decode_ts = staticmethod(_utc)
@@ -241,6 +245,7 @@ class PostgresStorage(SQLStorage):
         # (6 ms at 30,000 sessions, growing with the agent) instead of reading
         # the (agent_key, id) index in order (0.07 ms). No query here gains
         # from a bitmap scan.
+        set_json_loads(load_json, conn)
         conn.execute(
             "SELECT set_config('TimeZone', 'UTC', false), "
             "set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false), "

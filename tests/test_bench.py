@@ -151,6 +151,7 @@ def test_check_exits_non_zero_with_the_table(
         ("storage_backends/sql/events.py", "Events.append", stages.OTHER, stages.STORAGE),
         ("storage_backends/codec.py", "format_ts", stages.STORAGE, stages.TIMESTAMPS),
         ("storage_backends/codec.py", "utcnow", stages.OTHER, stages.OTHER),
+        ("storage_backends/codec.py", "load_json", stages.STORAGE, stages.COLUMN_JSON),
         ("lib/python3.11/json/decoder.py", "JSONDecoder.decode", stages.SQL, stages.COLUMN_JSON),
         ("lib/python3.11/json/decoder.py", "JSONDecoder.decode", stages.BODY, stages.BODY),
         (

@@ -12,7 +12,7 @@ from werkzeug.wrappers import Response
 from storage_backends.base import ANY_LAST_EVENT, HIDDEN_MANUAL, Event, Session
 from storage_backends.codec import dump_json, utcnow
 
-from ..corridor import auth, http, rate_limits
+from ..corridor import auth, http, rate_limits, responses
 from ..corridor.errors import ApiError
 from ..naming import new_event_id
 from ..observability import metrics
@@ -35,6 +35,7 @@ from ..schemas.events import (
     EventsPoppedSchema,
     check_size,
     dump_event,
+    events_bytes,
     events_within,
 )
 from ..schemas.state import EventPageQuerySchema, EventPageSchema
@@ -125,11 +126,16 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
         **query,
     )
     page = read(limit=limit)
-    fit = events_within(page.items, current_app.config["EVENTS_PAGE_MAX_BYTES"])
-    if fit < len(page.items):
-        page = read(limit=fit)  # the shorter page again: its events and its cursor in one read
-    cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
-    answer: dict[str, Any] = {"events": page.items, "metadata": {"page_key": cursor}}
+    # The page is encoded once, and its events measured in its text: most pages fit.
+    answer, text = _answer(page, scope, descending)
+    budget = current_app.config["EVENTS_PAGE_MAX_BYTES"]
+    if events_bytes(text, answer) > budget:
+        fit = events_within(answer["events"], budget)
+        if fit < len(page.items):  # (a page of one event over the bound is answered whole)
+            page = read(limit=fit)  # the shorter page again: its events and its cursor in one read
+            answer, text = _answer(page, scope, descending)
+    if not with_session and state_keys is None:
+        return responses.json_text_response(text)
     # Read after the events: a write between the reads shows in the session (its metadata,
     # the newer), so a runtime that takes the page's newest event as the history's last
     # and writes with if_last_event_id is refused rather than acting on an older state.
@@ -139,7 +145,17 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
         )
     if state_keys is not None:
         answer["state"] = service().storage.get_state(agent_key=agent_key, keys=state_keys)
-    return answer
+    return answer  # its events already dumped, which the schema answers as they are
+
+
+def _answer(page: Any, scope: str, descending: bool) -> tuple[dict[str, Any], str]:
+    """A page of events dumped as :class:`EventPageSchema` answers it, and its JSON."""
+    cursor = http.encode_scoped_cursor(page.next_cursor, scope=scope, descending=descending)
+    answer = _EVENT_PAGE.dump({"events": page.items, "metadata": {"page_key": cursor}})
+    return answer, dump_json(answer)
+
+
+_EVENT_PAGE = EventPageSchema()
 
 
 @bp.get(EVENT_PATH)

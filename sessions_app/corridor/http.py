@@ -19,7 +19,12 @@ import re
 from typing import Any
 
 from flask import Blueprint, current_app, g, request
-from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import (
+    ClientDisconnected,
+    HTTPException,
+    NotFound,
+    RequestEntityTooLarge,
+)
 from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Response
 
@@ -307,9 +312,13 @@ def read_body(limit: int, req: Any) -> bytes:
     """The raw body of request ``req``, at most ``limit`` bytes (else 413), or 400 when the
     stream is malformed."""
     req.max_content_length = limit  # the service's own bound, whatever the host's
+    environ = req.environ
+    declared = req.content_length
     try:
+        if declared is not None and "wsgi.input_terminated" in environ:
+            return _read_declared(environ["wsgi.input"], declared, limit)
         raw = req.get_data(cache=False)  # raises 413 past the limit
-        if req.content_length is None and len(raw) >= limit:
+        if declared is None and len(raw) >= limit:
             # Werkzeug cuts a streamed (chunked) body at the limit without an error, so
             # a longer one would be parsed truncated; one more byte tells if it went on.
             if req.environ["wsgi.input"].read(1):
@@ -329,6 +338,19 @@ def read_body(limit: int, req: Any) -> bytes:
             400, "invalid_request", "The body could not be read: malformed transfer encoding."
         ) from None
     return raw
+
+
+def _read_declared(stream: Any, length: int, limit: int) -> bytes:
+    """A body of a declared length from a server that ends the stream there
+    (``wsgi.input_terminated``): one read, where Werkzeug's wrapper of the stream
+    reads it a chunk at a time. The same refusals: 413 past the limit, and a
+    client gone (or too slow, ``socket.timeout``) is Werkzeug's ClientDisconnected."""
+    if length > limit:
+        raise RequestEntityTooLarge()
+    try:
+        return stream.read(length)
+    except (OSError, ValueError) as err:
+        raise ClientDisconnected() from err
 
 
 def json_object(limit: int | None, req: Any) -> dict[str, Any]:

@@ -354,8 +354,13 @@ def compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]]:
         # A mapping may leave an optional key out (``forked_from`` without ``event_id``).
         read_item = lambda obj, names=tuple(attributes): tuple(map(obj.get, names))  # noqa: E731
 
+    readers: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
     def dump(obj: Any) -> dict[str, Any]:
-        read = read_item if isinstance(obj, Mapping) else read_attribute
+        # The reader by the object's type, worked out once: a Mapping check is an ABC's.
+        read = readers.get(type(obj))
+        if read is None:
+            read = readers[type(obj)] = read_item if isinstance(obj, Mapping) else read_attribute
         out = dict(zip(names, read(obj), strict=True))
         for name in optional:
             if out[name] is None:

@@ -383,8 +383,13 @@ REFUSED_IN_BATCH = {
 }
 
 
-def dump_event(event: Event) -> dict[str, Any]:
-    """An event as the API answers it: id, session_key, type, created_at, hide_reason?, fields."""
+def dump_event(event: Event | dict[str, Any]) -> dict[str, Any]:
+    """An event as the API answers it: id, session_key, type, created_at, hide_reason?, fields.
+
+    A dict is an event already dumped (:func:`events_within`'s), and is answered as it is.
+    """
+    if type(event) is dict:
+        return event
     out: dict[str, Any] = {
         "id": event.id,
         "session_key": event.session_key,
@@ -419,15 +424,23 @@ def check_size(index: int | str | None, event: Event) -> None:
         )
 
 
-def events_within(events: list[Event], budget: int) -> int:
-    """How many of ``events``, from the first, serialize to at most ``budget`` bytes as
-    answered (at least one: a page always moves on)."""
+def events_within(events: list[Event | dict[str, Any]], budget: int) -> int:
+    """How many of ``events`` (or of their dumps), from the first, serialize to at most
+    ``budget`` bytes as answered (at least one: a page always moves on)."""
     total = 0
     for count, event in enumerate(events):
         total += len(dump_json(dump_event(event)).encode())
         if total > budget:
             return max(count, 1)
     return len(events)
+
+
+def events_bytes(text: str, answer: dict[str, Any]) -> int:
+    """What the events of a dumped page ``answer`` serialize to, one by one, in bytes,
+    from ``text``, the answer's compact JSON: that text less the answer's with no
+    events, and less the commas between them."""
+    envelope = dump_json({**answer, "events": []})
+    return len(text.encode()) - len(envelope.encode()) - max(len(answer["events"]) - 1, 0)
 
 
 # Answers

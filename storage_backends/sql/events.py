@@ -275,11 +275,11 @@ class EventRecords(SQLDialect):
                             self._sql(INSERT_EVENT),
                             [self._event_params(session_id, event) for event in events],
                         )
-                    query, _ = event_page_query(False, False, 0, after is not None, by_id=True)
+                    query, _ = event_page_query(
+                        False, False, 0, after is not None, by_id=True, rows=limit + 1
+                    )
                     cursor = [] if after is None else [after]
-                    rows = conn.execute(
-                        self._sql(query), [session_id, *cursor, limit + 1]
-                    ).fetchall()
+                    rows = conn.execute(self._sql(query), [session_id, *cursor]).fetchall()
                     if len(rows) > limit:
                         raise TooManyEvents(limit)  # rolls the append back
                     answer = [self._event(row, session_key) for row in rows]
@@ -327,16 +327,18 @@ class EventRecords(SQLDialect):
         if not kinds:
             self._session_id(agent_key, session_key, now)
             return Page([], None)
-        query, union = event_page_query(
-            descending, include_hidden, 0 if types is None else len(kinds), after is not None
+        query, _ = event_page_query(
+            descending,
+            include_hidden,
+            0 if types is None else len(kinds),
+            after is not None,
+            rows=limit + 1,
         )
         session = [agent_key, session_key, self.encode_ts(now)]
         cursor = [] if after is None else [after]
         params: list[Any] = []
         for kind in kinds:
-            params += [*session, *([] if kind is None else [kind]), *cursor, limit + 1]
-        if union:
-            params.append(limit + 1)
+            params += [*session, *([] if kind is None else [kind]), *cursor]
         with self._reading() as conn:
             rows = conn.execute(self._sql(query), params).fetchall()
         if not rows:

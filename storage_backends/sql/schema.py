@@ -538,9 +538,25 @@ EVENT_BATCH = 1_000  # rows per query of iter_events
 IMPORT_BATCH = 10_000  # rows per executemany of import_session and load_events
 
 
-@functools.lru_cache(maxsize=64)
+def limit_clause(rows: int) -> str:
+    """`` LIMIT n`` with the integer written in the statement.
+
+    A bound ``LIMIT ?`` makes SQLite prepare the statement again on every run (its
+    planner reads the bound value); the text of a checked integer is as safe.
+    """
+    if type(rows) is not int or rows < 0:
+        raise ValueError(f"not a row count: {rows!r}")
+    return f" LIMIT {rows}"
+
+
+@functools.lru_cache(maxsize=512)
 def event_page_query(
-    descending: bool, include_hidden: bool, types: int, cursor: bool, by_id: bool = False
+    descending: bool,
+    include_hidden: bool,
+    types: int,
+    cursor: bool,
+    by_id: bool = False,
+    rows: int | None = None,
 ) -> tuple[str, bool]:
     """The statement of a page of events, and whether it is a union of one per type.
 
@@ -554,6 +570,9 @@ def event_page_query(
     and the union keeps the first ``limit`` of those: a page reads at most
     ``types * limit`` index entries at any depth, where one ``type IN (...)``
     scan would read and sort every matching row past the cursor.
+
+    ``rows``: the limit written into the statement (:func:`limit_clause`), and
+    then not a parameter.
     """
     where = "session_id = ?" if by_id else f"session_id = {SESSION_ID}"
     if types:
@@ -567,11 +586,12 @@ def event_page_query(
     index = {"idx_events_": "idx_events_session_seq", "idx_events__type": "idx_events_type"}.get(
         index, index
     )
+    limit = " LIMIT ?" if rows is None else limit_clause(rows)
     one = (
         f"SELECT {', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
-        f"WHERE {where} ORDER BY {order} LIMIT ?"
+        f"WHERE {where} ORDER BY {order}{limit}"
     )
     if types <= 1:
         return one, False
     branches = " UNION ALL ".join(f"SELECT * FROM ({one}) AS t{i}" for i in range(types))
-    return f"{branches} ORDER BY {order} LIMIT ?", True
+    return f"{branches} ORDER BY {order}{limit}", True

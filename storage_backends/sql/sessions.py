@@ -48,6 +48,7 @@ from .schema import (
     SESSION_TEXT,
     SESSIONS,
     insert_metadata_rows,
+    limit_clause,
     metadata_scan_query,
 )
 
@@ -152,7 +153,7 @@ class SessionRecords(ReleasedRows):
         if matches is None:
             with self._reading() as conn:
                 rows = conn.execute(
-                    self._sql(SESSION_PAGE + " LIMIT ?"), [*params, limit + 1]
+                    self._sql(SESSION_PAGE + limit_clause(limit + 1)), params
                 ).fetchall()
             return self._page(SESSIONS, rows, limit)
         # The pattern runs in Python over rows read as it goes, so only as many
