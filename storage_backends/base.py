@@ -81,6 +81,15 @@ class TooManyEvents(StorageError):
         self.max_bytes = max_bytes
 
 
+class QuotaExceeded(StorageError):
+    """A write would pass a storage quota (``AGENT_MAX_BYTES``, ``SESSION_MAX_EVENTS``):
+    it was rolled back. ``usage`` is what was stored before it, ``adds`` what it adds."""
+
+    def __init__(self, quota: str, usage: int, adds: int, bound: int):
+        super().__init__(f"{quota}: {usage} + {adds} > {bound}")
+        self.quota, self.usage, self.adds, self.bound = quota, usage, adds, bound
+
+
 class Unavailable(StorageError):
     """The backend cannot answer now (unreachable, busy past its timeout, disk full).
 
@@ -323,6 +332,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list_agents(self, *, limit: int, after: int | None = None) -> Page:
         """A page of agents in creation order."""
+
+    @abc.abstractmethod
+    def get_usage(self, *, agent_key: str) -> dict[str, int]:
+        """What the agent stores: ``{"sessions", "events", "bytes"}`` (its quotas count these)."""
 
     @abc.abstractmethod
     def update_agent(
