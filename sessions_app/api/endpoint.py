@@ -112,6 +112,7 @@ def endpoint(
     body_schema = body() if body is not None else None
     response_schema = response() if response is not None else None
     etag_schema = etag() if etag is not None else None
+    same_tag = etag is None or response is etag
     declared = Operation(
         tag,
         status,
@@ -202,7 +203,8 @@ def endpoint(
             if etag_schema is None:
                 return responses.json_response(response_schema.dump(obj), status, headers)
             data = etags.representation(response_schema.dump(obj))
-            etag = etags.tag(data)
+            # The record's tag: an answer may carry more than the record (an agent's usage).
+            etag = etags.tag(data if same_tag else etags.representation(etag_schema.dump(obj)))
             if conditions is not None:  # a read's (a write's are the storage's to check)
                 if not conditions.matches(etag):
                     return errors.precondition_failed()
