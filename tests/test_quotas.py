@@ -335,3 +335,36 @@ def test_http_quota_exceeded_and_the_agents_usage(quota_app: Any) -> None:
     body = assert_error(refused, 409, "quota_exceeded")
     assert "AGENT_MAX_BYTES" in body["messages"][0] and "40000" in body["messages"][0]
     assert client.get(f"{sessions}/s1", headers=full).json["metadata"] == {}
+
+
+def test_a_schema_8_database_gets_its_usage_counted(tmp_path: Any) -> None:
+    from storage_backends.sqlite import SQLiteStorage
+    from tests.test_sqlite_schema import old_database
+
+    path = tmp_path / "old.db"
+    old_database(path, 8, 0, 0)
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        for n in range(5):
+            conn.execute(
+                "INSERT INTO events (session_id, id, type, fields, created_at) "
+                "VALUES (1, ?, 'agent_output', ?, '2026-11-28T12:00:00.000Z')",
+                [f"aev_{n}", dump_json({"content": "é" * n})],
+            )
+        conn.execute(
+            "INSERT INTO agent_state (agent_key, key, value, updated_at) "
+            "VALUES ('bot', 'app', '{\"a\":1}', '2026-11-28T12:00:00.000Z')"
+        )
+    store = SQLiteStorage(str(path))
+    try:
+        usage = store.get_usage(agent_key="bot")
+        assert (usage["sessions"], usage["events"]) == (2, 5)
+        sessions = store.list_sessions(agent_key="bot", limit=10, now=NOW).items
+        expected = sum(session_bytes(s) for s in sessions) + STATE_ROW_BYTES + len('{"a":1}')
+        expected += sum(
+            event_bytes(e) for e in store.iter_events(agent_key="bot", session_key="s0", now=NOW)
+        )
+        assert usage["bytes"] == expected
+    finally:
+        store.close()
