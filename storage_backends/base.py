@@ -744,10 +744,12 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
+    def finish_idempotency_key(
+        self, *, scope: str, key: str, token: str, answer: Answer, agent_key: str | None = None
+    ) -> None:
         """Remember ``answer`` for the claim ``token``; inside :meth:`atomic`, in the same
-        transaction as the write it answers. Raises :class:`IdempotencyKeyLost` when the
-        claim is no longer ``token``'s (nothing is remembered)."""
+        transaction as the write it answers, its bytes counted in ``agent_key``'s usage.
+        Raises :class:`IdempotencyKeyLost` when the claim is no longer ``token``'s."""
 
     @abc.abstractmethod
     def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:

@@ -368,3 +368,27 @@ def test_a_schema_8_database_gets_its_usage_counted(tmp_path: Any) -> None:
         assert usage["bytes"] == expected
     finally:
         store.close()
+
+
+@SQL
+def test_idempotency_records_count_until_they_expire(quota_app: Any) -> None:
+    from tests.conftest import Keys
+
+    client = quota_app.test_client()
+    keys = Keys(quota_app)
+    admin = keys.headers(admin=True)
+    client.post("/v2/agents", json={"key": AGENT, "name": "Q"}, headers=admin)
+    full = keys.headers(("*", ("sessions:create", "events:append")))
+    sessions = f"/v2/agents/{AGENT}/sessions"
+    assert client.post(sessions, json={"key": "s1", "name": "s1"}, headers=full).status_code == 201
+    store = quota_app.extensions["agent_sessions"].storage
+    batch = {"events": [{"type": "agent_output", "content": "a" * 2000}]}
+    sent = client.post(
+        f"{sessions}/s1/events/batch", json=batch, headers={**full, "Idempotency-Key": "k-1"}
+    )
+    assert sent.status_code == 201
+    usage = store.get_usage(agent_key=AGENT)
+    held = usage["bytes"] - recount(store)["bytes"]
+    assert held >= len(sent.get_data()) > 2000
+    store.purge_expired_idempotency_keys(now=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+    assert store.get_usage(agent_key=AGENT) == recount(store)

@@ -96,6 +96,8 @@ def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) 
     storage = current_app.extensions["agent_sessions"].storage
     config = current_app.config
     scope = g.api_key.id
+    # The agent in the path keeps the record, in its usage (none for /v2/agents).
+    agent_key = (request.view_args or {}).get("agent_key")
     mine = fingerprint(request.method, request.path, body)
     token = secrets.token_hex(16)
     now = utcnow()
@@ -126,7 +128,9 @@ def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) 
             response.get_data(),
         )
         try:
-            storage.finish_idempotency_key(scope=scope, key=key, token=token, answer=answer)
+            storage.finish_idempotency_key(
+                scope=scope, key=key, token=token, answer=answer, agent_key=agent_key
+            )
         except IdempotencyKeyLost:
             raise in_use() from None
         return response

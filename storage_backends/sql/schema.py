@@ -104,6 +104,11 @@ def _usage_migration() -> Migration:
         sqlite=(
             "ALTER TABLE sessions ADD COLUMN event_count INTEGER NOT NULL DEFAULT 0",
             "ALTER TABLE sessions ADD COLUMN event_bytes INTEGER NOT NULL DEFAULT 0",
+            # An answered record's agent (the one in its path), the shard it is
+            # counted in and its bytes; records answered before stay uncounted.
+            "ALTER TABLE idempotency_keys ADD COLUMN agent_key TEXT",
+            "ALTER TABLE idempotency_keys ADD COLUMN usage_shard INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE idempotency_keys ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0",
             "CREATE TABLE IF NOT EXISTS agent_usage (agent_key TEXT NOT NULL, "
             "shard INTEGER NOT NULL, sessions INTEGER NOT NULL, events INTEGER NOT NULL, "
             "bytes INTEGER NOT NULL, PRIMARY KEY (agent_key, shard)) WITHOUT ROWID",
@@ -117,6 +122,11 @@ def _usage_migration() -> Migration:
         postgres=(
             "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS event_count bigint NOT NULL DEFAULT 0",
             "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS event_bytes bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS agent_key text",
+            "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS usage_shard integer "
+            "NOT NULL DEFAULT 0",
+            "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS stored_bytes bigint "
+            "NOT NULL DEFAULT 0",
             """CREATE TABLE IF NOT EXISTS agent_usage (
             agent_key text NOT NULL REFERENCES agents (key) ON DELETE CASCADE,
             shard integer NOT NULL, PRIMARY KEY (agent_key, shard),
@@ -583,13 +593,23 @@ GET_IDEMPOTENCY_KEY = (
     "WHERE scope = ? AND key = ?"
 )
 FINISH_IDEMPOTENCY_KEY = (
-    "UPDATE idempotency_keys SET status = ?, headers = ?, body = ? "
+    "UPDATE idempotency_keys SET status = ?, headers = ?, body = ?, agent_key = ?, "
+    "usage_shard = ?, stored_bytes = ? "
     "WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
 )
 RELEASE_IDEMPOTENCY_KEY = (
     "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
 )
-PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
+PURGE_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE expires_at <= ? "
+    "RETURNING agent_key, usage_shard, stored_bytes"
+)
+# An expired record a claim is about to replace, and what it held.
+DROP_EXPIRED_IDEMPOTENCY_KEY = (
+    "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND expires_at <= ? "
+    "RETURNING agent_key, usage_shard, stored_bytes"
+)
+IDEMPOTENCY_ROW_BYTES = 128
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
 SESSION_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 # The metadata index (migration 7).
