@@ -51,7 +51,7 @@ from .schema import (
     limit_clause,
     metadata_scan_query,
 )
-from .usage import UsageRecords
+from .usage import UsageRecords, session_bytes
 
 # The session fields whose bytes its usage counts (migration 10's triggers).
 CHARGED_FIELDS = frozenset({"name", "description", "metadata"})
@@ -84,7 +84,7 @@ class SessionRecords(ReleasedRows, UsageRecords):
         if row is None:
             return 0
         self._add_index_rows(conn, row[0], session.agent_key, entries)
-        self._check_session_bytes(conn, session.agent_key, row[0])
+        self._check_agent_bytes(conn, session.agent_key, session_bytes(session))
         return 1
 
     def _add_index_rows(
@@ -424,7 +424,7 @@ class SessionRecords(ReleasedRows, UsageRecords):
             ).fetchone()
             raise (AgentNotFound if agent is None else AgentDisabled)(session.agent_key)
         self._index_metadata(conn, row[0], session.agent_key, session.metadata, new=True)
-        self._check_session_bytes(conn, session.agent_key, row[0])
+        self._check_agent_bytes(conn, session.agent_key, session_bytes(session))
         return row[0]
 
     def load_sessions(self, sessions: Iterable[Session], *, batch: int = 10_000) -> int:

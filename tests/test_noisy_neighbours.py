@@ -1,6 +1,7 @@
-"""``sessions import`` as a noisy neighbour: a slow pipe holds no writer (another agent's
-appends through a live gunicorn go on while it stalls), and a line over its bound is
-refused as it is read, and nothing past it is read."""
+"""Noisy neighbours against a live gunicorn with 4 workers: ``sessions import`` from a
+slow pipe holds no writer (another agent's appends go on while it stalls), a line over
+its bound is refused as it is read (nothing past it is read), and a flood of 3.5 MB
+batches with Idempotency-Keys stops at the agent's quota while another agent appends."""
 
 from __future__ import annotations
 
@@ -138,3 +139,68 @@ def test_an_event_at_its_bound_is_imported(tmp_path: Path) -> Any:
     path.write_bytes(session_line() + event + b'{"end": {"events": 1}}\n')
     done = cli("sessions", "import", str(path), env=env)
     assert "with 1 events" in done.stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_an_idempotency_key_batch_flood_is_bounded_by_the_quota(
+    tmp_path: Path, backend: str
+) -> None:
+    bound = 16 * 1024 * 1024
+    settings = {
+        "AGENT_SESSIONS_AGENT_MAX_BYTES": str(bound),
+        "AGENT_SESSIONS_DEFAULT_LIMIT": "100000/minute",
+    }
+    grants = "support-bot=sessions:create,events:append"
+    with serving_store(backend, tmp_path, settings, grants=grants) as (server, noisy, url):
+        env = {"AGENT_SESSIONS_STORAGE_URL": url, **settings}
+        cli("agents", "create", OTHER, "--name", OTHER, env=env)
+        grant = f"{OTHER}=sessions:create,events:append"
+        token = cli("keys", "create", "--name", "o", "--grant", grant, env=env).stdout
+        victim = {"x-api-key": token.strip().splitlines()[-1]}
+        for agent, headers in (("support-bot", {"x-api-key": noisy}), (OTHER, victim)):
+            made = requests.post(
+                f"{server.url}/v2/agents/{agent}/sessions",
+                json={"key": "s", "name": "s"},
+                headers=headers,
+            )
+            assert made.status_code == 201, made.text
+        events = [{"type": "agent_output", "content": "b" * (250 * 1024)} for _ in range(14)]
+        flood: list[int] = []
+
+        def attack(n: int) -> None:
+            for round_ in range(6):
+                answer = requests.post(
+                    f"{server.url}/v2/agents/support-bot/sessions/s/events/batch",
+                    json={"events": events},
+                    headers={"x-api-key": noisy, "Idempotency-Key": f"k-{n}-{round_}"},
+                    timeout=120,
+                )
+                flood.append(answer.status_code)
+                if answer.status_code == 409:
+                    assert answer.json()["error"] == "quota_exceeded", answer.text
+
+        attackers = [threading.Thread(target=attack, args=(n,)) for n in range(4)]
+        for thread in attackers:
+            thread.start()
+        statuses = []
+        while any(thread.is_alive() for thread in attackers):
+            answer = requests.post(
+                f"{server.url}/v2/agents/{OTHER}/sessions/s/events/batch",
+                json={"events": [{"type": "agent_output", "content": "turn"}]},
+                headers=victim,
+                timeout=60,
+            )
+            statuses.append(answer.status_code)
+        for thread in attackers:
+            thread.join()
+        assert set(statuses) == {201}, statuses
+        assert set(flood) == {201, 409}, flood
+        assert "WORKER TIMEOUT" not in server.logs()
+        usage = requests.get(f"{server.url}/healthz").status_code
+        assert usage == 200
+        if backend == "sqlite":
+            # 24 batches of 3.5 MB (84 MB, twice that with their remembered answers)
+            # would be on disk without the quota.
+            files = [tmp_path / "sessions.db", tmp_path / "sessions.db-wal"]
+            size = sum(path.stat().st_size for path in files if path.exists())
+            assert size < 3 * bound, size
