@@ -405,13 +405,15 @@ SESSION_LINE_EXTRA = 16 * 1024
 EVENT_LINE_EXTRA = 1024
 
 
-def bounded_lines(source: Any, first: int, rest: int) -> Iterator[tuple[int, str]]:
+def bounded_lines(
+    source: Any, first: tuple[int, str], rest: tuple[int, str]
+) -> Iterator[tuple[int, str]]:
     """The non-blank lines of ``source`` with their numbers, each read up to its bound in
-    bytes (``first`` for line 1, ``rest`` after): a longer line is refused as it is read,
-    before it is parsed, and nothing past it is read."""
+    bytes (``first`` for line 1, ``rest`` after, each with the setting it comes from): a
+    longer line is refused as it is read, before it is parsed, and nothing past it is read."""
     number = 0
     while True:
-        bound = first if number == 0 else rest
+        bound, setting = first if number == 0 else rest
         # Characters: a line of more than ``bound`` of them has more than ``bound`` bytes.
         text = source.readline(bound + 1)
         if not text:
@@ -419,7 +421,7 @@ def bounded_lines(source: Any, first: int, rest: int) -> Iterator[tuple[int, str
         number += 1
         body = text[:-1] if text.endswith("\n") else text
         if len(body) > bound or len(body.encode("utf-8", "surrogatepass")) > bound:
-            raise BadExport(f"line {number}: longer than {bound} bytes: refused unread")
+            raise BadExport(f"line {number}: longer than {bound} bytes ({setting}): refused unread")
         if body.strip():
             yield number, body
 
@@ -462,10 +464,11 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     """
     store = storage()
     config = current_app.config
+    metadata, event = config["METADATA_MAX_BYTES"], config["EVENT_MAX_BYTES"]
     lines = bounded_lines(
         source,
-        config["METADATA_MAX_BYTES"] + SESSION_LINE_EXTRA,
-        config["EVENT_MAX_BYTES"] + EVENT_LINE_EXTRA,
+        (metadata + SESSION_LINE_EXTRA, f"METADATA_MAX_BYTES {metadata} and the session"),
+        (event + EVENT_LINE_EXTRA, f"EVENT_MAX_BYTES {event} and the line around it"),
     )
     first = next(lines, None)
     if first is None:
@@ -478,7 +481,7 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     spool = Spool()
     try:
         total = announced_count(source) if sys.stderr.isatty() else None
-        with progress(events, f"reading {session.key}", total) as shown:
+        with progress(events, f"importing {session.key}", total) as shown:
             spool.add(shown)
         count = store.import_session(session=session, events=iter(spool))
     except Conflict:
