@@ -72,14 +72,15 @@ class IdempotencyRecords(UsageRecords):
         size = IDEMPOTENCY_ROW_BYTES + len(key.encode()) + len(answer.body)
         size += len(dump_json(pairs).encode())
         shard = zlib.crc32(f"{scope}/{key}".encode()) % SHARDS
-        params = [answer.status, headers, answer.body, agent_key, shard]
-        params += [size if agent_key else 0, scope, key, token]
         with self._transaction() as conn:
+            # Counted, not refused (the write it answers has passed the quota already),
+            # for an agent that exists (a remembered 404 may name none).
+            if agent_key and not self._charge_existing_agent(conn, agent_key, shard, size):
+                agent_key = None
+            params = [answer.status, headers, answer.body, agent_key, shard]
+            params += [size if agent_key else 0, scope, key, token]
             if conn.execute(self._sql(FINISH_IDEMPOTENCY_KEY), params).rowcount == 0:
                 raise IdempotencyKeyLost(key)
-            if agent_key:
-                # Counted, not refused: the write it answers has passed the quota already.
-                self._charge_agent(conn, agent_key, shard, 0, size, checked=False)
 
     def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:
         with self._writing() as conn:

@@ -50,6 +50,11 @@ ADD_USAGE = (
     "ON CONFLICT (agent_key, shard) DO UPDATE SET events = agent_usage.events + excluded.events, "
     "bytes = agent_usage.bytes + excluded.bytes"
 )
+ADD_EXISTING_USAGE = (
+    "INSERT INTO agent_usage (agent_key, shard, sessions, events, bytes) SELECT ?, ?, 0, 0, ? "
+    "WHERE EXISTS (SELECT 1 FROM agents WHERE key = ?) "
+    "ON CONFLICT (agent_key, shard) DO UPDATE SET bytes = agent_usage.bytes + excluded.bytes"
+)
 GET_USAGE = (
     "SELECT coalesce(sum(sessions), 0), coalesce(sum(events), 0), coalesce(sum(bytes), 0) "
     "FROM agent_usage WHERE agent_key = ?"
@@ -102,6 +107,15 @@ class UsageRecords(SQLDialect):
         conn.execute(self._sql(ADD_USAGE), [agent_key, shard, count, size])
         if checked and size > 0:
             self._check_agent_bytes(conn, agent_key, size)
+
+    def _charge_existing_agent(self, conn: Any, agent_key: str, shard: int, size: int) -> bool:
+        """Add ``size`` bytes to the agent's usage, unchecked, when the agent exists."""
+        return (
+            conn.execute(
+                self._sql(ADD_EXISTING_USAGE), [agent_key, shard, size, agent_key]
+            ).rowcount
+            > 0
+        )
 
     def _check_agent_bytes(self, conn: Any, agent_key: str, added: int) -> None:
         """:class:`QuotaExceeded` when the agent's bytes, with ``added`` just written, pass
