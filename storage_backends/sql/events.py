@@ -79,13 +79,14 @@ class EventRecords(UsageRecords):
     def _insert_events(
         self, conn: Any, agent_key: str, session_id: int, events: list[Event]
     ) -> None:
-        """Insert ``events`` into the session ``session_id`` and charge them to its usage."""
+        """Charge ``events`` to the session ``session_id`` and its agent, then insert them:
+        a refusal of the quota comes before anything is written."""
         if not events:
             return
         rows = [self._event_params(session_id, event) for event in events]
-        self._execute_many(conn, self._sql(INSERT_EVENT), rows)
         size = sum(event_bytes(event, row[3]) for event, row in zip(events, rows, strict=True))
         self._charge_events(conn, agent_key, session_id, len(events), size)
+        self._execute_many(conn, self._sql(INSERT_EVENT), rows)
 
     def _session_id(self, agent_key: str, session_key: str, now: dt.datetime) -> int:
         """The row id of a live session: for an export's batches, and to tell why a
