@@ -337,12 +337,12 @@ def test_http_quota_exceeded_and_the_agents_usage(quota_app: Any) -> None:
     assert client.get(f"{sessions}/s1", headers=full).json["metadata"] == {}
 
 
-def test_a_schema_8_database_gets_its_usage_counted(tmp_path: Any) -> None:
+def test_a_schema_9_database_gets_its_usage_counted(tmp_path: Any) -> None:
     from storage_backends.sqlite import SQLiteStorage
     from tests.test_sqlite_schema import old_database
 
     path = tmp_path / "old.db"
-    old_database(path, 8, 0, 0)
+    old_database(path, 9, 0, 0)
     import sqlite3
 
     with sqlite3.connect(path) as conn:
