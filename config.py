@@ -55,6 +55,10 @@ class Config:
     # A page of GET .../events also ends early, with a page_key, once its events
     # serialize to this many bytes (always at least one event).
     EVENTS_PAGE_MAX_BYTES = 1024 * 1024
+    # Storage quotas (storage_backends/sql/usage.py): the bytes one agent stores
+    # and the events one session holds, hidden ones included; 0: no bound.
+    AGENT_MAX_BYTES = 1 << 30
+    SESSION_MAX_EVENTS = 100_000
     # Seconds a client has to take each write of its answer (the head, the body, a
     # piece of a streamed one), in gunicorn's worker: then the connection is
     # reset, logged with the request id, and the request thread is free.
@@ -244,6 +248,8 @@ CHECKS: dict[str, Check] = {
     "EVENTS_BATCH_MAX": integer(1, 100_000),
     "EVENT_MAX_DEPTH": integer(1, 200),
     "EVENTS_PAGE_MAX_BYTES": integer(1024, 1 << 30),
+    "AGENT_MAX_BYTES": integer(0, 1 << 62),
+    "SESSION_MAX_EVENTS": integer(0, 1 << 62),
     "SEND_TIMEOUT": number(0.1, 3600),
     "FILTER_SCAN_ROWS": integer(1, 10_000_000),
     "FILTER_SCAN_SECONDS": number(0.001, 60),

@@ -667,6 +667,12 @@ def selected_backends(spec: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--noisy" in given:  # the noisy-neighbour mode: bench/noisy.py, its own options
+        import noisy
+
+        noisy.main([arg for arg in given if arg != "--noisy"])
+        return 0
     args = parse_args(argv)
     require_wrk()
     if args.compare and args.instructions and shutil.which("callgrind_control") is None:

@@ -81,6 +81,15 @@ class TooManyEvents(StorageError):
         self.max_bytes = max_bytes
 
 
+class QuotaExceeded(StorageError):
+    """A write would pass a storage quota (``AGENT_MAX_BYTES``, ``SESSION_MAX_EVENTS``):
+    it was rolled back. ``usage`` is what was stored before it, ``adds`` what it adds."""
+
+    def __init__(self, quota: str, usage: int, adds: int, bound: int):
+        super().__init__(f"{quota}: {usage} + {adds} > {bound}")
+        self.quota, self.usage, self.adds, self.bound = quota, usage, adds, bound
+
+
 class Unavailable(StorageError):
     """The backend cannot answer now (unreachable, busy past its timeout, disk full).
 
@@ -323,6 +332,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list_agents(self, *, limit: int, after: int | None = None) -> Page:
         """A page of agents in creation order."""
+
+    @abc.abstractmethod
+    def get_usage(self, *, agent_key: str) -> dict[str, int]:
+        """What the agent stores: ``{"sessions", "events", "bytes"}`` (its quotas count these)."""
 
     @abc.abstractmethod
     def update_agent(
@@ -731,10 +744,12 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
+    def finish_idempotency_key(
+        self, *, scope: str, key: str, token: str, answer: Answer, agent_key: str | None = None
+    ) -> None:
         """Remember ``answer`` for the claim ``token``; inside :meth:`atomic`, in the same
-        transaction as the write it answers. Raises :class:`IdempotencyKeyLost` when the
-        claim is no longer ``token``'s (nothing is remembered)."""
+        transaction as the write it answers, its bytes counted in ``agent_key``'s usage.
+        Raises :class:`IdempotencyKeyLost` when the claim is no longer ``token``'s."""
 
     @abc.abstractmethod
     def release_idempotency_key(self, *, scope: str, key: str, token: str) -> None:

@@ -43,6 +43,7 @@ from .base import (
     TooManyEvents,
 )
 from .codec import (
+    dump_json,
     fields_bytes,
     filter_rows,
     merge_patch,
@@ -63,6 +64,8 @@ from .memory_tables import (
     page_of,
     stored_copy,
 )
+from .sql.schema import STATE_ROW_BYTES
+from .sql.usage import event_bytes, session_bytes
 
 
 class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
@@ -112,6 +115,21 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
             yield
 
     # Agents
+
+    def get_usage(self, *, agent_key: str) -> dict[str, int]:
+        """Counted on demand, as the SQL backends count it; memory:// enforces no quota."""
+        with self._lock:
+            sessions = events = size = 0
+            table = self._sessions.get(agent_key)
+            for seq, session in table.after(None) if table is not None else ():
+                sessions += 1
+                size += session_bytes(session)
+                for event in self._events[seq].events():
+                    events += 1
+                    size += event_bytes(event)
+            for document in self._state.get(agent_key, {}).values():
+                size += STATE_ROW_BYTES + len(dump_json(document.value).encode())
+            return {"sessions": sessions, "events": events, "bytes": size}
 
     def create_agent(self, *, agent: Agent) -> Agent:
         with self._lock:

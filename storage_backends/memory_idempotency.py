@@ -67,7 +67,9 @@ class MemoryIdempotency:
                 heapq.heappush(self._idempotency_expiry, (expires_at, scope, key))
             return held.record
 
-    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
+    def finish_idempotency_key(
+        self, *, scope: str, key: str, token: str, answer: Answer, agent_key: str | None = None
+    ) -> None:
         with self._lock:
             held = self._idempotency.get((scope, key))
             if held is None or held.record.token != token or held.record.answer is not None:

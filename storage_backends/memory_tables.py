@@ -79,6 +79,10 @@ class History:
     def count(self) -> int:
         return len(self._all)
 
+    def events(self) -> Iterator[Event]:
+        """Every event, hidden ones included, in order."""
+        return (self._by_seq[seq] for seq in self._all)
+
     def check_new(self, ids: list[str]) -> None:
         """Raise :class:`Conflict` when an id is in the history or twice in ``ids``."""
         if len(set(ids)) != len(ids):

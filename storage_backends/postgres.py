@@ -116,6 +116,7 @@ class PostgresStorage(SQLStorage):
     share_lock = " FOR SHARE"
     expires_from_tti = "CASE WHEN tti_minutes > 0 THEN ? + make_interval(mins => tti_minutes) END"
     json_contains = "strpos({}::text, ?) > 0"
+    octets = "octet_length({}::text)"
 
     encode_json = staticmethod(_json)
     # psycopg reads json columns with codec.load_json (set on each connection), as the
@@ -170,6 +171,7 @@ class PostgresStorage(SQLStorage):
             ),
         )
         storage._read_filter_options(options)
+        storage._read_quota_options(options)
         return storage
 
     # Connections

@@ -135,6 +135,7 @@ class SQLiteStorage(SQLStorage):
             synchronous=str(options.get("SQLITE_SYNCHRONOUS", config.Config.SQLITE_SYNCHRONOUS)),
         )
         storage._read_filter_options(options)
+        storage._read_quota_options(options)
         return storage
 
     # Connections

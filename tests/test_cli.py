@@ -120,8 +120,8 @@ def test_agents_create_and_list(env: dict[str, str], url: str) -> None:
     )
     lines = cli("agents", "list", env=env).stdout.splitlines()
     assert [line.split("\t") for line in lines] == [
-        [AGENT, "Support", "enabled"],
-        ["billing", "Billing bot", "enabled"],
+        [AGENT, "Support", "enabled", "0", "0", "0"],
+        ["billing", "Billing bot", "enabled", "0", "0", "0"],
     ]
 
 
@@ -554,8 +554,11 @@ def test_agents_list_escapes_control_characters_in_names(env: dict[str, str], ur
             "evil",
             "Evil\\x0afake-agent\\x09Fake\\x09enabled\\x1b[2J\\x1b]0;pwned\\x07\\x85\\u2028\\u202e\\x7f",
             "enabled",
+            "0",
+            "0",
+            "0",
         ],
-        ["older", "Old\\x0d\\x0akey\\x09x", "enabled"],
+        ["older", "Old\\x0d\\x0akey\\x09x", "enabled", "0", "0", "0"],
     ]
 
 

@@ -237,8 +237,13 @@ def test_an_event_older_than_the_one_before_it_is_refused(ops, tmp_path) -> None
             ("forked_from.agent_key", "letters, digits"),
         ),
         (
-            {"forked_from": {"agent_key": AGENT, "session_key": "k" * 2_000_000}},
+            {"forked_from": {"agent_key": AGENT, "session_key": "k" * 20_000}},
             ("forked_from.session_key",),
+        ),
+        (
+            # Past the session line's bound (METADATA_MAX_BYTES + 16 KiB): never parsed.
+            {"forked_from": {"agent_key": AGENT, "session_key": "k" * 2_000_000}},
+            ("longer than 32768 bytes", "refused unread"),
         ),
         (
             {"forked_from": {"agent_key": AGENT, "session_key": "s", "event_id": "ev-1"}},

@@ -86,7 +86,7 @@ def test_agents_get_update_delete(env: dict[str, str]) -> None:
     cli("agents", "update", AGENT, "--name", "Desk", "--description", "", "--disable", env=env)
     got = json.loads(cli("agents", "get", AGENT, "--json", env=env).stdout)
     assert (got["name"], got["enabled"], "description" in got) == ("Desk", False, False)
-    assert cli("agents", "list", env=env).stdout == f"{AGENT}\tDesk\tdisabled\n"
+    assert cli("agents", "list", env=env).stdout == f"{AGENT}\tDesk\tdisabled\t0\t0\t0\n"
     cli("agents", "update", AGENT, "--enable", env=env)
     assert json.loads(cli("agents", "get", AGENT, "--json", env=env).stdout)["enabled"] is True
     assert cli("agents", "update", AGENT, env=env, check=False).returncode == 2
@@ -252,7 +252,7 @@ def test_on_a_terminal_lists_have_a_header_and_deletes_ask(env: dict[str, str]) 
     cli("agents", "create", AGENT, "--name", "Support", env=env)
     status, output = run_on_terminal(["agents", "list"], env)
     assert status == 0
-    assert output.splitlines()[0].split() == ["KEY", "NAME", "STATE"]
+    assert output.splitlines()[0].split() == ["KEY", "NAME", "STATE", "SESSIONS", "EVENTS", "BYTES"]
     status, output = run_on_terminal(["agents", "delete", AGENT], env, answer=b"n\n")
     assert status == 1 and "Aborted" in output
     assert cli("agents", "get", AGENT, env=env, check=False).returncode == 0

@@ -82,7 +82,8 @@ STATUSES = [
     (
         "PATCH",
         "/v2/agents/{agent_key}/sessions/{session_key}",
-        {"200", "404"} | KEYED | BODIED | WRITE_IF,
+        # 409: quota_exceeded, for metadata that grows past the agent's bytes.
+        {"200", "404", "409"} | KEYED | BODIED | WRITE_IF,
     ),
     ("DELETE", "/v2/agents/{agent_key}/sessions/{session_key}", {"204", "404"} | KEYED | WRITE_IF),
     ("POST", "/v2/agents", {"201"} | KEYED | BODIED | IDEMPOTENT),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -62,6 +63,8 @@ def test_every_response_schema_is_covered():
         "SessionListSchema",
         "AgentListSchema",
         "ForkedFromSchema",  # in forked sessions: test_forked_session_dump
+        "AgentUsageSchema",  # an agent with its usage: test_agent_usage_dump
+        "UsageSchema",
     }
 
 
@@ -93,6 +96,20 @@ def test_forked_session_dump(session, forked_from):
     schema = schemas.SessionSchema()
     assert schema.dump(session) == marshmallow_dump(schema, session)
     assert schema.dump(session)["forked_from"] == forked_from
+
+
+@settings(max_examples=100)
+@given(
+    agent=agents,
+    usage=st.fixed_dictionaries(
+        {name: st.integers(0, 2**62) for name in ("sessions", "events", "bytes")}
+    ),
+)
+def test_agent_usage_dump(agent, usage):
+    schema = schemas.AgentUsageSchema()
+    record = dataclasses.asdict(agent) | {"usage": usage}
+    assert schema.dump(record) == marshmallow_dump(schema, record)
+    assert list(schema.dump(record)["usage"]) == ["sessions", "events", "bytes"]
 
 
 @settings(max_examples=200)

@@ -90,7 +90,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_sessions(tmp_path):
     page = migrated.list_sessions(agent_key="bot", limit=10, now=T0)
 
     assert [s.key for s in page.items] == ["s0", "s1", "s2"]
-    assert user_version(path) == SCHEMA_VERSION == 9
+    assert user_version(path) == SCHEMA_VERSION == 10
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"console_sessions", "idx_console_sessions_expires_at"} <= tables
@@ -210,7 +210,7 @@ def test_a_schema_5_database_is_rebuilt_with_ids_never_reused(tmp_path):
     migrated = SQLiteStorage(str(path))
     migrated.check()
 
-    assert user_version(path) == SCHEMA_VERSION == 9
+    assert user_version(path) == SCHEMA_VERSION == 10
     with sqlite3.connect(path) as conn:
         assert dict(conn.execute("SELECT key, id FROM sessions").fetchall()) == session_ids
         tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))

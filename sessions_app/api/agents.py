@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from storage_backends import Agent
@@ -16,6 +17,7 @@ from ..schemas import (
     AgentListSchema,
     AgentSchema,
     AgentUpdateSchema,
+    AgentUsageSchema,
     ListQuerySchema,
 )
 from .endpoint import bp, created, endpoint, page_body, service
@@ -57,10 +59,18 @@ def list_agents(query: dict[str, Any]) -> Any:
 @bp.get("/agents/<record_key:agent_key>")
 @rate_limits.per_admin_key
 @auth.require_admin
-@endpoint("Agents", 200, AgentSchema, etag=AgentSchema, examples={"response": AGENT})
+@endpoint(
+    "Agents",
+    200,
+    AgentUsageSchema,
+    etag=AgentSchema,
+    examples={"response": AGENT | {"usage": {"sessions": 3, "events": 120, "bytes": 48_213}}},
+)
 def get_agent(agent_key: str) -> Any:
-    """Read one agent."""
-    return service().storage.get_agent(agent_key=agent_key)
+    """Read one agent, with what it stores (its quotas count this usage)."""
+    storage = service().storage
+    agent = storage.get_agent(agent_key=agent_key)
+    return dataclasses.asdict(agent) | {"usage": storage.get_usage(agent_key=agent_key)}
 
 
 @bp.patch("/agents/<record_key:agent_key>")

@@ -112,6 +112,7 @@ def endpoint(
     body_schema = body() if body is not None else None
     response_schema = response() if response is not None else None
     etag_schema = etag() if etag is not None else None
+    same_tag = etag is None or response is etag
     declared = Operation(
         tag,
         status,
@@ -161,7 +162,10 @@ def endpoint(
                         authorize(path, raw)
                     if key is not None:
                         return idempotency.remembered(
-                            key, raw, functools.partial(respond, path, inputs, raw, conditions)
+                            key,
+                            raw,
+                            functools.partial(respond, path, inputs, None, conditions),
+                            functools.partial(load_body, path, inputs, raw),
                         )
             except (ValidationError, ApiError, HTTPException) as err:
                 if _is_bad_input(err):
@@ -175,6 +179,16 @@ def endpoint(
                 return None
             return path.get("session_key")
 
+        def load_body(path: dict[str, str], inputs: dict[str, Any], raw: Any) -> None:
+            """The body loaded by its schema into ``inputs`` (before an Idempotency-Key's
+            unit of work, which then holds the writer only for the view)."""
+            try:
+                inputs["body"] = body_schema.load(raw)
+            except (ValidationError, ApiError, HTTPException) as err:
+                if _is_bad_input(err):
+                    check_path(path.get("agent_key"), session_of(path, raw))
+                raise
+
         def respond(
             path: dict[str, str],
             inputs: dict[str, Any],
@@ -182,7 +196,8 @@ def endpoint(
             conditions: etags.Conditions | None,
         ) -> Response:
             """The view's answer, once the request is read (and, with an Idempotency-Key,
-            claimed): the body loaded, the view run, its result dumped."""
+            claimed): the body loaded (``raw``; None once loaded), the view run, its result
+            dumped."""
             try:
                 if raw is not None:
                     inputs["body"] = body_schema.load(raw)
@@ -202,7 +217,8 @@ def endpoint(
             if etag_schema is None:
                 return responses.json_response(response_schema.dump(obj), status, headers)
             data = etags.representation(response_schema.dump(obj))
-            etag = etags.tag(data)
+            # The record's tag: an answer may carry more than the record (an agent's usage).
+            etag = etags.tag(data if same_tag else etags.representation(etag_schema.dump(obj)))
             if conditions is not None:  # a read's (a write's are the storage's to check)
                 if not conditions.matches(etag):
                     return errors.precondition_failed()

@@ -46,7 +46,8 @@ EVENTS_PATH = "/agents/<record_key:agent_key>/sessions/<record_key:session_key>/
 EVENT_PATH = EVENTS_PATH + "/<event_id:event_id>"
 
 WRITE_CONFLICTS = {
-    409: "`session_disabled`: the session's `enabled` is false; it takes no new events.",
+    409: "`session_disabled`: the session's `enabled` is false; it takes no new events. "
+    "`quota_exceeded`: the write would pass a storage quota; nothing is written.",
 }
 BATCH_CONFLICTS = {
     403: "`forbidden`: the key lacks `events:append` on this agent, or (with "
@@ -56,7 +57,8 @@ BATCH_CONFLICTS = {
     "`if_last_event_id` that no longer names the session's last event; nothing is written. "
     "`session_disabled`: the session's `enabled` is false; it takes no new events. With "
     "`create_session`, `agent_disabled`: the agent takes no new sessions; with its "
-    "`exclusive`, `conflict`: the session exists.",
+    "`exclusive`, `conflict`: the session exists. "
+    "`quota_exceeded`: the write would pass a storage quota.",
     413: "`payload_too_large`: the body is over {events_max_body} bytes, or an event "
     "serializes to more than {event_max_bytes}.",
 }

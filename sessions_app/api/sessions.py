@@ -164,6 +164,7 @@ def get_session(agent_key: str, session_key: str) -> Any:
     SessionSchema,
     body=SessionUpdateSchema,
     etag=SessionSchema,
+    statuses=(409,),
     examples={"request": {"enabled": False}, "response": SESSION | {"enabled": False}},
 )
 def update_session(

@@ -8,6 +8,7 @@ rate limit, and on a POST the CSRF token of the sign-in. Pages answer with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -334,7 +335,12 @@ def index() -> Response:
     found = storage().list_agents(**query)
     next_key = http.encode_cursor(found.next_cursor)
     next_page = url_for(".index", page_key=next_key) if next_key else None
-    return page("agents.html", agents=found.items, grants=None, next_page=next_page)
+    store = storage()
+    agents = [
+        dataclasses.asdict(agent) | {"usage": store.get_usage(agent_key=agent.key)}
+        for agent in found.items
+    ]
+    return page("agents.html", agents=agents, grants=None, next_page=next_page)
 
 
 def sign_in_page(status: int = 200, error: str | None = None) -> Response:

@@ -20,7 +20,13 @@ from storage_backends import (
     SessionNotFound,
     Unavailable,
 )
-from storage_backends.base import EventNotFound, SessionDisabled, StaleHistory, TooManyEvents
+from storage_backends.base import (
+    EventNotFound,
+    QuotaExceeded,
+    SessionDisabled,
+    StaleHistory,
+    TooManyEvents,
+)
 
 from ..naming import EVENT_ID_PREFIX
 from ..observability import metrics
@@ -190,6 +196,18 @@ def handle_session_disabled(err: SessionDisabled) -> Response:
     )
 
 
+def handle_quota_exceeded(err: QuotaExceeded) -> Response:
+    what = "events in this session" if err.quota == "SESSION_MAX_EVENTS" else "bytes of this agent"
+    return error_response(
+        409,
+        "quota_exceeded",
+        [
+            f"Quota {err.quota} exceeded: {err.usage} {what} stored, this write adds "
+            f"{err.adds}, the bound is {err.bound}; nothing was written."
+        ],
+    )
+
+
 def handle_too_many_events(err: TooManyEvents) -> Response:
     # Only an input's ``since`` asks for a bounded read in the same transaction as a write.
     what = (
@@ -263,6 +281,7 @@ HANDLERS = (
     (PreconditionFailed, handle_precondition_failed),
     (SessionDisabled, handle_session_disabled),
     (TooManyEvents, handle_too_many_events),
+    (QuotaExceeded, handle_quota_exceeded),
     (AgentDisabled, handle_agent_disabled),
     (Unavailable, handle_unavailable),
     (HTTPException, handle_http_exception),

@@ -5,9 +5,10 @@ agent) may carry one ``Idempotency-Key``: 1 to 255 printable ASCII
 characters but the comma (repeated fields arrive joined by commas), scoped to
 the API key that sends it. The first request with a key claims it
 in the storage, committed at once so that every worker and host sees the
-claim; then the request runs in one unit of work (``Storage.atomic``) with the
-record of its answer, so the write and the answer that remembers it commit
-together or not at all. A later request with the key gets:
+claim; then its body is checked by its schema, and the request runs in one
+unit of work (``Storage.atomic``) with the record of its answer, so the write
+and the answer that remembers it commit together or not at all (the schema's
+check holds no writer). A later request with the key gets:
 
 - the same method, path and body (JSON compared as parsed, key order aside):
   the remembered status, headers and body, with ``Idempotent-Replayed: true``
@@ -91,11 +92,22 @@ def fingerprint(method: str, path: str, body: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) -> Response:
-    """Answer the request ``respond`` makes once per ``key``, or the remembered answer."""
+def remembered(
+    key: str,
+    body: dict[str, Any],
+    respond: Callable[[], Response],
+    load: Callable[[], None] | None = None,
+) -> Response:
+    """Answer the request ``respond`` makes once per ``key``, or the remembered answer.
+
+    ``load`` checks the body (the schema) after the claim and before the unit of
+    work, so that the writer is not held for it; its refusal is remembered too.
+    """
     storage = current_app.extensions["agent_sessions"].storage
     config = current_app.config
     scope = g.api_key.id
+    # The agent in the path keeps the record, in its usage (none for /v2/agents).
+    agent_key = (request.view_args or {}).get("agent_key")
     mine = fingerprint(request.method, request.path, body)
     token = secrets.token_hex(16)
     now = utcnow()
@@ -126,7 +138,9 @@ def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) 
             response.get_data(),
         )
         try:
-            storage.finish_idempotency_key(scope=scope, key=key, token=token, answer=answer)
+            storage.finish_idempotency_key(
+                scope=scope, key=key, token=token, answer=answer, agent_key=agent_key
+            )
         except IdempotencyKeyLost:
             raise in_use() from None
         return response
@@ -137,6 +151,15 @@ def remembered(key: str, body: dict[str, Any], respond: Callable[[], Response]) 
         except StorageError as err:  # the claim waits out its lock instead
             log.warning("idempotency key not released: %s", err)
 
+    if load is not None:
+        try:
+            load()
+        except Exception as err:
+            refused = errors.client_error_response(err)
+            if refused is None:
+                release()
+                raise
+            return finish(refused)
     try:
         with storage.atomic():
             response = respond()

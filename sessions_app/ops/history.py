@@ -7,8 +7,10 @@ import datetime as dt
 import io
 import json
 import os
+import pickle
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -397,6 +399,55 @@ def read_events(
     raise BadExport("the file ends before its end line: it is not a whole export")
 
 
+#: What a line may hold beyond the record it carries: the session line's other fields
+#: beside its metadata, an event line's ``{"event": ...}`` around the event.
+SESSION_LINE_EXTRA = 16 * 1024
+EVENT_LINE_EXTRA = 1024
+
+
+def bounded_lines(
+    source: Any, first: tuple[int, str], rest: tuple[int, str]
+) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of ``source`` with their numbers, each read up to its bound in
+    bytes (``first`` for line 1, ``rest`` after, each with the setting it comes from): a
+    longer line is refused as it is read, before it is parsed, and nothing past it is read."""
+    number = 0
+    while True:
+        bound, setting = first if number == 0 else rest
+        # Characters: a line of more than ``bound`` of them has more than ``bound`` bytes.
+        text = source.readline(bound + 1)
+        if not text:
+            return
+        number += 1
+        body = text[:-1] if text.endswith("\n") else text
+        if len(body) > bound or len(body.encode("utf-8", "surrogatepass")) > bound:
+            raise BadExport(f"line {number}: longer than {bound} bytes ({setting}): refused unread")
+        if body.strip():
+            yield number, body
+
+
+class Spool:
+    """Checked events kept in a temporary file (memory holds one at a time), so that the
+    input is read whole before the import takes the writer."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.count = 0
+
+    def add(self, events: Iterable[Any]) -> None:
+        for event in events:
+            pickle.dump(event, self.file, protocol=pickle.HIGHEST_PROTOCOL)
+            self.count += 1
+
+    def __iter__(self) -> Iterator[Any]:
+        self.file.seek(0)
+        for _ in range(self.count):
+            yield pickle.load(self.file)  # noqa: S301 - our own file, written just now
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @sessions.command("import")
 @click.argument("source", type=click.File("r", encoding="utf-8"), default="-")
 @click.option("--agent", "agent_key", default=None, help="Import under this agent instead.")
@@ -407,9 +458,18 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
 
     All or nothing: a bad line, a missing end line or a session key that is
     taken stores nothing. The session's idle clock restarts with the import.
+    The input is read and checked whole before anything is written (a slow
+    pipe never holds the writer), and a line longer than its bound is refused
+    unread.
     """
     store = storage()
-    lines = ((number, text) for number, text in enumerate(source, 1) if text.strip())
+    config = current_app.config
+    metadata, event = config["METADATA_MAX_BYTES"], config["EVENT_MAX_BYTES"]
+    lines = bounded_lines(
+        source,
+        (metadata + SESSION_LINE_EXTRA, f"METADATA_MAX_BYTES {metadata} and the session"),
+        (event + EVENT_LINE_EXTRA, f"EVENT_MAX_BYTES {event} and the line around it"),
+    )
     first = next(lines, None)
     if first is None:
         raise BadExport("the input is empty")
@@ -418,15 +478,19 @@ def import_session(source: Any, agent_key: str | None, session_key: str | None) 
     store.get_agent(agent_key=session.agent_key)
     tally = [0, 0]  # events read, end line seen
     events = read_events(lines, session.key, tally, now)
+    spool = Spool()
     try:
         total = announced_count(source) if sys.stderr.isatty() else None
         with progress(events, f"importing {session.key}", total) as shown:
-            count = store.import_session(session=session, events=shown)
+            spool.add(shown)
+        count = store.import_session(session=session, events=iter(spool))
     except Conflict:
         raise BadExport(
             f"session {session.key} of agent {session.agent_key} exists, or the file repeats "
             "an event id: nothing imported (--key imports under another key)"
         ) from None
+    finally:
+        spool.close()
     if not tally[1]:  # a backend that stopped reading early
         raise BadExport("the import did not reach the end line")
     done = f"imported session {session.key} of agent {session.agent_key} with {count} events"

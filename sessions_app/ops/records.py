@@ -70,14 +70,17 @@ def create_agent(agent_key: str, name: str, description: str | None) -> None:
 @json_option
 @one_line_errors
 def list_agents(as_json: bool) -> None:
-    """List agents: key, name, state."""
-    found = iterate(storage().list_agents)
+    """List agents: key, name, state, and what each stores (sessions, events, bytes)."""
+    store = storage()
+    found = ((agent, store.get_usage(agent_key=agent.key)) for agent in iterate(store.list_agents))
     if as_json:
         schema = AgentSchema()
-        return echo_json_list("agents", (schema.dump(agent) for agent in found))
-    header("KEY", "NAME", "STATE")
-    for agent in found:
-        echo(agent.key, agent.name, agent_state(agent))
+        return echo_json_list(
+            "agents", (schema.dump(agent) | {"usage": usage} for agent, usage in found)
+        )
+    header("KEY", "NAME", "STATE", "SESSIONS", "EVENTS", "BYTES")
+    for agent, usage in found:
+        echo(agent.key, agent.name, agent_state(agent), *usage.values())
 
 
 @agents.command("get")

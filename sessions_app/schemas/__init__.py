@@ -635,6 +635,21 @@ class AgentSchema(ResponseSchema):
     updated_at = Timestamp(required=True)
 
 
+class UsageSchema(ResponseSchema):
+    class Meta:
+        ordered = True
+
+    sessions = fields.Integer(required=True)
+    events = fields.Integer(required=True)
+    bytes = fields.Integer(required=True)
+
+
+class AgentUsageSchema(AgentSchema):
+    """An agent with what it stores (``usage``, not part of its ETag), for admin keys."""
+
+    usage = fields.Nested(UsageSchema, required=True)
+
+
 class AgentCreateSchema(BodySchema):
     key = Key(required=True)
     name = Name(required=True)

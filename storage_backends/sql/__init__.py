@@ -1,8 +1,8 @@
 """Every operation of the SQL backends, written once over a small dialect.
 
 :class:`SQLStorage` holds the statements and what they mean, one module per
-record kind (agents, sessions, events, forks, state, api_keys, idempotency, console;
-released, the freeing of a removed session's events) over the schema
+record kind (agents, sessions, events, forks, state, api_keys, idempotency, console,
+usage; released, the freeing of a removed session's events) over the schema
 (schema.py: migrations, tables, statements) and the dialect (dialect.py); a
 backend subclass supplies only what differs between databases:
 
@@ -42,6 +42,7 @@ from .idempotency import IdempotencyRecords
 from .schema import MIGRATIONS, SCHEMA_VERSION, SESSION_INSERT_COLUMNS, SESSION_PAGE
 from .sessions import SessionRecords
 from .state import StateRecords
+from .usage import UsageRecords
 
 
 class SQLStorage(
@@ -53,6 +54,7 @@ class SQLStorage(
     StateRecords,
     ApiKeyRecords,
     IdempotencyRecords,
+    UsageRecords,
     abc.ABC,
 ):
     """The operations of :class:`Storage` in SQL; subclasses supply the dialect."""

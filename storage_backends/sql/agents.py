@@ -91,6 +91,12 @@ class AgentRecords(SQLDialect):
             if not self.sessions_cascade:
                 conn.execute(self._sql("DELETE FROM sessions WHERE agent_key = ?"), [agent_key])
                 conn.execute(self._sql("DELETE FROM agent_state WHERE agent_key = ?"), [agent_key])
+                conn.execute(self._sql("DELETE FROM agent_usage WHERE agent_key = ?"), [agent_key])
+            # Its records' bytes left with its usage: a new agent of this key never pays them.
+            conn.execute(
+                self._sql("UPDATE idempotency_keys SET agent_key = NULL WHERE agent_key = ?"),
+                [agent_key],
+            )
             self._end_grants(conn, agent_key)
         # The sessions went with the agent; their events are freed in short chunks.
         self._free_released()

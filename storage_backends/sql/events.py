@@ -25,7 +25,6 @@ from ..base import (
     TooManyEvents,
 )
 from ..codec import fields_bytes, merge_patch, same_json
-from .dialect import SQLDialect
 from .schema import (
     DELETE_EVENT,
     DELETE_EXPIRED_BY_ID,
@@ -42,14 +41,16 @@ from .schema import (
     SESSION_EXISTS,
     SESSIONS,
     event_page_query,
+    event_size_sql,
 )
+from .usage import UsageRecords, event_bytes
 
 
 class _CreatedMeanwhile(Exception):
     """A batch's create_session lost the race for its key to another writer's."""
 
 
-class EventRecords(SQLDialect):
+class EventRecords(UsageRecords):
     """The event operations of :class:`SQLStorage`."""
 
     def _event(self, row: Any, session_key: str) -> Event:
@@ -74,6 +75,18 @@ class EventRecords(SQLDialect):
             self.encode_ts(event.created_at),
             event.hide_reason,
         ]
+
+    def _insert_events(
+        self, conn: Any, agent_key: str, session_id: int, events: list[Event]
+    ) -> None:
+        """Charge ``events`` to the session ``session_id`` and its agent, then insert them:
+        a refusal of the quota comes before anything is written."""
+        if not events:
+            return
+        rows = [self._event_params(session_id, event) for event in events]
+        size = sum(event_bytes(event, row[3]) for event, row in zip(events, rows, strict=True))
+        self._charge_events(conn, agent_key, session_id, len(events), size)
+        self._execute_many(conn, self._sql(INSERT_EVENT), rows)
 
     def _session_id(self, agent_key: str, session_key: str, now: dt.datetime) -> int:
         """The row id of a live session: for an export's batches, and to tell why a
@@ -190,12 +203,7 @@ class EventRecords(SQLDialect):
                         session = self._write_metadata(conn, session_id, session, metadata, now)
                     if state_patch:
                         self._patch_state(conn, agent_key, state_patch, check_state, now)
-                    if events:
-                        self._execute_many(
-                            conn,
-                            self._sql(INSERT_EVENT),
-                            [self._event_params(session_id, event) for event in events],
-                        )
+                    self._insert_events(conn, agent_key, session_id, events)
         except self.unique_violation:
             if creating:
                 raise _CreatedMeanwhile from None
@@ -231,10 +239,14 @@ class EventRecords(SQLDialect):
                 ):
                     raise StaleHistory(session_key)
                 if last is not None:
-                    conn.execute(
-                        self._sql("DELETE FROM events WHERE session_id = ? AND seq = ?"),
+                    size = conn.execute(
+                        self._sql(
+                            "DELETE FROM events WHERE session_id = ? AND seq = ? "
+                            f"RETURNING {event_size_sql(self.octets)}"
+                        ),
                         [row[0], last[0]],
-                    )
+                    ).fetchone()[0]
+                    self._charge_events(conn, agent_key, row[0], -1, -size)
         if not found:
             raise SessionNotFound(session_key)
         return None if last is None else self._event(last, session_key)
@@ -269,12 +281,7 @@ class EventRecords(SQLDialect):
                     )
                     if len(set(ids)) != len(ids):
                         raise Conflict("an event id appears twice in the batch")
-                    if events:
-                        self._execute_many(
-                            conn,
-                            self._sql(INSERT_EVENT),
-                            [self._event_params(session_id, event) for event in events],
-                        )
+                    self._insert_events(conn, agent_key, session_id, events)
                     query, _ = event_page_query(
                         False, False, 0, after is not None, by_id=True, rows=limit + 1
                     )
@@ -301,6 +308,7 @@ class EventRecords(SQLDialect):
     ) -> Session:
         """Store the session's new metadata (and its rows of the metadata index), moving
         ``updated_at``; the session as written."""
+        before = self._row_bytes(conn, session.agent_key, session.key)
         row = conn.execute(
             self._sql(
                 f"UPDATE sessions SET metadata = ?, updated_at = ? WHERE id = ? "
@@ -309,6 +317,7 @@ class EventRecords(SQLDialect):
             [self.encode_json(metadata), self.encode_ts(now), session_id],
         ).fetchone()
         self._index_metadata(conn, session_id, session.agent_key, metadata, session.metadata)
+        self._check_session_bytes(conn, session.agent_key, session_id, before)
         return self._record(SESSIONS, row)
 
     def list_events(
@@ -379,9 +388,14 @@ class EventRecords(SQLDialect):
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> None:
         params = [agent_key, session_key, self.encode_ts(now), event_id]
-        with self._writing() as conn:
-            deleted = conn.execute(self._sql(DELETE_EVENT), params).rowcount
-        if deleted == 0:
+        with self._transaction() as conn:
+            deleted = conn.execute(
+                self._sql(f"{DELETE_EVENT} RETURNING session_id, {event_size_sql(self.octets)}"),
+                params,
+            ).fetchone()
+            if deleted is not None:
+                self._charge_events(conn, agent_key, deleted[0], -1, -deleted[1])
+        if deleted is None:
             self._session_id(agent_key, session_key, now)
             raise EventNotFound(event_id)
 
@@ -395,9 +409,17 @@ class EventRecords(SQLDialect):
             if row is not None and not self._live(row[1], now):
                 conn.execute(self._sql(DELETE_EXPIRED_BY_ID), [row[0], self.encode_ts(now)])
             elif row is not None:
+                count, size = conn.execute(
+                    self._sql(
+                        f"SELECT count(*), coalesce(sum({event_size_sql(self.octets)}), 0) "
+                        "FROM events WHERE session_id = ?"
+                    ),
+                    [row[0]],
+                ).fetchone()
                 deleted = conn.execute(
                     self._sql("DELETE FROM events WHERE session_id = ?"), [row[0]]
                 ).rowcount
+                self._charge_events(conn, agent_key, row[0], -count, -size)
         if deleted is None:
             raise SessionNotFound(session_key)
         return deleted
@@ -445,7 +467,14 @@ class EventRecords(SQLDialect):
                         [HIDDEN_BY_COMPACTION, session_id, *([] if bound is None else [bound])],
                     ).rowcount
                     stored = self._add_compaction(
-                        conn, session_id, session_key, compaction, turns, hidden, check_compaction
+                        conn,
+                        agent_key,
+                        session_id,
+                        session_key,
+                        compaction,
+                        turns,
+                        hidden,
+                        check_compaction,
                     )
         except self.unique_violation:
             raise Conflict(compaction.id) from None
@@ -475,6 +504,7 @@ class EventRecords(SQLDialect):
     def _add_compaction(
         self,
         conn: Any,
+        agent_key: str,
         session_id: int,
         session_key: str,
         compaction: Event,
@@ -491,7 +521,7 @@ class EventRecords(SQLDialect):
         )
         if check is not None:
             check(stored)
-        conn.execute(self._sql(INSERT_EVENT), self._event_params(session_id, stored))
+        self._insert_events(conn, agent_key, session_id, [stored])
         return stored
 
     def iter_events(self, *, agent_key: str, session_key: str, now: dt.datetime) -> Iterator[Event]:
@@ -528,10 +558,9 @@ class EventRecords(SQLDialect):
         try:
             with self._transaction() as conn:
                 session_id = self._insert_session(conn, session)
-                statement = self._sql(INSERT_EVENT)
-                rows = (self._event_params(session_id, event) for event in events)
-                while chunk := list(itertools.islice(rows, IMPORT_BATCH)):
-                    self._execute_many(conn, statement, chunk)
+                pending = iter(events)
+                while chunk := list(itertools.islice(pending, IMPORT_BATCH)):
+                    self._insert_events(conn, session.agent_key, session_id, chunk)
                     stored += len(chunk)
         except self.unique_violation:
             raise Conflict(f"{session.key} or an event id given twice") from None
@@ -558,12 +587,11 @@ class EventRecords(SQLDialect):
         if row is None:
             raise SessionNotFound(session_key)
         stored = 0
-        statement = self._sql(INSERT_EVENT)
-        rows = (self._event_params(row[0], event) for event in events)
-        while chunk := list(itertools.islice(rows, batch)):
+        pending = iter(events)
+        while chunk := list(itertools.islice(pending, batch)):
             try:
                 with self._transaction() as conn:
-                    self._execute_many(conn, statement, chunk)
+                    self._insert_events(conn, agent_key, row[0], chunk)
             except self.unique_violation:
                 raise Conflict("an event id of the batch is already in the session") from None
             stored += len(chunk)

@@ -37,15 +37,19 @@ from ..base import (
     Session,
     SessionNotFound,
 )
-from .dialect import SQLDialect, identity
+from ..codec import dump_json
+from .dialect import identity
 from .schema import (
     DELETE_EXPIRED_SESSION,
+    EVENT_ROW_BYTES,
     FIND_SESSION,
     INSERT_EVENT,
     SESSION_EXISTS,
     SESSION_INSERT_COLUMNS,
     SESSIONS,
+    event_size_sql,
 )
+from .usage import UsageRecords
 
 # A placeholder's key starts with this, which no session key of the API can.
 PLACEHOLDER_PREFIX = "~"
@@ -97,7 +101,7 @@ class _Plan:
     forked_from: dict[str, str]
 
 
-class ForkRecords(SQLDialect):
+class ForkRecords(UsageRecords):
     """The fork of :class:`SQLStorage`."""
 
     #: whether a fork copies in chunks, from a snapshot, behind a placeholder (see the
@@ -133,6 +137,10 @@ class ForkRecords(SQLDialect):
                 session = dataclasses.replace(session, forked_from=plan.forked_from)
                 session_id = self._insert_session(conn, session)
                 if plan.last_seq is not None:
+                    # A copy stores its events again: charged, or refused past a quota,
+                    # before it is written.
+                    count, size = self._fork_size(conn, plan)
+                    self._charge_events(conn, session.agent_key, session_id, count, size)
                     conn.execute(
                         self._sql(FORK_COPY),
                         [
@@ -146,6 +154,7 @@ class ForkRecords(SQLDialect):
                 if plan.compact_bound is not None and compaction is not None:
                     self._add_compaction(
                         conn,
+                        session.agent_key,
                         session_id,
                         session.key,
                         compaction,
@@ -226,6 +235,10 @@ class ForkRecords(SQLDialect):
             with self._snapshot() as snapshot:
                 plan = self._fork_plan(snapshot, session, source, anchors, "")
                 self._check_fork_target(session)
+                if plan.last_seq is not None:
+                    # Refused before any copy when it cannot fit; each chunk is charged
+                    # (and checked) as it is written.
+                    self._check_room(session.agent_key, *self._fork_size(snapshot, plan))
                 session = dataclasses.replace(session, forked_from=plan.forked_from)
                 placeholder = self._insert_placeholder(session)
                 try:
@@ -240,6 +253,18 @@ class ForkRecords(SQLDialect):
                 self._drop_placeholder(placeholder)
                 raise
         return session
+
+    def _fork_size(self, conn: Any, plan: _Plan) -> tuple[int, int]:
+        """How many events the fork copies, and their bytes as its usage counts them."""
+        row = conn.execute(
+            self._sql(
+                f"SELECT count(*), coalesce(sum({event_size_sql(self.octets)}), 0) "
+                "FROM events /*INDEXED BY idx_events_visible*/ "
+                "WHERE session_id = ? AND hide_reason IS NULL AND seq <= ?"
+            ),
+            [plan.source_id, plan.last_seq],
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     def _check_fork_target(self, session: Session) -> None:
         """Refuse, before any copy, a fork that could not appear: its key held by a live
@@ -301,11 +326,19 @@ class ForkRecords(SQLDialect):
                 ]
                 for seq, event_id, kind, fields, created_at in rows
             ]
+            size = sum(
+                EVENT_ROW_BYTES
+                + len(row[1].encode())
+                + len(row[2].encode())
+                + len((row[3] if isinstance(row[3], str) else dump_json(row[3])).encode())
+                for row in rows
+            )
             with self._transaction() as conn:
                 started = time.monotonic()
                 # Removed meanwhile (its agent deleted): no row may outlive it.
                 if conn.execute(exists, [placeholder]).fetchone() is None:
                     raise AgentNotFound(agent)
+                self._charge_events(conn, agent, placeholder, len(rows), size)
                 self._execute_many(conn, insert, params)
             took = time.monotonic() - started
             chunks += 1
@@ -354,7 +387,14 @@ class ForkRecords(SQLDialect):
                 )
                 if plan.compact_bound is not None and compaction is not None:
                     self._add_compaction(
-                        conn, placeholder, session.key, compaction, plan.turns, plan.hidden, check
+                        conn,
+                        session.agent_key,
+                        placeholder,
+                        session.key,
+                        compaction,
+                        plan.turns,
+                        plan.hidden,
+                        check,
                     )
         except self.unique_violation:
             raise Conflict(session.key) from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import zlib
+from typing import Any
 
 from ..base import (
     Answer,
@@ -10,17 +12,21 @@ from ..base import (
     IdempotencyRecord,
     Unavailable,
 )
-from .dialect import SQLDialect
+from ..codec import dump_json
 from .schema import (
     CLAIM_IDEMPOTENCY_KEY,
+    DROP_EXPIRED_IDEMPOTENCY_KEY,
     FINISH_IDEMPOTENCY_KEY,
     GET_IDEMPOTENCY_KEY,
+    IDEMPOTENCY_ROW_BYTES,
     PURGE_IDEMPOTENCY_KEYS,
     RELEASE_IDEMPOTENCY_KEY,
+    SHARDS,
 )
+from .usage import UsageRecords
 
 
-class IdempotencyRecords(SQLDialect):
+class IdempotencyRecords(UsageRecords):
     """The Idempotency-Key operations of :class:`SQLStorage`."""
 
     def claim_idempotency_key(
@@ -39,7 +45,12 @@ class IdempotencyRecords(SQLDialect):
         claim += [encode(now), encode(now)]
         # A record purged between the claim and the read is claimed again.
         for _ in range(3):
-            with self._writing() as conn:
+            with self._transaction() as conn:
+                # An expired record gives way, and its bytes leave its agent's usage.
+                dropped = conn.execute(
+                    self._sql(DROP_EXPIRED_IDEMPOTENCY_KEY), [scope, key, encode(now)]
+                ).fetchall()
+                self._forget_records(conn, dropped)
                 if conn.execute(self._sql(CLAIM_IDEMPOTENCY_KEY), claim).fetchone() is not None:
                     return IdempotencyRecord(fingerprint, token)
             with self._reading() as conn:
@@ -53,10 +64,21 @@ class IdempotencyRecords(SQLDialect):
                 return IdempotencyRecord(stored_fingerprint, stored_token, answer)
         raise Unavailable("the idempotency key could not be claimed; retry")
 
-    def finish_idempotency_key(self, *, scope: str, key: str, token: str, answer: Answer) -> None:
-        headers = self.encode_json([list(pair) for pair in answer.headers])
-        params = [answer.status, headers, answer.body, scope, key, token]
-        with self._writing() as conn:
+    def finish_idempotency_key(
+        self, *, scope: str, key: str, token: str, answer: Answer, agent_key: str | None = None
+    ) -> None:
+        pairs = [list(pair) for pair in answer.headers]
+        headers = self.encode_json(pairs)
+        size = IDEMPOTENCY_ROW_BYTES + len(key.encode()) + len(answer.body)
+        size += len(dump_json(pairs).encode())
+        shard = zlib.crc32(f"{scope}/{key}".encode()) % SHARDS
+        with self._transaction() as conn:
+            # Counted, not refused (the write it answers has passed the quota already),
+            # for an agent that exists (a remembered 404 may name none).
+            if agent_key and not self._charge_existing_agent(conn, agent_key, shard, size):
+                agent_key = None
+            params = [answer.status, headers, answer.body, agent_key, shard]
+            params += [size if agent_key else 0, scope, key, token]
             if conn.execute(self._sql(FINISH_IDEMPOTENCY_KEY), params).rowcount == 0:
                 raise IdempotencyKeyLost(key)
 
@@ -65,5 +87,22 @@ class IdempotencyRecords(SQLDialect):
             conn.execute(self._sql(RELEASE_IDEMPOTENCY_KEY), [scope, key, token])
 
     def purge_expired_idempotency_keys(self, *, now: dt.datetime) -> int:
-        with self._writing() as conn:
-            return conn.execute(self._sql(PURGE_IDEMPOTENCY_KEYS), [self.encode_ts(now)]).rowcount
+        with self._transaction() as conn:
+            rows = conn.execute(self._sql(PURGE_IDEMPOTENCY_KEYS), [self.encode_ts(now)]).fetchall()
+            self._forget_records(conn, rows)
+        return len(rows)
+
+    def _forget_records(self, conn: Any, rows: list[Any]) -> None:
+        """Take removed records' bytes (rows of agent_key, usage_shard, stored_bytes) off
+        their agents' usage."""
+        freed: dict[tuple[str, int], int] = {}
+        for agent_key, shard, size in rows:
+            if agent_key and size:
+                freed[agent_key, shard] = freed.get((agent_key, shard), 0) + size
+        for (agent_key, shard), size in sorted(freed.items()):
+            conn.execute(
+                self._sql(
+                    "UPDATE agent_usage SET bytes = bytes - ? WHERE agent_key = ? AND shard = ?"
+                ),
+                [size, agent_key, shard],
+            )

@@ -28,6 +28,123 @@ class Migration:
     backfill: str | None = None
 
 
+# The usage of migration 10 (storage_backends/sql/usage.py): an agent's rows, one per
+# shard (a session's row id picks its shard); what a row costs beyond its texts
+# (its other columns and its index entries).
+SHARDS = 16
+# What a row costs beyond its texts: its other columns and its index entries.
+EVENT_ROW_BYTES = 160
+SESSION_ROW_BYTES = 256
+STATE_ROW_BYTES = 64
+
+
+def event_size_sql(octets: str) -> str:
+    """:func:`event_bytes` of a row of ``events``, in SQL (``octets``: the dialect's length)."""
+    return (
+        f"({EVENT_ROW_BYTES} + {octets.format('id')} + {octets.format('type')} "
+        f"+ {octets.format('fields')})"
+    )
+
+
+def session_size_sql(octets: str, row: str) -> str:
+    """The bytes of a session's own row (``row``: ``NEW`` or ``OLD`` in a trigger)."""
+    return (
+        f"({SESSION_ROW_BYTES} + {octets.format(row + '.name')} "
+        f"+ coalesce({octets.format(row + '.description')}, 0) "
+        f"+ 2 * {octets.format(row + '.metadata')})"
+    )
+
+
+def _usage_migration() -> Migration:
+    """Migration 10: every agent's usage, for its quotas (storage_backends/sql/usage.py)."""
+    sqlite_len, pg_len = "length(CAST({} AS BLOB))", "octet_length({}::text)"
+
+    def backfill(octets: str) -> tuple[str, ...]:
+        return (
+            "UPDATE sessions SET event_count = (SELECT count(*) FROM events "
+            "WHERE session_id = sessions.id), event_bytes = (SELECT "
+            f"coalesce(sum({event_size_sql(octets)}), 0) FROM events "
+            "WHERE session_id = sessions.id)",
+            "INSERT INTO agent_usage (agent_key, shard, sessions, events, bytes) "
+            f"SELECT agent_key, id % {SHARDS}, count(*), sum(event_count), "
+            f"sum(event_bytes + {session_size_sql(octets, 's')}) FROM sessions AS s "
+            f"GROUP BY agent_key, id % {SHARDS}",
+            "INSERT INTO agent_usage (agent_key, shard, sessions, events, bytes) "
+            f"SELECT agent_key, 0, 0, 0, sum({STATE_ROW_BYTES} + {octets.format('value')}) "
+            "FROM agent_state WHERE true GROUP BY agent_key ON CONFLICT (agent_key, shard) "
+            "DO UPDATE SET bytes = agent_usage.bytes + excluded.bytes",
+        )
+
+    def changes(octets: str) -> dict[str, str]:
+        new, old = session_size_sql(octets, "NEW"), session_size_sql(octets, "OLD")
+        return {
+            "insert": "INSERT INTO agent_usage (agent_key, shard, sessions, events, bytes) "
+            f"VALUES (NEW.agent_key, NEW.id % {SHARDS}, 1, NEW.event_count, "
+            f"NEW.event_bytes + {new}) ON CONFLICT (agent_key, shard) DO UPDATE SET "
+            "sessions = agent_usage.sessions + 1, events = agent_usage.events + excluded.events, "
+            "bytes = agent_usage.bytes + excluded.bytes;",
+            "delete": "UPDATE agent_usage SET sessions = sessions - 1, "
+            f"events = events - OLD.event_count, bytes = bytes - OLD.event_bytes - {old} "
+            f"WHERE agent_key = OLD.agent_key AND shard = OLD.id % {SHARDS};",
+            "update": f"UPDATE agent_usage SET bytes = bytes + {new} - {old} "
+            f"WHERE agent_key = NEW.agent_key AND shard = NEW.id % {SHARDS};",
+        }
+
+    lite, pg = changes(sqlite_len), changes(pg_len)
+    when = {
+        "insert": "INSERT",
+        "delete": "DELETE",
+        "update": "UPDATE OF name, description, metadata",
+    }
+    return Migration(
+        10,
+        "every agent's usage, for its quotas (storage_backends/sql/usage.py)",
+        # A session's row carries its events' count and bytes, which its deletion
+        # (whichever statement it is) takes off its agent's usage, in its trigger.
+        sqlite=(
+            "ALTER TABLE sessions ADD COLUMN event_count INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN event_bytes INTEGER NOT NULL DEFAULT 0",
+            # An answered record's agent (the one in its path), the shard it is
+            # counted in and its bytes; records answered before stay uncounted.
+            "ALTER TABLE idempotency_keys ADD COLUMN agent_key TEXT",
+            "ALTER TABLE idempotency_keys ADD COLUMN usage_shard INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE idempotency_keys ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0",
+            "CREATE TABLE IF NOT EXISTS agent_usage (agent_key TEXT NOT NULL, "
+            "shard INTEGER NOT NULL, sessions INTEGER NOT NULL, events INTEGER NOT NULL, "
+            "bytes INTEGER NOT NULL, PRIMARY KEY (agent_key, shard)) WITHOUT ROWID",
+            *backfill(sqlite_len),
+            *(
+                f"CREATE TRIGGER IF NOT EXISTS sessions_{op}_usage AFTER {when[op]} ON sessions "
+                f"BEGIN {lite[op]} END"
+                for op in ("insert", "delete", "update")
+            ),
+        ),
+        postgres=(
+            "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS event_count bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS event_bytes bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS agent_key text",
+            "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS usage_shard integer "
+            "NOT NULL DEFAULT 0",
+            "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS stored_bytes bigint "
+            "NOT NULL DEFAULT 0",
+            """CREATE TABLE IF NOT EXISTS agent_usage (
+            agent_key text NOT NULL REFERENCES agents (key) ON DELETE CASCADE,
+            shard integer NOT NULL, PRIMARY KEY (agent_key, shard),
+            sessions bigint NOT NULL, events bigint NOT NULL, bytes bigint NOT NULL)""",
+            *backfill(pg_len),
+            "CREATE OR REPLACE FUNCTION sessions_usage() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN IF TG_OP = 'INSERT' THEN {pg['insert']} "
+            f"ELSIF TG_OP = 'DELETE' THEN {pg['delete']} ELSE {pg['update']} END IF; "
+            "RETURN NULL; END $$",
+            *(
+                f"CREATE OR REPLACE TRIGGER sessions_{op}_usage AFTER {when[op]} ON sessions "
+                "FOR EACH ROW EXECUTE FUNCTION sessions_usage()"
+                for op in ("insert", "delete", "update")
+            ),
+        ),
+    )
+
+
 # Append new versions; never edit one a release has applied. A database records
 # the last version applied (SQLite in PRAGMA user_version, PostgreSQL in the
 # table schema_migrations) and is refused when it is newer than this list.
@@ -311,6 +428,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "FOR EACH ROW EXECUTE FUNCTION release_session_events()",
         ),
     ),
+    _usage_migration(),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -475,13 +593,23 @@ GET_IDEMPOTENCY_KEY = (
     "WHERE scope = ? AND key = ?"
 )
 FINISH_IDEMPOTENCY_KEY = (
-    "UPDATE idempotency_keys SET status = ?, headers = ?, body = ? "
+    "UPDATE idempotency_keys SET status = ?, headers = ?, body = ?, agent_key = ?, "
+    "usage_shard = ?, stored_bytes = ? "
     "WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
 )
 RELEASE_IDEMPOTENCY_KEY = (
     "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND token = ? AND status IS NULL"
 )
-PURGE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= ?"
+PURGE_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE expires_at <= ? "
+    "RETURNING agent_key, usage_shard, stored_bytes"
+)
+# An expired record a claim is about to replace, and what it held.
+DROP_EXPIRED_IDEMPOTENCY_KEY = (
+    "DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND expires_at <= ? "
+    "RETURNING agent_key, usage_shard, stored_bytes"
+)
+IDEMPOTENCY_ROW_BYTES = 128
 FIND_SESSION = "SELECT id, expires_at FROM sessions WHERE agent_key = ? AND key = ?"
 SESSION_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 # The metadata index (migration 7).

@@ -51,22 +51,22 @@ from .schema import (
     limit_clause,
     metadata_scan_query,
 )
+from .usage import UsageRecords, session_bytes
+
+# The session fields whose bytes its usage counts (migration 10's triggers).
+CHARGED_FIELDS = frozenset({"name", "description", "metadata"})
 
 
-class SessionRecords(ReleasedRows):
+class SessionRecords(ReleasedRows, UsageRecords):
     """The session operations of :class:`SQLStorage`."""
 
     def create_session(self, *, session: Session) -> Session:
         params = [*self._encode(SESSIONS, session, SESSION_INSERT_COLUMNS), session.agent_key]
         entries = metadata_index_entries(session.metadata)
         try:
-            if entries:
-                # The session and its rows of the metadata index commit together.
-                with self._transaction() as conn:
-                    inserted = self._insert_indexed(conn, session, params, entries)
-            else:
-                with self._writing() as conn:
-                    inserted = conn.execute(self._sql(INSERT_SESSION), params).rowcount
+            # The session, its rows of the metadata index and its usage commit together.
+            with self._transaction() as conn:
+                inserted = self._insert_indexed(conn, session, params, entries)
         except self.unique_violation:
             inserted = self._replace_expired_session(session, params, entries)
         except self.missing_reference:
@@ -84,6 +84,7 @@ class SessionRecords(ReleasedRows):
         if row is None:
             return 0
         self._add_index_rows(conn, row[0], session.agent_key, entries)
+        self._check_agent_bytes(conn, session.agent_key, session_bytes(session))
         return 1
 
     def _add_index_rows(
@@ -114,9 +115,7 @@ class SessionRecords(ReleasedRows):
                 ).rowcount
                 if removed == 0:
                     raise Conflict(session.key)
-                if entries:
-                    return self._insert_indexed(conn, session, params, entries)
-                return conn.execute(self._sql(INSERT_SESSION), params).rowcount
+                return self._insert_indexed(conn, session, params, entries)
         except self.unique_violation:
             raise Conflict(session.key) from None
 
@@ -304,27 +303,36 @@ class SessionRecords(ReleasedRows):
             f"WHERE agent_key = ? AND key = ? AND {LIVE} {SESSIONS.returning}"
         )
         stamp = self.encode_ts(now)
+        # A change of the texts the usage counts is checked against the agent's bytes.
+        grows = bool(self.agent_max_bytes and CHARGED_FIELDS & changes.keys())
         if precondition is not None:
             with self._transaction() as conn:
                 row = None
                 if self._check_session(conn, agent_key, session_key, now, precondition):
+                    before = self._row_bytes(conn, agent_key, session_key) if grows else 0
                     row = conn.execute(
                         self._sql(query), [*params, stamp, agent_key, session_key, stamp]
                     ).fetchone()
                     if row is not None and "metadata" in changes:
                         self._index_metadata(conn, row[0], agent_key, changes["metadata"])
+                    if row is not None and grows:
+                        self._check_session_bytes(conn, agent_key, row[0], before)
             if row is None:
                 raise SessionNotFound(session_key)
             return self._record(SESSIONS, row)
-        with self._update_transaction() as conn:
+        with self._transaction() if grows else self._update_transaction() as conn:
+            before = self._row_bytes(conn, agent_key, session_key) if grows else 0
             row = conn.execute(
                 self._sql(query), [*params, stamp, agent_key, session_key, stamp]
             ).fetchone()
             if row is None:
                 # Gone means gone: an expired session is removed by the call that noticed.
                 conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
-            elif "metadata" in changes:
-                self._index_metadata(conn, row[0], agent_key, changes["metadata"])
+            else:
+                if "metadata" in changes:
+                    self._index_metadata(conn, row[0], agent_key, changes["metadata"])
+                if grows:
+                    self._check_session_bytes(conn, agent_key, row[0], before)
         if row is None:
             raise SessionNotFound(session_key)
         return self._record(SESSIONS, row)
@@ -416,6 +424,7 @@ class SessionRecords(ReleasedRows):
             ).fetchone()
             raise (AgentNotFound if agent is None else AgentDisabled)(session.agent_key)
         self._index_metadata(conn, row[0], session.agent_key, session.metadata, new=True)
+        self._check_agent_bytes(conn, session.agent_key, session_bytes(session))
         return row[0]
 
     def load_sessions(self, sessions: Iterable[Session], *, batch: int = 10_000) -> int:

@@ -7,8 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..base import AgentNotFound, StateDocument
-from ..codec import merge_patch
-from .dialect import SQLDialect
+from ..codec import dump_json, merge_patch
+from .schema import STATE_ROW_BYTES
+from .usage import UsageRecords
 
 # A document never written starts as {}: the row is made first (a racing writer's
 # insert waits for ours), then held, so of two patches of one document neither is lost.
@@ -20,7 +21,7 @@ GET_STATE = "SELECT value, updated_at FROM agent_state WHERE agent_key = ? AND k
 SET_STATE = "UPDATE agent_state SET value = ?, updated_at = ? WHERE agent_key = ? AND key = ?"
 
 
-class StateRecords(SQLDialect):
+class StateRecords(UsageRecords):
     """The state document operations of :class:`SQLStorage`."""
 
     def get_state(self, *, agent_key: str, keys: list[str]) -> list[StateDocument]:
@@ -55,9 +56,15 @@ class StateRecords(SQLDialect):
         stamp = self.encode_ts(now)
         empty = self.encode_json({})
         for key in sorted(patches):
-            conn.execute(self._sql(CREATE_STATE), [agent_key, key, empty, stamp])
+            made = conn.execute(self._sql(CREATE_STATE), [agent_key, key, empty, stamp]).rowcount
             row = conn.execute(self._sql(GET_STATE + self.row_lock), [agent_key, key]).fetchone()
             value = merge_patch(self.decode_json(row[0]), dict(patches[key]))
             if check is not None:
                 check(key, value)
+            text = dump_json(value)
+            held = row[0] if isinstance(row[0], str) else dump_json(row[0])
+            before = 0 if made else len(held.encode())
             conn.execute(self._sql(SET_STATE), [self.encode_json(value), stamp, agent_key, key])
+            # The document's bytes, as its JSON text; a new one costs its row too.
+            added = len(text.encode()) - before + (STATE_ROW_BYTES if made else 0)
+            self._charge_agent(conn, agent_key, self._state_shard(key), 0, added)
