@@ -532,11 +532,15 @@ class Storage(abc.ABC):
         descending: bool = False,
         include_hidden: bool = False,
         types: frozenset[str] | None = None,
+        max_bytes: int | None = None,
     ) -> Page:
         """A page of the session's events, oldest first (``descending``: newest first).
 
         ``after`` is the ``next_cursor`` of the previous page in the same
         direction. The cost of a page does not depend on its depth (keyset).
+        ``max_bytes``: the page ends (with a cursor) at the first event whose
+        fields, as stored, take the page's past that many bytes, so that a page
+        of large events reads no more of them than an answer of that size needs.
         Raises :class:`SessionNotFound`.
         """
 

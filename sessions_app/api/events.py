@@ -125,10 +125,11 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
         descending=descending,
         **query,
     )
-    page = read(limit=limit)
+    budget = current_app.config["EVENTS_PAGE_MAX_BYTES"]
+    # The storage reads no more events than the bound holds and the one past it.
+    page = read(limit=limit, max_bytes=budget)
     # The page is encoded once, and its events measured in its text: most pages fit.
     answer, text = _answer(page, scope, descending)
-    budget = current_app.config["EVENTS_PAGE_MAX_BYTES"]
     if events_bytes(text, answer) > budget:
         fit = events_within(answer["events"], budget)
         if fit < len(page.items):  # (a page of one event over the bound is answered whole)

@@ -557,6 +557,7 @@ def event_page_query(
     cursor: bool,
     by_id: bool = False,
     rows: int | None = None,
+    columns: str | None = None,
 ) -> tuple[str, bool]:
     """The statement of a page of events, and whether it is a union of one per type.
 
@@ -572,7 +573,8 @@ def event_page_query(
     scan would read and sort every matching row past the cursor.
 
     ``rows``: the limit written into the statement (:func:`limit_clause`), and
-    then not a parameter.
+    then not a parameter. ``columns``: what each row holds, ``seq`` first (by
+    default :data:`EVENT_COLUMNS`).
     """
     where = "session_id = ?" if by_id else f"session_id = {SESSION_ID}"
     if types:
@@ -588,7 +590,7 @@ def event_page_query(
     )
     limit = " LIMIT ?" if rows is None else limit_clause(rows)
     one = (
-        f"SELECT {', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
+        f"SELECT {columns or ', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
         f"WHERE {where} ORDER BY {order}{limit}"
     )
     if types <= 1:
