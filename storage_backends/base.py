@@ -438,7 +438,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
-        """Remove every session idle past its TTI at ``now``; return how many."""
+        """Remove every session idle past its TTI at ``now``; return how many.
+
+        What a crashed fork left (a placeholder, never a session) goes too, uncounted.
+        """
 
     # Events: the history of one live session, in the order written
 

@@ -414,7 +414,8 @@ DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
 PURGE_EXPIRED = (
     "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
     "WHERE expires_at IS NOT NULL AND expires_at <= ? "
-    "AND (substr(key, 1, 1) <> '~' OR created_at <= ?) ORDER BY expires_at LIMIT ?)"
+    "AND (substr(key, 1, 1) <> '~' OR created_at <= ?) ORDER BY expires_at LIMIT ?) "
+    "RETURNING key"
 )
 PURGE_CHUNK = 500  # sessions per transaction of purge_expired_sessions
 # Freeing the events of removed sessions (released.py). Parameters: the row id twice, a count.
