@@ -451,7 +451,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
-        """Remove every session idle past its TTI at ``now``; return how many."""
+        """Remove every session idle past its TTI at ``now``; return how many.
+
+        What a crashed fork left (a placeholder, never a session) goes too, uncounted.
+        """
 
     # Events: the history of one live session, in the order written
 
@@ -545,11 +548,15 @@ class Storage(abc.ABC):
         descending: bool = False,
         include_hidden: bool = False,
         types: frozenset[str] | None = None,
+        max_bytes: int | None = None,
     ) -> Page:
         """A page of the session's events, oldest first (``descending``: newest first).
 
         ``after`` is the ``next_cursor`` of the previous page in the same
         direction. The cost of a page does not depend on its depth (keyset).
+        ``max_bytes``: the page ends (with a cursor) at the first event whose
+        fields, as stored, take the page's past that many bytes, so that a page
+        of large events reads no more of them than an answer of that size needs.
         Raises :class:`SessionNotFound`.
         """
 

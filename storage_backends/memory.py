@@ -503,15 +503,26 @@ class MemoryStorage(MemoryConsole, MemoryIdempotency, Storage):
         descending: bool = False,
         include_hidden: bool = False,
         types: frozenset[str] | None = None,
+        max_bytes: int | None = None,
     ) -> Page:
         with self._lock:
             seq, _ = self._live_session(agent_key, session_key, now)
-            rows = self._events[seq].rows(
-                after=after, descending=descending, include_hidden=include_hidden
-            )
-            if types is not None:
-                rows = ((s, e) for s, e in rows if e.type in types)
-            return page_of(rows, limit)
+
+            def rows() -> Iterator[tuple[int, Event]]:
+                found = self._events[seq].rows(
+                    after=after, descending=descending, include_hidden=include_hidden
+                )
+                return found if types is None else ((s, e) for s, e in found if e.type in types)
+
+            if max_bytes is not None:
+                # As on SQL: the page ends at the event that takes it past max_bytes.
+                total = 0
+                for count, (_, event) in enumerate(itertools.islice(rows(), limit), 1):
+                    total += fields_bytes([event])
+                    if total > max_bytes:
+                        limit = count
+                        break
+            return page_of(rows(), limit)
 
     def get_event(
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime

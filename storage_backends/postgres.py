@@ -114,6 +114,7 @@ class PostgresStorage(SQLStorage):
     # A fork shares its source's row: appends, compactions, updates and the
     # deletion take the row, so none of them commits between its statements.
     share_lock = " FOR SHARE"
+    fields_bytes = "octet_length(fields::text)"
     expires_from_tti = "CASE WHEN tti_minutes > 0 THEN ? + make_interval(mins => tti_minutes) END"
     json_contains = "strpos({}::text, ?) > 0"
     octets = "octet_length({}::text)"

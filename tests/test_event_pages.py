@@ -110,3 +110,27 @@ def test_an_event_larger_than_the_bound_is_a_page_of_its_own(client, full, sessi
         [ids[1]],
         [ids[0]],
     ]
+
+
+@pytest.mark.parametrize("app_config", [{"EVENTS_PAGE_MAX_BYTES": 4096}])
+def test_a_page_reads_no_more_events_than_its_byte_bound_holds(app, client, full, session):
+    # 1,000 events of EVENT_MAX_BYTES would be 256 MiB read for a 1 MiB answer: the
+    # storage hands over what the bound holds and the one event past it, no more.
+    ids = write(client, full, 300, content="x" * 800)
+    storage = app.extensions["agent_sessions"].storage
+    read, handed = storage.list_events, []
+
+    def spy(**kwargs: Any) -> Any:
+        page = read(**kwargs)
+        handed.append(len(page.items))
+        return page
+
+    storage.list_events = spy
+    for order, expected in (("asc", ids), ("desc", ids[::-1])):
+        handed.clear()
+        assert sum(pages(client, full, limit=1000, order=order), []) == expected
+        assert handed and max(handed) <= 6, handed
+    handed.clear()
+    kinds = {"limit": 1000, "type": "agent_output,thinking", "include_hidden": "true"}
+    assert sum(pages(client, full, **kinds), []) == ids
+    assert max(handed) <= 6, handed

@@ -75,6 +75,9 @@ __all__ = [
 ]
 
 KEY = re.compile(r"[0-9A-Za-z_-]{1,64}\Z")
+#: The shape of a key agent_key derives from a name that is not a key: a name that is a key
+#: of this shape is mapped too, so that no app is given another app's agent.
+MAPPED_AGENT = re.compile(r"(?:.*-[0-9a-f]{16}|app-[0-9a-f]{24})\Z")
 DOCUMENT = re.compile(r"[0-9A-Za-z_.:@-]{1,123}\Z")  # "user:" + this fits a document key
 #: A page of history as long as the service answers.
 PAGE = 1000
@@ -107,9 +110,10 @@ def _digest(*parts: str) -> str:
 
 def agent_key(app_name: str, prefix: str = "") -> str:
     """The agent of an ADK app: ``prefix + app_name`` when that is a key, else a slug of it
-    and a digest (``my app`` -> ``my-app-3f2a...``)."""
+    and a digest (``my app`` -> ``my-app-3f2a...``), as is a key of that shape, so that
+    two names never share an agent."""
     name = prefix + app_name
-    if KEY.match(name):
+    if KEY.match(name) and not MAPPED_AGENT.match(name):
         return name
     slug = re.sub(r"[^0-9A-Za-z_-]+", "-", name).strip("-")[:40]
     return f"{slug}-{_digest(name)[:16]}" if slug else f"app-{_digest(name)[:24]}"

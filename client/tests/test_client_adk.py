@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -200,6 +201,16 @@ def test_a_session_belongs_to_its_user(service):
     got = service.get_session(app_name=APP, user_id="u2", session_id="s1")
     assert got.user_id == "u2" and got.events == []
     assert service.get_session(app_name=APP, user_id="u3", session_id="s1") is None
+
+
+def test_no_two_app_names_share_an_agent():
+    mapped = agent_key("my app")
+    assert mapped.startswith("my-app-") and agent_key("support-bot") == "support-bot"
+    # An app literally named as another app's agent gets one of its own.
+    for name, prefix in ((mapped, ""), ("app-" + "0" * 24, ""), (mapped[3:], "my-")):
+        assert agent_key(name, prefix) != prefix + name
+        assert re.fullmatch(r"[0-9A-Za-z_-]{1,64}", agent_key(name, prefix))
+    assert agent_key(mapped[3:], "my-") == agent_key(mapped)
 
 
 def test_session_ids(service):

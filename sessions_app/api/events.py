@@ -91,6 +91,10 @@ def authorize_event_write(path: dict[str, str], body: dict[str, Any]) -> None:
         auth.check(path["agent_key"], "events:append")
 
 
+#: How many times EVENTS_PAGE_MAX_BYTES a page of events may read before it is cut.
+READ_AHEAD = 8
+
+
 @bp.get(EVENTS_PATH)
 @rate_limits.per_key
 @auth.require("sessions:read")
@@ -127,10 +131,14 @@ def list_events(agent_key: str, session_key: str, query: dict[str, Any]) -> Any:
         descending=descending,
         **query,
     )
-    page = read(limit=limit)
+    budget = current_app.config["EVENTS_PAGE_MAX_BYTES"]
+    # A page that could read far more than the bound (1,000 events of EVENT_MAX_BYTES are
+    # 256 MiB) has the storage read its sizes first, then no more events than the bound
+    # holds and the one past it; a short page (the default 10) is read at once.
+    could_read = limit * current_app.config["EVENT_MAX_BYTES"]
+    page = read(limit=limit, max_bytes=budget if could_read > READ_AHEAD * budget else None)
     # The page is encoded once, and its events measured in its text: most pages fit.
     answer, text = _answer(page, scope, descending)
-    budget = current_app.config["EVENTS_PAGE_MAX_BYTES"]
     if events_bytes(text, answer) > budget:
         fit = events_within(answer["events"], budget)
         if fit < len(page.items):  # (a page of one event over the bound is answered whole)

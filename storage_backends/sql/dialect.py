@@ -100,6 +100,8 @@ class SQLDialect(Storage, abc.ABC):
     row_lock = ""
     #: the same, shared: other holders of the share may read on, writers of the row wait
     share_lock = ""
+    #: the bytes of an event's stored fields, read without handing them to Python
+    fields_bytes = "length(CAST(fields AS BLOB))"
 
     filter_scan_rows = config.Config.FILTER_SCAN_ROWS
     filter_scan_seconds = config.Config.FILTER_SCAN_SECONDS

@@ -331,24 +331,30 @@ class EventRecords(UsageRecords):
         descending: bool = False,
         include_hidden: bool = False,
         types: frozenset[str] | None = None,
+        max_bytes: int | None = None,
     ) -> Page:
         kinds: list[str | None] = [None] if types is None else sorted(types)
         if not kinds:
             self._session_id(agent_key, session_key, now)
             return Page([], None)
-        query, _ = event_page_query(
-            descending,
-            include_hidden,
-            0 if types is None else len(kinds),
-            after is not None,
-            rows=limit + 1,
-        )
+        shape = (descending, include_hidden, 0 if types is None else len(kinds), after is not None)
         session = [agent_key, session_key, self.encode_ts(now)]
         cursor = [] if after is None else [after]
         params: list[Any] = []
         for kind in kinds:
             params += [*session, *([] if kind is None else [kind]), *cursor]
         with self._reading() as conn:
+            if max_bytes is not None:
+                # The sizes first, so that no more events than the bound holds (and the one
+                # that passes it) are read: 1,000 events of EVENT_MAX_BYTES are 256 MiB.
+                sizes, _ = event_page_query(*shape, rows=limit, columns=f"seq, {self.fields_bytes}")
+                total = 0
+                for count, (_, size) in enumerate(conn.execute(self._sql(sizes), params), 1):
+                    total += size
+                    if total > max_bytes:
+                        limit = count
+                        break
+            query, _ = event_page_query(*shape, rows=limit + 1)
             rows = conn.execute(self._sql(query), params).fetchall()
         if not rows:
             self._session_id(agent_key, session_key, now)  # SessionNotFound, or an empty page

@@ -532,7 +532,8 @@ DELETE_EXPIRED_BY_ID = "DELETE FROM sessions WHERE id = ? AND expires_at <= ?"
 PURGE_EXPIRED = (
     "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
     "WHERE expires_at IS NOT NULL AND expires_at <= ? "
-    "AND (substr(key, 1, 1) <> '~' OR created_at <= ?) ORDER BY expires_at LIMIT ?)"
+    "AND (substr(key, 1, 1) <> '~' OR created_at <= ?) ORDER BY expires_at LIMIT ?) "
+    "RETURNING key"
 )
 PURGE_CHUNK = 500  # sessions per transaction of purge_expired_sessions
 # Freeing the events of removed sessions (released.py). Parameters: the row id twice, a count.
@@ -685,6 +686,7 @@ def event_page_query(
     cursor: bool,
     by_id: bool = False,
     rows: int | None = None,
+    columns: str | None = None,
 ) -> tuple[str, bool]:
     """The statement of a page of events, and whether it is a union of one per type.
 
@@ -700,7 +702,8 @@ def event_page_query(
     scan would read and sort every matching row past the cursor.
 
     ``rows``: the limit written into the statement (:func:`limit_clause`), and
-    then not a parameter.
+    then not a parameter. ``columns``: what each row holds, ``seq`` first (by
+    default :data:`EVENT_COLUMNS`).
     """
     where = "session_id = ?" if by_id else f"session_id = {SESSION_ID}"
     if types:
@@ -716,7 +719,7 @@ def event_page_query(
     )
     limit = " LIMIT ?" if rows is None else limit_clause(rows)
     one = (
-        f"SELECT {', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
+        f"SELECT {columns or ', '.join(EVENT_COLUMNS)} FROM events /*INDEXED BY {index}*/ "
         f"WHERE {where} ORDER BY {order}{limit}"
     )
     if types <= 1:

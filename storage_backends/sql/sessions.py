@@ -24,7 +24,7 @@ from ..codec import (
     metadata_index_entries,
     text_matches,
 )
-from .forks import FORK_PLACEHOLDER_GRACE
+from .forks import FORK_PLACEHOLDER_GRACE, PLACEHOLDER_PREFIX
 from .released import ReleasedRows
 from .schema import (
     DELETE_EXPIRED_BY_ID,
@@ -389,7 +389,8 @@ class SessionRecords(ReleasedRows, UsageRecords):
 
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
         # A chunk of sessions to a transaction, then the events of every session
-        # removed, this purge's and any a crash or an expiry left noted.
+        # removed, this purge's and any a crash or an expiry left noted. A fork's
+        # placeholder a crash left goes too, uncounted: it was never a session.
         purged = 0
         while True:
             with self._writing() as conn:
@@ -400,9 +401,9 @@ class SessionRecords(ReleasedRows, UsageRecords):
                         self.encode_ts(now - FORK_PLACEHOLDER_GRACE),
                         PURGE_CHUNK,
                     ],
-                ).rowcount
-            purged += removed
-            if removed < PURGE_CHUNK:
+                ).fetchall()
+            purged += sum(not key.startswith(PLACEHOLDER_PREFIX) for (key,) in removed)
+            if len(removed) < PURGE_CHUNK:
                 break
         self._free_released()
         return purged
