@@ -55,6 +55,12 @@ ADD_EXISTING_USAGE = (
     "WHERE EXISTS (SELECT 1 FROM agents WHERE key = ?) "
     "ON CONFLICT (agent_key, shard) DO UPDATE SET bytes = agent_usage.bytes + excluded.bytes"
 )
+#: :data:`ADD_USAGE` answering the agent's bytes after it: the other shards' and this one's
+ADD_USAGE_TOTAL = (
+    ADD_USAGE + " RETURNING (SELECT coalesce(sum(other.bytes), 0) FROM agent_usage AS other "
+    "WHERE other.agent_key = agent_usage.agent_key AND other.shard <> agent_usage.shard) "
+    "+ agent_usage.bytes"
+)
 GET_USAGE = (
     "SELECT coalesce(sum(sessions), 0), coalesce(sum(events), 0), coalesce(sum(bytes), 0) "
     "FROM agent_usage WHERE agent_key = ?"
@@ -103,10 +109,15 @@ class UsageRecords(SQLDialect):
     def _charge_agent(
         self, conn: Any, agent_key: str, shard: int, count: int, size: int, *, checked: bool = True
     ) -> None:
-        """Add to the agent's usage in one of its shards, then check its bytes when they grew."""
-        conn.execute(self._sql(ADD_USAGE), [agent_key, shard, count, size])
-        if checked and size > 0:
-            self._check_agent_bytes(conn, agent_key, size)
+        """Add to the agent's usage in one of its shards, checking its bytes when they grew
+        (in the same statement): :class:`QuotaExceeded` past AGENT_MAX_BYTES."""
+        params = [agent_key, shard, count, size]
+        if not (checked and size > 0 and self.agent_max_bytes):
+            conn.execute(self._sql(ADD_USAGE), params)
+            return
+        total = conn.execute(self._sql(ADD_USAGE_TOTAL), params).fetchone()[0]
+        if total > self.agent_max_bytes:
+            raise QuotaExceeded("AGENT_MAX_BYTES", int(total) - size, size, self.agent_max_bytes)
 
     def _charge_existing_agent(self, conn: Any, agent_key: str, shard: int, size: int) -> bool:
         """Add ``size`` bytes to the agent's usage, unchecked, when the agent exists."""
