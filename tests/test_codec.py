@@ -29,10 +29,10 @@ TEXTS = [
 
 
 @pytest.mark.parametrize("text", TEXTS)
-@pytest.mark.parametrize("kind", [str, bytes])
+@pytest.mark.parametrize("kind", [str, bytes, memoryview])
 def test_load_json_reads_what_json_loads_reads(text: str, kind: type) -> None:
-    data = text if kind is str else text.encode()
-    expected, got = json.loads(data), load_json(data)
+    data = text if kind is str else kind(text.encode())
+    expected, got = json.loads(text), load_json(data)
     assert dump_json(got) == dump_json(expected)
     assert type(got) is type(expected)
 

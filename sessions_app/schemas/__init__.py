@@ -31,6 +31,7 @@ from ..corridor import http
 from ..corridor.errors import ApiError
 from ..corridor.rate_limits import BOUNDS, parse_limit
 from ..naming import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, KEY_MAX_LENGTH, KEY_PATTERN, is_event_id
+from .common_query import NOT_COMMON, CommonQueryLoad
 
 TTI_MAX_MINUTES = 2**31 - 1
 SCOPES = (
@@ -69,6 +70,22 @@ class StrictInteger(fields.Integer):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise self.make_error("invalid")
         return super()._deserialize(value, attr, data, **kwargs)
+
+
+class PageLimit(StrictInteger):
+    """A list's ``limit``: its query text read as :meth:`ListQuerySchema.parse_limit` does."""
+
+    def load_text(self, text: str) -> Any:
+        """The common case's value (see ``common_query``), checked by the field's validators."""
+        if not (text.isascii() and text.isdigit() and len(text) < 6):
+            return NOT_COMMON
+        value = int(text)
+        try:
+            for check in self.validators:
+                check(value)
+        except ValidationError:
+            return NOT_COMMON
+        return value
 
 
 class Key(fields.String):
@@ -543,13 +560,13 @@ class SessionListSchema(ResponseSchema):
     metadata = fields.Nested(ListMetadataSchema, required=True)
 
 
-class ListQuerySchema(Schema):
+class ListQuerySchema(CommonQueryLoad):
     """Query parameters of list endpoints; an unknown one is refused, naming it."""
 
     class Meta:
         unknown = RAISE
 
-    limit = StrictInteger(load_default=10, validate=validate.Range(min=1, max=100))
+    limit = PageLimit(load_default=10, validate=validate.Range(min=1, max=100))
     page_key = PageKey(attribute="after")
 
     @pre_load

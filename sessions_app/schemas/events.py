@@ -40,12 +40,14 @@ from . import (
     ListQuerySchema,
     Metadata,
     Name,
+    PageLimit,
     ResponseSchema,
     StrictBoolean,
     StrictInteger,
     Timestamp,
     check_tree,
 )
+from .common_query import NOT_COMMON
 
 NAME_MAX_LENGTH = 255
 MESSAGES_MAX = 100
@@ -719,6 +721,13 @@ class QueryBoolean(fields.Boolean):
             return False
         raise ValidationError("Must be true or false.")
 
+    def load_text(self, text: str) -> Any:
+        """The common case's value (see ``common_query``)."""
+        return _QUERY_BOOLEANS.get(text, NOT_COMMON)
+
+
+_QUERY_BOOLEANS = {"true": True, "false": False}
+
 
 class TypeList(fields.String):
     """A comma-separated list of event types."""
@@ -735,7 +744,7 @@ class TypeList(fields.String):
 
 
 class EventListQuerySchema(ListQuerySchema):
-    limit = StrictInteger(
+    limit = PageLimit(
         load_default=10,
         validate=validate.Range(min=1, max=PAGE_MAX),
         metadata={
