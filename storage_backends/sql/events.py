@@ -40,6 +40,7 @@ from .schema import (
     LIVE,
     SESSION_EXISTS,
     SESSIONS,
+    SHARDS,
     event_page_query,
     event_size_sql,
 )
@@ -118,18 +119,28 @@ class EventRecords(UsageRecords):
         session is the caller's to refuse (:class:`SessionDisabled`, which
         rolls the restart back), in its own order of refusals.
         """
+        touched = self._touch_charging(conn, agent_key, session_key, now, 0, 0)
+        return None if touched is None else touched[:2]
+
+    def _touch_charging(
+        self, conn: Any, agent_key: str, session_key: str, now: dt.datetime, count: int, size: int
+    ) -> tuple[int, Session, int] | None:
+        """:meth:`_touch` that also counts ``count`` events of ``size`` bytes to the
+        session's own usage in the same statement: (row id, session, its events now).
+        The caller charges the agent (:meth:`_charge_agent`) and checks the bound."""
         stamp = self.encode_ts(now)
         row = conn.execute(
             self._sql(
-                f"UPDATE sessions SET active_at = ?, expires_at = {self.expires_from_tti} "
-                f"WHERE agent_key = ? AND key = ? AND {LIVE} {SESSIONS.returning}"
+                f"UPDATE sessions SET active_at = ?, expires_at = {self.expires_from_tti}, "
+                "event_count = event_count + ?, event_bytes = event_bytes + ? "
+                f"WHERE agent_key = ? AND key = ? AND {LIVE} {SESSIONS.returning}, event_count"
             ),
-            [stamp, stamp, agent_key, session_key, stamp],
+            [stamp, stamp, count, size, agent_key, session_key, stamp],
         ).fetchone()
         if row is None:
             conn.execute(self._sql(DELETE_EXPIRED_SESSION), [agent_key, session_key, stamp])
             return None
-        return row[0], self._record(SESSIONS, row)
+        return row[0], self._record(SESSIONS, row), row[-1]
 
     def append_events(
         self,
@@ -175,7 +186,10 @@ class EventRecords(UsageRecords):
         creating = False
         try:
             with self._transaction() as conn:
-                touched = self._touch(conn, agent_key, session_key, now)
+                rows = [self._event_params(0, event) for event in events]
+                size = sum(event_bytes(e, row[3]) for e, row in zip(events, rows, strict=True))
+                charged = self._touch_charging(conn, agent_key, session_key, now, len(events), size)
+                touched = None if charged is None else charged[:2]
                 if touched is not None and create is not None and create_exclusive:
                     raise Conflict(f"session {session_key!r} already exists")
                 if touched is None and create is not None:
@@ -203,7 +217,15 @@ class EventRecords(UsageRecords):
                         session = self._write_metadata(conn, session_id, session, metadata, now)
                     if state_patch:
                         self._patch_state(conn, agent_key, state_patch, check_state, now)
-                    self._insert_events(conn, agent_key, session_id, events)
+                    if charged is None:
+                        self._insert_events(conn, agent_key, session_id, events)
+                    elif events:
+                        # The session counted them in its touch: the agent's turn now.
+                        self._check_session_events(charged[2], len(events))
+                        self._charge_agent(conn, agent_key, session_id % SHARDS, len(events), size)
+                        for row in rows:
+                            row[0] = session_id
+                        self._execute_many(conn, self._sql(INSERT_EVENT), rows)
         except self.unique_violation:
             if creating:
                 raise _CreatedMeanwhile from None

@@ -102,9 +102,14 @@ class UsageRecords(SQLDialect):
         if count == 0 and size == 0:
             return
         held = conn.execute(self._sql(CHARGE_SESSION), [count, size, session_id]).fetchone()[0]
-        if count > 0 and self.session_max_events and held > self.session_max_events:
-            raise QuotaExceeded("SESSION_MAX_EVENTS", held - count, count, self.session_max_events)
+        self._check_session_events(held, count)
         self._charge_agent(conn, agent_key, session_id % SHARDS, count, size)
+
+    def _check_session_events(self, held: int, added: int) -> None:
+        """:class:`QuotaExceeded` when a session holding ``held`` events, ``added`` of them
+        just counted, passes SESSION_MAX_EVENTS."""
+        if added > 0 and self.session_max_events and held > self.session_max_events:
+            raise QuotaExceeded("SESSION_MAX_EVENTS", held - added, added, self.session_max_events)
 
     def _charge_agent(
         self, conn: Any, agent_key: str, shard: int, count: int, size: int, *, checked: bool = True
