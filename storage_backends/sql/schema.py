@@ -618,6 +618,12 @@ INSERT_METADATA = (
     "INSERT INTO session_metadata (session_id, key, agent_key, value) VALUES (?, ?, ?, ?)"
 )
 INSERT_SESSION_ID = INSERT_SESSION + " RETURNING id"
+#: :data:`INSERT_SESSION_ID` answering too the agent's bytes before it (its
+#: triggers' charge comes after the RETURNING values on SQLite and PostgreSQL)
+INSERT_SESSION_USAGE = (
+    INSERT_SESSION_ID
+    + ", (SELECT coalesce(sum(bytes), 0) FROM agent_usage WHERE agent_key = ?)"
+)
 DELETE_METADATA = "DELETE FROM session_metadata WHERE session_id = ?"
 DELETE_METADATA_KEY = DELETE_METADATA + " AND key = ?"
 INDEX_BATCH = 10_000  # sessions per read of a backfill

@@ -15,6 +15,7 @@ from ..base import (
     Page,
     Precondition,
     PreconditionFailed,
+    QuotaExceeded,
     Session,
     SessionNotFound,
 )
@@ -38,6 +39,7 @@ from .schema import (
     INSERT_METADATA,
     INSERT_SESSION,
     INSERT_SESSION_ID,
+    INSERT_SESSION_USAGE,
     LIVE,
     METADATA_PAGE,
     PURGE_CHUNK,
@@ -80,11 +82,19 @@ class SessionRecords(ReleasedRows, UsageRecords):
         self, conn: Any, session: Session, params: list[Any], entries: dict[str, str]
     ) -> int:
         """INSERT_SESSION and the new session's rows of the metadata index; rows inserted."""
-        row = conn.execute(self._sql(INSERT_SESSION_ID), params).fetchone()
+        if not self.agent_max_bytes:
+            row = conn.execute(self._sql(INSERT_SESSION_ID), params).fetchone()
+        else:
+            row = conn.execute(
+                self._sql(INSERT_SESSION_USAGE), [*params, session.agent_key]
+            ).fetchone()
         if row is None:
             return 0
+        if self.agent_max_bytes:
+            added = session_bytes(session)
+            if row[1] + added > self.agent_max_bytes:
+                raise QuotaExceeded("AGENT_MAX_BYTES", int(row[1]), added, self.agent_max_bytes)
         self._add_index_rows(conn, row[0], session.agent_key, entries)
-        self._check_agent_bytes(conn, session.agent_key, session_bytes(session))
         return 1
 
     def _add_index_rows(
