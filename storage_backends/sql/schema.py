@@ -620,9 +620,10 @@ INSERT_METADATA = (
 INSERT_SESSION_ID = INSERT_SESSION + " RETURNING id"
 #: :data:`INSERT_SESSION_ID` answering too the agent's bytes before it (its
 #: triggers' charge comes after the RETURNING values on SQLite and PostgreSQL)
+#: and the new row's, as they charge it (``{size}``: :func:`session_size_sql`)
 INSERT_SESSION_USAGE = (
     INSERT_SESSION_ID
-    + ", (SELECT coalesce(sum(bytes), 0) FROM agent_usage WHERE agent_key = ?)"
+    + ", (SELECT coalesce(sum(bytes), 0) FROM agent_usage WHERE agent_key = ?), {size}"
 )
 DELETE_METADATA = "DELETE FROM session_metadata WHERE session_id = ?"
 DELETE_METADATA_KEY = DELETE_METADATA + " AND key = ?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import operator
 import time
 from collections.abc import Iterable, Mapping
@@ -52,6 +53,7 @@ from .schema import (
     insert_metadata_rows,
     limit_clause,
     metadata_scan_query,
+    session_size_sql,
 )
 from .usage import UsageRecords, session_bytes
 
@@ -78,6 +80,11 @@ class SessionRecords(ReleasedRows, UsageRecords):
             raise AgentDisabled(session.agent_key)
         return session
 
+    @functools.cached_property
+    def _insert_session_usage(self) -> str:
+        size = session_size_sql(self.octets, "sessions")
+        return self._sql(INSERT_SESSION_USAGE.format(size=size))
+
     def _insert_indexed(
         self, conn: Any, session: Session, params: list[Any], entries: dict[str, str]
     ) -> int:
@@ -85,13 +92,11 @@ class SessionRecords(ReleasedRows, UsageRecords):
         if not self.agent_max_bytes:
             row = conn.execute(self._sql(INSERT_SESSION_ID), params).fetchone()
         else:
-            row = conn.execute(
-                self._sql(INSERT_SESSION_USAGE), [*params, session.agent_key]
-            ).fetchone()
+            row = conn.execute(self._insert_session_usage, [*params, session.agent_key]).fetchone()
         if row is None:
             return 0
         if self.agent_max_bytes:
-            added = session_bytes(session)
+            added = int(row[2])
             if row[1] + added > self.agent_max_bytes:
                 raise QuotaExceeded("AGENT_MAX_BYTES", int(row[1]), added, self.agent_max_bytes)
         self._add_index_rows(conn, row[0], session.agent_key, entries)
