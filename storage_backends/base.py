@@ -91,10 +91,8 @@ class QuotaExceeded(StorageError):
 
 
 class Unavailable(StorageError):
-    """The backend cannot answer now (unreachable, busy past its timeout, disk full).
-
-    ``retry_after`` is a hint in seconds for clients.
-    """
+    """The backend cannot answer now (unreachable, busy past its timeout, disk full);
+    ``retry_after`` is a hint in seconds for clients."""
 
     def __init__(self, message: str = "storage unavailable", retry_after: int = 1):
         super().__init__(message)
@@ -451,10 +449,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def purge_expired_sessions(self, *, now: dt.datetime) -> int:
-        """Remove every session idle past its TTI at ``now``; return how many.
-
-        What a crashed fork left (a placeholder, never a session) goes too, uncounted.
-        """
+        """Remove every session idle past its TTI at ``now``; return how many (what a
+        crashed fork left, a placeholder and never a session, goes too, uncounted)."""
 
     # Events: the history of one live session, in the order written
 
@@ -554,10 +550,8 @@ class Storage(abc.ABC):
 
         ``after`` is the ``next_cursor`` of the previous page in the same
         direction. The cost of a page does not depend on its depth (keyset).
-        ``max_bytes``: the page ends (with a cursor) at the first event whose
-        fields, as stored, take the page's past that many bytes, so that a page
-        of large events reads no more of them than an answer of that size needs.
-        Raises :class:`SessionNotFound`.
+        ``max_bytes``: the page ends (with a cursor) at the first event whose stored
+        fields take it past that many bytes, read no further. Raises :class:`SessionNotFound`.
         """
 
     @abc.abstractmethod

@@ -377,14 +377,13 @@ def hanging_app() -> Any:
         storage = current_app.extensions["agent_sessions"].storage
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGABRT})
         now = utcnow()
-        storage.db.execute("BEGIN IMMEDIATE")
-        storage.create_session(
-            session=Session(
-                agent_key=AGENT, key="never-committed", name="x", created_at=now, updated_at=now
-            )
+        session = Session(
+            agent_key=AGENT, key="never-committed", name="x", created_at=now, updated_at=now
         )
-        Path(os.environ["HANG_MARKER"]).write_text(str(os.getpid()))
-        time.sleep(120)
+        with storage._transaction() as conn:  # BEGIN IMMEDIATE, never committed
+            storage._insert_session(conn, session)
+            Path(os.environ["HANG_MARKER"]).write_text(str(os.getpid()))
+            time.sleep(120)
         return {}
 
     return app

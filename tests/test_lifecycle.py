@@ -305,7 +305,9 @@ def test_agents_crud(client, admin):
         "created_at",
         "updated_at",
     ]
-    assert client.get("/v2/agents/bot", headers=admin).get_json() == agent
+    # The one agent's answer adds what it stores (Storage quotas).
+    usage = {"sessions": 0, "events": 0, "bytes": 0}
+    assert client.get("/v2/agents/bot", headers=admin).get_json() == agent | {"usage": usage}
     assert_error(
         client.post("/v2/agents", json={"key": "bot", "name": "again"}, headers=admin),
         409,

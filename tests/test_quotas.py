@@ -343,7 +343,7 @@ def test_a_schema_9_database_gets_its_usage_counted(tmp_path: Any) -> None:
 
     path = tmp_path / "old.db"
     old_database(path, 9, 0, 0)
-    import sqlite3
+    from sqlite_utils.utils import sqlite3
 
     with sqlite3.connect(path) as conn:
         for n in range(5):

@@ -416,11 +416,9 @@ class EventRecords(UsageRecords):
         self, *, agent_key: str, session_key: str, event_id: str, now: dt.datetime
     ) -> None:
         params = [agent_key, session_key, self.encode_ts(now), event_id]
+        statement = self._sql(f"{DELETE_EVENT} RETURNING session_id, {event_size_sql(self.octets)}")
         with self._transaction() as conn:
-            deleted = conn.execute(
-                self._sql(f"{DELETE_EVENT} RETURNING session_id, {event_size_sql(self.octets)}"),
-                params,
-            ).fetchone()
+            deleted = conn.execute(statement, params).fetchone()
             if deleted is not None:
                 self._charge_events(conn, agent_key, deleted[0], -1, -deleted[1])
         if deleted is None:
