@@ -197,15 +197,7 @@ def handle_session_disabled(err: SessionDisabled) -> Response:
 
 
 def handle_quota_exceeded(err: QuotaExceeded) -> Response:
-    what = "events in this session" if err.quota == "SESSION_MAX_EVENTS" else "bytes of this agent"
-    return error_response(
-        409,
-        "quota_exceeded",
-        [
-            f"Quota {err.quota} exceeded: {err.usage} {what} stored, this write adds "
-            f"{err.adds}, the bound is {err.bound}; nothing was written."
-        ],
-    )
+    return error_response(409, "quota_exceeded", [err.message])
 
 
 def handle_too_many_events(err: TooManyEvents) -> Response:
