@@ -425,7 +425,7 @@ def test_the_end_line_gives_an_import_its_total(tmp_path) -> None:
         assert announced_count(pipe) is None
 
 
-# Quotas
+# Quotas and undecodable input
 
 
 def test_an_import_past_a_quota_names_it_as_the_api_does(tmp_path) -> None:
@@ -443,3 +443,11 @@ def test_an_import_past_a_quota_names_it_as_the_api_does(tmp_path) -> None:
     finally:
         store.close()
 
+
+def test_a_line_that_is_not_utf_8_is_refused_naming_it(ops, tmp_path) -> None:
+    path = export_file(tmp_path / "bad.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"a1"', b'"a\xff"')
+    path.write_bytes(b"".join(lines))
+    stderr = refused(ops, path, "line 3", "UTF-8")
+    assert "position" not in stderr
