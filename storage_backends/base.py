@@ -89,19 +89,6 @@ class QuotaExceeded(StorageError):
         super().__init__(f"{quota}: {usage} + {adds} > {bound}")
         self.quota, self.usage, self.adds, self.bound = quota, usage, adds, bound
 
-    @property
-    def message(self) -> str:
-        """The refusal as the API and the CLI say it (README "Storage quotas")."""
-        what = (
-            "events in this session"
-            if self.quota == "SESSION_MAX_EVENTS"
-            else "bytes of this agent"
-        )
-        return (
-            f"Quota {self.quota} exceeded: {self.usage} {what} stored, this write adds "
-            f"{self.adds}, the bound is {self.bound}; nothing was written."
-        )
-
 
 class Unavailable(StorageError):
     """The backend cannot answer now (unreachable, busy past its timeout, disk full);

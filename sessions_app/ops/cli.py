@@ -32,7 +32,7 @@ from storage_backends import (
 from storage_backends.base import QuotaExceeded
 from storage_backends.memory import MemoryStorage
 
-from ..corridor.errors import flatten_messages
+from ..corridor.errors import flatten_messages, quota_message
 from ..naming import KEY_MAX_LENGTH
 from ..schemas import (
     is_key,
@@ -123,7 +123,7 @@ def describe(err: StorageError) -> str:
     if isinstance(err, Unavailable):
         return f"storage unavailable: {err}"
     if isinstance(err, QuotaExceeded):
-        return err.message
+        return quota_message(err)
     return f"{type(err).__name__}: {err}"
 
 
