@@ -423,3 +423,31 @@ def test_the_end_line_gives_an_import_its_total(tmp_path) -> None:
         writer.write('{"end": {"events": 3}}\n')
         writer.flush()
         assert announced_count(pipe) is None
+
+
+# Quotas and undecodable input
+
+
+def test_an_import_past_a_quota_names_it_as_the_api_does(tmp_path) -> None:
+    app = create_app(
+        {"TESTING": True, "STORAGE_URL": f"sqlite:///{tmp_path}/q.db", "SESSION_MAX_EVENTS": 2}
+    )
+    store, now = app.extensions["agent_sessions"].storage, utcnow()
+    store.create_agent(agent=Agent(key=AGENT, name="Support", created_at=now, updated_at=now))
+    try:
+        stderr = refused(app.test_cli_runner(), export_file(tmp_path / "three.jsonl"))
+        assert stderr == (
+            "Error: Quota SESSION_MAX_EVENTS exceeded: 0 events in this session stored, this "
+            "write adds 3, the bound is 2; nothing was written.\n"
+        )
+    finally:
+        store.close()
+
+
+def test_a_line_that_is_not_utf_8_is_refused_naming_it(ops, tmp_path) -> None:
+    path = export_file(tmp_path / "bad.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"a1"', b'"a\xff"')
+    path.write_bytes(b"".join(lines))
+    stderr = refused(ops, path, "line 3", "UTF-8")
+    assert "position" not in stderr

@@ -196,16 +196,17 @@ def handle_session_disabled(err: SessionDisabled) -> Response:
     )
 
 
-def handle_quota_exceeded(err: QuotaExceeded) -> Response:
+def quota_message(err: QuotaExceeded) -> str:
+    """A quota's refusal as the API and the CLI say it (README "Storage quotas")."""
     what = "events in this session" if err.quota == "SESSION_MAX_EVENTS" else "bytes of this agent"
-    return error_response(
-        409,
-        "quota_exceeded",
-        [
-            f"Quota {err.quota} exceeded: {err.usage} {what} stored, this write adds "
-            f"{err.adds}, the bound is {err.bound}; nothing was written."
-        ],
+    return (
+        f"Quota {err.quota} exceeded: {err.usage} {what} stored, this write adds "
+        f"{err.adds}, the bound is {err.bound}; nothing was written."
     )
+
+
+def handle_quota_exceeded(err: QuotaExceeded) -> Response:
+    return error_response(409, "quota_exceeded", [quota_message(err)])
 
 
 def handle_too_many_events(err: TooManyEvents) -> Response:

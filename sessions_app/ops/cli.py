@@ -29,9 +29,10 @@ from storage_backends import (
     StorageError,
     Unavailable,
 )
+from storage_backends.base import QuotaExceeded
 from storage_backends.memory import MemoryStorage
 
-from ..corridor.errors import flatten_messages
+from ..corridor.errors import flatten_messages, quota_message
 from ..naming import KEY_MAX_LENGTH
 from ..schemas import (
     is_key,
@@ -121,6 +122,8 @@ def describe(err: StorageError) -> str:
         return f"API key {err} not found"
     if isinstance(err, Unavailable):
         return f"storage unavailable: {err}"
+    if isinstance(err, QuotaExceeded):
+        return quota_message(err)
     return f"{type(err).__name__}: {err}"
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import sys
 import tempfile
@@ -405,6 +406,11 @@ SESSION_LINE_EXTRA = 16 * 1024
 EVENT_LINE_EXTRA = 1024
 
 
+#: A byte the source's decoder could not read (its ``surrogateescape``): no UTF-8 text
+#: decodes to a surrogate, so one here is a byte of the input that is not UTF-8.
+_UNDECODED = re.compile("[\udc80-\udcff]").search
+
+
 def bounded_lines(
     source: Any, first: tuple[int, str], rest: tuple[int, str]
 ) -> Iterator[tuple[int, str]]:
@@ -422,6 +428,8 @@ def bounded_lines(
         body = text[:-1] if text.endswith("\n") else text
         if len(body) > bound or len(body.encode("utf-8", "surrogatepass")) > bound:
             raise BadExport(f"line {number}: longer than {bound} bytes ({setting}): refused unread")
+        if _UNDECODED(body):
+            raise BadExport(f"line {number}: not UTF-8 text")
         if body.strip():
             yield number, body
 
@@ -449,7 +457,9 @@ class Spool:
 
 
 @sessions.command("import")
-@click.argument("source", type=click.File("r", encoding="utf-8"), default="-")
+@click.argument(
+    "source", type=click.File("r", encoding="utf-8", errors="surrogateescape"), default="-"
+)
 @click.option("--agent", "agent_key", default=None, help="Import under this agent instead.")
 @click.option("--key", "session_key", default=None, help="Import under this session key instead.")
 @one_line_errors
